@@ -1,0 +1,18 @@
+"""robustvit: Lipschitz-bounded, certified and nullspace-finetuned vision transformers for timm and transformers."""
+
+from robustvit.convert import ConvertConfig, convert, export, is_converted
+from robustvit.errors import CertificateError, UnsupportedModuleError
+from robustvit.lipschitz import lipschitz_bound, lipschitz_report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CertificateError",
+    "ConvertConfig",
+    "UnsupportedModuleError",
+    "convert",
+    "export",
+    "is_converted",
+    "lipschitz_bound",
+    "lipschitz_report",
+]

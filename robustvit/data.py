@@ -1,0 +1,322 @@
+"""Image classification datasets yielding ``(image, label)`` pairs.
+
+Images are float32 tensors ``(C, H, W)`` in ``[0, 1]`` and labels are ints, whatever the source:
+the embedded scikit-learn digits (default, works offline), a local ``imagefolder`` directory,
+or a Hugging Face datasets id.
+
+Example:
+    >>> from robustvit.data import load_image_dataset
+    >>> train = load_image_dataset(split="train", image_size=32)
+    >>> image, label = train[0]
+    >>> image.shape, train.num_classes
+    (torch.Size([3, 32, 32]), 10)
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import Dataset
+
+__all__ = ["HFImageDataset", "ImageDataset", "TensorImageDataset", "load_image_dataset"]
+
+_PIL_MODES: dict[int, str] = {1: "L", 3: "RGB"}
+_IMAGE_COLUMNS = ("image", "img", "pixel_values")
+_LABEL_COLUMNS = ("label", "labels", "fine_label")
+
+_DIGITS_SPLITS: dict[str, str] = {"train": "train", "test": "test", "validation": "test", "eval": "test"}
+_DIGITS_TEST_FRACTION = 0.2
+_DIGITS_SEED = 0
+_DIGITS_MAX_VALUE = 16.0
+
+
+class ImageDataset(Dataset, ABC):
+    """A classification dataset of ``(image, label)`` pairs with its class metadata.
+
+    Subclasses decide how items are stored; every item is a float32 tensor ``(C, H, W)`` in ``[0, 1]``
+    and an int label in ``range(num_classes)``.
+
+    Attributes:
+        num_classes: Number of classes.
+        class_names: Human-readable name of each class, indexed by label.
+        name: Where the data came from (``"digits"``, a directory or a Hugging Face id).
+        split: The split held, e.g. ``"train"`` or ``"test"``.
+
+    Example:
+        >>> ds = ImageDataset.from_hf(hf_dataset, name="my-images", split="train", image_size=32)
+        >>> image, label = ds[0]
+    """
+
+    def __init__(self, *, class_names: Sequence[str], name: str, split: str) -> None:
+        self.class_names = [str(c) for c in class_names]
+        self.num_classes = len(self.class_names)
+        self.name = name
+        self.split = split
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]: ...
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, "
+            f"len={len(self)}, num_classes={self.num_classes})"
+        )
+
+    @classmethod
+    def from_hf(
+        cls,
+        hf_dataset: datasets.Dataset,
+        *,
+        name: str,
+        split: str,
+        image_size: int = 32,
+        channels: int = 3,
+    ) -> HFImageDataset:
+        """Wrap an in-memory Hugging Face ``datasets.Dataset``, detecting its image and label columns.
+
+        The image column is the first of ``image``, ``img``, ``pixel_values``, else the first ``datasets.Image``
+        column; the label column is the first of ``label``, ``labels``, ``fine_label``, else the first
+        ``datasets.ClassLabel`` column. Class names come from the ``ClassLabel`` feature when there is one;
+        plain integer labels get names ``"0"`` to the largest label present in this split.
+
+        Args:
+            hf_dataset: One split of a Hugging Face dataset.
+            name: Name recorded on the result (the dataset id or path).
+            split: Split name recorded on the result.
+            image_size: Side length images are resized to.
+            channels: 3 for RGB, 1 for grayscale.
+
+        Returns:
+            A dataset converting images lazily, one item at a time.
+
+        Raises:
+            ValueError: The dataset is empty, has no image or label column, or has negative (missing) labels.
+
+        Example:
+            >>> hf = datasets.Dataset.from_dict({"image": pil_images, "label": [0, 1]})
+            >>> ds = ImageDataset.from_hf(hf, name="toy", split="train", image_size=16, channels=1)
+        """
+        _check_image_format(image_size, channels)
+        if len(hf_dataset) == 0:
+            raise ValueError(f"split {split!r} of dataset {name!r} is empty")
+        features = hf_dataset.features
+        image_column = _find_column(features, _IMAGE_COLUMNS, datasets.Image)
+        if image_column is None:
+            raise ValueError(f"dataset {name!r} has no image column; columns are {list(features)}")
+        label_column = _find_column(features, _LABEL_COLUMNS, datasets.ClassLabel)
+        if label_column is None:
+            raise ValueError(
+                f"dataset {name!r} has no label column: expected one of {list(_LABEL_COLUMNS)} or a ClassLabel "
+                f"feature, columns are {list(features)}"
+            )
+        labels = hf_dataset.unique(label_column)
+        if not all(isinstance(label, (int, np.integer)) for label in labels):
+            raise ValueError(f"label column {label_column!r} of dataset {name!r} must hold integers or a ClassLabel")
+        if min(labels) < 0:
+            raise ValueError(f"split {split!r} of dataset {name!r} has unlabelled examples (label {min(labels)})")
+        label_feature = features[label_column]
+        if isinstance(label_feature, datasets.ClassLabel):
+            class_names = label_feature.names
+        else:
+            class_names = [str(i) for i in range(max(labels) + 1)]
+        return HFImageDataset(
+            hf_dataset,
+            image_column=image_column,
+            label_column=label_column,
+            class_names=class_names,
+            name=name,
+            split=split,
+            image_size=image_size,
+            channels=channels,
+        )
+
+
+class TensorImageDataset(ImageDataset):
+    """Images already converted to one tensor ``(N, C, H, W)``, with int labels ``(N,)``.
+
+    Example:
+        >>> ds = TensorImageDataset(torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 0, 1]),
+        ...                         class_names=["a", "b"], name="toy", split="train")
+        >>> ds[1][1]
+        1
+    """
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, *, class_names: Sequence[str], name: str, split: str
+    ) -> None:
+        super().__init__(class_names=class_names, name=name, split=split)
+        if images.dim() != 4 or labels.shape != images.shape[:1]:
+            raise ValueError(
+                f"expected images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and {tuple(labels.shape)}"
+            )
+        self.images = images.to(torch.float32)
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class HFImageDataset(ImageDataset):
+    """A Hugging Face dataset whose images are converted lazily, one item at a time.
+
+    Prefer :meth:`ImageDataset.from_hf`, which detects the columns and class names.
+
+    Example:
+        >>> ds = HFImageDataset(hf, image_column="img", label_column="label", class_names=["a", "b"],
+        ...                     name="toy", split="train", image_size=32, channels=3)
+    """
+
+    def __init__(
+        self,
+        hf_dataset: datasets.Dataset,
+        *,
+        image_column: str,
+        label_column: str,
+        class_names: Sequence[str],
+        name: str,
+        split: str,
+        image_size: int = 32,
+        channels: int = 3,
+    ) -> None:
+        super().__init__(class_names=class_names, name=name, split=split)
+        _check_image_format(image_size, channels)
+        self.hf_dataset = hf_dataset
+        self.image_column = image_column
+        self.label_column = label_column
+        self.image_size = image_size
+        self.channels = channels
+
+    def __len__(self) -> int:
+        return len(self.hf_dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        row = self.hf_dataset[index]
+        image = _pil_to_tensor(row[self.image_column], self.image_size, self.channels)
+        return image, int(row[self.label_column])
+
+
+def load_image_dataset(
+    source: str | None = None,
+    *,
+    split: str = "train",
+    image_size: int = 32,
+    channels: int = 3,
+    cache_dir: str | None = None,
+) -> ImageDataset:
+    """Load one split of an image classification dataset.
+
+    Args:
+        source: ``None`` for the embedded scikit-learn digits (1797 8x8 images, 10 classes, a fixed stratified
+            80/20 train/test split); an existing directory in ``imagefolder`` layout
+            (``root/train/<class>/*.png``, optionally ``root/test/<class>/...``); otherwise a Hugging Face
+            datasets id, which must already be cached when offline.
+        split: Split to load. For digits: ``"train"`` or ``"test"`` (``"validation"`` and ``"eval"`` alias
+            ``"test"``).
+        image_size: Side length images are resized to.
+        channels: 3 for RGB, 1 for grayscale (digits are replicated across channels).
+        cache_dir: Hugging Face datasets cache directory; unused for digits.
+
+    Returns:
+        The dataset; items are ``(float32 image (channels, image_size, image_size) in [0, 1], int label)``.
+
+    Raises:
+        ValueError: Unknown split, unsupported ``image_size``/``channels``, or a dataset without labels.
+        ConnectionError: A Hugging Face id that is neither cached nor reachable.
+
+    Example:
+        >>> test = load_image_dataset(split="test", image_size=16, channels=1)
+        >>> len(test), test[0][0].shape
+        (360, torch.Size([1, 16, 16]))
+        >>> folder = load_image_dataset("path/to/images", split="train")
+    """
+    _check_image_format(image_size, channels)
+    if source is None:
+        return _load_digits(split, image_size, channels)
+    if os.path.isdir(source):
+        return _load_imagefolder(source, split, image_size, channels, cache_dir)
+    return _load_hub(source, split, image_size, channels, cache_dir)
+
+
+def _load_digits(split: str, image_size: int, channels: int) -> TensorImageDataset:
+    if split not in _DIGITS_SPLITS:
+        raise ValueError(f"unknown split {split!r} for digits; valid splits are {sorted(_DIGITS_SPLITS)}")
+    split = _DIGITS_SPLITS[split]
+    digits = load_digits()
+    train_idx, test_idx = train_test_split(
+        np.arange(len(digits.target)),
+        test_size=_DIGITS_TEST_FRACTION,
+        stratify=digits.target,
+        random_state=_DIGITS_SEED,
+    )
+    # Sorted so each split keeps the source order; shuffling is the DataLoader's job.
+    index = np.sort(train_idx if split == "train" else test_idx)
+    images = torch.from_numpy(digits.images[index] / _DIGITS_MAX_VALUE).to(torch.float32).unsqueeze(1)
+    images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    images = images.clamp(0.0, 1.0).expand(-1, channels, -1, -1).contiguous()
+    return TensorImageDataset(
+        images,
+        torch.from_numpy(digits.target[index]),
+        class_names=[str(name) for name in digits.target_names],
+        name="digits",
+        split=split,
+    )
+
+
+def _load_imagefolder(source: str, split: str, image_size: int, channels: int, cache_dir: str | None) -> HFImageDataset:
+    splits = datasets.load_dataset("imagefolder", data_dir=source, cache_dir=cache_dir)
+    if split not in splits:
+        raise ValueError(
+            f"split {split!r} not found in image folder {source!r}; available splits are {sorted(splits)} "
+            f"(imagefolder infers them from sub-folders named train/, test/, validation/)"
+        )
+    return ImageDataset.from_hf(splits[split], name=source, split=split, image_size=image_size, channels=channels)
+
+
+def _load_hub(source: str, split: str, image_size: int, channels: int, cache_dir: str | None) -> HFImageDataset:
+    try:
+        hf_dataset = datasets.load_dataset(source, split=split, cache_dir=cache_dir)
+    except ConnectionError as err:
+        raise ConnectionError(
+            f"could not load dataset {source!r}: it is not in the local cache and the Hugging Face Hub is "
+            f"unreachable (offline?). No local directory named {source!r} exists either. To use local images, "
+            f"pass a directory laid out as root/train/<class>/*.png (and optionally root/test/<class>/...)."
+        ) from err
+    return ImageDataset.from_hf(hf_dataset, name=source, split=split, image_size=image_size, channels=channels)
+
+
+def _check_image_format(image_size: int, channels: int) -> None:
+    if channels not in _PIL_MODES:
+        raise ValueError(f"channels must be one of {sorted(_PIL_MODES)}, got {channels!r}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+
+
+def _find_column(features: datasets.Features, names: Sequence[str], feature_type: type) -> str | None:
+    for name in names:
+        if name in features:
+            return name
+    return next((column for column, feature in features.items() if isinstance(feature, feature_type)), None)
+
+
+def _pil_to_tensor(image: Image.Image, image_size: int, channels: int) -> torch.Tensor:
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image in the image column, got {type(image).__name__}")
+    image = image.convert(_PIL_MODES[channels]).resize((image_size, image_size), Image.Resampling.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    # "L" images come back (H, W) and "RGB" ones (H, W, C); both end up (C, H, W).
+    return torch.from_numpy(array.reshape(image_size, image_size, channels)).permute(2, 0, 1).contiguous()

@@ -1,0 +1,153 @@
+"""What robustvit needs to know about a ViT family, and the registry that finds the family of a model.
+
+A family adapter is small: it says how to find the parts of one family's module tree (a :class:`ViTParts`),
+how to put converted parts back, and how the family's forward composes them (for the bound). The conversion
+math itself is shared (``robustvit.convert``), so every family is converted the same way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from robustvit.errors import UnsupportedModuleError
+from robustvit.lipschitz.engine import BoundFn
+
+__all__ = ["BlockParts", "Family", "InputSpec", "ViTParts", "get_family", "register_family", "registered_families"]
+
+
+@dataclass
+class InputSpec:
+    """The images a model takes: channels, size and the normalization its source expects."""
+
+    channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass
+class BlockParts:
+    """One pre-norm transformer block: ``x + ls1 * attn(norm1(x))`` then ``x + ls2 * mlp(norm2(x))``."""
+
+    norm1: nn.Module
+    q: tuple[Tensor, Tensor | None]  # (weight (D, D), bias)
+    k: tuple[Tensor, Tensor | None]
+    v: tuple[Tensor, Tensor | None]
+    out: nn.Linear
+    num_heads: int
+    ls1: Tensor | None
+    drop1: nn.Module
+    norm2: nn.Module
+    mlp: nn.Module  # exposes fc1 and fc2 (nn.Linear) and an activation attribute
+    mlp_activation: str  # attribute name of the activation inside ``mlp``
+    ls2: Tensor | None
+    drop2: nn.Module
+
+
+@dataclass
+class ViTParts:
+    """The parts of a ViT, in forward order, as the shared converter sees them."""
+
+    patch_conv: nn.Conv2d
+    patch_norm: nn.Module | None  # norm right after the patch projection (timm PatchEmbed.norm), if any
+    embed_params: list[nn.Parameter]  # class / distillation / register tokens and position embedding
+    pre_norm: nn.Module | None  # norm before the blocks (timm norm_pre), if any
+    blocks: list[BlockParts]
+    final_norm: nn.Module | None
+    head_norm: nn.Module | None  # timm fc_norm
+    heads: list[nn.Linear]
+    grid_size: tuple[int, int]
+    num_prefix_tokens: int
+    embed_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.embed_dim = self.patch_conv.out_channels
+
+
+class Family(ABC):
+    """Adapter for one model family (e.g. timm ``VisionTransformer``). Subclass and decorate with
+    :func:`register_family`."""
+
+    name: str = ""
+
+    @abstractmethod
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family (converted or not)."""
+
+    @abstractmethod
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        """Channels, image size and the source's default normalization."""
+
+    @abstractmethod
+    def parts(self, model: nn.Module) -> ViTParts:
+        """The model's parts; raises UnsupportedModuleError for configurations the converter cannot handle."""
+
+    @abstractmethod
+    def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
+        """Put converted blocks and modules back (keys: ``patch_conv``, and the norms ``patch_norm``,
+        ``pre_norm``, ``final_norm``, ``head_norm`` that the model has)."""
+
+    @abstractmethod
+    def patch_embedding(self, model: nn.Module) -> nn.Module:
+        """The module whose output is the ``(B, N, D)`` patch tokens, before prefix tokens and position embedding."""
+
+    @abstractmethod
+    def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
+        """Bound of the map from pixels to the features the head reads (see :meth:`head_weight`)."""
+
+    @abstractmethod
+    def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        """``(W, b)`` of the linear map from features to logits, ``logits = features @ W.T + b``."""
+
+    @abstractmethod
+    def source_spec(self, model: nn.Module) -> dict:
+        """JSON-ready description that :meth:`build` turns back into the (unconverted) architecture."""
+
+    @abstractmethod
+    def build(self, spec: dict) -> nn.Module:
+        """A freshly initialised source model from :meth:`source_spec`, without downloading weights."""
+
+    def logits(self, output) -> Tensor:
+        return output.logits if hasattr(output, "logits") else output
+
+    def model_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
+        """End-to-end bound: features bound times the exact spectral bound of the head's linear map."""
+        from robustvit.lipschitz.spectral import gram_spectral_norm
+
+        return self.features_bound(model, bound_of) * gram_spectral_norm(self.head_weight(model)[0])
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Class decorator: register a family adapter (first registered match wins)."""
+    if not cls.name or cls.name in _FAMILIES:
+        raise ValueError(f"family name {cls.name!r} is empty or already registered")
+    _FAMILIES[cls.name] = cls()
+    return cls
+
+
+def registered_families() -> list[str]:
+    return list(_FAMILIES)
+
+
+def get_family(model: nn.Module) -> Family:
+    """The adapter of ``model``'s family, or :class:`UnsupportedModuleError` listing the supported families."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module
+    for family in _FAMILIES.values():
+        if family.matches(model):
+            return family
+    raise UnsupportedModuleError(
+        f"{type(model).__module__}.{type(model).__name__} is not a supported model; robustvit supports "
+        f"{', '.join(_FAMILIES)}"
+    )
+
+
+def one(device: torch.device | None = None) -> Tensor:
+    return torch.ones((), dtype=torch.float64, device=device)

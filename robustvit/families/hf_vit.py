@@ -1,0 +1,169 @@
+"""transformers 5.x ``ViTForImageClassification`` and ``DeiTForImageClassification``.
+
+5.x module names: ``vit.layers[i]`` with ``attention.{q,k,v,o}_proj``, ``mlp.fc1/fc2``,
+``layernorm_before/after`` (files on disk keep the legacy 4.x key names; transformers renames them on load).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import Tensor, nn
+from transformers.activations import GELUActivation
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    IMAGENET_STANDARD_MEAN,
+    IMAGENET_STANDARD_STD,
+)
+from transformers.models.deit.modeling_deit import (
+    DeiTEmbeddings,
+    DeiTForImageClassification,
+    DeiTLayer,
+    DeiTMLP,
+    DeiTPatchEmbeddings,
+)
+from transformers.models.vit.modeling_vit import (
+    ViTEmbeddings,
+    ViTForImageClassification,
+    ViTLayer,
+    ViTMLP,
+    ViTPatchEmbeddings,
+)
+
+from robustvit.errors import UnsupportedModuleError
+from robustvit.families.base import BlockParts, Family, InputSpec, ViTParts, one, register_family
+from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, register_bound
+
+# The processors' defaults (ViTImageProcessor: "standard" 0.5; DeiTImageProcessor: ImageNet statistics).
+_DEFAULT_NORMALIZATION = {
+    ViTForImageClassification: (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
+    DeiTForImageClassification: (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+}
+_LAYER_TYPES = (ViTLayer, DeiTLayer)
+
+
+def _pair(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
+    return linear.weight.detach(), (linear.bias.detach() if linear.bias is not None else None)
+
+
+@register_family
+class HFViT(Family):
+    name = "transformers-vit"
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model) in _DEFAULT_NORMALIZATION
+
+    @staticmethod
+    def _backbone(model: nn.Module) -> nn.Module:
+        return model.vit if isinstance(model, ViTForImageClassification) else model.deit
+
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        mean, std = _DEFAULT_NORMALIZATION[type(model)]
+        size = model.config.image_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        return InputSpec(model.config.num_channels, size, tuple(mean), tuple(std))
+
+    def parts(self, model: nn.Module) -> ViTParts:
+        backbone = self._backbone(model)
+        problems = [
+            f"layer {i} is a {type(layer).__name__}"
+            for i, layer in enumerate(backbone.layers)
+            if type(layer) not in _LAYER_TYPES
+        ]
+        if model.config.hidden_act != "gelu":
+            problems.append(f"hidden_act={model.config.hidden_act!r} (supported: 'gelu')")
+        if problems:
+            raise UnsupportedModuleError(f"cannot convert this {type(model).__name__}: " + "; ".join(problems))
+        embeddings = backbone.embeddings
+        blocks = [
+            BlockParts(
+                norm1=layer.layernorm_before,
+                q=_pair(layer.attention.q_proj),
+                k=_pair(layer.attention.k_proj),
+                v=_pair(layer.attention.v_proj),
+                out=layer.attention.o_proj,
+                num_heads=model.config.num_attention_heads,
+                ls1=None,
+                drop1=layer.dropout,
+                norm2=layer.layernorm_after,
+                mlp=layer.mlp,
+                mlp_activation="activation_fn",
+                ls2=None,
+                drop2=layer.dropout,
+            )
+            for layer in backbone.layers
+        ]
+        prefix = [t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None]
+        patches = embeddings.patch_embeddings
+        grid = (patches.image_size[0] // patches.patch_size[0], patches.image_size[1] // patches.patch_size[1])
+        return ViTParts(
+            patch_conv=patches.projection,
+            patch_norm=None,
+            embed_params=[*prefix, embeddings.position_embeddings],
+            pre_norm=None,
+            blocks=blocks,
+            final_norm=backbone.layernorm,
+            head_norm=None,
+            heads=[model.classifier],
+            grid_size=grid,
+            num_prefix_tokens=len(prefix),
+        )
+
+    def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
+        backbone = self._backbone(model)
+        backbone.layers = nn.ModuleList(blocks)
+        backbone.layernorm = modules["final_norm"]
+        backbone.embeddings.patch_embeddings.projection = modules["patch_conv"]
+
+    def patch_embedding(self, model: nn.Module) -> nn.Module:
+        return self._backbone(model).embeddings.patch_embeddings
+
+    def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
+        backbone = self._backbone(model)
+        bound = bound_of("embeddings", backbone.embeddings)
+        for i, layer in enumerate(backbone.layers):
+            bound = bound * bound_of(f"layers.{i}", layer)
+        return bound * bound_of("layernorm", backbone.layernorm)  # then token 0 is selected: 1
+
+    def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        return model.classifier.weight, model.classifier.bias
+
+    def source_spec(self, model: nn.Module) -> dict:
+        return {"library": "transformers", "class": type(model).__name__, "config": model.config.to_dict()}
+
+    def build(self, spec: dict) -> nn.Module:
+        model_class = getattr(transformers, spec["class"])
+        if model_class not in _DEFAULT_NORMALIZATION:
+            raise UnsupportedModuleError(f"unsupported transformers class {spec['class']!r}")
+        config = model_class.config_class.from_dict(spec["config"])
+        return model_class(config)
+
+
+@register_bound(ViTForImageClassification, DeiTForImageClassification)
+def _model_bound(model: nn.Module, bound_of: BoundFn) -> Tensor:
+    return HFViT().model_bound(model, bound_of)
+
+
+@register_bound(ViTEmbeddings, DeiTEmbeddings)
+def _embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    # Prefix tokens and position embeddings are constants (concatenation and addition: 1-Lipschitz). The
+    # interpolated position encoding is a constant too; mask tokens are never used by the classifiers.
+    return bound_of("patch_embeddings", module.patch_embeddings) * bound_of("dropout", module.dropout)
+
+
+@register_bound(ViTPatchEmbeddings, DeiTPatchEmbeddings)
+def _patch_embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    return bound_of("projection", module.projection)  # then flatten + transpose: a permutation
+
+
+@register_bound(ViTMLP, DeiTMLP)
+def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
+
+
+@register_bound(GELUActivation)
+def _gelu(module: GELUActivation, bound_of: BoundFn) -> Tensor:
+    if module.act not in (torch.nn.functional.gelu, module._gelu_python):
+        raise UnsupportedModuleError(f"GELUActivation with an unknown function {module.act!r}")
+    return one() * GELU_LIPSCHITZ

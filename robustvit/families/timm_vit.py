@@ -1,0 +1,194 @@
+"""timm ``VisionTransformer`` family: ViT and DeiT, including ``VisionTransformerDistilled``."""
+
+from __future__ import annotations
+
+import math
+
+import timm
+import torch
+from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from robustvit.errors import UnsupportedModuleError
+from robustvit.families.base import BlockParts, Family, InputSpec, ViTParts, one, register_family
+from robustvit.lipschitz.engine import BoundFn, register_bound
+
+
+def _layer_scale(module: nn.Module) -> Tensor | None:
+    return module.gamma.detach() if isinstance(module, LayerScale) else None
+
+
+def _norm_or_none(module: nn.Module) -> nn.Module | None:
+    return None if isinstance(module, nn.Identity) else module
+
+
+@register_family
+class TimmViT(Family):
+    name = "timm-vit"
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model) in (VisionTransformer, VisionTransformerDistilled)
+
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        cfg = model.pretrained_cfg or {}
+        channels = model.patch_embed.proj.in_channels
+        return InputSpec(
+            channels=channels,
+            image_size=tuple(model.patch_embed.img_size),
+            mean=tuple(cfg.get("mean", (0.5,) * channels)),
+            std=tuple(cfg.get("std", (0.5,) * channels)),
+        )
+
+    @staticmethod
+    def _check(model: VisionTransformer, *, source: bool) -> None:
+        """Refuse configurations whose forward the converter or the bound rule does not model."""
+        problems = []
+        if model.attn_pool is not None:
+            problems.append(f"attention pooling (global_pool={model.global_pool!r})")
+        if model.global_pool not in ("token", "avg"):
+            problems.append(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
+        if model.dynamic_img_size or not model.patch_embed.flatten:
+            problems.append("dynamic image size")
+        if isinstance(model.patch_drop, PatchDropout):
+            problems.append("patch dropout (it changes the token grid the shift mixer needs)")
+        for i, block in enumerate(model.blocks if source else ()):
+            if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
+                problems.append(
+                    f"block {i} ({type(block).__name__}/{type(block.attn).__name__}/"
+                    f"{type(block.mlp).__name__}; supported: Block/Attention/Mlp)"
+                )
+            elif not isinstance(block.attn.q_norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity):
+                problems.append(f"block {i} has qk-norm or an MLP norm")
+        if problems:
+            raise UnsupportedModuleError(f"timm {type(model).__name__} with " + "; ".join(problems))
+
+    def parts(self, model: nn.Module) -> ViTParts:
+        self._check(model, source=True)
+        blocks = []
+        for block in model.blocks:
+            w, b = block.attn.qkv.weight.detach(), block.attn.qkv.bias
+            b = b.detach() if b is not None else None
+            (wq, wk, wv), (bq, bk, bv) = w.chunk(3), (b.chunk(3) if b is not None else (None,) * 3)
+            blocks.append(
+                BlockParts(
+                    norm1=block.norm1,
+                    q=(wq, bq),
+                    k=(wk, bk),
+                    v=(wv, bv),
+                    out=block.attn.proj,
+                    num_heads=block.attn.num_heads,
+                    ls1=_layer_scale(block.ls1),
+                    drop1=block.drop_path1,
+                    norm2=block.norm2,
+                    mlp=block.mlp,
+                    mlp_activation="act",
+                    ls2=_layer_scale(block.ls2),
+                    drop2=block.drop_path2,
+                )
+            )
+        tokens = [model.cls_token, getattr(model, "dist_token", None), model.reg_token, model.pos_embed]
+        return ViTParts(
+            patch_conv=model.patch_embed.proj,
+            patch_norm=_norm_or_none(model.patch_embed.norm),
+            embed_params=[t for t in tokens if t is not None],
+            pre_norm=_norm_or_none(model.norm_pre),
+            blocks=blocks,
+            final_norm=_norm_or_none(model.norm),
+            head_norm=_norm_or_none(model.fc_norm),
+            heads=[model.head, model.head_dist] if isinstance(model, VisionTransformerDistilled) else [model.head],
+            grid_size=tuple(model.patch_embed.grid_size),
+            num_prefix_tokens=model.num_prefix_tokens,
+        )
+
+    def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
+        model.blocks = nn.Sequential(*blocks)
+        targets = {
+            "patch_conv": (model.patch_embed, "proj"),
+            "patch_norm": (model.patch_embed, "norm"),
+            "pre_norm": (model, "norm_pre"),
+            "final_norm": (model, "norm"),
+            "head_norm": (model, "fc_norm"),
+        }
+        for key, module in modules.items():
+            setattr(*targets[key], module)
+
+    def patch_embedding(self, model: nn.Module) -> nn.Module:
+        return model.patch_embed
+
+    def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
+        self._check(model, source=False)
+        bound = one(model.pos_embed.device if model.pos_embed is not None else None)
+        for name in ("patch_embed", "pos_drop", "patch_drop", "norm_pre", "blocks", "norm", "fc_norm", "head_drop"):
+            bound = bound * bound_of(name, getattr(model, name))
+        if model.global_pool == "avg":  # the mean of n tokens is 1/sqrt(n)-Lipschitz
+            pooled = model.patch_embed.num_patches + (model.num_prefix_tokens if model.pool_include_prefix else 0)
+            bound = bound / math.sqrt(pooled)
+        return bound  # token pooling (and the distilled pair of tokens) is a coordinate selection: 1
+
+    def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        if isinstance(model, VisionTransformerDistilled):  # (head(x0) + head_dist(x1)) / 2 on the pair (x0, x1)
+            weight = torch.cat((model.head.weight, model.head_dist.weight), dim=1) / 2
+            return weight, (model.head.bias + model.head_dist.bias) / 2
+        return model.head.weight, model.head.bias
+
+    def source_spec(self, model: nn.Module) -> dict:
+        self._check(model, source=True)
+        block = model.blocks[0]
+        kwargs = {
+            "img_size": list(model.patch_embed.img_size),
+            "patch_size": list(model.patch_embed.patch_size),
+            "in_chans": model.patch_embed.proj.in_channels,
+            "num_classes": model.num_classes,
+            "global_pool": model.global_pool,
+            "embed_dim": model.embed_dim,
+            "depth": len(model.blocks),
+            "num_heads": block.attn.num_heads,
+            "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
+            "qkv_bias": block.attn.qkv.bias is not None,
+            "class_token": model.cls_token is not None,
+            "reg_tokens": model.num_reg_tokens,
+            "no_embed_class": model.no_embed_class,
+            "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+            "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+            # Any value creates LayerScale modules; their values are replaced by the saved weights.
+            "init_values": 1.0 if isinstance(block.ls1, LayerScale) else None,
+        }
+        architecture = (model.pretrained_cfg or {}).get("architecture")
+        return {"library": "timm", "class": type(model).__name__, "architecture": architecture, "kwargs": kwargs}
+
+    def build(self, spec: dict) -> nn.Module:
+        kwargs = dict(
+            spec["kwargs"], img_size=tuple(spec["kwargs"]["img_size"]), patch_size=tuple(spec["kwargs"]["patch_size"])
+        )
+        if spec.get("architecture"):
+            return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
+        classes = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
+        return classes[spec["class"]](**kwargs)
+
+
+@register_bound(PatchEmbed)
+def _patch_embed(module: PatchEmbed, bound_of: BoundFn) -> Tensor:
+    # Optional zero padding (dynamic_img_pad) embeds isometrically; flatten/transposes are permutations.
+    return bound_of("proj", module.proj) * bound_of("norm", module.norm)
+
+
+@register_bound(DropPath)
+def _drop_path(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    return one()  # identity at eval; never discounted by the keep rate
+
+
+@register_bound(Mlp)
+def _mlp(module: Mlp, bound_of: BoundFn) -> Tensor:
+    bound = one()
+    for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2"):  # Mlp.forward order
+        bound = bound * bound_of(name, getattr(module, name))
+    return bound
+
+
+def _model_bound(model: nn.Module, bound_of: BoundFn) -> Tensor:
+    return TimmViT().model_bound(model, bound_of)
+
+
+register_bound(VisionTransformer, VisionTransformerDistilled)(_model_bound)

@@ -1,0 +1,11 @@
+"""Lipschitz layers, one concept per file; each has ``lipschitz_bound()`` returning a float64 tensor."""
+
+from robustvit.layers.block import LipBlock
+from robustvit.layers.center_norm import CenterNorm
+from robustvit.layers.l2_attention import L2Attention
+from robustvit.layers.minmax import MinMax
+from robustvit.layers.normalized_conv import NormalizedConv2d
+from robustvit.layers.residual import LipResidual
+from robustvit.layers.token_shift import TokenShift
+
+__all__ = ["CenterNorm", "L2Attention", "LipBlock", "LipResidual", "MinMax", "NormalizedConv2d", "TokenShift"]

@@ -1,0 +1,68 @@
+"""Tied L2 self-attention (Kim, Papamakarios, Mnih, ICML 2021): a globally Lipschitz replacement for attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from scipy.special import lambertw
+from torch import Tensor, nn
+
+from robustvit.lipschitz.engine import BoundFn
+from robustvit.lipschitz.spectral import gram_spectral_norm
+
+
+class L2Attention(nn.Module):
+    """Multi-head L2 self-attention with tied query/key weights (``W_Q = W_K``).
+
+    Per head ``h`` with ``W_h = W_Q^h`` (``D x d``, ``d = D / H``)::
+
+        P^h_ij = softmax_j(-||x_i W_h - x_j W_h||^2 / sqrt(d))
+        f^h(X) = P^h X W_h W_h^T / sqrt(d)
+        F(X)   = concat_h(f^h(X) W_V^h) W_O
+
+    Dot-product attention is not Lipschitz; this is. Kim et al. (Thm 3.2) prove the l2 bound
+    ``sqrt(N / d) * (4 W0(N / e) + 1) * sqrt(sum_h ||W_Q^h||^2 ||W_V^h||^2) * ||W_O||`` for ``N`` tokens
+    (``W0`` the Lambert W function; the paper's ``phi^{-1}(N - 1) = W0((N - 1) / e)`` is rounded up to
+    ``W0(N / e)``). The prefactor grows like ``sqrt(N) log N``: about 10 at N = 65 and 24 at N = 197 (ViT-B/16), so
+    products over many blocks are large. The bound is for exactly ``num_tokens`` tokens, which forward checks.
+
+    Example:
+        >>> attn = L2Attention(dim=48, num_heads=3, num_tokens=17)
+        >>> attn(torch.randn(2, 17, 48)).shape
+        torch.Size([2, 17, 48])
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_tokens: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim, self.num_tokens = num_heads, dim // num_heads, num_tokens
+        self.q_proj = nn.Linear(dim, dim, bias=False)  # a query bias cancels in the distances
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        if tokens != self.num_tokens:
+            raise ValueError(f"L2Attention was built (and bounded) for {self.num_tokens} tokens, got {tokens}")
+        heads, d = self.num_heads, self.head_dim
+        w_q = self.q_proj.weight.view(heads, d, dim)
+        q = torch.einsum("bnc,hdc->bhnd", x, w_q)
+        sq = (q * q).sum(-1)
+        dist2 = sq[..., :, None] + sq[..., None, :] - 2 * q @ q.transpose(-1, -2)
+        attn = torch.softmax(-dist2 / math.sqrt(d), dim=-1)
+        xa = torch.einsum("bhnd,hdc->bhnc", q, w_q) / math.sqrt(d)  # X W_h W_h^T / sqrt(d)
+        w_v = self.v_proj.weight.view(heads, d, dim)
+        out = torch.einsum("bhnc,hdc->bhnd", attn @ xa, w_v) + self.v_proj.bias.view(heads, 1, d)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+    def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
+        n, d, heads = self.num_tokens, self.head_dim, self.num_heads
+        lambert = float(lambertw(n / math.e).real)
+        prefactor = math.sqrt(n / d) * (4 * lambert + 1) * (1 + 1e-12)  # covers rounding of this scalar
+        dim = self.q_proj.weight.shape[1]
+        q_norms = gram_spectral_norm(self.q_proj.weight.view(heads, d, dim))
+        v_norms = gram_spectral_norm(self.v_proj.weight.view(heads, d, dim))
+        o_norm = gram_spectral_norm(self.o_proj.weight)
+        return prefactor * torch.sqrt((q_norms**2 * v_norms**2).sum()) * o_norm

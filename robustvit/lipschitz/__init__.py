@@ -1,0 +1,34 @@
+"""The Lipschitz core: guaranteed spectral bounds, spectral rescaling and the bound engine."""
+
+from robustvit.lipschitz.engine import (
+    GELU_LIPSCHITZ,
+    BoundEntry,
+    BoundFn,
+    BoundReport,
+    bound_tensor,
+    lipschitz_bound,
+    lipschitz_report,
+    mark_lipschitz_neutral,
+    register_bound,
+)
+from robustvit.lipschitz.rescale import SpectralRescale, is_spectrally_rescaled, spectral_rescale
+from robustvit.lipschitz.spectral import conv_operator_bound, conv_spectral_norm, gram_spectral_norm, is_patchify
+
+__all__ = [
+    "GELU_LIPSCHITZ",
+    "BoundEntry",
+    "BoundFn",
+    "BoundReport",
+    "SpectralRescale",
+    "bound_tensor",
+    "conv_operator_bound",
+    "conv_spectral_norm",
+    "gram_spectral_norm",
+    "is_patchify",
+    "is_spectrally_rescaled",
+    "lipschitz_bound",
+    "lipschitz_report",
+    "mark_lipschitz_neutral",
+    "register_bound",
+    "spectral_rescale",
+]

@@ -1,0 +1,170 @@
+from collections import Counter
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from robustvit.data import HFImageDataset, ImageDataset, TensorImageDataset, load_image_dataset
+
+N_DIGITS = 1797
+
+
+def _fingerprints(dataset):
+    return Counter((image.numpy().tobytes(), label) for image, label in dataset)
+
+
+def _pil(color=(255, 0, 0), size=8):
+    return Image.new("RGB", (size, size), color)
+
+
+@pytest.fixture(scope="module")
+def digits_train():
+    return load_image_dataset()
+
+
+def test_digits_default_items(digits_train):
+    ds = digits_train
+    assert isinstance(ds, ImageDataset)
+    assert (ds.name, ds.split, ds.num_classes) == ("digits", "train", 10)
+    assert ds.class_names == [str(d) for d in range(10)]
+    image, label = ds[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert isinstance(label, int)
+    labels = [label for _, label in ds]
+    assert set(labels) == set(range(10))
+    images = torch.stack([image for image, _ in ds])
+    assert images.min() >= 0.0 and images.max() <= 1.0 and images.max() > 0.9
+
+
+def test_digits_splits_partition_the_data_stratified_and_deterministic(digits_train):
+    test = load_image_dataset(split="test", image_size=8, channels=1)
+    train = load_image_dataset(split="train", image_size=8, channels=1)
+    assert len(train) + len(test) == N_DIGITS
+    assert len(train) == len(digits_train)
+    raw = load_digits()
+    everything = Counter(
+        (torch.from_numpy(img / 16).float().unsqueeze(0).numpy().tobytes(), int(y))
+        for img, y in zip(raw.images, raw.target, strict=True)
+    )
+    # All digits images are distinct, so equal multisets mean the splits are disjoint and cover everything.
+    assert _fingerprints(train) + _fingerprints(test) == everything
+    test_counts = Counter(label for _, label in test)
+    for digit, total in Counter(raw.target.tolist()).items():
+        assert abs(test_counts[digit] - 0.2 * total) <= 1
+    again = load_image_dataset(split="test", image_size=8, channels=1)
+    assert torch.equal(again.images, test.images) and torch.equal(again.labels, test.labels)
+
+
+@pytest.mark.parametrize("alias", ["validation", "eval"])
+def test_digits_split_aliases(alias):
+    ds = load_image_dataset(split=alias, image_size=8, channels=1)
+    test = load_image_dataset(split="test", image_size=8, channels=1)
+    assert ds.split == "test"
+    assert torch.equal(ds.images, test.images)
+
+
+def test_digits_channels_and_size(digits_train):
+    gray = load_image_dataset(image_size=16, channels=1)
+    assert gray[0][0].shape == (1, 16, 16)
+    assert len(gray) == len(digits_train)
+    rgb = digits_train[5][0]
+    assert torch.equal(rgb[0], rgb[1]) and torch.equal(rgb[1], rgb[2])
+    assert load_image_dataset(image_size=8, channels=3)[0][0].shape == (3, 8, 8)
+
+
+def test_digits_bad_arguments():
+    with pytest.raises(ValueError, match=r"unknown split 'dev'.*'eval', 'test', 'train', 'validation'"):
+        load_image_dataset(split="dev")
+    with pytest.raises(ValueError, match="channels must be one of"):
+        load_image_dataset(channels=2)
+    with pytest.raises(ValueError, match="image_size must be a positive int"):
+        load_image_dataset(image_size=0)
+
+
+def _write_imagefolder(root, splits=("train", "test"), classes=("cat", "dog"), per_class=2):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+def test_imagefolder_loads_splits_with_class_names(tmp_path):
+    root = _write_imagefolder(tmp_path / "images")
+    # A solid-colour image checks the conversion: resizing keeps it constant.
+    _pil((255, 51, 0)).save(root / "train" / "dog" / "solid.png")
+    train = load_image_dataset(str(root), split="train", image_size=16, cache_dir=str(tmp_path / "cache"))
+    test = load_image_dataset(str(root), split="test", image_size=16, channels=1, cache_dir=str(tmp_path / "cache"))
+    assert isinstance(train, HFImageDataset)
+    assert (len(train), len(test)) == (5, 4)
+    assert train.num_classes == 2 and train.class_names == ["cat", "dog"]
+    assert (train.name, train.split, test.split) == (str(root), "train", "test")
+    assert sorted(label for _, label in train) == [0, 0, 1, 1, 1]
+    for image, _ in train:
+        assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+        assert image.min() >= 0 and image.max() <= 1
+    assert test[0][0].shape == (1, 16, 16)
+    solids = [image for image, _ in train if torch.allclose(image, image[:, :1, :1].expand_as(image))]
+    assert len(solids) == 1
+    assert solids[0][:, 0, 0].tolist() == pytest.approx([1.0, 0.2, 0.0])
+
+
+def test_imagefolder_missing_split_names_available(tmp_path):
+    root = _write_imagefolder(tmp_path / "images", splits=("train",))
+    with pytest.raises(ValueError, match=r"split 'test' not found.*\['train'\]"):
+        load_image_dataset(str(root), split="test", cache_dir=str(tmp_path / "cache"))
+
+
+def test_uncached_hub_dataset_offline_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConnectionError, match=r"could not load dataset 'nobody/.*offline.*train/<class>"):
+        load_image_dataset("nobody/no-such-dataset", cache_dir=str(tmp_path / "cache"))
+
+
+def test_from_hf_detects_columns_and_converts_lazily():
+    hf = datasets.Dataset.from_dict({"img": [_pil(), _pil((0, 0, 255))], "fine_label": [2, 0], "extra": ["a", "b"]})
+    ds = ImageDataset.from_hf(hf, name="toy", split="train", image_size=4, channels=3)
+    assert (ds.image_column, ds.label_column) == ("img", "fine_label")
+    assert ds.class_names == ["0", "1", "2"]
+    image, label = ds[0]
+    assert label == 2
+    assert torch.allclose(image, torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1).expand(3, 4, 4))
+    gray = ImageDataset.from_hf(hf, name="toy", split="train", image_size=4, channels=1)
+    assert gray[1][0].shape == (1, 4, 4)
+    assert gray[1][0][0, 0, 0].item() == pytest.approx(np.asarray(_pil((0, 0, 255)).convert("L"))[0, 0] / 255)
+
+
+def test_from_hf_uses_classlabel_names_and_feature_types():
+    features = datasets.Features({"picture": datasets.Image(), "kind": datasets.ClassLabel(names=["ant", "bee"])})
+    hf = datasets.Dataset.from_dict({"picture": [_pil()], "kind": [1]}, features=features)
+    ds = ImageDataset.from_hf(hf, name="bugs", split="test")
+    assert (ds.image_column, ds.label_column) == ("picture", "kind")
+    assert ds.class_names == ["ant", "bee"] and ds.num_classes == 2
+    assert ds[0][1] == 1 and ds[0][0].shape == (3, 32, 32)
+
+
+def test_from_hf_rejects_unusable_datasets():
+    with pytest.raises(ValueError, match="dataset 'unlabelled' has no label column"):
+        ImageDataset.from_hf(datasets.Dataset.from_dict({"image": [_pil()]}), name="unlabelled", split="train")
+    labelled = datasets.Dataset.from_dict({"image": [_pil()], "label": [0]})
+    with pytest.raises(ValueError, match="split 'train' of dataset 'empty' is empty"):
+        ImageDataset.from_hf(labelled.select([]), name="empty", split="train")
+    with pytest.raises(ValueError, match="no image column"):
+        ImageDataset.from_hf(datasets.Dataset.from_dict({"text": ["x"], "label": [0]}), name="text", split="train")
+    with pytest.raises(ValueError, match="unlabelled examples"):
+        ImageDataset.from_hf(datasets.Dataset.from_dict({"image": [_pil()], "label": [-1]}), name="u", split="test")
+    with pytest.raises(ValueError, match="must hold integers"):
+        ImageDataset.from_hf(datasets.Dataset.from_dict({"image": [_pil()], "label": ["cat"]}), name="s", split="train")
+
+
+def test_tensor_dataset_validates_shapes():
+    with pytest.raises(ValueError, match="expected images"):
+        TensorImageDataset(torch.rand(3, 8, 8), torch.zeros(3), class_names=["a"], name="t", split="train")
+    with pytest.raises(ValueError, match="expected images"):
+        TensorImageDataset(torch.rand(3, 1, 8, 8), torch.zeros(2), class_names=["a"], name="t", split="train")
