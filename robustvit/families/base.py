@@ -96,6 +96,10 @@ class Family(ABC):
         """The module whose output is the ``(B, N, D)`` patch tokens, before prefix tokens and position embedding."""
 
     @abstractmethod
+    def patch_projection(self, model: nn.Module) -> nn.Conv2d:
+        """The patch-embedding convolution (a :class:`~robustvit.layers.NormalizedConv2d` once converted)."""
+
+    @abstractmethod
     def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         """Bound of the map from pixels to the features the head reads (see :meth:`head_weight`)."""
 

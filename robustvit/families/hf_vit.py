@@ -119,6 +119,9 @@ class HFViT(Family):
     def patch_embedding(self, model: nn.Module) -> nn.Module:
         return self._backbone(model).embeddings.patch_embeddings
 
+    def patch_projection(self, model: nn.Module) -> nn.Conv2d:
+        return self._backbone(model).embeddings.patch_embeddings.projection
+
     def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         backbone = self._backbone(model)
         bound = bound_of("embeddings", backbone.embeddings)

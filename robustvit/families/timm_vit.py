@@ -117,6 +117,9 @@ class TimmViT(Family):
     def patch_embedding(self, model: nn.Module) -> nn.Module:
         return model.patch_embed
 
+    def patch_projection(self, model: nn.Module) -> nn.Conv2d:
+        return model.patch_embed.proj
+
     def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         self._check(model, source=False)
         bound = one(model.pos_embed.device if model.pos_embed is not None else None)
