@@ -1,5 +1,6 @@
 """robustvit: Lipschitz-bounded, certified and nullspace-finetuned vision transformers for timm and transformers."""
 
+from robustvit.certify import Certificate, CertifyResult, attacks, certify, certify_smoothing
 from robustvit.convert import ConvertConfig, convert, export, is_converted
 from robustvit.errors import CertificateError, UnsupportedModuleError
 from robustvit.lipschitz import lipschitz_bound, lipschitz_report
@@ -7,9 +8,14 @@ from robustvit.lipschitz import lipschitz_bound, lipschitz_report
 __version__ = "0.1.0"
 
 __all__ = [
+    "Certificate",
     "CertificateError",
+    "CertifyResult",
     "ConvertConfig",
     "UnsupportedModuleError",
+    "attacks",
+    "certify",
+    "certify_smoothing",
     "convert",
     "export",
     "is_converted",

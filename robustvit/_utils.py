@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -24,3 +27,16 @@ def check_images(images: torch.Tensor, *, channels: int | None = None, size: tup
         raise ValueError(f"expected images of size {tuple(size)}, got {tuple(images.shape[-2:])}")
     if not torch.isfinite(images).all():
         raise ValueError("images contain NaN or infinite values")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode and restore every submodule's own mode afterwards (mixed modes included)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        # modules() is pre-order, so a parent's recursive train() is overridden by its children's own entries.
+        for module, training in modes:
+            module.train(training)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustvit.certify.plot import _eps_label, certified_accuracy_curve, plot_certified_accuracy
+from robustvit.certify.plot import eps_label, certified_accuracy_curve, plot_certified_accuracy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -74,5 +74,5 @@ def test_plot_rejects_empty_curves_and_bad_marks(tmp_path: Path) -> None:
 
 
 def test_eps_marks_are_labelled_in_units_of_one_255th() -> None:
-    assert [_eps_label(eps) for eps in (36 / 255, 72 / 255, 108 / 255, 0.0)] == ["36/255", "72/255", "108/255", "0/255"]
-    assert _eps_label(0.5) == "0.5"
+    assert [eps_label(eps) for eps in (36 / 255, 72 / 255, 108 / 255, 0.0)] == ["36/255", "72/255", "108/255", "0/255"]
+    assert eps_label(0.5) == "0.5"

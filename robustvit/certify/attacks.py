@@ -13,33 +13,18 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustvit._utils import check_images, model_logits
+from robustvit._utils import check_images, eval_mode, model_logits
 
 __all__ = ["fgsm", "pgd", "robust_accuracy"]
 
 _NORMS = ("l2", "linf")
 _ATTACKS = ("pgd", "fgsm")
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode and restore every submodule's own mode afterwards (mixed modes included)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        # modules() is pre-order, so a parent's recursive train() is overridden by its children's own entries.
-        for module, training in modes:
-            module.train(training)
 
 
 def _check_norm(norm: str) -> str:
@@ -168,7 +153,7 @@ def pgd(
         return images.clone()
     step_size = 2.5 * eps / steps if step_size is None else float(step_size)
 
-    with _eval_mode(model):
+    with eval_mode(model):
         with torch.no_grad():
             clean_logits = model_logits(model, images)
         best = images.clone()
@@ -230,7 +215,7 @@ def fgsm(
     images = images.detach()
     if eps == 0:
         return images.clone()
-    with _eval_mode(model), torch.enable_grad():
+    with eval_mode(model), torch.enable_grad():
         adv = images.clone().requires_grad_(True)
         loss = F.cross_entropy(model_logits(model, adv).float(), labels, reduction="sum")
         (grad,) = torch.autograd.grad(loss, adv)
@@ -280,7 +265,7 @@ def robust_accuracy(
         raise ValueError("robust_accuracy needs at least one image, got an empty batch")
     attack_fn = pgd if attack == "pgd" else fgsm
     correct = 0
-    with _eval_mode(model):
+    with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             batch, batch_labels = images[start : start + batch_size], labels[start : start + batch_size]
             adv = attack_fn(model, batch, batch_labels, eps, norm=norm, **attack_kwargs)

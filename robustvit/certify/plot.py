@@ -82,7 +82,7 @@ def certified_accuracy_curve(
     return grid, certified.mean(axis=1)
 
 
-def _eps_label(eps: float) -> str:
+def eps_label(eps: float) -> str:
     """``36/255`` for multiples of 1/255 (the usual pixel budgets), else a short decimal."""
     steps = round(eps * 255)
     if math.isclose(steps, eps * 255, abs_tol=1e-6):
@@ -133,7 +133,7 @@ def plot_certified_accuracy(
         ax.plot(grid, accuracy, label=label, linewidth=1.8)
     for eps in marks:
         ax.axvline(eps, color="0.4", linestyle=":", linewidth=1.0)
-        ax.text(eps, 1.0, _eps_label(eps), transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+        ax.text(eps, 1.0, eps_label(eps), transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
     ax.set_xlim(0.0, max_radius)
     ax.set_ylim(0.0, 1.0)
     ax.set_xlabel("l2 radius (pixels in [0,1])")

@@ -22,8 +22,7 @@ from scipy.stats import beta, norm
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustvit._utils import check_images, model_logits
-from robustvit.certify.attacks import _eval_mode
+from robustvit._utils import check_images, eval_mode, model_logits
 
 __all__ = ["SmoothingResult", "certify_smoothing", "smoothing_radius"]
 
@@ -212,7 +211,7 @@ def certify_smoothing(
     p_lower = torch.zeros(num_images, dtype=torch.float64)
     counts = torch.zeros(num_images, dtype=torch.long)
     images = images.detach()
-    with _eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         for i in tqdm(range(num_images), desc="randomized smoothing", disable=not progress):
             selection = _sample_counts(model, images[i], n0, sigma, batch_size, num_classes, generator)
             class_a = int(selection.argmax())

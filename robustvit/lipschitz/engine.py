@@ -35,6 +35,7 @@ __all__ = [
     "BoundReport",
     "GELU_LIPSCHITZ",
     "bound_tensor",
+    "compose_bound",
     "lipschitz_bound",
     "lipschitz_report",
     "mark_lipschitz_neutral",
@@ -205,6 +206,17 @@ def _walk(module: nn.Module) -> tuple[Tensor, list[BoundEntry]]:
     with parametrize.cached():
         total = walker.visit("", module, 0)
     return total, walker.entries
+
+
+def compose_bound(root: nn.Module, compose: Callable[[BoundFn], Tensor]) -> Tensor:
+    """Evaluate a custom composition of ``root``'s submodules with the engine's rules.
+
+    Used for partial maps, e.g. the features a linear head reads:
+    ``compose_bound(model, lambda bound_of: bound_of("backbone", model.backbone))``.
+    """
+    walker = _Walker(root)
+    with parametrize.cached():
+        return compose(lambda name, child: walker.visit(name, child, 0))
 
 
 def bound_tensor(module: nn.Module) -> Tensor:
