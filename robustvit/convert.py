@@ -321,8 +321,11 @@ def export(model: nn.Module) -> nn.Module:
         >>> plain = robustvit.export(lip)  # doctest: +SKIP
     """
     exported = copy.deepcopy(model)
-    for module in exported.modules():
-        if parametrize.is_parametrized(module):
-            for name in list(module.parametrizations):
-                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    for module in [m for m in exported.modules() if parametrize.is_parametrized(m)]:  # listed before mutating
+        # A deep copy shares torch's injected Parametrized* class with the original, and removing a
+        # parametrization edits that class: give the copy its own, or the original loses its weight property.
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+        for name in list(module.parametrizations):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return exported

@@ -13,7 +13,13 @@ from robustvit.lipschitz.engine import (
     register_bound,
 )
 from robustvit.lipschitz.rescale import SpectralRescale, is_spectrally_rescaled, spectral_rescale
-from robustvit.lipschitz.spectral import conv_operator_bound, conv_spectral_norm, gram_spectral_norm, is_patchify
+from robustvit.lipschitz.spectral import (
+    batched_spectral_norms,
+    conv_operator_bound,
+    conv_spectral_norm,
+    gram_spectral_norm,
+    is_patchify,
+)
 
 __all__ = [
     "GELU_LIPSCHITZ",
@@ -21,6 +27,7 @@ __all__ = [
     "BoundFn",
     "BoundReport",
     "SpectralRescale",
+    "batched_spectral_norms",
     "bound_tensor",
     "compose_bound",
     "conv_operator_bound",

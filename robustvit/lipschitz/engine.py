@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,7 +26,7 @@ from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.lipschitz.spectral import conv_spectral_norm, gram_spectral_norm
+from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm
 
 __all__ = [
     "BoundFn",
@@ -189,16 +188,10 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
 
 def _batched_linear_bounds(root: nn.Module) -> dict[int, Tensor]:
     """Gram bounds of every ``nn.Linear`` weight in ``root``, computed in one batch per weight shape."""
-    groups: dict[tuple[int, ...], list[tuple[int, Tensor]]] = defaultdict(list)
     with parametrize.cached():
-        for module in root.modules():
-            if parametrize.type_before_parametrizations(module) is nn.Linear:
-                groups[tuple(module.weight.shape)].append((id(module), module.weight))
-        bounds: dict[int, Tensor] = {}
-        for members in groups.values():
-            stacked = gram_spectral_norm(torch.stack([w for _, w in members]))
-            bounds.update({key: b for (key, _), b in zip(members, stacked, strict=False)})
-    return bounds
+        linears = [m for m in root.modules() if parametrize.type_before_parametrizations(m) is nn.Linear]
+        bounds = batched_spectral_norms([m.weight for m in linears])
+    return {id(m): b for m, b in zip(linears, bounds, strict=True)}
 
 
 def _walk(module: nn.Module) -> tuple[Tensor, list[BoundEntry]]:

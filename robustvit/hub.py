@@ -1,0 +1,545 @@
+"""Certified models on the Hugging Face Hub: save, push, download and verify.
+
+A robustvit repository (or local folder) holds one converted model:
+
+* ``model.safetensors``: the converted model's ``state_dict`` (parametrization keys included), never pickle. Its
+  header metadata is ``{"format": "pt", "robustvit_certificate_sha256": <claim digest>}``, plus
+  ``"robustvit_shared_tensors"`` (``{"dropped": "kept"}`` as JSON) when tensors share memory.
+* ``config.json``: ``robustvit_format_version``, ``family``, ``source`` (rebuilds the unconverted architecture
+  without downloading its weights), ``convert_config``, ``num_classes`` and ``input`` (pixels in [0, 1]).
+* ``certificate.json``: the :class:`~robustvit.certify.certificate.Certificate`, whose ``weights_sha256`` is the
+  sha256 of ``model.safetensors``. Absent for an uncertified model.
+* ``README.md``: the model card (``hub/model_card.md``), with the certified accuracies as ``model-index``.
+* ``certified_accuracy.png``: the certified-accuracy curve, when one was given.
+
+The certificate and the weights name each other: ``weights_sha256`` is the hash of the weights file, and the
+weights header carries the *claim digest*, the :meth:`Certificate.digest` of the certificate with
+``weights_sha256`` cleared (the digest cannot cover the hash of the file that contains the digest).
+
+Verification (``from_pretrained(..., verify=True)``) checks, in order: ``certificate.json`` parses; the weights
+file hashes to ``weights_sha256``; its header carries the certificate's claim digest; the certificate describes
+the architecture, conversion and input normalization that were loaded; and the Lipschitz bounds recomputed from
+the loaded weights, exactly as :func:`robustvit.certify` computes them, do not exceed the certified ones. These
+checks catch a certificate that does not belong to the weights and any bound claim the weights do not support.
+They cannot authenticate the accuracies (anyone can rewrite all files consistently): ``robustvit verify
+--dataset ...`` re-certifies to check those.
+
+Example:
+    >>> robustvit.save_pretrained(model, "out/model", certificate)  # doctest: +SKIP
+    >>> robustvit.push_to_hub(model, "org/vit-tiny-lipschitz", certificate)  # doctest: +SKIP
+    >>> model = robustvit.from_pretrained("org/vit-tiny-lipschitz")  # doctest: +SKIP
+    >>> model.certificate.lipschitz  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, snapshot_download
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from robustvit.certify.certificate import Certificate, sha256_file
+from robustvit.certify.lipschitz import lipschitz_head
+from robustvit.convert import ConvertConfig, convert, is_converted
+from robustvit.errors import CertificateError
+from robustvit.families import get_family
+from robustvit.families.base import _FAMILIES
+
+__all__ = [
+    "BOUND_RTOL",
+    "FORMAT_VERSION",
+    "UncertifiedModelWarning",
+    "claim_digest",
+    "from_pretrained",
+    "push_to_hub",
+    "save_pretrained",
+]
+
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+CERTIFICATE_NAME = "certificate.json"
+CARD_NAME = "README.md"
+CURVE_NAME = "certified_accuracy.png"
+DIGEST_KEY = "robustvit_certificate_sha256"
+SHARED_KEY = "robustvit_shared_tensors"
+DEFAULT_LICENSE = "apache-2.0"
+MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "hub" / "model_card.md"
+# Suffixes of pickle-based checkpoints: refused, never opened (unpickling runs arbitrary code).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# A recomputed bound may exceed the certified one by this relative amount. Both are guaranteed float64 upper bounds
+# of the same weights (sha256-checked); they can differ only by reduction order across BLAS builds and devices,
+# about 1e-15 * depth. 1e-9 covers that with six orders of magnitude to spare and shrinks a radius by at most one
+# part in 1e9, which changes a certified accuracy only if a radius lies within 1e-9 (relative) of an eps.
+BOUND_RTOL = 1e-9
+_REPO_FILES = (WEIGHTS_NAME, CONFIG_NAME, CERTIFICATE_NAME)
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_DATASET_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+class UncertifiedModelWarning(UserWarning):
+    """A model was loaded with ``verify=False``: nothing about its robustness is certified."""
+
+
+def claim_digest(certificate: Certificate) -> str:
+    """The digest stored in the weights header: :meth:`Certificate.digest` with ``weights_sha256`` cleared.
+
+    Example:
+        >>> claim_digest(certificate) == dataclasses.replace(certificate, weights_sha256=None).digest()  # doctest: +SKIP
+        True
+    """
+    return dataclasses.replace(certificate, weights_sha256=None).digest()
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists), for comparisons with stored records."""
+    return json.loads(json.dumps(value))
+
+
+def _input_spec(model: nn.Module) -> dict[str, Any]:
+    family = get_family(model)
+    spec = family.input_spec(model)
+    conv = family.patch_projection(model)  # a NormalizedConv2d: the normalization the weights actually apply
+    return {
+        "space": "pixels in [0, 1]",
+        "channels": spec.channels,
+        "image_size": list(spec.image_size),
+        "mean": conv.input_mean.flatten().tolist(),
+        "std": conv.input_std.flatten().tolist(),
+    }
+
+
+def _config(model: nn.Module) -> dict[str, Any]:
+    from robustvit import __version__  # late: robustvit/__init__.py imports this module
+
+    family = get_family(model)
+    return _jsonable(
+        {
+            "robustvit_format_version": FORMAT_VERSION,
+            "robustvit_version": __version__,
+            "family": family.name,
+            "source": model.robustvit_source,
+            "convert_config": model.robustvit_config.to_dict(),
+            "num_classes": family.head_weight(model)[0].shape[0],
+            "input": _input_spec(model),
+        }
+    )
+
+
+def _check_description(model: nn.Module, certificate: Certificate) -> None:
+    """The certificate must describe this model: family, architecture, conversion and input normalization."""
+    claimed_input = {key: certificate.input.get(key) for key in ("channels", "image_size", "mean", "std")}
+    actual_input = {key: value for key, value in _input_spec(model).items() if key in claimed_input}
+    pairs = {
+        "family": (certificate.base_model.get("family"), get_family(model).name),
+        "source architecture": (certificate.base_model.get("source"), _jsonable(model.robustvit_source)),
+        "convert_config": (_jsonable(certificate.convert_config), _jsonable(model.robustvit_config.to_dict())),
+        "input": (_jsonable(claimed_input), _jsonable(actual_input)),
+    }
+    for what, (claimed, actual) in pairs.items():
+        if claimed != actual:
+            raise CertificateError(f"the certificate describes {what} {claimed!r} but the model has {actual!r}")
+
+
+def _check_bounds(model: nn.Module, certificate: Certificate) -> None:
+    """Recompute the bounds the way :func:`robustvit.certify` does and compare them with the certified ones."""
+    head = lipschitz_head(copy.deepcopy(model).to(torch.float64))
+    bounds = {"lipschitz": (certificate.lipschitz, head.lipschitz)}
+    if certificate.features_lipschitz is not None:
+        if head.features_lipschitz is None:
+            raise CertificateError("the certificate claims a features_lipschitz bound but this model has no linear head")
+        bounds["features_lipschitz"] = (certificate.features_lipschitz, head.features_lipschitz)
+    for name, (claimed, recomputed) in bounds.items():
+        if recomputed > claimed * (1 + BOUND_RTOL):
+            raise CertificateError(
+                f"{name}: the certificate claims {claimed!r} but the bound recomputed from the weights is "
+                f"{recomputed!r}; its certified radii do not hold"
+            )
+
+
+def _weights_bytes(model: nn.Module, digest: str | None) -> bytes:
+    """The ``model.safetensors`` file: every tensor once (aliases recorded in the header), on the CPU."""
+    state = model.state_dict()
+    kept: dict[tuple, str] = {}
+    shared: dict[str, str] = {}
+    tensors: dict[str, Tensor] = {}
+    for name in sorted(state):
+        tensor = state[name]
+        # Exact aliases (tied parameters) are stored once; partial overlaps make safetensors raise, as they should.
+        key = (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if tensor.numel() and key in kept:
+            shared[name] = kept[key]
+            continue
+        kept[key] = name
+        tensors[name] = tensor.detach().cpu().contiguous()
+    metadata = {"format": "pt"}
+    if digest is not None:
+        metadata[DIGEST_KEY] = digest
+    if shared:
+        metadata[SHARED_KEY] = json.dumps(shared, sort_keys=True)
+    return safetensors.torch.save(tensors, metadata=metadata)
+
+
+def _hub_base_model(model: nn.Module, certificate: Certificate | None) -> str | None:
+    """The base model's Hub id when one is known (the Hub rejects ``base_model`` values that are not repo ids)."""
+    if certificate is not None:
+        candidate = certificate.base_model.get("id")
+    else:
+        candidate = model.robustvit_source.get("config", {}).get("_name_or_path")
+    return candidate if isinstance(candidate, str) and _HUB_ID.fullmatch(candidate) else None
+
+
+def _model_card(
+    model: nn.Module,
+    certificate: Certificate | None,
+    *,
+    model_id: str,
+    model_name: str,
+    license: str,
+    base_model: str | None,
+    curve: bool,
+) -> ModelCard:
+    family = get_family(model)
+    eval_results = None
+    datasets = None
+    if certificate is not None:
+        common = {
+            "task_type": "image-classification",
+            "dataset_type": certificate.dataset,
+            "dataset_name": certificate.dataset,
+            "dataset_split": certificate.split,
+        }
+        eval_results = [
+            EvalResult(
+                **common, metric_type="accuracy", metric_value=certificate.clean_accuracy, metric_name="Clean accuracy"
+            )
+        ]
+        eval_results += [
+            EvalResult(
+                **common,
+                metric_type="certified_accuracy",
+                metric_value=r.certified_accuracy,
+                metric_name=f"Certified accuracy ({certificate.norm}, eps={r.label})",
+                metric_config=f"eps={r.eps:.4f}",
+            )
+            for r in certificate.results
+        ]
+        datasets = [certificate.dataset] if _DATASET_ID.fullmatch(certificate.dataset) else None
+    card_data = ModelCardData(
+        library_name="robustvit",
+        license=license,
+        tags=["robustvit", "certified-robustness", "lipschitz", "vision-transformer", "image-classification", family.name],
+        pipeline_tag="image-classification",
+        base_model=base_model or _hub_base_model(model, certificate),
+        datasets=datasets,
+        model_name=model_name,
+        eval_results=eval_results,
+    )
+    source = model.robustvit_source
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(MODEL_CARD_TEMPLATE),
+        model_id=model_id,
+        model_name=model_name,
+        family=family.name,
+        source_name=source.get("architecture") or source.get("class"),
+        source_library=source.get("library"),
+        convert_config=model.robustvit_config.to_json(),
+        certificate=certificate,
+        accuracy_table=certificate.accuracy_table() if certificate is not None else None,
+        curve=CURVE_NAME if curve else None,
+        bound_rtol=BOUND_RTOL,
+    )
+
+
+def save_pretrained(
+    model: nn.Module,
+    directory: str | Path,
+    certificate: Certificate | None = None,
+    *,
+    curve: str | Path | None = None,
+    repo_id: str | None = None,
+    license: str = DEFAULT_LICENSE,
+    base_model: str | None = None,
+) -> Path:
+    """Write a converted model (and its certificate) as a robustvit repository folder.
+
+    Refuses to write a certificate that would not verify: it must describe this model, its bounds must hold for
+    these weights, and a certificate that already names weights (``weights_sha256`` set, e.g. from
+    :func:`from_pretrained`) must name exactly the weights written now.
+
+    Args:
+        model: a model returned by :func:`robustvit.convert` or :func:`from_pretrained`.
+        directory: output folder (created; existing repository files are replaced, and a stale
+            ``certificate.json`` / curve from an earlier save is removed).
+        certificate: the model's certificate (``CertifyResult.to_certificate``); ``None`` saves an uncertified
+            model, which only loads with ``verify=False``.
+        curve: a certified-accuracy PNG to include as ``certified_accuracy.png`` (needs a certificate).
+        repo_id: the Hub id the folder is meant for; used in the model card's loading snippet and its name.
+        license: the model card's license.
+        base_model: the base model's Hub id for the card; default: the certificate's base model id when it is one.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: ``model`` is not converted, or a curve without a certificate.
+        CertificateError: the certificate does not match the model or its weights.
+
+    Example:
+        >>> result = robustvit.certify(model, images, labels)  # doctest: +SKIP
+        >>> certificate = result.to_certificate(model, dataset="cifar10", split="test")  # doctest: +SKIP
+        >>> robustvit.save_pretrained(model, "out/model", certificate, curve="out/certified_accuracy.png")  # doctest: +SKIP
+        PosixPath('out/model')
+    """
+    if not is_converted(model):
+        raise ValueError("save_pretrained saves converted models: call robustvit.convert(model) first")
+    if curve is not None and certificate is None:
+        raise ValueError("a certified-accuracy curve needs the certificate it plots")
+    digest = None
+    if certificate is not None:
+        _check_description(model, certificate)
+        _check_bounds(model, certificate)
+        digest = claim_digest(certificate)
+    weights = _weights_bytes(model, digest)
+    weights_sha256 = hashlib.sha256(weights).hexdigest()
+    if certificate is not None:
+        if certificate.weights_sha256 not in (None, weights_sha256):
+            raise CertificateError(
+                f"the certificate names weights with sha256 {certificate.weights_sha256} but this model's weights "
+                f"hash to {weights_sha256}: re-certify the model (robustvit.certify) instead of reusing the certificate"
+            )
+        certificate = dataclasses.replace(certificate, weights_sha256=weights_sha256)
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / WEIGHTS_NAME).write_bytes(weights)
+    (directory / CONFIG_NAME).write_text(json.dumps(_config(model), indent=2, sort_keys=True) + "\n")
+    if certificate is not None:
+        certificate.save(directory / CERTIFICATE_NAME)
+    else:
+        (directory / CERTIFICATE_NAME).unlink(missing_ok=True)
+    target_curve = directory / CURVE_NAME
+    if curve is None:
+        target_curve.unlink(missing_ok=True)
+    elif not (target_curve.exists() and target_curve.samefile(curve)):
+        shutil.copyfile(curve, target_curve)
+    _model_card(
+        model,
+        certificate,
+        model_id=repo_id or str(directory),
+        model_name=(repo_id or directory.resolve().name).rsplit("/", 1)[-1],
+        license=license,
+        base_model=base_model,
+        curve=curve is not None,
+    ).save(directory / CARD_NAME)
+    return directory
+
+
+def push_to_hub(
+    model: nn.Module,
+    repo_id: str,
+    certificate: Certificate | None = None,
+    *,
+    private: bool = False,
+    token: str | None = None,
+    commit_message: str = "Upload certified robustvit model",
+    curve: str | Path | None = None,
+    license: str = DEFAULT_LICENSE,
+    base_model: str | None = None,
+) -> str:
+    """Create (or reuse) a Hub model repository and upload the model, its certificate and card in one commit.
+
+    The folder is written by :func:`save_pretrained` (same checks); repository files of an earlier upload that this
+    one does not write (a stale ``certificate.json``) are deleted in the same commit.
+
+    Args:
+        model, certificate, curve, license, base_model: as for :func:`save_pretrained`.
+        repo_id: ``"org/name"``.
+        private: create the repository as private (an existing repository keeps its visibility).
+        token: Hub token; default: the logged-in one.
+        commit_message: message of the upload commit.
+
+    Returns:
+        The URL of the commit.
+
+    Example:
+        >>> robustvit.push_to_hub(model, "org/vit-tiny-lipschitz", certificate)  # doctest: +SKIP
+        'https://huggingface.co/org/vit-tiny-lipschitz/commit/...'
+    """
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained(
+            model, folder, certificate, curve=curve, repo_id=repo_id, license=license, base_model=base_model
+        )
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            delete_patterns=[*_REPO_FILES, CARD_NAME, CURVE_NAME],
+        )
+    return commit.commit_url
+
+
+def _resolve(repo_id_or_path: str | Path, revision: str | None, cache_dir: str | Path | None, token: str | None) -> Path:
+    path = Path(repo_id_or_path)
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} applies to Hub repositories, but {path} is a local folder")
+        return path
+    # Only the files robustvit reads: a pickle checkpoint in the same repository is never downloaded.
+    return Path(
+        snapshot_download(
+            str(repo_id_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            allow_patterns=list(_REPO_FILES),
+        )
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: it is not a robustvit repository") from err
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON: {err}") from err
+    version = config.get("robustvit_format_version") if isinstance(config, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{folder / CONFIG_NAME} has robustvit_format_version {version!r}; this robustvit reads {FORMAT_VERSION}"
+        )
+    if config.get("family") not in _FAMILIES:
+        raise ValueError(f"unknown model family {config.get('family')!r}; registered: {sorted(_FAMILIES)}")
+    return config
+
+
+def _weights_path(folder: Path) -> Path:
+    weights = folder / WEIGHTS_NAME
+    if weights.is_file():
+        return weights
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(
+            f"{folder} has no {WEIGHTS_NAME}, only pickle checkpoints {pickles}; robustvit loads safetensors only and "
+            "never unpickles a file (unpickling can run arbitrary code)"
+        )
+    raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}")
+
+
+def _build(config: dict[str, Any]) -> nn.Module:
+    """The converted architecture of ``config``, with placeholder weights (nothing is downloaded)."""
+    base = _FAMILIES[config["family"]].build(config["source"])
+    model = convert(base, ConvertConfig.from_dict(config["convert_config"]), inplace=True)
+    model.robustvit_source = config["source"]  # as stored, so that saving again writes the same record
+    return model
+
+
+def _load_weights(model: nn.Module, weights: Path, metadata: dict[str, str]) -> None:
+    tensors = safetensors.torch.load_file(weights)
+    for dropped, kept in json.loads(metadata.get(SHARED_KEY, "{}")).items():
+        tensors[dropped] = tensors[kept]
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())  # keep the stored precision: the certificate is about these exact values
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights} does not match the architecture in {CONFIG_NAME}: {err}") from err
+
+
+def from_pretrained(
+    repo_id_or_path: str | Path,
+    revision: str | None = None,
+    verify: bool = True,
+    *,
+    cache_dir: str | Path | None = None,
+    token: str | None = None,
+) -> nn.Module:
+    """Load a converted model from a local folder or a Hub repository, verifying its certificate.
+
+    The architecture is rebuilt from ``config.json`` (no base weights are downloaded), converted with the stored
+    :class:`~robustvit.ConvertConfig`, and loaded strictly from ``model.safetensors``. Hub downloads go through
+    ``huggingface_hub.snapshot_download`` (cache, ``HF_HUB_OFFLINE`` and tokens work as usual) and fetch only
+    ``model.safetensors``, ``config.json`` and ``certificate.json`` of one revision.
+
+    With ``verify=True`` the checks described in :mod:`robustvit.hub` run and the verified certificate is
+    attached as ``model.certificate``; ``verify=False`` loads without any check, warns
+    (:class:`UncertifiedModelWarning`) and sets ``model.certificate = None``.
+
+    Args:
+        repo_id_or_path: a folder written by :func:`save_pretrained`, or a Hub id ``"org/name"``.
+        revision: branch, tag or commit of a Hub repository.
+        verify: verify the certificate (required unless you only need the weights).
+        cache_dir: Hub cache folder; default ``HF_HUB_CACHE``.
+        token: Hub token for private repositories.
+
+    Returns:
+        The converted model in eval mode, with ``robustvit_config``, ``robustvit_source`` and ``certificate``.
+
+    Raises:
+        CertificateError: ``verify=True`` and the certificate is missing, malformed or does not hold.
+        ValueError: only pickle checkpoints (never opened), or a malformed ``config.json`` / weights file.
+        FileNotFoundError: no ``config.json`` / ``model.safetensors``; a repository that is neither cached nor
+            reachable (``huggingface_hub.errors.LocalEntryNotFoundError``).
+
+    Example:
+        >>> model = robustvit.from_pretrained("org/vit-tiny-lipschitz")  # doctest: +SKIP
+        >>> print(model.certificate.accuracy_table())  # doctest: +SKIP
+        >>> unchecked = robustvit.from_pretrained("out/model", verify=False)  # doctest: +SKIP
+    """
+    folder = _resolve(repo_id_or_path, revision, cache_dir, token)
+    config = _read_config(folder)
+    weights = _weights_path(folder)
+    certificate = None
+    if verify:
+        if not (folder / CERTIFICATE_NAME).is_file():
+            raise CertificateError(
+                f"{repo_id_or_path} has no {CERTIFICATE_NAME}: the model is not certified "
+                "(load it with verify=False to use it anyway)"
+            )
+        certificate = Certificate.load(folder / CERTIFICATE_NAME)
+        # The bytes are checked before anything in them is parsed.
+        actual_sha256 = sha256_file(weights)
+        if certificate.weights_sha256 != actual_sha256:
+            raise CertificateError(
+                f"{WEIGHTS_NAME} has sha256 {actual_sha256} but the certificate names weights_sha256 "
+                f"{certificate.weights_sha256}: the weights are not the certified ones"
+            )
+    with safe_open(weights, framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if certificate is not None and metadata.get(DIGEST_KEY) != claim_digest(certificate):
+        raise CertificateError(
+            f"the {WEIGHTS_NAME} header names certificate digest {metadata.get(DIGEST_KEY)!r} but {CERTIFICATE_NAME} "
+            f"has digest {claim_digest(certificate)!r}: the certificate was edited or belongs to other weights"
+        )
+
+    model = _build(config)
+    _load_weights(model, weights, metadata)
+    model.eval()
+    if certificate is not None:
+        _check_description(model, certificate)
+        _check_bounds(model, certificate)
+    else:
+        warnings.warn(
+            f"{repo_id_or_path} was loaded with verify=False: nothing about this model's robustness is certified",
+            UncertifiedModelWarning,
+            stacklevel=2,
+        )
+    model.certificate = certificate
+    return model
