@@ -3,6 +3,7 @@
 from robustvit.certify import Certificate, CertifyResult, attacks, certify, certify_smoothing
 from robustvit.convert import ConvertConfig, convert, export, is_converted
 from robustvit.errors import CertificateError, UnsupportedModuleError
+from robustvit.hub import from_pretrained, push_to_hub, save_pretrained
 from robustvit.lipschitz import lipschitz_bound, lipschitz_report
 
 __version__ = "0.1.0"
@@ -18,7 +19,10 @@ __all__ = [
     "certify_smoothing",
     "convert",
     "export",
+    "from_pretrained",
     "is_converted",
     "lipschitz_bound",
     "lipschitz_report",
+    "push_to_hub",
+    "save_pretrained",
 ]

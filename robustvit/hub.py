@@ -22,7 +22,8 @@ the architecture, conversion and input normalization that were loaded; and the L
 the loaded weights, exactly as :func:`robustvit.certify` computes them, do not exceed the certified ones. These
 checks catch a certificate that does not belong to the weights and any bound claim the weights do not support.
 They cannot authenticate the accuracies (anyone can rewrite all files consistently): ``robustvit verify
---dataset ...`` re-certifies to check those.
+--dataset ...`` re-certifies to check those. Whatever ``verify`` is, ``config.json``'s ``num_classes`` and
+``input`` must match the loaded model, and weights load strictly.
 
 Example:
     >>> robustvit.save_pretrained(model, "out/model", certificate)  # doctest: +SKIP
@@ -46,7 +47,16 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, snapshot_download
+from huggingface_hub import (
+    CommitOperationAdd,
+    CommitOperationDelete,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    snapshot_download,
+)
+from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
 from torch import Tensor, nn
 
@@ -54,8 +64,7 @@ from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.certify.lipschitz import lipschitz_head
 from robustvit.convert import ConvertConfig, convert, is_converted
 from robustvit.errors import CertificateError
-from robustvit.families import get_family
-from robustvit.families.base import _FAMILIES
+from robustvit.families import family_by_name, get_family, registered_families
 
 __all__ = [
     "BOUND_RTOL",
@@ -85,6 +94,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # part in 1e9, which changes a certified accuracy only if a radius lies within 1e-9 (relative) of an eps.
 BOUND_RTOL = 1e-9
 _REPO_FILES = (WEIGHTS_NAME, CONFIG_NAME, CERTIFICATE_NAME)
+_TAGS = ("robustvit", "certified-robustness", "lipschitz", "vision-transformer", "image-classification")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _DATASET_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
 
@@ -97,7 +107,8 @@ def claim_digest(certificate: Certificate) -> str:
     """The digest stored in the weights header: :meth:`Certificate.digest` with ``weights_sha256`` cleared.
 
     Example:
-        >>> claim_digest(certificate) == dataclasses.replace(certificate, weights_sha256=None).digest()  # doctest: +SKIP
+        >>> digest = claim_digest(certificate)  # doctest: +SKIP
+        >>> digest == dataclasses.replace(certificate, weights_sha256=None).digest()  # doctest: +SKIP
         True
     """
     return dataclasses.replace(certificate, weights_sha256=None).digest()
@@ -142,9 +153,10 @@ def _check_description(model: nn.Module, certificate: Certificate) -> None:
     """The certificate must describe this model: family, architecture, conversion and input normalization."""
     claimed_input = {key: certificate.input.get(key) for key in ("channels", "image_size", "mean", "std")}
     actual_input = {key: value for key, value in _input_spec(model).items() if key in claimed_input}
+    # Compared as they read back from JSON: an in-memory record may still hold tuples or int dict keys.
     pairs = {
         "family": (certificate.base_model.get("family"), get_family(model).name),
-        "source architecture": (certificate.base_model.get("source"), _jsonable(model.robustvit_source)),
+        "source architecture": (_jsonable(certificate.base_model.get("source")), _jsonable(model.robustvit_source)),
         "convert_config": (_jsonable(certificate.convert_config), _jsonable(model.robustvit_config.to_dict())),
         "input": (_jsonable(claimed_input), _jsonable(actual_input)),
     }
@@ -159,7 +171,9 @@ def _check_bounds(model: nn.Module, certificate: Certificate) -> None:
     bounds = {"lipschitz": (certificate.lipschitz, head.lipschitz)}
     if certificate.features_lipschitz is not None:
         if head.features_lipschitz is None:
-            raise CertificateError("the certificate claims a features_lipschitz bound but this model has no linear head")
+            raise CertificateError(
+                "the certificate claims a features_lipschitz bound but this model has no linear head"
+            )
         bounds["features_lipschitz"] = (certificate.features_lipschitz, head.features_lipschitz)
     for name, (claimed, recomputed) in bounds.items():
         if recomputed > claimed * (1 + BOUND_RTOL):
@@ -189,7 +203,21 @@ def _weights_bytes(model: nn.Module, digest: str | None) -> bytes:
         metadata[DIGEST_KEY] = digest
     if shared:
         metadata[SHARED_KEY] = json.dumps(shared, sort_keys=True)
-    return safetensors.torch.save(tensors, metadata=metadata)
+    return _sorted_metadata(safetensors.torch.save(tensors, metadata=metadata))
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """The same safetensors file with its header metadata in sorted order.
+
+    safetensors writes metadata in hash-map order, which changes from process to process; sorted, equal models
+    give byte-identical files, so re-saving a loaded model reproduces the sha256 its certificate names.
+    """
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads the header with spaces to keep tensors 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + length :]
 
 
 def _hub_base_model(model: nn.Module, certificate: Certificate | None) -> str | None:
@@ -240,7 +268,7 @@ def _model_card(
     card_data = ModelCardData(
         library_name="robustvit",
         license=license,
-        tags=["robustvit", "certified-robustness", "lipschitz", "vision-transformer", "image-classification", family.name],
+        tags=[*_TAGS, family.name],
         pipeline_tag="image-classification",
         base_model=base_model or _hub_base_model(model, certificate),
         datasets=datasets,
@@ -301,7 +329,8 @@ def save_pretrained(
     Example:
         >>> result = robustvit.certify(model, images, labels)  # doctest: +SKIP
         >>> certificate = result.to_certificate(model, dataset="cifar10", split="test")  # doctest: +SKIP
-        >>> robustvit.save_pretrained(model, "out/model", certificate, curve="out/certified_accuracy.png")  # doctest: +SKIP
+        >>> curve = result.plot("out/certified_accuracy.png")  # doctest: +SKIP
+        >>> robustvit.save_pretrained(model, "out/model", certificate, curve=curve)  # doctest: +SKIP
         PosixPath('out/model')
     """
     if not is_converted(model):
@@ -310,6 +339,8 @@ def save_pretrained(
         raise ValueError("a certified-accuracy curve needs the certificate it plots")
     digest = None
     if certificate is not None:
+        # As it will read back (JSON turns int keys into strings, which changes key order and so the digest).
+        certificate = Certificate.from_dict(_jsonable(certificate.to_dict()))
         _check_description(model, certificate)
         _check_bounds(model, certificate)
         digest = claim_digest(certificate)
@@ -362,8 +393,8 @@ def push_to_hub(
 ) -> str:
     """Create (or reuse) a Hub model repository and upload the model, its certificate and card in one commit.
 
-    The folder is written by :func:`save_pretrained` (same checks); repository files of an earlier upload that this
-    one does not write (a stale ``certificate.json``) are deleted in the same commit.
+    The folder is written by :func:`save_pretrained` (same checks) and uploaded with one ``create_commit``; a
+    ``certificate.json`` or curve of an earlier upload that this one does not write is deleted in the same commit.
 
     Args:
         model, certificate, curve, license, base_model: as for :func:`save_pretrained`.
@@ -380,36 +411,42 @@ def push_to_hub(
         'https://huggingface.co/org/vit-tiny-lipschitz/commit/...'
     """
     api = HfApi(token=token)
-    with tempfile.TemporaryDirectory() as folder:
-        save_pretrained(
-            model, folder, certificate, curve=curve, repo_id=repo_id, license=license, base_model=base_model
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_pretrained(
+            model, tmp, certificate, curve=curve, repo_id=repo_id, license=license, base_model=base_model
         )
         api.create_repo(repo_id, private=private, exist_ok=True)
-        commit = api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
+        added = sorted(p.name for p in folder.iterdir())
+        # create_commit, not upload_folder: upload_folder may split a slow upload into several commits, and weights
+        # must never be visible next to a certificate that is not theirs.
+        stale = sorted({CERTIFICATE_NAME, CURVE_NAME} & set(api.list_repo_files(repo_id)) - set(added))
+        commit = api.create_commit(
+            repo_id,
+            [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in added]
+            + [CommitOperationDelete(path_in_repo=name) for name in stale],
             commit_message=commit_message,
-            delete_patterns=[*_REPO_FILES, CARD_NAME, CURVE_NAME],
         )
     return commit.commit_url
 
 
-def _resolve(repo_id_or_path: str | Path, revision: str | None, cache_dir: str | Path | None, token: str | None) -> Path:
+def _resolve(
+    repo_id_or_path: str | Path, revision: str | None, cache_dir: str | Path | None, token: str | None
+) -> Path:
     path = Path(repo_id_or_path)
     if path.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repositories, but {path} is a local folder")
         return path
-    # Only the files robustvit reads: a pickle checkpoint in the same repository is never downloaded.
-    return Path(
-        snapshot_download(
-            str(repo_id_or_path),
-            revision=revision,
-            cache_dir=cache_dir,
-            token=token,
-            allow_patterns=list(_REPO_FILES),
+    try:
+        # Only the files robustvit reads: a pickle checkpoint in the same repository is never downloaded.
+        snapshot = snapshot_download(
+            str(repo_id_or_path), revision=revision, cache_dir=cache_dir, token=token, allow_patterns=list(_REPO_FILES)
         )
-    )
+    except LocalEntryNotFoundError as err:
+        raise LocalEntryNotFoundError(
+            f"{str(repo_id_or_path)!r} is neither a local folder nor a Hub repository available here: {err}"
+        ) from err
+    return Path(snapshot)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -422,10 +459,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
     version = config.get("robustvit_format_version") if isinstance(config, dict) else None
     if version != FORMAT_VERSION:
         raise ValueError(
-            f"{folder / CONFIG_NAME} has robustvit_format_version {version!r}; this robustvit reads {FORMAT_VERSION}"
+            f"{folder / CONFIG_NAME} is not a robustvit model config (robustvit_format_version {version!r}; this "
+            f"robustvit reads {FORMAT_VERSION}): write the folder with robustvit.save_pretrained"
         )
-    if config.get("family") not in _FAMILIES:
-        raise ValueError(f"unknown model family {config.get('family')!r}; registered: {sorted(_FAMILIES)}")
+    if config.get("family") not in registered_families():
+        raise ValueError(f"unknown model family {config.get('family')!r}; registered: {registered_families()}")
     return config
 
 
@@ -444,13 +482,13 @@ def _weights_path(folder: Path) -> Path:
 
 def _build(config: dict[str, Any]) -> nn.Module:
     """The converted architecture of ``config``, with placeholder weights (nothing is downloaded)."""
-    base = _FAMILIES[config["family"]].build(config["source"])
+    base = family_by_name(config["family"]).build(config["source"])
     model = convert(base, ConvertConfig.from_dict(config["convert_config"]), inplace=True)
     model.robustvit_source = config["source"]  # as stored, so that saving again writes the same record
     return model
 
 
-def _load_weights(model: nn.Module, weights: Path, metadata: dict[str, str]) -> None:
+def _load_weights(model: nn.Module, weights: Path, metadata: dict[str, str], config: dict[str, Any]) -> None:
     tensors = safetensors.torch.load_file(weights)
     for dropped, kept in json.loads(metadata.get(SHARED_KEY, "{}")).items():
         tensors[dropped] = tensors[kept]
@@ -461,6 +499,12 @@ def _load_weights(model: nn.Module, weights: Path, metadata: dict[str, str]) -> 
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as err:
         raise ValueError(f"{weights} does not match the architecture in {CONFIG_NAME}: {err}") from err
+    # The descriptive fields of config.json are not hashed anywhere: they must agree with what was loaded.
+    described = {"num_classes": config.get("num_classes"), "input": config.get("input")}
+    loaded = _config(model)
+    actual = {key: loaded[key] for key in described}
+    if described != actual:
+        raise ValueError(f"{CONFIG_NAME} describes {described} but the loaded model has {actual}")
 
 
 def from_pretrained(
@@ -479,7 +523,7 @@ def from_pretrained(
     ``model.safetensors``, ``config.json`` and ``certificate.json`` of one revision.
 
     With ``verify=True`` the checks described in :mod:`robustvit.hub` run and the verified certificate is
-    attached as ``model.certificate``; ``verify=False`` loads without any check, warns
+    attached as ``model.certificate``; ``verify=False`` skips the certificate, warns
     (:class:`UncertifiedModelWarning`) and sets ``model.certificate = None``.
 
     Args:
@@ -530,7 +574,7 @@ def from_pretrained(
         )
 
     model = _build(config)
-    _load_weights(model, weights, metadata)
+    _load_weights(model, weights, metadata, config)
     model.eval()
     if certificate is not None:
         _check_description(model, certificate)

@@ -202,7 +202,9 @@ class Certificate:
 
     def digest(self) -> str:
         """sha256 of the canonical JSON (stored in the weights file's header)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+        # Round-trip first: JSON turns int keys (e.g. id2label) into strings, which would reorder them on reload.
+        canonical = json.loads(json.dumps(self.to_dict()))
+        return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
     # --- checks -------------------------------------------------------------------------------------------------
     def _validate(self) -> None:

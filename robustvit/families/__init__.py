@@ -6,9 +6,19 @@ from robustvit.families.base import (
     Family,
     InputSpec,
     ViTParts,
+    family_by_name,
     get_family,
     register_family,
     registered_families,
 )
 
-__all__ = ["BlockParts", "Family", "InputSpec", "ViTParts", "get_family", "register_family", "registered_families"]
+__all__ = [
+    "BlockParts",
+    "Family",
+    "InputSpec",
+    "ViTParts",
+    "family_by_name",
+    "get_family",
+    "register_family",
+    "registered_families",
+]

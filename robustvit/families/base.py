@@ -16,7 +16,16 @@ from torch import Tensor, nn
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn
 
-__all__ = ["BlockParts", "Family", "InputSpec", "ViTParts", "get_family", "register_family", "registered_families"]
+__all__ = [
+    "BlockParts",
+    "Family",
+    "InputSpec",
+    "ViTParts",
+    "family_by_name",
+    "get_family",
+    "register_family",
+    "registered_families",
+]
 
 
 @dataclass
@@ -138,6 +147,13 @@ def register_family(cls: type[Family]) -> type[Family]:
 
 def registered_families() -> list[str]:
     return list(_FAMILIES)
+
+
+def family_by_name(name: str) -> Family:
+    """The registered adapter called ``name`` (as stored in saved configs)."""
+    if name not in _FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; registered: {sorted(_FAMILIES)}")
+    return _FAMILIES[name]
 
 
 def get_family(model: nn.Module) -> Family:

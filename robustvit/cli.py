@@ -1,0 +1,340 @@
+"""The ``robustvit`` command: convert, certify, verify and push models. Every subcommand only calls the library.
+
+Examples::
+
+    robustvit convert vit_tiny_patch16_224 --img-size 32 --patch-size 4 --num-classes 10 --output out/converted
+    robustvit certify out/converted --dataset cifar10 --split test --max-images 1000 --output out/certified
+    robustvit verify out/certified                            # integrity + recomputed bounds
+    robustvit verify org/vit-tiny-lipschitz --split test      # ... and re-certify on the certificate's data
+    robustvit push out/certified --repo-id org/vit-tiny-lipschitz
+
+Exit status: 0 on success, 1 when a check fails or an input is invalid (the reason goes to stderr), 2 for usage
+errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustvit.certify import CertifyResult, certify
+from robustvit.certify.certificate import DEFAULT_EPS, Certificate
+from robustvit.certify.plot import eps_label
+from robustvit.convert import ConvertConfig, convert
+from robustvit.data import ImageDataset, load_image_dataset
+from robustvit.errors import CertificateError, UnsupportedModuleError
+from robustvit.families import get_family
+from robustvit.hub import (
+    CURVE_NAME,
+    DEFAULT_LICENSE,
+    UncertifiedModelWarning,
+    from_pretrained,
+    push_to_hub,
+    save_pretrained,
+)
+from robustvit.lipschitz import lipschitz_report
+
+__all__ = ["ACCURACY_TOLERANCE", "main"]
+
+# `robustvit verify --split ...` fails when a re-certified accuracy is below the claimed one by more than this
+# (a fraction: 0.01 is one percentage point). Same weights, images and code reproduce the radii up to float64
+# rounding; the slack absorbs images whose radius lies within rounding of an eps and image decoding or resizing
+# that differs between library versions. The comparison is made only on the certificate's own dataset, split
+# and sample count; other data is reported, not compared.
+ACCURACY_TOLERANCE = 0.01
+DIGITS = "digits"  # the embedded scikit-learn digits (robustvit.data), the default dataset
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    """``depth=1`` -> ``("depth", 1)``: values are JSON when they parse as JSON, strings otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _eps(text: str) -> float:
+    """``36/255`` or ``0.1412``."""
+    try:
+        value = float(Fraction(text))
+    except (ValueError, ZeroDivisionError) as err:
+        raise argparse.ArgumentTypeError(f"expected a radius like 36/255 or 0.14, got {text!r}") from err
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a radius must be >= 0, got {text!r}")
+    return value
+
+
+def _source_model(args: argparse.Namespace) -> nn.Module:
+    """The model to convert: a timm name (``timm.create_model``) or a transformers id / folder (safetensors only)."""
+    import timm
+
+    library = args.library
+    if library == "auto":
+        library = "timm" if timm.is_model(args.model) or args.model.startswith(("hf-hub:", "local-dir:")) else "hf"
+    geometry = {"img_size": args.img_size, "patch_size": args.patch_size, "num_classes": args.num_classes}
+    if library == "timm":
+        kwargs = {key: value for key, value in geometry.items() if value is not None}
+        return timm.create_model(args.model, pretrained=args.pretrained, **kwargs, **dict(args.model_kwargs))
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    names = {"img_size": "image_size", "patch_size": "patch_size", "num_classes": "num_labels"}
+    overrides = {names[key]: value for key, value in geometry.items() if value is not None}
+    overrides.update(dict(args.model_kwargs))
+    if not args.pretrained:
+        return AutoModelForImageClassification.from_config(AutoConfig.from_pretrained(args.model, **overrides))
+    # Changed geometry or classes re-initialise the affected weights (position embeddings, classifier).
+    return AutoModelForImageClassification.from_pretrained(
+        args.model, use_safetensors=True, ignore_mismatched_sizes=bool(overrides), **overrides
+    )
+
+
+def _convert(args: argparse.Namespace) -> int:
+    options = {
+        "mixer": args.mixer,
+        "activation": args.activation,
+        "shift_div": args.shift_div,
+        "residual_alpha": args.residual_alpha,
+        "mean": args.mean,
+        "std": args.std,
+    }
+    config = ConvertConfig(**{key: value for key, value in options.items() if value is not None})
+    model = convert(_source_model(args), config)
+    print(lipschitz_report(model))
+    if args.output is not None:
+        save_pretrained(model, args.output)
+        print(f"saved the uncertified model to {args.output}; next: robustvit certify {args.output} --output DIR")
+    return 0
+
+
+def _load_unverified(model: str, revision: str | None) -> nn.Module:
+    """Load a model that is about to be (re-)certified; the no-certificate warning would only be noise here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UncertifiedModelWarning)
+        return from_pretrained(model, revision, verify=False)
+
+
+def _dataset(model: nn.Module, dataset: str, split: str) -> ImageDataset:
+    """``split`` of ``dataset`` at the model's input size, checked against the model's number of classes."""
+    family = get_family(model)
+    spec = family.input_spec(model)
+    height, width = spec.image_size
+    if height != width:
+        raise ValueError(f"robustvit.data loads square images; this model takes {height}x{width}")
+    data = load_image_dataset(
+        None if dataset == DIGITS else dataset, split=split, image_size=height, channels=spec.channels
+    )
+    num_classes = family.head_weight(model)[0].shape[0]
+    if data.num_classes != num_classes:
+        raise ValueError(f"{data.name} has {data.num_classes} classes but the model predicts {num_classes}")
+    return data
+
+
+def _first(data: ImageDataset, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images of ``data`` (all when None): the same images every time."""
+    count = len(data) if count is None else min(count, len(data))
+    items = [data[i] for i in range(count)]
+    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
+
+
+def _certify(args: argparse.Namespace) -> int:
+    model = _load_unverified(args.model, args.revision)
+    data = _dataset(model, args.dataset, args.split)
+    images, labels = _first(data, args.max_images)
+    result = certify(model, images, labels, batch_size=args.batch_size, progress=True)
+    certificate = result.to_certificate(
+        model, dataset=data.name, split=data.split, eps=args.eps, pgd_steps=args.pgd_steps
+    )
+    output = Path(args.output)
+    curve = result.plot(output / CURVE_NAME, title=f"{args.model} on {data.name} ({data.split})")
+    save_pretrained(model, output, certificate, curve=curve, license=args.license)
+    print(f"end-to-end l2 Lipschitz bound: {certificate.lipschitz:.6g}")
+    print(certificate.accuracy_table())
+    print(f"wrote the certified model, certificate.json and {CURVE_NAME} to {output}")
+    return 0
+
+
+def _compare(certificate: Certificate, result: CertifyResult, *, same_data: bool, tolerance: float) -> list[str]:
+    """Print claimed against re-certified accuracies; return the claims that fail (only for the same data)."""
+    rows = [("clean", certificate.clean_accuracy, result.clean_accuracy)]
+    rows += [(eps_label(r.eps), r.certified_accuracy, result.certified_accuracy(r.eps)) for r in certificate.results]
+    print("| accuracy | claimed | re-certified |\n|---|---|---|")
+    failures = []
+    for name, claimed, actual in rows:
+        print(f"| {name} | {claimed:.2%} | {actual:.2%} |")
+        if same_data and actual < claimed - tolerance:
+            failures.append(f"{name}: claimed {claimed:.2%}, re-certified {actual:.2%}")
+    return failures
+
+
+def _verify(args: argparse.Namespace) -> int:
+    try:
+        model = from_pretrained(args.model, args.revision)
+    except CertificateError as err:
+        print(f"FAILED: {args.model}: {err}", file=sys.stderr)
+        return 1
+    certificate = model.certificate
+    print(
+        f"OK: {args.model}: certificate verified (weights sha256 {certificate.weights_sha256}, "
+        f"l2 Lipschitz bound {certificate.lipschitz:.6g})"
+    )
+    print(certificate.accuracy_table())
+    if args.dataset is None and args.split is None:
+        return 0
+
+    dataset = args.dataset or certificate.dataset
+    data = _dataset(model, dataset, args.split or certificate.split)
+    images, labels = _first(data, args.max_images or certificate.num_samples)
+    result = certify(model, images, labels, batch_size=args.batch_size)
+    claimed_data = (certificate.dataset, certificate.split, certificate.num_samples)
+    same_data = (data.name, data.split, len(labels)) == claimed_data
+    print(f"\nre-certified on {len(labels)} images of {data.name} ({data.split}):")
+    failures = _compare(certificate, result, same_data=same_data, tolerance=args.tolerance)
+    if not same_data:
+        print(
+            f"note: the certificate was computed on {certificate.num_samples} images of {certificate.dataset} "
+            f"({certificate.split}); accuracies on other data are shown, not compared"
+        )
+    if failures:
+        print(
+            f"FAILED: {args.model}: re-certified accuracy below the claim by more than {args.tolerance:.2%}: "
+            + "; ".join(failures),
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    model = from_pretrained(args.directory, verify=not args.uncertified)
+    curve = Path(args.directory) / CURVE_NAME
+    url = push_to_hub(
+        model,
+        args.repo_id,
+        model.certificate,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+        curve=curve if model.certificate is not None and curve.is_file() else None,
+        license=args.license,
+    )
+    print(url)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="robustvit", description="Convert, certify, verify and publish Lipschitz-certified vision transformers."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("convert", help="convert a timm / transformers ViT into a Lipschitz-bounded model")
+    p.add_argument("model", help="timm model name, or transformers Hub id / local folder")
+    p.add_argument("--library", choices=("auto", "timm", "hf"), default="auto", help="default: timm for timm names")
+    p.add_argument(
+        "--pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="load the source's pretrained weights (--no-pretrained: random init, for tests and from-scratch runs)",
+    )
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--patch-size", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument(
+        "--model-kwargs",
+        nargs="+",
+        type=_key_value,
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra constructor / config arguments, e.g. depth=6 embed_dim=192 (values parsed as JSON)",
+    )
+    p.add_argument("--mixer", choices=("shift", "l2"))
+    p.add_argument("--activation", choices=("gelu", "minmax"))
+    p.add_argument("--shift-div", type=int)
+    p.add_argument("--residual-alpha", type=float)
+    p.add_argument("--mean", type=float, nargs="+", help="input normalization mean (default: the source's)")
+    p.add_argument("--std", type=float, nargs="+", help="input normalization std (default: the source's)")
+    p.add_argument("--output", help="save the converted model here (robustvit.save_pretrained, no certificate)")
+    p.set_defaults(run=_convert)
+
+    def add_data(p: argparse.ArgumentParser, *, dataset_default: str | None, split_default: str | None) -> None:
+        p.add_argument(
+            "--dataset",
+            default=dataset_default,
+            help=f"'{DIGITS}' (embedded, offline), an imagefolder directory or a Hugging Face datasets id",
+        )
+        split_help = f"default: {split_default}" if split_default else "default: the certificate's split"
+        p.add_argument("--split", default=split_default, help=split_help)
+        p.add_argument(
+            "--max-images", type=int, help="certify the first N images (default: all; verify: the certificate's N)"
+        )
+        p.add_argument("--batch-size", type=int, default=256)
+
+    p = commands.add_parser("certify", help="certify a saved model on a dataset; write a certified model folder")
+    p.add_argument("model", help="a folder written by robustvit (convert --output) or a Hub repository")
+    p.add_argument("--revision")
+    add_data(p, dataset_default=DIGITS, split_default="test")
+    p.add_argument(
+        "--eps",
+        type=_eps,
+        nargs="+",
+        default=list(DEFAULT_EPS),
+        help="l2 radii to report (default 36/255 72/255 108/255)",
+    )
+    p.add_argument("--pgd-steps", type=int, default=50, help="steps of the empirical PGD column")
+    p.add_argument("--license", default=DEFAULT_LICENSE, help="model card license")
+    p.add_argument("--output", required=True, help="folder for the certified model, certificate.json and the curve")
+    p.set_defaults(run=_certify)
+
+    p = commands.add_parser("verify", help="verify a model's certificate; with --dataset/--split also re-certify")
+    p.add_argument("model", help="a certified robustvit folder or Hub repository")
+    p.add_argument("--revision")
+    add_data(p, dataset_default=None, split_default=None)
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=ACCURACY_TOLERANCE,
+        help="allowed shortfall of a re-certified accuracy (fraction; default one percentage point)",
+    )
+    p.set_defaults(run=_verify)
+
+    p = commands.add_parser("push", help="verify a saved model folder and upload it to the Hub in one commit")
+    p.add_argument("directory")
+    p.add_argument("--repo-id", required=True)
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--token")
+    p.add_argument("--license", default=DEFAULT_LICENSE)
+    p.add_argument("--commit-message", default="Upload certified robustvit model")
+    p.add_argument("--uncertified", action="store_true", help="push without verifying and without a certificate")
+    p.set_defaults(run=_push)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``robustvit`` command line; returns the exit status.
+
+    Example:
+        >>> main(["verify", "out/certified"])  # doctest: +SKIP
+        0
+    """
+    args = _parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (CertificateError, UnsupportedModuleError, ValueError, OSError) as err:
+        print(f"robustvit {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

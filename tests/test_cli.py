@@ -1,0 +1,177 @@
+"""The ``robustvit`` command line and ``hub/publish.py``, run in-process on tiny models (offline)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import runpy
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+from transformers import ViTConfig, ViTForImageClassification
+
+import robustvit
+from robustvit import hub
+from robustvit.certify.certificate import Certificate, sha256_file
+from robustvit.cli import main
+
+PUBLISH = Path(__file__).resolve().parents[1] / "hub" / "publish.py"
+TINY_TIMM = [
+    "vit_tiny_patch16_224",
+    "--no-pretrained",
+    "--img-size", "32",
+    "--patch-size", "8",
+    "--num-classes", "10",  # the embedded digits have 10 classes
+    "--model-kwargs", "depth=1", "embed_dim=48", "num_heads=3",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def certified_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``robustvit convert`` then ``robustvit certify`` on 24 digits: a certified model folder."""
+    root = tmp_path_factory.mktemp("cli")
+    assert main(["convert", *TINY_TIMM, "--mixer", "l2", "--activation", "minmax", "--output", str(root / "conv")]) == 0
+    args = ["certify", str(root / "conv"), "--max-images", "24", "--pgd-steps", "2", "--output", str(root / "cert")]
+    assert main(args) == 0
+    return root / "cert"
+
+
+def _forge(folder: Path, **changes) -> None:
+    """Edit certificate.json and rewrite the weights header and weights_sha256 consistently."""
+    certificate = dataclasses.replace(Certificate.load(folder / "certificate.json"), **changes)
+    weights = folder / "model.safetensors"
+    safetensors.torch.save_file(
+        safetensors.torch.load_file(weights),
+        weights,
+        metadata={"format": "pt", hub.DIGEST_KEY: hub.claim_digest(certificate)},
+    )
+    dataclasses.replace(certificate, weights_sha256=sha256_file(weights)).save(folder / "certificate.json")
+
+
+def test_convert_saves_an_uncertified_model_and_prints_the_report(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["convert", *TINY_TIMM, "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "end-to-end l2 Lipschitz bound" in out
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"model.safetensors", "config.json", "README.md"}
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["convert_config"]["mixer"] == "shift"
+    assert config["source"]["kwargs"]["depth"] == 1
+    assert config["num_classes"] == 10
+
+
+def test_convert_a_transformers_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        intermediate_size=96,
+        num_labels=5,
+    )
+    ViTForImageClassification(config).save_pretrained(tmp_path / "vit")
+    assert main(["convert", str(tmp_path / "vit"), "--mixer", "l2", "--output", str(tmp_path / "out")]) == 0
+    assert "end-to-end l2 Lipschitz bound" in capsys.readouterr().out
+    with pytest.warns(hub.UncertifiedModelWarning):
+        model = robustvit.from_pretrained(tmp_path / "out", verify=False)
+    assert type(model) is ViTForImageClassification
+    assert model.robustvit_config.mixer == "l2"
+
+
+def test_convert_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["convert", *TINY_TIMM, "--mean", "0.5", "--std", "0.5", "0.5"]) == 1
+    assert "mean and std" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", *TINY_TIMM, "--model-kwargs", "depth"])
+    assert exit_info.value.code == 2
+
+
+def test_certify_writes_a_certified_folder_and_verify_accepts_it(
+    certified_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    names = {p.name for p in certified_dir.iterdir()}
+    assert names == {"model.safetensors", "config.json", "certificate.json", "README.md", "certified_accuracy.png"}
+    certificate = Certificate.load(certified_dir / "certificate.json")
+    assert (certificate.dataset, certificate.split, certificate.num_samples) == ("digits", "test", 24)
+    assert certificate.convert_config["activation"] == "minmax"
+
+    assert main(["verify", str(certified_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"OK: {certified_dir}")
+    assert certificate.accuracy_table() in out
+
+
+def test_verify_recertifies_on_the_certificates_data(certified_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["verify", str(certified_dir), "--split", "test"]) == 0
+    out = capsys.readouterr().out
+    assert "re-certified on 24 images of digits (test)" in out
+    assert "not compared" not in out
+
+
+def test_verify_fails_on_tampered_weights(certified_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    folder = Path(shutil.copytree(certified_dir, tmp_path / "tampered"))
+    weights = folder / "model.safetensors"
+    with safe_open(weights, framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = safetensors.torch.load_file(weights)
+    tensors["head.bias"][0] += 0.5
+    safetensors.torch.save_file(tensors, weights, metadata=metadata)
+    assert main(["verify", str(folder)]) == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+def test_verify_fails_when_recertification_falls_short_of_the_claims(
+    certified_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = Path(shutil.copytree(certified_dir, tmp_path / "overclaimed"))
+    certificate = Certificate.load(folder / "certificate.json")
+    inflated = [dataclasses.replace(r, certified_accuracy=0.9) for r in certificate.results]
+    _forge(folder, clean_accuracy=0.95, results=inflated)  # passes every integrity check
+    assert main(["verify", str(folder)]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(folder), "--dataset", "digits", "--split", "test"]) == 1
+    assert "re-certified accuracy below the claim" in capsys.readouterr().err
+    # On other data the accuracies are only reported.
+    assert main(["verify", str(folder), "--split", "test", "--max-images", "8"]) == 0
+    assert "not compared" in capsys.readouterr().out
+
+
+def test_publish_dry_run_writes_a_verified_repository(
+    certified_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe_output = tmp_path / "run"
+    shutil.copytree(certified_dir, recipe_output / "model")
+    (recipe_output / "train.log").write_text("not published\n")
+    publish = runpy.run_path(str(PUBLISH))["main"]
+
+    repo = tmp_path / "repo"
+    args = [str(recipe_output), "--repo-id", "org/digits-vit", "--dry-run", str(repo), "--license", "mit"]
+    assert publish(args) == 0
+    assert {p.name for p in repo.iterdir()} == {p.name for p in certified_dir.iterdir()}
+    assert (repo / "model.safetensors").read_bytes() == (certified_dir / "model.safetensors").read_bytes()
+    card = ModelCard.load(repo / "README.md")
+    assert card.data.license == "mit"
+    assert 'robustvit.from_pretrained("org/digits-vit")' in card.text
+    assert robustvit.from_pretrained(repo).certificate == Certificate.load(certified_dir / "certificate.json")
+
+    uncertified = tmp_path / "uncertified"
+    shutil.copytree(certified_dir, uncertified)
+    (uncertified / "certificate.json").unlink()
+    assert publish([str(uncertified), "--repo-id", "org/x", "--dry-run", str(tmp_path / "never")]) == 1
+    assert "no certificate.json" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+def test_push_refuses_a_folder_that_does_not_verify(
+    certified_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    folder = Path(shutil.copytree(certified_dir, tmp_path / "edited"))
+    _forge(folder, lipschitz=Certificate.load(folder / "certificate.json").lipschitz / 2)
+    assert main(["push", str(folder), "--repo-id", "org/x"]) == 1  # fails before any network access
+    assert "lipschitz: the certificate claims" in capsys.readouterr().err
