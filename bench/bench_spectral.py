@@ -88,7 +88,10 @@ def bench_rescale_training(repeats: int) -> dict:
             torch.nn.functional.cross_entropy(model(x), y).backward()
             times[key].append(time.perf_counter() - start)
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    return {**{f"{k}_s": v for k, v in med.items()}, "ratio": med["converted (rescaled)"] / med["exported (plain weights)"]}
+    return {
+        **{f"{k}_s": v for k, v in med.items()},
+        "ratio": med["converted (rescaled)"] / med["exported (plain weights)"],
+    }
 
 
 def main() -> None:
@@ -104,10 +107,14 @@ def main() -> None:
     print("| model | method | time (s) | speed vs SVD | rel. error min .. max |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} ({r['matrices']} matrices) | {r['method']} | {r['median_s']:.3f} | "
-              f"{r['speedup_vs_svd']:.2f}x | {r['min_rel_error']:.1e} .. {r['max_rel_error']:.1e} |")
-    print(f"\nTrain step, ViT-S width (depth 4, 64px, batch 32): rescaled {training['converted (rescaled)_s']:.3f}s vs "
-          f"plain {training['exported (plain weights)_s']:.3f}s -> {training['ratio']:.2f}x")
+        print(
+            f"| {r['model']} ({r['matrices']} matrices) | {r['method']} | {r['median_s']:.3f} | "
+            f"{r['speedup_vs_svd']:.2f}x | {r['min_rel_error']:.1e} .. {r['max_rel_error']:.1e} |"
+        )
+    print(
+        f"\nTrain step, ViT-S width (depth 4, 64px, batch 32): rescaled {training['converted (rescaled)_s']:.3f}s vs "
+        f"plain {training['exported (plain weights)_s']:.3f}s -> {training['ratio']:.2f}x"
+    )
     out = Path(__file__).parent / "results" / "spectral.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"bounds": rows, "rescale_training": training}, indent=2))

@@ -23,14 +23,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from robustvit.certify import CertifyResult, certify
 from robustvit.certify.certificate import DEFAULT_EPS, Certificate
 from robustvit.certify.plot import eps_label
 from robustvit.convert import ConvertConfig, convert
-from robustvit.data import ImageDataset, load_image_dataset
+from robustvit.data import ImageDataset, load_image_dataset, stack_examples
 from robustvit.errors import CertificateError, UnsupportedModuleError
 from robustvit.families import get_family
 from robustvit.hub import (
@@ -141,17 +140,10 @@ def _dataset(model: nn.Module, dataset: str, split: str) -> ImageDataset:
     return data
 
 
-def _first(data: ImageDataset, count: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``count`` images of ``data`` (all when None): the same images every time."""
-    count = len(data) if count is None else min(count, len(data))
-    items = [data[i] for i in range(count)]
-    return torch.stack([image for image, _ in items]), torch.tensor([label for _, label in items])
-
-
 def _certify(args: argparse.Namespace) -> int:
     model = _load_unverified(args.model, args.revision)
     data = _dataset(model, args.dataset, args.split)
-    images, labels = _first(data, args.max_images)
+    images, labels = stack_examples(data, args.max_images)
     result = certify(model, images, labels, batch_size=args.batch_size, progress=True)
     certificate = result.to_certificate(
         model, dataset=data.name, split=data.split, eps=args.eps, pgd_steps=args.pgd_steps
@@ -159,6 +151,18 @@ def _certify(args: argparse.Namespace) -> int:
     output = Path(args.output)
     curve = result.plot(output / CURVE_NAME, title=f"{args.model} on {data.name} ({data.split})")
     save_pretrained(model, output, certificate, curve=curve, license=args.license)
+    metrics = {
+        "model": args.model,
+        "dataset": data.name,
+        "split": data.split,
+        "num_samples": certificate.num_samples,
+        "clean_accuracy": certificate.clean_accuracy,
+        "certified_accuracy": {r.label: r.certified_accuracy for r in certificate.results},
+        "pgd_accuracy": {r.label: r.pgd_accuracy for r in certificate.results},
+        "lipschitz": certificate.lipschitz,
+        "features_lipschitz": certificate.features_lipschitz,
+    }
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"end-to-end l2 Lipschitz bound: {certificate.lipschitz:.6g}")
     print(certificate.accuracy_table())
     print(f"wrote the certified model, certificate.json and {CURVE_NAME} to {output}")
@@ -195,7 +199,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     dataset = args.dataset or certificate.dataset
     data = _dataset(model, dataset, args.split or certificate.split)
-    images, labels = _first(data, args.max_images or certificate.num_samples)
+    images, labels = stack_examples(data, args.max_images or certificate.num_samples)
     result = certify(model, images, labels, batch_size=args.batch_size)
     claimed_data = (certificate.dataset, certificate.split, certificate.num_samples)
     same_data = (data.name, data.split, len(labels)) == claimed_data

@@ -32,7 +32,16 @@ from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import BlockParts, ViTParts, get_family
-from robustvit.layers import CenterNorm, L2Attention, LipBlock, LipResidual, MinMax, NormalizedConv2d, TokenShift
+from robustvit.layers import (
+    CenterNorm,
+    L2Attention,
+    LipBlock,
+    LipResidual,
+    MinMax,
+    NormalizedConv2d,
+    PrefixPool,
+    TokenShift,
+)
 from robustvit.lipschitz.rescale import spectral_rescale
 
 __all__ = ["ConvertConfig", "convert", "export", "is_converted"]
@@ -96,9 +105,10 @@ def _center_norm(norm: nn.Module, input_std: float) -> CenterNorm:
     if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
         raise UnsupportedModuleError(f"expected a LayerNorm over the last dimension, got {norm!r}")
     dim = norm.normalized_shape[0]
-    center = CenterNorm(dim).to(device=norm.weight.device if norm.weight is not None else None)
+    ref = norm.weight if norm.weight is not None else torch.ones(dim)
+    center = CenterNorm(dim).to(device=ref.device, dtype=ref.dtype)
     with torch.no_grad():
-        gamma = norm.weight.detach().float() if norm.weight is not None else torch.ones(dim)
+        gamma = norm.weight.detach() if norm.weight is not None else torch.ones(dim)
         # CenterNorm multiplies by D/(D-1); LayerNorm divides by the token std.
         center.weight.copy_(gamma * (dim - 1) / dim / input_std)
         if norm.bias is not None:
@@ -120,7 +130,7 @@ def _shift_mixer(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm
 
 def _l2_mixer(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
     tokens = parts.num_prefix_tokens + parts.grid_size[0] * parts.grid_size[1]
-    attn = L2Attention(parts.embed_dim, block.num_heads, tokens).to(block.out.weight.device)
+    attn = L2Attention(parts.embed_dim, block.num_heads, tokens).to(block.out.weight.device, block.out.weight.dtype)
     _copy_linear(block.q[0], None, attn.q_proj)  # W_K = W_Q: keys reuse the query projection
     _copy_linear(*block.v, attn.v_proj)
     _copy_linear(
@@ -142,7 +152,7 @@ def _build_block(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm
         setattr(block.mlp, block.mlp_activation, make_activation())
     branch = nn.Sequential(OrderedDict(norm=norm(block.norm2), mlp=block.mlp, drop=block.drop2))
     alpha = config.residual_alpha * (block.ls2 if block.ls2 is not None else 1.0)
-    return LipBlock(mixer, LipResidual(branch, parts.embed_dim, alpha))
+    return LipBlock(mixer, LipResidual(branch, parts.embed_dim, alpha)).to(parts.patch_conv.weight.dtype)
 
 
 @torch.no_grad()
@@ -179,11 +189,11 @@ def _rescale(module: nn.Module) -> Tensor:
 def _rescale_and_absorb(
     conv: nn.Conv2d,
     norms: dict[str, CenterNorm],
-    blocks: list[LipBlock],
+    blocks: list[nn.Module],
     heads: list[nn.Linear],
     embed_params: list[nn.Parameter],
 ) -> None:
-    residuals = [r for b in blocks for r in (b.mixer, b.mlp) if isinstance(r, LipResidual)]
+    residuals = [r for b in blocks if isinstance(b, LipBlock) for r in (b.mixer, b.mlp) if isinstance(r, LipResidual)]
     for residual in residuals:
         norm, core = residual.fn.norm, residual.fn[1]
         if isinstance(core, L2Attention):
@@ -203,7 +213,9 @@ def _rescale_and_absorb(
             residual.alpha.mul_(s_2)
     s_head = _rescale(heads[0])
     for head in heads[1:]:
-        _rescale(head)  # a distillation head shares the norm: only the class head's scale can move there
+        # A distillation head reads the same norm, now scaled by s_head: undo it in its (plain) weight. It stays
+        # unparametrized; the engine bounds the pair of heads exactly anyway.
+        head.weight /= s_head
     head_reader = norms.get("head_norm") or norms.get("final_norm")
     if head_reader is not None:
         head_reader.weight.mul_(s_head)
@@ -292,7 +304,10 @@ def convert(
     def norm(layer_norm: nn.Module) -> CenterNorm:
         return _center_norm(layer_norm, stats.get(id(layer_norm), 1.0))
 
-    blocks = [_build_block(block, parts, config, norm) for block in parts.blocks]
+    blocks: list[nn.Module] = [_build_block(block, parts, config, norm) for block in parts.blocks]
+    if config.mixer == "shift" and parts.head_reads_prefix:
+        # The shift never moves patch information into prefix tokens: let the head read pooled patches instead.
+        blocks.append(PrefixPool(parts.num_prefix_tokens, parts.grid_size[0] * parts.grid_size[1]))
     norms = {
         key: norm(getattr(parts, key))
         for key in ("patch_norm", "pre_norm", "final_norm", "head_norm")

@@ -320,3 +320,20 @@ def _pil_to_tensor(image: Image.Image, image_size: int, channels: int) -> torch.
     array = np.asarray(image, dtype=np.float32) / 255.0
     # "L" images come back (H, W) and "RGB" ones (H, W, C); both end up (C, H, W).
     return torch.from_numpy(array.reshape(image_size, image_size, channels)).permute(2, 0, 1).contiguous()
+
+
+def stack_examples(dataset: Dataset, count: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` (all when ``None``) examples of ``dataset`` as ``(images, labels)`` tensors.
+
+    Always the same images, so certificates computed on them can be re-checked.
+
+    Example:
+        >>> images, labels = stack_examples(load_image_dataset(split="test"), 100)
+        >>> images.shape, labels.shape
+        (torch.Size([100, 3, 32, 32]), torch.Size([100]))
+    """
+    count = len(dataset) if count is None else min(count, len(dataset))
+    if count < 1:
+        raise ValueError("the dataset is empty")
+    items = [dataset[i] for i in range(count)]
+    return torch.stack([image for image, _ in items]), torch.tensor([int(label) for _, label in items])

@@ -114,10 +114,16 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, *, tempera
     Used to recover from the source model what the conversion lost (the shift mixer discards attention).
     """
     t = temperature
-    return F.kl_div(
-        F.log_softmax(student_logits / t, dim=-1), F.log_softmax(teacher_logits.detach() / t, dim=-1),
-        log_target=True, reduction="batchmean",
-    ) * t * t
+    return (
+        F.kl_div(
+            F.log_softmax(student_logits / t, dim=-1),
+            F.log_softmax(teacher_logits.detach() / t, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * t
+        * t
+    )
 
 
 @dataclass

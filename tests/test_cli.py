@@ -96,7 +96,14 @@ def test_certify_writes_a_certified_folder_and_verify_accepts_it(
     certified_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
     names = {p.name for p in certified_dir.iterdir()}
-    assert names == {"model.safetensors", "config.json", "certificate.json", "README.md", "certified_accuracy.png"}
+    assert names == {
+        "model.safetensors",
+        "config.json",
+        "certificate.json",
+        "README.md",
+        "certified_accuracy.png",
+        "metrics.json",
+    }
     certificate = Certificate.load(certified_dir / "certificate.json")
     assert (certificate.dataset, certificate.split, certificate.num_samples) == ("digits", "test", 24)
     assert certificate.convert_config["activation"] == "minmax"
@@ -153,7 +160,7 @@ def test_publish_dry_run_writes_a_verified_repository(
     repo = tmp_path / "repo"
     args = [str(recipe_output), "--repo-id", "org/digits-vit", "--dry-run", str(repo), "--license", "mit"]
     assert publish(args) == 0
-    assert {p.name for p in repo.iterdir()} == {p.name for p in certified_dir.iterdir()}
+    assert {p.name for p in repo.iterdir()} == {p.name for p in certified_dir.iterdir()} - {"metrics.json"}
     assert (repo / "model.safetensors").read_bytes() == (certified_dir / "model.safetensors").read_bytes()
     card = ModelCard.load(repo / "README.md")
     assert card.data.license == "mit"

@@ -12,9 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn
+from robustvit.lipschitz.spectral import gram_spectral_norm
 
 __all__ = [
     "BlockParts",
@@ -71,6 +73,7 @@ class ViTParts:
     heads: list[nn.Linear]
     grid_size: tuple[int, int]
     num_prefix_tokens: int
+    head_reads_prefix: bool  # the head reads prefix tokens (class / distillation) rather than pooled patches
     embed_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,9 +132,14 @@ class Family(ABC):
 
     def model_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         """End-to-end bound: features bound times the exact spectral bound of the head's linear map."""
-        from robustvit.lipschitz.spectral import gram_spectral_norm
-
+        for name, head in self.heads(model):
+            if parametrize.type_before_parametrizations(head) is not nn.Linear:
+                raise UnsupportedModuleError(f"head '{name}' is a {type(head).__name__}, expected an nn.Linear")
         return self.features_bound(model, bound_of) * gram_spectral_norm(self.head_weight(model)[0])
+
+    def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        """The head modules whose weights :meth:`head_weight` reads."""
+        return []
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -171,3 +179,21 @@ def get_family(model: nn.Module) -> Family:
 
 def one(device: torch.device | None = None) -> Tensor:
     return torch.ones((), dtype=torch.float64, device=device)
+
+
+def blocks_bound(blocks: list[nn.Module], prefix: str, bound_of: BoundFn, tokens_read: int) -> Tensor:
+    """Bound of the blocks as the head sees them.
+
+    When the last block is a :class:`~robustvit.layers.PrefixPool` and the head reads ``tokens_read`` prefix
+    tokens through per-token layers only, those tokens are all the mean of the patch tokens: the map to them is
+    ``sqrt(tokens_read / num_patches)``-Lipschitz, tighter than the pool's bound on the whole tensor.
+    """
+    from robustvit.layers import PrefixPool
+
+    bound = one()
+    pooled = bool(blocks) and isinstance(blocks[-1], PrefixPool) and tokens_read > 0
+    for i, block in enumerate(blocks[:-1] if pooled else blocks):
+        bound = bound * bound_of(f"{prefix}.{i}", block)
+    if pooled:
+        bound = bound * (tokens_read / blocks[-1].num_patches) ** 0.5
+    return bound

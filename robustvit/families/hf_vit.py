@@ -32,7 +32,7 @@ from transformers.models.vit.modeling_vit import (
 )
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.families.base import BlockParts, Family, InputSpec, ViTParts, one, register_family
+from robustvit.families.base import BlockParts, Family, InputSpec, ViTParts, blocks_bound, one, register_family
 from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, register_bound
 
 # The processors' defaults (ViTImageProcessor: "standard" 0.5; DeiTImageProcessor: ImageNet statistics).
@@ -108,6 +108,7 @@ class HFViT(Family):
             heads=[model.classifier],
             grid_size=grid,
             num_prefix_tokens=len(prefix),
+            head_reads_prefix=True,  # the classifiers read token 0
         )
 
     def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
@@ -125,9 +126,11 @@ class HFViT(Family):
     def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         backbone = self._backbone(model)
         bound = bound_of("embeddings", backbone.embeddings)
-        for i, layer in enumerate(backbone.layers):
-            bound = bound * bound_of(f"layers.{i}", layer)
-        return bound * bound_of("layernorm", backbone.layernorm)  # then token 0 is selected: 1
+        bound = bound * blocks_bound(list(backbone.layers), "layers", bound_of, tokens_read=1)
+        return bound * bound_of("layernorm", backbone.layernorm)  # per token; then token 0 is selected: 1
+
+    def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [("classifier", model.classifier)]
 
     def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         return model.classifier.weight, model.classifier.bias

@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.families.base import BlockParts, Family, InputSpec, ViTParts, one, register_family
+from robustvit.families.base import BlockParts, Family, InputSpec, ViTParts, blocks_bound, one, register_family
 from robustvit.lipschitz.engine import BoundFn, register_bound
 
 
@@ -100,7 +100,15 @@ class TimmViT(Family):
             heads=[model.head, model.head_dist] if isinstance(model, VisionTransformerDistilled) else [model.head],
             grid_size=tuple(model.patch_embed.grid_size),
             num_prefix_tokens=model.num_prefix_tokens,
+            head_reads_prefix=self._tokens_read(model) > 0,
         )
+
+    @staticmethod
+    def _tokens_read(model: nn.Module) -> int:
+        """How many prefix tokens the head reads: the distilled pair, the class token, or none (avg pooling)."""
+        if isinstance(model, VisionTransformerDistilled):
+            return 2
+        return 1 if model.global_pool == "token" else 0
 
     def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
         model.blocks = nn.Sequential(*blocks)
@@ -123,12 +131,20 @@ class TimmViT(Family):
     def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         self._check(model, source=False)
         bound = one(model.pos_embed.device if model.pos_embed is not None else None)
-        for name in ("patch_embed", "pos_drop", "patch_drop", "norm_pre", "blocks", "norm", "fc_norm", "head_drop"):
+        for name in ("patch_embed", "pos_drop", "patch_drop", "norm_pre"):
+            bound = bound * bound_of(name, getattr(model, name))
+        bound = bound * blocks_bound(list(model.blocks), "blocks", bound_of, self._tokens_read(model))
+        for name in ("norm", "fc_norm", "head_drop"):  # per-token layers
             bound = bound * bound_of(name, getattr(model, name))
         if model.global_pool == "avg":  # the mean of n tokens is 1/sqrt(n)-Lipschitz
             pooled = model.patch_embed.num_patches + (model.num_prefix_tokens if model.pool_include_prefix else 0)
             bound = bound / math.sqrt(pooled)
         return bound  # token pooling (and the distilled pair of tokens) is a coordinate selection: 1
+
+    def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        if isinstance(model, VisionTransformerDistilled):
+            return [("head", model.head), ("head_dist", model.head_dist)]
+        return [("head", model.head)]
 
     def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         if isinstance(model, VisionTransformerDistilled):  # (head(x0) + head_dist(x1)) / 2 on the pair (x0, x1)

@@ -5,7 +5,17 @@ from robustvit.layers.center_norm import CenterNorm
 from robustvit.layers.l2_attention import L2Attention
 from robustvit.layers.minmax import MinMax
 from robustvit.layers.normalized_conv import NormalizedConv2d
+from robustvit.layers.prefix_pool import PrefixPool
 from robustvit.layers.residual import LipResidual
 from robustvit.layers.token_shift import TokenShift
 
-__all__ = ["CenterNorm", "L2Attention", "LipBlock", "LipResidual", "MinMax", "NormalizedConv2d", "TokenShift"]
+__all__ = [
+    "CenterNorm",
+    "L2Attention",
+    "LipBlock",
+    "LipResidual",
+    "MinMax",
+    "NormalizedConv2d",
+    "PrefixPool",
+    "TokenShift",
+]

@@ -21,11 +21,14 @@ class L2Attention(nn.Module):
         f^h(X) = P^h X W_h W_h^T / sqrt(d)
         F(X)   = concat_h(f^h(X) W_V^h) W_O
 
-    Dot-product attention is not Lipschitz; this is. Kim et al. (Thm 3.2) prove the l2 bound
-    ``sqrt(N / d) * (4 W0(N / e) + 1) * sqrt(sum_h ||W_Q^h||^2 ||W_V^h||^2) * ||W_O||`` for ``N`` tokens
-    (``W0`` the Lambert W function; the paper's ``phi^{-1}(N - 1) = W0((N - 1) / e)`` is rounded up to
-    ``W0(N / e)``). The prefactor grows like ``sqrt(N) log N``: about 10 at N = 65 and 24 at N = 197 (ViT-B/16), so
-    products over many blocks are large. The bound is for exactly ``num_tokens`` tokens, which forward checks.
+    Dot-product attention is not Lipschitz; this is. The bound is Kim et al.'s (Thm 3.2) for ``N`` tokens,
+    ``sqrt(N / d) * (4 W0(N / e) + 1) * sqrt(sum_h ||W_Q^h||^4 ||W_V^h||^2) * ||W_O||`` (``W0`` the Lambert W
+    function; ``phi^{-1}(N - 1) = W0((N - 1) / e)`` rounded up to ``W0(N / e)``), with the query norm entering
+    squared: head ``h`` with ``W_Q^h = c U`` computes ``f_c(X) = c f_1(c X)``, so its Lipschitz constant scales
+    exactly like ``c^2``. At unit query norms this is the published bound; the square extends it to every scale
+    (a form linear in ``||W_Q^h||`` is broken by large query weights, and the tests attack exactly that). The
+    prefactor grows like ``sqrt(N) log N``: about 10 at N = 65 and 24 at N = 197 (ViT-B/16), so products over many
+    blocks are large. The bound is for exactly ``num_tokens`` tokens, which forward checks.
 
     Example:
         >>> attn = L2Attention(dim=48, num_heads=3, num_tokens=17)
@@ -65,4 +68,4 @@ class L2Attention(nn.Module):
         q_norms = gram_spectral_norm(self.q_proj.weight.view(heads, d, dim))
         v_norms = gram_spectral_norm(self.v_proj.weight.view(heads, d, dim))
         o_norm = gram_spectral_norm(self.o_proj.weight)
-        return prefactor * torch.sqrt((q_norms**2 * v_norms**2).sum()) * o_norm
+        return prefactor * torch.sqrt((q_norms**4 * v_norms**2).sum()) * o_norm

@@ -26,7 +26,7 @@ from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm
+from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm, gram_spectral_norm
 
 __all__ = [
     "BoundFn",
@@ -163,10 +163,17 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
     if "forward" in module.__dict__:
         raise UnsupportedModuleError(f"module {where} has an instance-level forward override the engine cannot see")
     own = getattr(module, "lipschitz_bound", None)
+    module_type = parametrize.type_before_parametrizations(module)
     if callable(own):
+        bound_owner = _defining_class(module_type, "lipschitz_bound")
+        forward_owner = _defining_class(module_type, "forward")
+        if bound_owner is not None and forward_owner is not None and not issubclass(bound_owner, forward_owner):
+            raise UnsupportedModuleError(
+                f"module {where} overrides forward ({forward_owner.__name__}) but inherits lipschitz_bound "
+                f"from {bound_owner.__name__}"
+            )
         takes_bound_of = len(inspect.signature(own).parameters) > 0
         return (lambda m, bound_of: own(bound_of)) if takes_bound_of else (lambda m, bound_of: own())
-    module_type = parametrize.type_before_parametrizations(module)
     if module_type is nn.Linear:
         return lambda m, bound_of: walker.linear_bounds[id(m)]
     rule = _RULES.get(module_type)
@@ -190,11 +197,37 @@ def _batched_linear_bounds(root: nn.Module) -> dict[int, Tensor]:
     """Gram bounds of every ``nn.Linear`` weight in ``root``, computed in one batch per weight shape."""
     with parametrize.cached():
         linears = [m for m in root.modules() if parametrize.type_before_parametrizations(m) is nn.Linear]
-        bounds = batched_spectral_norms([m.weight for m in linears])
+        weights = [m.weight for m in linears]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):  # bound_tensor: keep the graph
+            bounds = [gram_spectral_norm(w) for w in weights]
+        else:
+            bounds = batched_spectral_norms(weights)
     return {id(m): b for m, b in zip(linears, bounds, strict=True)}
 
 
+def _defining_class(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
+
+
+def _check_tree(root: nn.Module) -> None:
+    """Refuse hooks and instance-level method overrides anywhere in the tree, visited by a rule or not: a
+    family rule may read a submodule's weights (a head) or call methods (forward_head) without visiting them."""
+    for path, module in root.named_modules():
+        where = f"'{path or '<model>'}' ({_type_name(module)})"
+        hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+        if any(not getattr(h, "_robustvit_lipschitz_neutral", False) for h in hooks):
+            raise UnsupportedModuleError(
+                f"module {where} has forward hooks that may change its output; the bound engine cannot see them. "
+                "Remove them, or mark Lipschitz-neutral hooks with robustvit.lipschitz.mark_lipschitz_neutral."
+            )
+        cls = type(module)
+        for name, value in vars(module).items():
+            if callable(value) and inspect.isfunction(getattr(cls, name, None)):
+                raise UnsupportedModuleError(f"module {where} overrides method {name!r} on the instance")
+
+
 def _walk(module: nn.Module) -> tuple[Tensor, list[BoundEntry]]:
+    _check_tree(module)
     walker = _Walker(module)
     with parametrize.cached():
         total = walker.visit("", module, 0)

@@ -21,7 +21,11 @@ from torch import Tensor, nn
 __all__ = [
     "gram_spectral_norm",
     "verified_spectral_norm",
-    "batched_spectral_norms", "conv_spectral_norm", "conv_operator_bound", "is_patchify"]
+    "batched_spectral_norms",
+    "conv_spectral_norm",
+    "conv_operator_bound",
+    "is_patchify",
+]
 
 _UNIT_ROUNDOFF = 2.0**-53  # float64
 DEFAULT_MAX_ITER = 24
@@ -87,7 +91,8 @@ def gram_spectral_norm(weight: Tensor, n_iter: int = DEFAULT_MAX_ITER, *, rtol: 
     # Exact power-of-two prescale: max |entry| in [0.5, 1), so the first Frobenius norm cannot overflow.
     with torch.no_grad():
         _, exponent = torch.frexp(w.abs().amax(dim=(-2, -1)))
-    w = w * torch.exp2(-exponent.to(torch.float64))[:, None, None]
+    half = torch.div(-exponent, 2, rounding_mode="floor").to(torch.float64)
+    w = w * torch.exp2(half)[:, None, None] * torch.exp2(-exponent.to(torch.float64) - half)[:, None, None]
     log_scale = exponent.to(torch.float64) * math.log(2.0)
 
     zero = (w.abs().amax(dim=(-2, -1)) == 0).detach()

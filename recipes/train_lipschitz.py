@@ -1,0 +1,252 @@
+# Lipschitz-margin training of a converted vision transformer, then certification, with Accelerate.
+#
+# The source model is converted with robustvit.convert (token shift, CenterNorm, spectrally rescaled layers), then
+# trained with a Lipschitz-margin loss (EMMA by default) whose radius ramps up over training (EpsSchedule), with
+# optional distillation from the unconverted source. At the end the eval split is certified: certificate.json,
+# certified_accuracy.png, metrics.json, and a robustvit model folder ready for `python hub/publish.py`.
+#
+# With no arguments it runs offline on the embedded default: scikit-learn digits and the small timm ViT of
+# robustvit.training.DEFAULT_MODEL, first trained from scratch for --pretrain_epochs as the source.
+#
+#   python recipes/train_lipschitz.py                                      # default run, a few minutes on CPU
+#   python recipes/train_lipschitz.py --epochs 30 --resume                 # continue from the last checkpoint
+#   accelerate launch recipes/train_lipschitz.py --model vit_small_patch16_224 --dataset path/to/imagefolder \
+#       --image_size 224 --distill 1.0
+#   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 29512 \
+#       recipes/train_lipschitz.py                                         # 2 CPU processes (gloo)
+#
+# Writes to --output_dir: source.safetensors (the source model), checkpoints/epoch_<e>/ (save_state +
+# training_state.json), model/ (robustvit.save_pretrained: weights, config, certificate, card), certificate.json,
+# certified_accuracy.png and metrics.json.
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_model, save_model
+from torch.utils.data import DataLoader
+
+import robustvit
+from robustvit.data import load_image_dataset, stack_examples
+from robustvit.losses import LOSSES, EpsSchedule, distillation_loss, head_margins
+from robustvit.training import (
+    PixelModel,
+    cosine_schedule,
+    finish,
+    resume_from_checkpoint,
+    save_checkpoint,
+    train_epoch,
+)
+from robustvit.training import load_model as load_source_model
+
+SOURCE_WEIGHTS = "source.safetensors"
+DEFAULT_PRETRAIN_EPOCHS = 15  # for the embedded default model, which starts from random weights
+REPORT_EPS = (36 / 255, 72 / 255, 108 / 255)
+
+
+def cross_entropy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(images), labels)
+
+
+def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    accelerator = Accelerator(cpu=args.cpu)
+    set_seed(config["seed"])
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    size, channels = config["image_size"], config["channels"]
+    with accelerator.main_process_first():
+        train_set = load_image_dataset(args.dataset, split="train", image_size=size, channels=channels)
+        test_set = load_image_dataset(args.dataset, split="test", image_size=size, channels=channels)
+    source, description = load_source_model(
+        args.model, num_classes=train_set.num_classes, image_size=size, channels=channels
+    )
+    train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True)
+    steps_per_epoch = min(len(train_loader), args.max_train_batches or len(train_loader))
+
+    # 1. The source: pretrained weights, or (embedded default) a short plain training run; saved for resumes.
+    source_weights = output_dir / SOURCE_WEIGHTS
+    if args.resume:
+        load_model(source, str(source_weights))
+    elif config["pretrain_epochs"] > 0:
+        net = PixelModel(source)
+        optimizer = torch.optim.AdamW(net.parameters(), lr=config["pretrain_lr"], weight_decay=0.05)
+        schedule = cosine_schedule(optimizer, total_steps=config["pretrain_epochs"] * steps_per_epoch)
+        net, optimizer, schedule, loader = accelerator.prepare(net, optimizer, schedule, train_loader)
+        for epoch in range(config["pretrain_epochs"]):
+            stats = train_epoch(
+                accelerator,
+                net,
+                loader,
+                optimizer,
+                cross_entropy,
+                scheduler=schedule,
+                max_batches=args.max_train_batches,
+                description=f"source {epoch}",
+            )
+            accelerator.print(f"source epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f} s)")
+        source = accelerator.unwrap_model(net).model
+        accelerator.free_memory()
+    if accelerator.is_main_process and not args.resume:
+        save_model(source, str(source_weights), metadata={"format": "pt"})
+    accelerator.wait_for_everyone()
+
+    # 2. Convert, calibrating each CenterNorm on training images, and train for margin.
+    calibration = stack_examples(train_set, 64)[0]
+    model = robustvit.convert(
+        source, calibration_images=calibration, mixer=config["mixer"], activation=config["activation"]
+    )
+    teacher = PixelModel(source).eval().requires_grad_(False) if config["distill"] > 0 else None
+    loss_fn = LOSSES[config["loss"]]
+    schedule_eps = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
+    total_steps = max(1, config["epochs"] * steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+    schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=min(steps_per_epoch, total_steps))
+    model, optimizer, schedule, train_loader = accelerator.prepare(model, optimizer, schedule, train_loader)
+    if teacher is not None:
+        teacher = teacher.to(accelerator.device)
+    unwrapped = accelerator.unwrap_model(model)
+    progress = {"step": 0}
+
+    def margin_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        eps = schedule_eps(progress["step"] / total_steps)
+        progress["step"] += 1
+        logits = net(images)
+        loss = loss_fn(logits, labels, eps=eps, margins=head_margins(unwrapped))
+        if teacher is not None:
+            loss = loss + config["distill"] * distillation_loss(logits, teacher(images))
+        return loss
+
+    state: dict[str, Any] = {"history": []}
+    start_epoch = 0
+    if args.resume:
+        state = resume_from_checkpoint(accelerator, output_dir)
+        start_epoch = state["epoch"] + 1
+        progress["step"] = start_epoch * steps_per_epoch
+        accelerator.print(f"resumed from epoch {state['epoch']}; continuing at epoch {start_epoch}")
+    for epoch in range(start_epoch, config["epochs"]):
+        stats = train_epoch(
+            accelerator,
+            model,
+            train_loader,
+            optimizer,
+            margin_loss,
+            scheduler=schedule,
+            max_batches=args.max_train_batches,
+            description=f"epoch {epoch}",
+        )
+        stats["lipschitz"] = robustvit.lipschitz_bound(unwrapped)
+        state["history"].append({"epoch": epoch, **stats})
+        save_checkpoint(accelerator, output_dir, epoch, state)
+        accelerator.print(
+            f"epoch {epoch}: loss {stats['loss']:.4f}, Lipschitz bound {stats['lipschitz']:.3f} "
+            f"({stats['seconds']:.1f} s)"
+        )
+
+    # 3. Certify the eval split (main process: certificates are cheap; PGD checks them).
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        images, labels = stack_examples(test_set, args.max_eval_images)
+        unwrapped.eval()
+        result = robustvit.certify(unwrapped, images, labels, progress=True)
+        certificate = result.to_certificate(
+            unwrapped, dataset=test_set.name, split=test_set.split, eps=REPORT_EPS, pgd_steps=args.pgd_steps
+        )
+        curve = result.plot(output_dir / "certified_accuracy.png", title=f"{test_set.name} ({test_set.split})")
+        folder = robustvit.save_pretrained(unwrapped, output_dir / "model", certificate, curve=curve)
+        certificate = robustvit.Certificate.load(folder / "certificate.json")  # with the weights' sha256
+        certificate.save(output_dir / "certificate.json")
+        metrics = {
+            "config": config,
+            "model": description,
+            "num_processes": accelerator.num_processes,
+            "clean_accuracy": certificate.clean_accuracy,
+            "certified_accuracy": {r.label: r.certified_accuracy for r in certificate.results},
+            "pgd_accuracy": {r.label: r.pgd_accuracy for r in certificate.results},
+            "lipschitz": certificate.lipschitz,
+            "history": state["history"],
+            "run_seconds": time.perf_counter() - started,
+        }
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        accelerator.print(certificate.accuracy_table())
+        accelerator.print(f"end-to-end Lipschitz bound {certificate.lipschitz:.4g}; wrote {output_dir}")
+    finish(accelerator)
+    return metrics
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
+    parser = argparse.ArgumentParser(description="Lipschitz-margin training and certification of a converted ViT.")
+    hyper = parser.add_argument_group("hyper-parameters (saved in metrics.json as 'config')")
+    hyper.add_argument("--epochs", type=int, default=25)
+    hyper.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    hyper.add_argument("--weight_decay", type=float, default=0.0)
+    hyper.add_argument("--batch_size", type=int, default=64, help="per process")
+    hyper.add_argument("--loss", default="emma", choices=sorted(LOSSES))
+    hyper.add_argument("--eps", type=float, default=36 / 255, help="target l2 radius (pixels in [0, 1])")
+    hyper.add_argument("--eps_start", type=float, default=0.1, help="training radius at the start, times --eps")
+    hyper.add_argument("--eps_end", type=float, default=2.0, help="training radius after the ramp, times --eps")
+    hyper.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the source model")
+    hyper.add_argument("--mixer", default="shift", choices=("shift", "l2"))
+    hyper.add_argument("--activation", default="minmax", choices=("gelu", "minmax"))
+    hyper.add_argument(
+        "--pretrain_epochs",
+        type=int,
+        default=None,
+        help=f"plain training of the source (default {DEFAULT_PRETRAIN_EPOCHS} for the embedded model)",
+    )
+    hyper.add_argument("--pretrain_lr", type=float, default=2e-3)
+    hyper.add_argument("--image_size", type=int, default=32)
+    hyper.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    hyper.add_argument("--seed", type=int, default=0)
+    run = parser.add_argument_group("environment and evaluation")
+    run.add_argument("--model", default=None, help="timm name, transformers id or directory (default: embedded ViT)")
+    run.add_argument("--dataset", default=None, help="imagefolder directory or HF id (default: embedded digits)")
+    run.add_argument("--output_dir", default="outputs/train_lipschitz")
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    run.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
+    run.add_argument("--max_train_batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    run.add_argument("--max_eval_images", type=int, default=None, help="certify the first N test images")
+    run.add_argument("--pgd_steps", type=int, default=50, help="steps of the PGD column of the certificate")
+    args = parser.parse_args(argv)
+    if args.pretrain_epochs is None:
+        args.pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if args.model is None else 0
+    if args.epochs < 0 or args.pretrain_epochs < 0:
+        parser.error("--epochs and --pretrain_epochs must be >= 0")
+    names = (
+        "epochs",
+        "lr",
+        "weight_decay",
+        "batch_size",
+        "loss",
+        "eps",
+        "eps_start",
+        "eps_end",
+        "distill",
+        "mixer",
+        "activation",
+        "pretrain_epochs",
+        "pretrain_lr",
+        "image_size",
+        "channels",
+        "seed",
+    )
+    return {name: getattr(args, name) for name in names}, args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    config, args = parse_args(argv)
+    return training_function(config, args)
+
+
+if __name__ == "__main__":
+    main()

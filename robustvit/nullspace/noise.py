@@ -1,0 +1,90 @@
+"""A synthesized token-space noise with the statistics it was accepted with, and the same-norm control."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+__all__ = ["NullspaceNoise", "permuted"]
+
+_METADATA_KEY = "robustvit.nullspace_noise"
+
+
+@dataclass
+class NullspaceNoise:
+    """A universal token-space noise ``(1, N, D)`` and how close to the model's nullspace it is.
+
+    The statistics were measured on the last batch :func:`~robustvit.nullspace.synthesize_noise` looked at,
+    with this exact noise.
+
+    Attributes:
+        noise: ``(1, N, D)``, added to the patch tokens of every image (see :func:`~robustvit.nullspace.token_noise`).
+        l2_norm: l2 norm of ``noise``.
+        prob_mse: Mean over images of ``|softmax(noisy logits) - softmax(clean logits)|^2``.
+        top1_agreement: Fraction of images whose top-1 prediction the noise did not change.
+        steps: Optimisation steps taken.
+        reached_eps: Whether ``prob_mse < eps`` (the noise is inside the eps-approximate nullspace).
+        eps: The tolerance it was synthesized for.
+
+    Example:
+        >>> result.save("noise.safetensors")
+        >>> NullspaceNoise.load("noise.safetensors").l2_norm == result.l2_norm
+        True
+    """
+
+    noise: Tensor
+    l2_norm: float
+    prob_mse: float
+    top1_agreement: float
+    steps: int
+    reached_eps: bool
+    eps: float
+
+    def stats(self) -> dict[str, float | int | bool]:
+        """Everything but the tensor, JSON-ready."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "noise"}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the noise and its statistics (as JSON metadata) to a safetensors file."""
+        path = Path(path)
+        metadata = {"format": "pt", _METADATA_KEY: json.dumps(self.stats())}
+        save_file({"noise": self.noise.detach().cpu().contiguous()}, str(path), metadata=metadata)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> NullspaceNoise:
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            ValueError: The file is not a saved ``NullspaceNoise``.
+        """
+        # Read on the CPU, then move: safetensors rejects some torch device spellings (e.g. "cpu:0").
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if _METADATA_KEY not in metadata or "noise" not in f.keys():
+                raise ValueError(f"{path} is not a NullspaceNoise file (no 'noise' tensor with {_METADATA_KEY!r})")
+            return cls(noise=f.get_tensor("noise").to(device), **json.loads(metadata[_METADATA_KEY]))
+
+
+def permuted(noise: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The entries of ``noise`` in a random order: the same norm (and values), a random direction.
+
+    The paper's control: if the synthesized noise barely changes the outputs but its permutation does, the
+    model's input space is not isotropic and the noise found a genuine near-nullspace direction.
+
+    Example:
+        >>> control = permuted(result.noise, torch.Generator().manual_seed(0))
+        >>> torch.isclose(control.norm(), result.noise.norm())
+        tensor(True)
+    """
+    flat = noise.reshape(-1)
+    device = generator.device if generator is not None else flat.device
+    order = torch.randperm(flat.numel(), generator=generator, device=device)
+    return flat[order.to(flat.device)].view_as(noise)

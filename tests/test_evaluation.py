@@ -1,0 +1,161 @@
+"""evaluate_robustness on models whose answers are known, and the before/after table and chart."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import timm
+import torch
+from accelerate import Accelerator, debug_launcher
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from robustvit.data import TensorImageDataset
+from robustvit.evaluation import evaluate_robustness, format_comparison, plot_comparison, summary_rows
+from robustvit.training import PixelModel
+
+SIZE = 16
+FAST = {"eps_linf": (2 / 255,), "eps_l2": (0.5,), "corruptions": ["contrast", "jpeg"], "severities": (1, 5)}
+
+
+class ConstantClassifier(nn.Module):
+    """Always predicts class 0, whatever the image: attacks and corruptions cannot change anything."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        logits = torch.tensor([5.0, 0.0, 0.0], device=images.device).expand(images.shape[0], -1)
+        return logits + 0.0 * self.scale * images.mean()  # differentiable in the pixels, zero gradient
+
+
+def _dataset(count: int = 10) -> TensorImageDataset:
+    images = torch.rand(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 0, 1, 0, 2, 0, 1][:count])
+    return TensorImageDataset(images, labels, class_names=["a", "b", "c"], name="toy", split="test")
+
+
+def _vit() -> PixelModel:
+    torch.manual_seed(0)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=SIZE,
+        patch_size=8,
+        embed_dim=32,
+        depth=1,
+        num_heads=2,
+        num_classes=3,
+    )
+    return PixelModel(model)
+
+
+def test_constant_classifier_is_exactly_as_robust_as_it_is_accurate() -> None:
+    result = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, **FAST)
+    share_of_class_0 = 0.5
+    assert result["num_images"] == 10
+    assert result["clean_accuracy"] == pytest.approx(share_of_class_0)
+    assert set(result["adversarial"]) == {"fgsm_linf@2/255", "pgd_linf@2/255", "fgsm_l2@0.5", "pgd_l2@0.5"}
+    assert all(value == pytest.approx(share_of_class_0) for value in result["adversarial"].values())
+    assert result["corruptions"]["jpeg"] == pytest.approx({"1": 0.5, "5": 0.5, "mean": 0.5})
+    assert result["corruption_accuracy"] == pytest.approx(share_of_class_0)
+    assert "noise_agreement" not in result
+
+
+def test_vit_results_are_consistent_and_respect_max_images() -> None:
+    model = _vit()
+    model.train()
+    zero_noise = torch.zeros(1, 4, 32)
+    result = evaluate_robustness(model, _dataset(), noise=zero_noise, max_images=7, batch_size=3, pgd_steps=3, **FAST)
+    assert model.training  # modes restored
+    assert result["num_images"] == 7
+    assert result["noise_agreement"] == 1.0 and result["noise_accuracy"] == result["clean_accuracy"]
+    # Attacks only count images that were also correct clean.
+    assert all(value <= result["clean_accuracy"] for value in result["adversarial"].values())
+    # A DataLoader contributes its dataset and batch size; results are identical.
+    from_loader = evaluate_robustness(
+        model, DataLoader(_dataset(), batch_size=3), noise=zero_noise, max_images=7, pgd_steps=3, **FAST
+    )
+    assert {k: v for k, v in from_loader.items() if k != "seconds"} == {
+        k: v for k, v in result.items() if k != "seconds"
+    }
+
+
+def test_token_noise_lowers_agreement() -> None:
+    noise = 50 * torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0))
+    result = evaluate_robustness(_vit(), _dataset(), noise=noise, corruptions=[], eps_linf=(), eps_l2=())
+    assert result["noise_agreement"] < 1.0
+    assert result["adversarial"] == {} and result["corruptions"] == {} and "corruption_accuracy" not in result
+
+
+class _Unlabelled(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.rand(3, SIZE, SIZE)
+
+
+def test_bad_input_gives_clear_errors() -> None:
+    model = ConstantClassifier()
+    empty = TensorImageDataset(
+        torch.zeros(0, 3, SIZE, SIZE), torch.zeros(0, dtype=torch.long), class_names=["a"], name="empty", split="test"
+    )
+    with pytest.raises(ValueError, match="empty"):
+        evaluate_robustness(model, empty)
+    with pytest.raises(ValueError, match="Labelled data is needed"):
+        evaluate_robustness(model, _Unlabelled())
+    with pytest.raises(ValueError, match="unknown corruptions"):
+        evaluate_robustness(model, _dataset(), corruptions=["fog"])
+    with pytest.raises(ValueError, match="severities"):
+        evaluate_robustness(model, _dataset(), severities=(6,))
+    with pytest.raises(ValueError, match="radii"):
+        evaluate_robustness(model, _dataset(), eps_linf=(-1.0,))
+
+
+def _two_process_evaluation(expected: dict) -> None:
+    # One thread per forked worker, or two processes oversubscribe the CPU (Accelerate reads the variable).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    # 10 images over 2 processes in batches of 4: the last batch is padded, gather_for_metrics drops the padding.
+    result = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, accelerator=accelerator, **FAST)
+    assert accelerator.num_processes == 2
+    assert result["num_images"] == 10
+    assert result["clean_accuracy"] == pytest.approx(expected["clean_accuracy"])
+    assert result["corruption_accuracy"] == pytest.approx(expected["corruption_accuracy"])
+    accelerator.end_training()
+
+
+def test_results_are_gathered_across_processes() -> None:
+    expected = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, **FAST)
+    debug_launcher(_two_process_evaluation, args=(expected,), num_processes=2)
+
+
+def _result(clean: float, pgd: float) -> dict:
+    return {
+        "num_images": 100,
+        "clean_accuracy": clean,
+        "adversarial": {"pgd_linf@2/255": pgd},
+        "corruptions": {"contrast": {"1": 0.5, "mean": 0.5}},
+        "corruption_accuracy": 0.5,
+    }
+
+
+def test_comparison_table_and_chart(tmp_path) -> None:
+    before, after = _result(0.9, 0.4), _result(0.92, 0.5)
+    assert list(summary_rows(before)) == [
+        "clean accuracy",
+        "pgd linf@2/255",
+        "contrast (mean)",
+        "corruption accuracy (mean)",
+    ]
+    table = format_comparison(before, after)
+    assert "| clean accuracy | 90.00 | 92.00 | +2.00 |" in table
+    assert "| pgd linf@2/255 | 40.00 | 50.00 | +10.00 |" in table
+    after_with_noise = {**after, "noise_agreement": 0.97}
+    assert "| noise agreement | - | 97.00 | - |" in format_comparison(before, after_with_noise)
+    path = plot_comparison(before, after_with_noise, tmp_path / "sub" / "chart.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

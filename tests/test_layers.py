@@ -1,0 +1,472 @@
+"""Each layer's ``lipschitz_bound()`` against empirical lower bounds: gradient ascent on pairs of inputs
+(:func:`estimate_lipschitz_lower_bound`) and, on tiny inputs, the exact Jacobian norm at many points.
+
+All layers run in float64 here, so the empirical numbers carry no float32 rounding and can be compared with the
+bounds directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.optimize import minimize_scalar
+from scipy.stats import norm as normal
+from torch import nn
+from torch.func import functional_call, jacrev
+from torch.nn.utils import parametrize
+
+from robustvit.errors import UnsupportedModuleError
+from robustvit.layers import CenterNorm, L2Attention, LipResidual, MinMax, NormalizedConv2d, TokenShift
+from robustvit.lipschitz import GELU_LIPSCHITZ, lipschitz_bound, spectral_rescale
+from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
+from robustvit.lipschitz.spectral import conv_spectral_norm
+
+F64 = torch.float64
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def jacobian_norm(fn, x: torch.Tensor) -> float:
+    """Exact spectral norm of the Jacobian of ``fn`` (batch of one) at ``x`` (no batch dim)."""
+    jac = torch.autograd.functional.jacobian(lambda z: fn(z.unsqueeze(0)).squeeze(0), x)
+    out_numel = jac.numel() // x.numel()
+    return float(torch.linalg.matrix_norm(jac.reshape(out_numel, x.numel()).double(), ord=2))
+
+
+def check_bound(layer: nn.Module, inputs: torch.Tensor, *, steps: int = 150, jac_points: int = 4) -> float:
+    """Assert ``layer.lipschitz_bound()`` is a float64 scalar tensor >= every empirical lower bound; return it."""
+    bound_t = layer.lipschitz_bound()
+    assert isinstance(bound_t, torch.Tensor) and bound_t.dtype == F64 and bound_t.numel() == 1
+    bound = float(bound_t.detach())
+    estimate = estimate_lipschitz_lower_bound(layer, inputs, steps=steps, restarts=4, generator=gen(0))
+    assert estimate <= bound * (1 + 1e-9), f"{type(layer).__name__}: empirical {estimate} > bound {bound}"
+    for point in inputs[:jac_points]:
+        jac = jacobian_norm(layer, point)
+        assert jac <= bound * (1 + 1e-9), f"{type(layer).__name__}: Jacobian norm {jac} > bound {bound}"
+    return bound
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CenterNorm
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [2, 3, 16])
+def test_center_norm_bound(dim):
+    layer = CenterNorm(dim).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(dim, generator=gen(dim), dtype=F64) * 2)  # negative entries too
+        layer.bias.copy_(torch.randn(dim, generator=gen(dim + 1), dtype=F64))
+    bound = check_bound(layer, torch.randn(6, 5, dim, generator=gen(3), dtype=F64) * 3)
+    assert bound == pytest.approx(dim / (dim - 1) * float(layer.weight.detach().abs().max()), rel=1e-12)
+    # Tight when gamma is constant: the Jacobian is then c * gamma * (I - 11^T / D), of norm exactly the bound.
+    with torch.no_grad():
+        layer.weight.fill_(-1.7)
+    x = torch.randn(dim, dtype=F64, generator=gen(4))
+    assert jacobian_norm(layer, x) == pytest.approx(float(layer.lipschitz_bound().detach()), rel=1e-9)
+
+
+def test_center_norm_refuses_one_channel():
+    with pytest.raises(ValueError):
+        CenterNorm(1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MinMax
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_minmax_bound_and_odd_dims():
+    layer = MinMax()
+    x = torch.randn(5, 3, 8, generator=gen(0), dtype=F64)
+    assert float(check_bound(layer, x)) == 1.0
+    out = layer(x)
+    pairs = x.unflatten(-1, (-1, 2))
+    assert torch.equal(out.unflatten(-1, (-1, 2)), pairs.sort(dim=-1).values)
+    for bad in (torch.randn(2, 3), torch.randn(4, 7)):
+        with pytest.raises(ValueError, match="even"):
+            layer(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TokenShift
+# ----------------------------------------------------------------------------------------------------------
+
+
+def shiftvit_reference(grid: torch.Tensor, g: int) -> torch.Tensor:
+    """ShiftViT's ``shift_feat`` on a ``(B, H, W, C)`` grid, written index by index: channel group 0 moves left,
+    1 right, 2 up, 3 down (content at ``w + 1`` lands at ``w`` for 'left'), vacated positions are zero."""
+    batch, height, width, channels = grid.shape
+    out = torch.zeros_like(grid)
+    out[..., 4 * g :] = grid[..., 4 * g :]
+    for h in range(height):
+        for w in range(width):
+            if w + 1 < width:
+                out[:, h, w, 0:g] = grid[:, h, w + 1, 0:g]
+            if w - 1 >= 0:
+                out[:, h, w, g : 2 * g] = grid[:, h, w - 1, g : 2 * g]
+            if h + 1 < height:
+                out[:, h, w, 2 * g : 3 * g] = grid[:, h + 1, w, 2 * g : 3 * g]
+            if h - 1 >= 0:
+                out[:, h, w, 3 * g : 4 * g] = grid[:, h - 1, w, 3 * g : 4 * g]
+    return out
+
+
+@pytest.mark.parametrize(("grid_size", "prefix", "channels", "n_div"), [((3, 4), 1, 12, 12), ((2, 5), 3, 26, 4)])
+def test_token_shift_moves_as_documented(grid_size, prefix, channels, n_div):
+    height, width = grid_size
+    layer = TokenShift(grid_size, n_div=n_div, num_prefix_tokens=prefix)
+    tokens = prefix + height * width
+    x = torch.arange(2 * tokens * channels, dtype=F64).reshape(2, tokens, channels) + 1  # all distinct, non-zero
+    out = layer(x)
+    assert torch.equal(out[:, :prefix], x[:, :prefix])  # prefix tokens pass unchanged
+    grid = x[:, prefix:].reshape(2, height, width, channels)  # row-major patch tokens
+    expected = shiftvit_reference(grid, channels // n_div)
+    assert torch.equal(out[:, prefix:].reshape(2, height, width, channels), expected)
+
+
+def test_token_shift_bound_is_exactly_one():
+    layer = TokenShift((3, 3), n_div=4, num_prefix_tokens=2)
+    bound = check_bound(layer, torch.randn(4, 11, 8, generator=gen(1), dtype=F64))
+    assert bound == 1.0
+    # A linear map: its exact norm is 1 (an unshifted channel is copied as is).
+    assert jacobian_norm(layer, torch.randn(11, 8, dtype=F64)) == pytest.approx(1.0)
+
+
+def test_token_shift_refuses_wrong_token_count_and_small_n_div():
+    layer = TokenShift((4, 4), n_div=12, num_prefix_tokens=1)
+    with pytest.raises(ValueError, match="tokens"):
+        layer(torch.randn(2, 16, 24))
+    with pytest.raises(ValueError):
+        TokenShift((4, 4), n_div=3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LipResidual
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_lip_residual_bound():
+    torch.manual_seed(0)
+    branch = nn.Sequential(nn.Linear(6, 6), nn.GELU(), nn.Linear(6, 6)).double()
+    alpha = torch.tensor([0.5, -2.0, 0.1, 1.0, 0.0, -0.3])
+    layer = LipResidual(branch, dim=6, alpha_init=alpha).double()
+    bound = check_bound(layer, torch.randn(6, 6, generator=gen(2), dtype=F64) * 2)
+    w1 = torch.linalg.matrix_norm(branch[0].weight.detach(), ord=2)
+    w2 = torch.linalg.matrix_norm(branch[2].weight.detach(), ord=2)
+    assert bound == pytest.approx(1 + 2.0 * GELU_LIPSCHITZ * float(w1 * w2), rel=1e-4)
+    assert bound >= 1 + 2.0 * GELU_LIPSCHITZ * float(w1 * w2)
+    with pytest.raises(ValueError):
+        LipResidual(nn.Identity(), dim=4, alpha_init=torch.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# L2Attention: the published Kim et al. bound, attacked hard
+# ----------------------------------------------------------------------------------------------------------
+
+
+def l2_attention(dim: int, heads: int, tokens: int, seed: int, q_scale: float = 1.0) -> L2Attention:
+    torch.manual_seed(seed)
+    layer = L2Attention(dim, heads, tokens).double()
+    with torch.no_grad():
+        layer.q_proj.weight.mul_(q_scale)
+    return layer
+
+
+def jacobian_ascent(layer: L2Attention, x0: torch.Tensor, *, steps: int, learn_weights: bool) -> float:
+    """Largest ``||J(X)||_2 / layer.lipschitz_bound()`` found by Adam on the inputs (and the weights).
+
+    The bound is differentiable in the weights, so optimising both looks for the weights where the bound is
+    weakest; a sound bound keeps the ratio <= 1 everywhere.
+    """
+    params = {k: v.detach().clone().requires_grad_(learn_weights) for k, v in layer.named_parameters()}
+    x = x0.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([x, *params.values()] if learn_weights else [x], lr=0.05)
+
+    def single(z, p):
+        return functional_call(layer, p, (z.unsqueeze(0),)).squeeze(0)
+
+    jac_fn = torch.vmap(jacrev(single), in_dims=(0, None))
+    best = 0.0
+    n = x0[0].numel()
+    for _ in range(steps):
+        jac = jac_fn(x, params).reshape(x.shape[0], n, n)
+        bound = _bound_with(layer, params)
+        ratio = torch.linalg.matrix_norm(jac, ord=2) / bound
+        best = max(best, float(ratio.detach().max()))
+        optimizer.zero_grad()
+        (-torch.log(ratio).sum()).backward()
+        optimizer.step()
+    return best
+
+
+def _bound_with(layer: L2Attention, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``layer.lipschitz_bound()`` evaluated with ``params`` swapped in (differentiably)."""
+    saved = {k: getattr(layer, k.split(".")[0])._parameters[k.split(".")[1]] for k in params}
+    try:
+        for k, v in params.items():
+            mod, attr = k.split(".")
+            getattr(layer, mod)._parameters[attr] = v
+        return layer.lipschitz_bound()
+    finally:
+        for k, v in saved.items():
+            mod, attr = k.split(".")
+            getattr(layer, mod)._parameters[attr] = v
+
+
+@pytest.mark.parametrize(("dim", "heads", "tokens"), [(4, 1, 2), (6, 2, 3), (8, 2, 5)])
+def test_l2_attention_bound_random_weights(dim, heads, tokens):
+    layer = l2_attention(dim, heads, tokens, seed=dim)
+    x = torch.randn(6, tokens, dim, generator=gen(dim), dtype=F64)
+    check_bound(layer, torch.cat((x, 4 * x)), steps=100)
+    assert jacobian_ascent(layer, torch.cat((x, 4 * x)), steps=40, learn_weights=False) <= 1.0
+
+
+@pytest.mark.parametrize("q_scale", [8.0, 40.0])
+def test_l2_attention_bound_holds_for_large_query_weights(q_scale):
+    """The map is homogeneous of degree 2 in W_Q (f(X; cW) has Jacobian c^2 J(cX; W)), so any valid bound must
+    grow like ||W_Q||^2. A bound linear in ||W_Q|| is broken by simply scaling W_Q up."""
+    layer = l2_attention(4, 1, 3, seed=1, q_scale=q_scale)
+    x = torch.randn(8, 3, 4, generator=gen(5), dtype=F64) / q_scale  # where the softmax is not saturated
+    check_bound(layer, x, steps=150)
+
+
+@pytest.mark.parametrize(("dim", "heads", "tokens"), [(2, 1, 2), (4, 2, 3)])
+def test_l2_attention_bound_against_joint_weight_and_input_attack(dim, heads, tokens):
+    """Adam on inputs AND weights, maximising ||J|| / bound: for a sound bound the ratio stays <= 1.
+    (With a bound quadratic in ||W_Q|| the ratio saturates near 0.4 for two tokens and 0.33 for three.)"""
+    layer = l2_attention(dim, heads, tokens, seed=0)
+    x = torch.randn(8, tokens, dim, generator=gen(7), dtype=F64) * 2
+    ratio = jacobian_ascent(layer, x, steps=120, learn_weights=True)
+    assert ratio <= 1.0, f"the L2 attention bound is broken: Jacobian norm / bound = {ratio:.3f}"
+
+
+def test_l2_attention_refuses_wrong_token_count_and_heads():
+    layer = L2Attention(8, 2, 5)
+    with pytest.raises(ValueError, match="tokens"):
+        layer(torch.randn(1, 4, 8))
+    with pytest.raises(ValueError):
+        L2Attention(9, 2, 5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# NormalizedConv2d
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_normalized_conv_bound_includes_input_std():
+    std = (0.1, 0.5, 0.9)
+    conv = NormalizedConv2d(3, 5, kernel_size=4, stride=4, mean=(0.3, 0.5, 0.7), std=std).double()
+    x = torch.rand(4, 3, 8, 8, generator=gen(0), dtype=F64)
+    bound = check_bound(conv, x, jac_points=2)
+    plain = nn.Conv2d(3, 5, 4, stride=4).double()
+    plain.load_state_dict(conv.state_dict(), strict=False)
+    assert bound == pytest.approx(float(conv_spectral_norm(plain).detach()) / 0.1, rel=1e-6)
+    # The exact norm: the conv matrix times diag(1 / std) per input channel.
+    jac = jacobian_norm(conv, x[0])
+    assert jac <= bound * (1 + 1e-9)
+    assert jac >= 0.5 * bound  # not vacuous: the 1/min(std) really is there
+    # normalisation happens inside: forward on raw pixels == plain conv on normalised pixels
+    mean_t = torch.tensor((0.3, 0.5, 0.7), dtype=F64).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=F64).view(1, 3, 1, 1)
+    assert torch.allclose(conv(x), plain((x - mean_t) / std_t), atol=1e-6)
+
+
+def test_normalized_conv_refuses_bad_input_and_stats():
+    conv = NormalizedConv2d(3, 4, 4, stride=4, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(ValueError, match="3"):
+        conv(torch.rand(1, 1, 8, 8))
+    with pytest.raises(ValueError):
+        conv(torch.rand(3, 8, 8))
+    with pytest.raises(ValueError):
+        NormalizedConv2d(3, 4, 4, stride=4, mean=(0.5,) * 2, std=(0.5,) * 3)
+    with pytest.raises(ValueError):
+        NormalizedConv2d(3, 4, 4, stride=4, mean=(0.5,) * 3, std=(0.5, 0.0, 0.5))
+
+
+def test_normalized_conv_non_patchify_needs_input_size():
+    conv = NormalizedConv2d(3, 4, 3, padding=1, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises((ValueError, UnsupportedModuleError), match="input"):
+        lipschitz_bound(conv)
+
+
+def test_normalized_conv_from_conv_copies_weights():
+    conv = nn.Conv2d(3, 6, 4, stride=4)
+    norm_conv = NormalizedConv2d.from_conv(conv, mean=(0.0,) * 3, std=(1.0,) * 3)
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.allclose(norm_conv(x), conv(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# spectral_rescale
+# ----------------------------------------------------------------------------------------------------------
+
+
+def unrolled_norm(conv: nn.Conv2d, size: tuple[int, int]) -> float:
+    n = conv.in_channels * size[0] * size[1]
+    basis = torch.eye(n, dtype=F64).reshape(n, conv.in_channels, *size)
+    out = nn.functional.conv2d(
+        basis, conv.weight.detach().double(), None, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+    return float(torch.linalg.matrix_norm(out.reshape(n, -1).T, ord=2))
+
+
+RESCALE_CASES = {
+    "linear": (
+        lambda: nn.Linear(12, 7),
+        None,
+        lambda m: float(torch.linalg.matrix_norm(m.weight.detach().double(), 2)),
+    ),
+    "patchify": (lambda: nn.Conv2d(3, 6, 4, stride=4), None, lambda m: unrolled_norm(m, (8, 8))),
+    "conv3x3": (lambda: nn.Conv2d(3, 4, 3, padding=1), (6, 6), lambda m: unrolled_norm(m, (6, 6))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESCALE_CASES))
+def test_spectral_rescale_effective_norm_at_most_one(case):
+    make, input_size, exact = RESCALE_CASES[case]
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        layer.weight.mul_(25.0)  # far from 1 before rescaling
+    spectral_rescale(layer, input_size=input_size)
+    for mode in ("train", "eval"):
+        layer.train(mode == "train")
+        norm = exact(layer)
+        assert norm <= 1 + 1e-6, f"{case} ({mode}): effective operator norm {norm}"
+        # tight for dense maps; the 3x3 conv's divisor is a torus bound, looser on a 6x6 input
+        assert norm >= (0.95 if input_size is None else 0.8), f"{case} ({mode}): rescaling lost too much ({norm})"
+    if case != "conv3x3":  # the engine can bound these without an input size (its own bound adds <= 1e-5)
+        assert lipschitz_bound(layer) <= 1 + 2e-5
+
+
+def test_spectral_rescale_eval_cache_and_invalidation():
+    torch.manual_seed(0)
+    layer = spectral_rescale(nn.Linear(10, 6)).eval()
+    rescaler = layer.parametrizations.weight[0]
+    calls = []
+    original_fn = rescaler.bound_fn
+    rescaler.bound_fn = lambda w: calls.append(1) or original_fn(w)
+    first = layer.weight
+    second = layer.weight
+    assert torch.equal(first, second) and len(calls) <= 1  # cached: no recomputation in eval
+    raw = layer.parametrizations.weight.original
+
+    def effective_norm() -> float:
+        return float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
+
+    # an in-place change (like an optimizer step) invalidates the cache
+    with torch.no_grad():
+        raw.mul_(7.0)
+    assert effective_norm() <= 1 + 1e-6
+    # load_state_dict invalidates it too
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    state["parametrizations.weight.original"] = state["parametrizations.weight.original"] * 13.0
+    layer.load_state_dict(state)
+    assert effective_norm() <= 1 + 1e-6
+    assert torch.equal(layer.parametrizations.weight.original, state["parametrizations.weight.original"])
+    # and so does an assignment to the weight
+    with torch.no_grad():
+        layer.weight = torch.randn(6, 10) * 50
+    assert effective_norm() <= 1 + 1e-6
+
+
+def test_spectral_rescale_cache_refreshes_on_mode_switch_after_data_writes():
+    """``param.data.mul_()`` (old-style optimizers, EMA code) does not bump the version counter: the documented
+    remedy is calling ``eval()`` again, which refreshes the cache. Certificates never depend on the cache."""
+    torch.manual_seed(0)
+    layer = spectral_rescale(nn.Linear(10, 6)).eval()
+    _ = layer.weight  # fill the cache
+    layer.parametrizations.weight.original.data.mul_(7.0)
+    assert lipschitz_bound(layer) >= float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
+    layer.eval()
+    norm = float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
+    assert norm <= 1 + 1e-6, f"stale eval cache: effective norm {norm} after eval()"
+
+
+def test_spectral_rescale_refusals():
+    layer = spectral_rescale(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="already"):
+        spectral_rescale(layer)
+    with pytest.raises(UnsupportedModuleError):
+        spectral_rescale(nn.LayerNorm(4))
+    with pytest.raises(ValueError, match="input_size"):
+        spectral_rescale(nn.Conv2d(3, 4, 3, padding=1))
+    with pytest.raises(ValueError, match="padding_mode"):
+        spectral_rescale(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), input_size=(8, 8))
+    assert parametrize.is_parametrized(layer, "weight")
+
+
+def test_spectral_rescale_trains():
+    torch.manual_seed(0)
+    layer = spectral_rescale(nn.Linear(8, 8))
+    layer(torch.randn(4, 8)).pow(2).sum().backward()
+    assert layer.parametrizations.weight.original.grad is not None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GELU
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_gelu_constant_covers_true_max_slope():
+    def slope_exact(x):
+        return normal.cdf(x) + x * normal.pdf(x)
+
+    def slope_tanh(x):
+        c = math.sqrt(2 / math.pi)
+        t = math.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+
+    for slope in (slope_exact, slope_tanh):
+        res = minimize_scalar(lambda x, f=slope: -f(x), bounds=(0.5, 3.0), method="bounded", options={"xatol": 1e-12})
+        max_slope = -res.fun
+        assert max_slope == pytest.approx(1.1289, abs=2e-4)
+        # the most negative slope is at -x*, of magnitude max_slope - 1 < 1
+        assert GELU_LIPSCHITZ >= max_slope, (GELU_LIPSCHITZ, max_slope)
+    for approximate in ("none", "tanh"):
+        gelu = nn.GELU(approximate=approximate)
+        est = estimate_lipschitz_lower_bound(gelu, torch.randn(4, 16, dtype=F64, generator=gen(0)), steps=100)
+        assert 1.12 < est <= GELU_LIPSCHITZ
+        assert lipschitz_bound(gelu) == GELU_LIPSCHITZ
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The empirical estimator itself (a lower bound: below the exact constant, and close to it on easy maps)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_estimator_is_a_tight_lower_bound_on_linear_maps():
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 5).double()
+    exact = float(torch.linalg.matrix_norm(layer.weight.detach(), ord=2))
+    est = estimate_lipschitz_lower_bound(layer, torch.randn(3, 12, dtype=F64), steps=100, generator=gen(0))
+    assert exact * (1 - 1e-3) <= est <= exact * (1 + 1e-9)
+
+
+def test_estimator_restores_state_and_leaves_no_grads():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 6), nn.Dropout(0.5), nn.Linear(6, 2)).train()
+    net[2].weight.requires_grad_(False)
+    flags = [p.requires_grad for p in net.parameters()]
+    estimate_lipschitz_lower_bound(net, torch.randn(2, 6), steps=5)
+    assert net.training and [p.requires_grad for p in net.parameters()] == flags
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_estimator_accepts_callables_and_logits_objects():
+    class Out:
+        def __init__(self, logits):
+            self.logits = logits
+
+    w = torch.randn(4, 4, dtype=F64, generator=gen(1))
+    exact = float(torch.linalg.matrix_norm(w, ord=2))
+    est = estimate_lipschitz_lower_bound(lambda x: Out(x @ w.T), torch.randn(2, 4, dtype=F64), steps=80)
+    assert exact * 0.99 <= est <= exact * (1 + 1e-9)
+    assert estimate_lipschitz_lower_bound(lambda x: torch.zeros_like(x), torch.randn(2, 3), steps=3) == 0.0
+    with pytest.raises(ValueError):
+        estimate_lipschitz_lower_bound(nn.Identity(), torch.empty(0, 3))
