@@ -27,7 +27,7 @@ class SpectralRescale(nn.Module):
     In training mode the bound is recomputed at every access and differentiated through. In eval mode it is
     cached and recomputed only when the raw weight changes (its version counter moves, e.g. after an optimizer
     step or ``load_state_dict``) or the mode is switched, so inference pays one elementwise division. Writes through
-    ``.data`` do not move the version counter: call ``model.eval()`` again after them.
+    ``.data`` do not move the version counter: switch to train and back to eval after them.
 
     Certificates never rely on this layer being exactly 1-Lipschitz: the bound engine recomputes the bound of
     the effective weight it produces.
@@ -51,8 +51,9 @@ class SpectralRescale(nn.Module):
         return weight / self._cached_bound
 
     def train(self, mode: bool = True) -> SpectralRescale:
-        # Writes through ``weight.data`` do not move the version counter; switching modes always refreshes.
-        self._cache_key = None
+        # Writes through ``weight.data`` do not move the version counter; an actual mode switch refreshes.
+        if mode != self.training:
+            self._cache_key = None
         return super().train(mode)
 
     def right_inverse(self, weight: Tensor) -> Tensor:
