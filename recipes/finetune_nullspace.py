@@ -42,6 +42,7 @@ from robustvit.evaluation import evaluate_robustness, format_comparison, plot_co
 from robustvit.nullspace import NullspaceNoise, nullspace_finetuning_loss, synthesize_noise
 from robustvit.training import (
     PixelModel,
+    add_recipe_arguments,
     cosine_schedule,
     finish,
     load_model,
@@ -254,17 +255,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
         default=None,
         help=f"plain CE training before finetuning (default {DEFAULT_PRETRAIN_EPOCHS} for the embedded model, else 0)",
     )
-    hyper.add_argument("--pretrain_lr", type=float, default=2e-3)
-    hyper.add_argument("--image_size", type=int, default=32)
-    hyper.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    hyper.add_argument("--seed", type=int, default=0)
     run = parser.add_argument_group("environment and evaluation")
-    run.add_argument("--model", default=None, help="timm name, transformers id or directory (default: embedded ViT)")
-    run.add_argument("--dataset", default=None, help="imagefolder directory or HF id (default: embedded digits)")
-    run.add_argument("--output_dir", default="outputs/finetune_nullspace")
-    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
-    run.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
-    run.add_argument("--max_train_batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
+    add_recipe_arguments(hyper, run, output_dir="outputs/finetune_nullspace")
     run.add_argument("--max_eval_images", type=int, default=None, help="evaluate the first N test images")
     run.add_argument("--eval_batch_size", type=int, default=128)
     run.add_argument("--pgd_steps", type=int, default=10)

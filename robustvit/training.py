@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from robustvit.layers import NormalizedConv2d
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "add_recipe_arguments",
     "DEFAULT_MODEL",
     "TRAINING_STATE_FILE",
     "PixelModel",
@@ -230,6 +232,30 @@ class PixelModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.input_mean.flatten().tolist()}, std={self.input_std.flatten().tolist()}"
+
+
+# --------------------------------------------------------------------------------------------------- recipes
+
+
+def add_recipe_arguments(hyper: argparse._ArgumentGroup, run: argparse._ArgumentGroup, *, output_dir: str) -> None:
+    """The flags every recipe shares: source pretraining, input size and seed (hyper-parameters); model, dataset,
+    output directory, resume, device and smoke-test caps (environment).
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_recipe_arguments(parser.add_argument_group("hyper"), parser.add_argument_group("run"),
+        ...                      output_dir="outputs/my_recipe")
+    """
+    hyper.add_argument("--pretrain_lr", type=float, default=2e-3, help="AdamW learning rate of the source training")
+    hyper.add_argument("--image_size", type=int, default=32)
+    hyper.add_argument("--channels", type=int, default=3, choices=(1, 3))
+    hyper.add_argument("--seed", type=int, default=0)
+    run.add_argument("--model", default=None, help="timm name, transformers id or directory (default: embedded ViT)")
+    run.add_argument("--dataset", default=None, help="imagefolder directory or HF id (default: embedded digits)")
+    run.add_argument("--output_dir", default=output_dir)
+    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
+    run.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
+    run.add_argument("--max_train_batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
 
 
 # --------------------------------------------------------------------------------------------------- loops
