@@ -1,0 +1,352 @@
+"""recipes/train_lipschitz.py end to end on tiny settings: outputs, exact resume, two CPU processes (gloo), bad input.
+
+Runs are tiny: 16-pixel digits (a 2x2 grid of patches), a few batches per epoch, 24 certified images, 3 PGD steps.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+from accelerate import debug_launcher
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file, load_model
+
+import robustvit
+from robustvit.certify.certificate import Certificate, sha256_file
+from robustvit.data import load_image_dataset, stack_examples
+from robustvit.losses import LOSSES, EpsSchedule
+from robustvit.training import load_model as build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "train_lipschitz.py"
+TINY = [
+    "--image_size", "16", "--batch_size", "16", "--pretrain_epochs", "1", "--max_train_batches", "3",
+    "--max_eval_images", "24", "--pgd_steps", "3",
+]  # fmt: skip
+BATCHES = 3
+
+
+def _recipe() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("train_lipschitz", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _reset() -> None:
+    # The recipe's Accelerator initialises process-wide singletons; the next run must start clean.
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _run(module: ModuleType, argv: list[str]) -> dict:
+    try:
+        return module.main(argv)
+    finally:
+        _reset()
+
+
+class Interrupted(Exception):
+    """Stands for a crash right after a checkpoint was written."""
+
+
+def _interrupt_after_epoch(save: Callable, stop_epoch: int) -> Callable:
+    """``save_checkpoint`` that crashes once the checkpoint of ``stop_epoch`` is complete."""
+
+    def save_then_crash(accelerator, output_dir, epoch, state):
+        path = save(accelerator, output_dir, epoch, state)
+        if epoch == stop_epoch:
+            raise Interrupted(epoch)
+        return path
+
+    return save_then_crash
+
+
+@pytest.fixture
+def recipe():
+    yield _recipe()
+    _reset()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[dict, Path]:
+    """One uninterrupted 2-epoch run (seed 0)."""
+    output_dir = tmp_path_factory.mktemp("uninterrupted")
+    return _run(_recipe(), [*TINY, "--epochs", "2", "--output_dir", str(output_dir)]), output_dir
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------------- one process
+
+
+def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
+    metrics, out = uninterrupted
+    for name in ("certificate.json", "certified_accuracy.png", "metrics.json", "source.safetensors"):
+        assert (out / name).is_file(), name
+    for name in ("model.safetensors", "config.json", "certificate.json", "README.md"):
+        assert (out / "model" / name).is_file(), name
+    assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert metrics["num_processes"] == 1 and metrics["config"]["epochs"] == 2 and metrics["config"]["loss"] == "emma"
+    # History: one record per epoch, 3 batches of 16 images each, a finite loss and the bound at that epoch.
+    assert [entry["epoch"] for entry in metrics["history"]] == [0, 1]
+    for entry in metrics["history"]:
+        assert entry["images"] == BATCHES * 16 and torch.isfinite(torch.tensor(entry["loss"]))
+        assert entry["lipschitz"] > 0
+    for epoch in (0, 1):
+        state = json.loads((out / "checkpoints" / f"epoch_{epoch}" / "training_state.json").read_text())
+        assert state["epoch"] == epoch and len(state["history"]) == epoch + 1
+    # The certificate: written next to the model, with the weights' hash, and matching metrics.json.
+    certificate = Certificate.load(out / "certificate.json")
+    assert certificate == Certificate.load(out / "model" / "certificate.json")
+    assert certificate.weights_sha256 == sha256_file(out / "model" / "model.safetensors")
+    assert certificate.num_samples == 24 and certificate.dataset == "digits" and certificate.split == "test"
+    assert [r.label for r in certificate.results] == ["36/255", "72/255", "108/255"]
+    assert metrics["certified_accuracy"] == {r.label: r.certified_accuracy for r in certificate.results}
+    assert metrics["pgd_accuracy"] == {r.label: r.pgd_accuracy for r in certificate.results}
+    assert metrics["lipschitz"] == certificate.lipschitz
+    # The certificate bounds the float64 copy it certifies; the history, the float32 model (rescaled in float32).
+    assert certificate.lipschitz == pytest.approx(metrics["history"][-1]["lipschitz"], rel=1e-6)
+    for r in certificate.results:
+        assert r.certified_accuracy <= r.pgd_accuracy <= certificate.clean_accuracy
+    # from_pretrained rebuilds, loads and verifies the certificate; certifying again reproduces it.
+    model = robustvit.from_pretrained(out / "model")
+    assert model.certificate.digest() == certificate.digest()
+    images, labels = stack_examples(load_image_dataset(split="test", image_size=16), 24)
+    again = robustvit.certify(model, images, labels)
+    assert again.clean_accuracy == certificate.clean_accuracy and again.lipschitz == certificate.lipschitz
+    assert [again.certified_accuracy(r.eps) for r in certificate.results] == [
+        r.certified_accuracy for r in certificate.results
+    ]
+    # The source weights load strictly into the embedded default model at this size.
+    source, _ = build_model(None, num_classes=10, image_size=16, channels=3)
+    load_model(source, str(out / "source.safetensors"), strict=True)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(recipe, uninterrupted, tmp_path: Path) -> None:
+    metrics, out = uninterrupted
+    argv = [*TINY, "--epochs", "2", "--output_dir", str(tmp_path)]
+    save = recipe.save_checkpoint
+    recipe.save_checkpoint = _interrupt_after_epoch(save, 0)
+    with pytest.raises(Interrupted):
+        _run(recipe, argv)
+    assert not (tmp_path / "model").exists() and (tmp_path / "checkpoints" / "epoch_0").is_dir()
+    recipe.save_checkpoint = save
+    resumed = _run(recipe, [*argv, "--resume"])
+    # Same data order, LR and eps schedules after the restart: bit-identical weights.
+    expected, actual = _tensors(out / "model" / "model.safetensors"), _tensors(tmp_path / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    strip = ("seconds",)
+    assert [{k: v for k, v in e.items() if k not in strip} for e in resumed["history"]] == [
+        {k: v for k, v in e.items() if k not in strip} for e in metrics["history"]
+    ]
+    assert resumed["certified_accuracy"] == metrics["certified_accuracy"]
+
+
+def test_resuming_with_more_epochs_continues_from_the_last_checkpoint(recipe, tmp_path: Path) -> None:
+    # `--epochs 30 --resume` extends a finished run. (Its weights differ from an uninterrupted run of the longer
+    # length, by design: the cosine LR and the eps ramp span --epochs.)
+    first = _run(recipe, [*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
+    extended = _run(recipe, [*TINY, "--epochs", "2", "--resume", "--output_dir", str(tmp_path)])
+    assert [entry["epoch"] for entry in extended["history"]] == [0, 1]
+    assert extended["history"][0] == first["history"][0]  # read back from the checkpoint, not redone
+    state = json.loads((tmp_path / "checkpoints" / "epoch_1" / "training_state.json").read_text())
+    assert state["epoch"] == 1 and state["history"] == extended["history"]
+    robustvit.from_pretrained(tmp_path / "model")  # the extended model verifies
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(recipe, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        _run(recipe, [*TINY, "--resume", "--output_dir", str(tmp_path)])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--loss", "hinge"],
+        ["--mixer", "attention"],
+        ["--activation", "relu"],
+        ["--channels", "2"],
+        ["--epochs", "-1"],
+        ["--pretrain_epochs", "-1"],
+        ["--epochs", "two"],
+        ["--no_such_flag"],
+    ],
+)
+def test_bad_flags_are_rejected(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        _recipe().parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--batch_size", "0"],
+        ["--max_train_batches", "0"],
+        ["--max_eval_images", "0"],
+        ["--pgd_steps", "0"],
+        ["--eps", "-0.1"],
+    ],
+)
+def test_bad_values_are_rejected_before_any_training(argv: list[str]) -> None:
+    # Otherwise they fail late (after the source was trained) or, for --max_train_batches 0, mean "no cap".
+    with pytest.raises(SystemExit):
+        _recipe().parse_args(argv)
+
+
+def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run() -> None:
+    config, args = _recipe().parse_args([])
+    assert config["loss"] == "emma" and config["epochs"] == 25 and args.pretrain_epochs == 15
+    assert args.model is None and args.dataset is None and not args.resume
+    for name in LOSSES:
+        assert _recipe().parse_args(["--loss", name])[0]["loss"] == name
+    assert _recipe().parse_args(["--model", "vit_tiny_patch16_224"])[1].pretrain_epochs == 0
+
+
+# --------------------------------------------------------------------------------------------------- two processes
+
+# 1437 training images in batches of 128: 12 batches, 6 per process. --max_train_batches 8 caps nothing, but a
+# recipe that counted its steps on the unsharded loader (8 per epoch) would get both schedules wrong.
+TWO = [
+    "--image_size", "16", "--batch_size", "128", "--max_train_batches", "8", "--pretrain_epochs", "1",
+    "--max_eval_images", "8", "--pgd_steps", "1", "--epochs", "2",
+]  # fmt: skip
+LOCAL_STEPS = 6
+
+
+def _two_process_runs(root: Path) -> None:
+    """In each of two forked processes: an uninterrupted run in root/A, an interrupted and resumed one in root/B.
+
+    Each process logs, per training step, the phase, its LR and the margin loss's eps, and saves its own weights at
+    every checkpoint.
+    """
+    # One thread per worker (see tests/test_finetune_recipe.py).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    module = _recipe()
+    current: dict = {}
+
+    def logged_loss(logits, labels, *, eps, margins):
+        current["eps"] = eps
+        return LOSSES["emma"](logits, labels, eps=eps, margins=margins)
+
+    module.LOSSES = {**LOSSES, "emma": logged_loss}
+    train_epoch, save_checkpoint = module.train_epoch, module.save_checkpoint
+
+    def logged_epoch(accelerator, model, loader, optimizer, loss_fn, **kwargs):
+        log = Path(current["dir"]) / f"steps_rank{accelerator.process_index}.jsonl"
+
+        def loss(net, images, labels):
+            current["eps"] = None
+            lr = optimizer.param_groups[0]["lr"]
+            value = loss_fn(net, images, labels)
+            with log.open("a") as handle:
+                handle.write(json.dumps({"phase": kwargs["description"], "lr": lr, "eps": current["eps"]}) + "\n")
+            return value
+
+        return train_epoch(accelerator, model, loader, optimizer, loss, **kwargs)
+
+    def save_with_rank_weights(accelerator, output_dir, epoch, state):
+        path = save_checkpoint(accelerator, output_dir, epoch, state)
+        weights = accelerator.unwrap_model(accelerator._models[-1]).state_dict()
+        torch.save({k: v.detach().clone() for k, v in weights.items()}, path / f"rank{accelerator.process_index}.pt")
+        return path
+
+    module.train_epoch = logged_epoch
+    for name, argv, stop in (
+        ("A", [], None),
+        ("B", [], 0),
+        ("B", ["--resume"], None),
+    ):
+        current["dir"] = root / name
+        module.save_checkpoint = (
+            save_with_rank_weights if stop is None else _interrupt_after_epoch(save_with_rank_weights, stop)
+        )
+        try:
+            module.main([*TWO, *argv, "--output_dir", str(root / name)])
+        except Interrupted:
+            pass
+        finally:
+            _reset()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("two_processes")
+    debug_launcher(partial(_two_process_runs, root), num_processes=2)
+    return root
+
+
+def _steps(root: Path, run: str, rank: int) -> list[dict]:
+    return [json.loads(line) for line in (root / run / f"steps_rank{rank}.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_train_in_sync(two_processes: Path) -> None:
+    metrics = json.loads((two_processes / "A" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    assert [entry["images"] for entry in metrics["history"]] == [2 * LOCAL_STEPS * 128] * 2  # padded even shards
+    for run in ("A", "B"):
+        for epoch in (0, 1):
+            folder = two_processes / run / "checkpoints" / f"epoch_{epoch}"
+            rank0, rank1 = torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
+            assert rank0.keys() == rank1.keys()
+            for name in rank0:  # gradients are all-reduced: both ranks hold the same weights after every epoch
+                assert torch.equal(rank0[name], rank1[name]), (run, epoch, name)
+        epoch0 = torch.load(two_processes / run / "checkpoints" / "epoch_0" / "rank0.pt")
+        epoch1 = torch.load(two_processes / run / "checkpoints" / "epoch_1" / "rank0.pt")
+        assert any(not torch.equal(epoch0[k], epoch1[k]) for k in epoch0)  # and they trained
+    final = torch.load(two_processes / "A" / "checkpoints" / "epoch_1" / "rank0.pt")
+    saved = _tensors(two_processes / "A" / "model" / "model.safetensors")
+    for name, value in saved.items():
+        assert torch.equal(value, final[name]), name
+    robustvit.from_pretrained(two_processes / "A" / "model")
+    steps = [_steps(two_processes, "A", rank) for rank in (0, 1)]
+    assert steps[0] == steps[1]  # same LR and eps on both ranks
+
+
+def test_two_processes_ramp_eps_over_each_processs_own_steps(two_processes: Path) -> None:
+    config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]
+    schedule = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
+    eps = [s["eps"] for s in _steps(two_processes, "A", 0) if s["phase"].startswith("epoch")]
+    assert len(eps) == 2 * LOCAL_STEPS
+    assert eps == pytest.approx([schedule(i / len(eps)) for i in range(len(eps))], rel=1e-12)
+    assert eps[-1] == pytest.approx(config["eps"] * config["eps_end"])  # the ramp ends within the run
+
+
+def test_two_processes_follow_the_lr_schedules_to_their_end(two_processes: Path) -> None:
+    config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]
+    steps = _steps(two_processes, "A", 0)
+    source = [s["lr"] for s in steps if s["phase"].startswith("source")]
+    margin = [s["lr"] for s in steps if s["phase"].startswith("epoch")]
+    assert len(source) == LOCAL_STEPS and len(margin) == 2 * LOCAL_STEPS
+    # Pretraining: cosine from the peak, every step at a positive LR.
+    assert source[0] == pytest.approx(config["pretrain_lr"]) and all(lr > 0 for lr in source)
+    assert source == sorted(source, reverse=True)
+    # Margin training: one epoch of warmup, so the first step of epoch 1 is at the peak; then it decays, never 0.
+    assert margin[:LOCAL_STEPS] == sorted(margin[:LOCAL_STEPS]) and margin[0] < config["lr"]
+    assert margin[LOCAL_STEPS] == pytest.approx(config["lr"])
+    assert margin[LOCAL_STEPS:] == sorted(margin[LOCAL_STEPS:], reverse=True) and all(lr > 0 for lr in margin)
+
+
+def test_two_processes_resume_to_the_same_weights(two_processes: Path) -> None:
+    expected = _tensors(two_processes / "A" / "model" / "model.safetensors")
+    actual = _tensors(two_processes / "B" / "model" / "model.safetensors")
+    mismatched = [name for name in expected if not torch.equal(expected[name], actual[name])]
+    assert not mismatched, f"{len(mismatched)} of {len(expected)} tensors differ, e.g. {mismatched[:3]}"
+    # The restarted run continues both schedules where the interrupted one stopped.
+    assert _steps(two_processes, "B", 0) == _steps(two_processes, "A", 0)
