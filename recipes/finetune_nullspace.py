@@ -42,6 +42,7 @@ from robustvit.evaluation import evaluate_robustness, format_comparison, plot_co
 from robustvit.nullspace import NullspaceNoise, nullspace_finetuning_loss, synthesize_noise
 from robustvit.training import (
     PixelModel,
+    SamplerGenerator,
     add_recipe_arguments,
     cosine_schedule,
     finish,
@@ -87,6 +88,8 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
 
     train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True)
     noise_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True)
+    for loader in (train_loader, noise_loader):  # data order survives a resume on several processes too
+        accelerator.register_for_checkpointing(SamplerGenerator(loader.sampler))
     # Schedules count steps on the unsharded loader: Accelerate steps them once per process per optimizer step.
     steps_per_epoch = len(train_loader)
     if args.max_train_batches is not None:  # a cap per process

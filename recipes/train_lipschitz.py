@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,10 +40,13 @@ import robustvit
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule, distillation_loss, head_margins
 from robustvit.training import (
+    CHECKPOINTS_DIR,
     PixelModel,
+    SamplerGenerator,
     add_recipe_arguments,
     cosine_schedule,
     finish,
+    latest_checkpoint,
     resume_from_checkpoint,
     save_checkpoint,
     train_epoch,
@@ -62,6 +66,10 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     accelerator = Accelerator(cpu=args.cpu)
     set_seed(config["seed"])
     output_dir = Path(args.output_dir)
+    if args.resume and latest_checkpoint(output_dir) is None:  # before source.safetensors is read
+        raise FileNotFoundError(
+            f"no complete checkpoint under {output_dir / CHECKPOINTS_DIR} to resume from; run without --resume"
+        )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -73,7 +81,13 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
         args.model, num_classes=train_set.num_classes, image_size=size, channels=channels
     )
     train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True)
-    steps_per_epoch = min(len(train_loader), args.max_train_batches or len(train_loader))
+    accelerator.register_for_checkpointing(SamplerGenerator(train_loader.sampler))
+    # Optimizer steps per epoch of one process (Accelerate deals the batches out, padding the shards to equal
+    # length). A prepared scheduler steps num_processes times per optimizer step, so the LR schedules count
+    # steps_per_epoch * num_processes; the eps schedule counts this process's own steps.
+    local_batches = math.ceil(len(train_loader) / accelerator.num_processes)
+    steps_per_epoch = min(local_batches, args.max_train_batches or local_batches)
+    scheduler_steps = accelerator.num_processes
 
     # 1. The source: pretrained weights, or (embedded default) a short plain training run; saved for resumes.
     source_weights = output_dir / SOURCE_WEIGHTS
@@ -82,7 +96,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     elif config["pretrain_epochs"] > 0:
         net = PixelModel(source)
         optimizer = torch.optim.AdamW(net.parameters(), lr=config["pretrain_lr"], weight_decay=0.05)
-        schedule = cosine_schedule(optimizer, total_steps=config["pretrain_epochs"] * steps_per_epoch)
+        schedule = cosine_schedule(optimizer, total_steps=config["pretrain_epochs"] * steps_per_epoch * scheduler_steps)
         net, optimizer, schedule, loader = accelerator.prepare(net, optimizer, schedule, train_loader)
         for epoch in range(config["pretrain_epochs"]):
             stats = train_epoch(
@@ -112,7 +126,11 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     schedule_eps = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
     total_steps = max(1, config["epochs"] * steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    schedule = cosine_schedule(optimizer, total_steps=total_steps, warmup_steps=min(steps_per_epoch, total_steps))
+    schedule = cosine_schedule(
+        optimizer,
+        total_steps=total_steps * scheduler_steps,
+        warmup_steps=min(steps_per_epoch, total_steps) * scheduler_steps,
+    )
     model, optimizer, schedule, train_loader = accelerator.prepare(model, optimizer, schedule, train_loader)
     if teacher is not None:
         teacher = teacher.to(accelerator.device)
@@ -214,6 +232,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
         args.pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if args.model is None else 0
     if args.epochs < 0 or args.pretrain_epochs < 0:
         parser.error("--epochs and --pretrain_epochs must be >= 0")
+    for name in ("batch_size", "max_train_batches", "max_eval_images", "pgd_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if min(args.eps, args.eps_start, args.eps_end) < 0:
+        parser.error("--eps, --eps_start and --eps_end must be >= 0")
     names = (
         "epochs",
         "lr",

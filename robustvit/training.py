@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "TRAINING_STATE_FILE",
     "PixelModel",
+    "SamplerGenerator",
     "cosine_schedule",
     "finish",
     "latest_checkpoint",
@@ -345,6 +346,26 @@ def train_epoch(
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
+
+
+class SamplerGenerator:
+    """Checkpoints the generator that shuffles a DataLoader's sampler, once there is one.
+
+    With several processes Accelerate gives the sampler its own generator (seeded at ``prepare``, broadcast from rank
+    0 at every epoch), which its ``random_states`` files do not hold; with one process the sampler draws from the
+    global RNG, which they do, and there is nothing to add.
+    """
+
+    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
+        self.sampler = sampler
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        generator = getattr(self.sampler, "generator", None)
+        return {} if generator is None else {"rng_state": generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            self.sampler.generator.set_state(state["rng_state"])
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, epoch: int, state: dict[str, Any]) -> Path:

@@ -31,7 +31,7 @@ from robustvit.errors import CertificateError
 from robustvit.families import get_family
 from robustvit.losses import LOSSES, head_margins
 
-TRAIN_STEPS = 80
+TRAIN_STEPS = 100
 TEST_IMAGES = 32
 # Non-default normalization for the timm model, so that the certificate's input record is checked for real values.
 TIMM_MEAN, TIMM_STD = (0.45, 0.5, 0.55), (0.25, 0.3, 0.35)
@@ -67,7 +67,7 @@ def _tiny_source(kind: str) -> nn.Module:
 
 def _train_emma(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int = TRAIN_STEPS) -> nn.Module:
     """A few dozen AdamW steps of EMMA, its radius ramping to 72/255 over the first half."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     model.train()
     for step in range(steps):
@@ -164,9 +164,9 @@ def _attackable(result: CertifyResult) -> torch.Tensor:
 
 def test_trained_models_certify_a_good_fraction(trained) -> None:
     kind, model, result = trained
-    assert result.clean_accuracy >= 0.25, kind  # ~30% after 80 steps (10 classes)
-    assert result.certified_accuracy(36 / 255) >= 0.15, kind  # ~25%
-    assert result.certified_accuracy(72 / 255) >= 0.1, kind  # ~20%
+    assert result.clean_accuracy >= 0.25, kind  # ~40% after 100 steps (10 classes)
+    assert result.certified_accuracy(36 / 255) >= 0.15, kind  # ~30%
+    assert result.certified_accuracy(72 / 255) >= 0.1, kind  # ~28%
     assert int(_attackable(result).sum()) >= TEST_IMAGES // 2
 
 
@@ -402,7 +402,7 @@ def test_to_certificate_records_the_model_and_its_results(certificates) -> None:
     assert certificate.input["mean"] == pytest.approx(mean) and certificate.input["std"] == pytest.approx(std)
     conv = get_family(model).patch_projection(model)
     assert certificate.input["mean"] == conv.input_mean.flatten().tolist()
-    assert certificate.convert_config == json.loads(model.robustvit_config.to_json())
+    assert json.loads(json.dumps(certificate.convert_config)) == json.loads(model.robustvit_config.to_json())
     assert certificate.convert_config["activation"] == "minmax" and certificate.convert_config["mixer"] == "shift"
     assert certificate.base_model["family"] == get_family(model).name
     assert certificate.lipschitz == result.lipschitz == pytest.approx(robustvit.lipschitz_bound(model), rel=1e-6)

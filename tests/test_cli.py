@@ -138,7 +138,7 @@ def test_verify_fails_when_recertification_falls_short_of_the_claims(
 ) -> None:
     folder = Path(shutil.copytree(certified_dir, tmp_path / "overclaimed"))
     certificate = Certificate.load(folder / "certificate.json")
-    inflated = [dataclasses.replace(r, certified_accuracy=0.9) for r in certificate.results]
+    inflated = [dataclasses.replace(r, certified_accuracy=0.9, pgd_accuracy=0.9) for r in certificate.results]
     _forge(folder, clean_accuracy=0.95, results=inflated)  # passes every integrity check
     assert main(["verify", str(folder)]) == 0
     capsys.readouterr()

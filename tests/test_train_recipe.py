@@ -187,6 +187,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(recipe, tmp_path: Path) ->
         ["--epochs", "two"],
         ["--no_such_flag"],
     ],
+    ids=lambda argv: " ".join(argv),
 )
 def test_bad_flags_are_rejected(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
@@ -202,6 +203,7 @@ def test_bad_flags_are_rejected(argv: list[str]) -> None:
         ["--pgd_steps", "0"],
         ["--eps", "-0.1"],
     ],
+    ids=lambda argv: " ".join(argv),
 )
 def test_bad_values_are_rejected_before_any_training(argv: list[str]) -> None:
     # Otherwise they fail late (after the source was trained) or, for --max_train_batches 0, mean "no cap".

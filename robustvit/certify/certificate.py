@@ -81,6 +81,9 @@ class Certificate:
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
+        # Hold the JSON-level values (lists, string keys) so that a loaded record equals the one that was saved.
+        for name in ("base_model", "convert_config", "lipschitz_report", "input"):
+            setattr(self, name, json.loads(json.dumps(getattr(self, name))))
         self._validate()
 
     # --- construction -------------------------------------------------------------------------------------------
@@ -181,6 +184,8 @@ class Certificate:
                 for r in data["results"]
             ]
             return cls(**{**data, "results": results})
+        except CertificateError:
+            raise
         except (TypeError, KeyError, ValueError) as err:
             raise CertificateError(f"malformed certificate: {err}") from err
 
@@ -215,6 +220,8 @@ class Certificate:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 fail(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.clean_accuracy > 1:
+            fail(f"clean_accuracy must lie in [0, 1], got {self.clean_accuracy!r}")
         if self.features_lipschitz is not None and not (
             isinstance(self.features_lipschitz, (int, float))
             and math.isfinite(self.features_lipschitz)
@@ -226,13 +233,20 @@ class Certificate:
         if not isinstance(self.num_samples, int) or self.num_samples < 1:
             fail(f"num_samples must be a positive integer, got {self.num_samples!r}")
         for r in self.results:
+            if not (math.isfinite(r.eps) and r.eps >= 0):
+                fail(f"eps must be a finite number >= 0, got {r.eps!r}")
             for value in (r.certified_accuracy, r.pgd_accuracy):
                 if value is not None and not 0.0 <= value <= 1.0:
                     fail(f"accuracies must lie in [0, 1], got {value!r}")
             if r.certified_accuracy > self.clean_accuracy + 1e-12:
                 fail(f"certified accuracy {r.certified_accuracy} exceeds clean accuracy {self.clean_accuracy}")
+            if r.pgd_accuracy is not None and r.certified_accuracy > r.pgd_accuracy + 1e-12:
+                # certified images are correct and cannot be attacked within eps: PGD accuracy is at least as high
+                fail(f"certified accuracy {r.certified_accuracy} exceeds PGD accuracy {r.pgd_accuracy} at eps {r.eps}")
         if self.weights_sha256 is not None and (
-            not isinstance(self.weights_sha256, str) or len(self.weights_sha256) != 64
+            not isinstance(self.weights_sha256, str)
+            or len(self.weights_sha256) != 64
+            or any(c not in "0123456789abcdef" for c in self.weights_sha256)
         ):
             fail(f"weights_sha256 must be a 64-character hex digest, got {self.weights_sha256!r}")
         for key in ("channels", "image_size", "mean", "std"):

@@ -26,6 +26,7 @@ from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
+from robustvit.lipschitz.rescale import is_spectrally_rescaled
 from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm, gram_spectral_norm
 
 __all__ = [
@@ -194,15 +195,17 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
 
 
 def _batched_linear_bounds(root: nn.Module) -> dict[int, Tensor]:
-    """Gram bounds of every ``nn.Linear`` weight in ``root``, computed in one batch per weight shape."""
+    """Bounds of every ``nn.Linear`` weight in ``root``: verified and batched by shape, or Gram iteration with a
+    graph for plain weights that require grad (``bound_tensor`` in a loss). A spectrally rescaled weight's bound stays
+    at most 1 by construction, so it enters a loss as a constant, which keeps margin training cheap."""
     with parametrize.cached():
         linears = [m for m in root.modules() if parametrize.type_before_parametrizations(m) is nn.Linear]
-        weights = [m.weight for m in linears]
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):  # bound_tensor: keep the graph
-            bounds = [gram_spectral_norm(w) for w in weights]
-        else:
-            bounds = batched_spectral_norms(weights)
-    return {id(m): b for m, b in zip(linears, bounds, strict=True)}
+        differentiable = torch.is_grad_enabled()
+        graph = [m for m in linears if differentiable and m.weight.requires_grad and not is_spectrally_rescaled(m)]
+        bounds = {id(m): gram_spectral_norm(m.weight) for m in graph}
+        constant = [m for m in linears if id(m) not in bounds]
+        bounds.update(zip(map(id, constant), batched_spectral_norms([m.weight for m in constant]), strict=True))
+    return bounds
 
 
 def _defining_class(cls: type, name: str) -> type | None:
