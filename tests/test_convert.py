@@ -584,3 +584,30 @@ def test_logit_agreement_with_and_without_calibration(record_property):
     record_property("logit_agreement", json.dumps(results))
     without, with_ = results["timm_avg_ls_reg"]["no_calibration"][0], results["timm_avg_ls_reg"]["calibration"][0]
     assert with_ < without
+
+
+def test_patch_dropout_becomes_identity_and_drop_path_counts_one():
+    """Patch dropout drops tokens in training (the shift grid needs them all): converted to the identity. Drop-path
+    stays and counts 1, however high its rate."""
+    source = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=48,
+        num_heads=3,
+        num_classes=5,
+        patch_drop_rate=0.5,
+        drop_path_rate=0.9,
+    )
+    model = robustvit.convert(source)
+    assert isinstance(model.patch_drop, torch.nn.Identity)
+    model.train()
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    plain = robustvit.convert(
+        timm.create_model(
+            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, num_classes=5
+        )
+    )
+    plain.load_state_dict(model.state_dict())
+    assert robustvit.lipschitz_bound(model) == pytest.approx(robustvit.lipschitz_bound(plain), rel=1e-12)

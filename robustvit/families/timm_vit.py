@@ -51,8 +51,8 @@ class TimmViT(Family):
             problems.append(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
         if model.dynamic_img_size or not model.patch_embed.flatten:
             problems.append("dynamic image size")
-        if isinstance(model.patch_drop, PatchDropout):
-            problems.append("patch dropout (it changes the token grid the shift mixer needs)")
+        if isinstance(model.patch_drop, PatchDropout) and not source:  # convert replaces it (see install)
+            problems.append("patch dropout (it changes the token grid the converted mixers need)")
         for i, block in enumerate(model.blocks if source else ()):
             if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
                 problems.append(
@@ -112,6 +112,9 @@ class TimmViT(Family):
 
     def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
         model.blocks = nn.Sequential(*blocks)
+        # Patch dropout drops tokens in training, which the shift grid and L2 attention's token count cannot take;
+        # at inference it is the identity anyway.
+        model.patch_drop = nn.Identity()
         targets = {
             "patch_conv": (model.patch_embed, "proj"),
             "patch_norm": (model.patch_embed, "norm"),
