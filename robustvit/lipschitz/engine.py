@@ -107,7 +107,9 @@ class BoundReport:
         width = max([len("module")] + [2 * e.depth + len(e.path or "<model>") for e in self.entries])
         lines = [f"{'module':<{width}}  {'type':<24} {'bound':>14}", "-" * (width + 41)]
         for e in self.entries:
-            name = "  " * e.depth + (e.path.rsplit(".", 1)[-1] if e.path else "<model>")
+            parts = e.path.split(".") if e.path else ["<model>"]
+            tail = ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]  # "blocks.3", not "3"
+            name = "  " * e.depth + tail
             lines.append(f"{name:<{width}}  {e.type:<24} {e.bound:>14.6g}")
         lines.append(f"end-to-end l2 Lipschitz bound: {self.total:.6g}")
         return "\n".join(lines)
