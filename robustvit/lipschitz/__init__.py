@@ -19,6 +19,7 @@ from robustvit.lipschitz.spectral import (
     conv_spectral_norm,
     gram_spectral_norm,
     is_patchify,
+    verified_spectral_norm,
 )
 
 __all__ = [
@@ -40,4 +41,5 @@ __all__ = [
     "mark_lipschitz_neutral",
     "register_bound",
     "spectral_rescale",
+    "verified_spectral_norm",
 ]
