@@ -132,10 +132,14 @@ class Family(ABC):
 
     def model_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         """End-to-end bound: features bound times the exact spectral bound of the head's linear map."""
-        for name, head in self.heads(model):
+        heads = self.heads(model)
+        for name, head in heads:
             if parametrize.type_before_parametrizations(head) is not nn.Linear:
                 raise UnsupportedModuleError(f"head '{name}' is a {type(head).__name__}, expected an nn.Linear")
-        return self.features_bound(model, bound_of) * gram_spectral_norm(self.head_weight(model)[0])
+        features = self.features_bound(model, bound_of)
+        if len(heads) == 1:  # the head's own row in the report
+            return features * bound_of(*heads[0])
+        return features * gram_spectral_norm(self.head_weight(model)[0])  # e.g. DeiT's averaged pair of heads
 
     def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The head modules whose weights :meth:`head_weight` reads."""
