@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.families import get_family
-from robustvit.lipschitz.engine import bound_tensor, compose_bound
+from robustvit.families import linear_head
+from robustvit.lipschitz.engine import bound_tensor
 
 __all__ = [
     "LOSSES",
@@ -48,14 +48,12 @@ def head_margins(model: nn.Module) -> HeadMargins:
     Differentiable in the CenterNorm gammas, residual alphas and head weights; the spectrally rescaled layers enter
     through their (verified, constant) bounds, which stay at most 1 by construction.
     """
-    try:
-        family = get_family(model)
-    except UnsupportedModuleError:
+    head = linear_head(model)
+    if head is None:
         bound = bound_tensor(model)
         classes = _num_classes(model)
         return HeadMargins(math.sqrt(2) * bound * (1 - torch.eye(classes, dtype=bound.dtype, device=bound.device)))
-    features = compose_bound(model, lambda bound_of: family.features_bound(model, bound_of))
-    weight = family.head_weight(model)[0].to(torch.float64)
+    features, weight = head
     return HeadMargins(features * torch.cdist(weight, weight))
 
 

@@ -6,7 +6,9 @@ tests rely on that only through ``load_state_dict``; the seed just keeps failure
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import timm
@@ -111,3 +113,21 @@ def make_model() -> Callable[..., nn.Module]:
 def images() -> torch.Tensor:
     """Four images with pixels in [0, 1]."""
     return torch.rand(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(1234))
+
+
+def forge_certificate(folder: Path, certificate) -> None:
+    """Write ``certificate`` into a saved model folder and rewrite the weights header *consistently* (claim digest
+    and weights_sha256 updated), as a careful forger would: only checks that do not rely on the stored hashes can
+    catch what remains."""
+    import safetensors.torch
+
+    from robustvit import hub
+    from robustvit.certify.certificate import sha256_file
+
+    weights = folder / "model.safetensors"
+    safetensors.torch.save_file(
+        safetensors.torch.load_file(weights),
+        weights,
+        metadata={"format": "pt", hub.DIGEST_KEY: hub.claim_digest(certificate)},
+    )
+    dataclasses.replace(certificate, weights_sha256=sha256_file(weights)).save(folder / "certificate.json")

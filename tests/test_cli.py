@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+from conftest import forge_certificate
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import ViTConfig, ViTForImageClassification
 
 import robustvit
 from robustvit import hub
-from robustvit.certify.certificate import Certificate, sha256_file
+from robustvit.certify.certificate import Certificate
 from robustvit.cli import main
 
 PUBLISH = Path(__file__).resolve().parents[1] / "hub" / "publish.py"
@@ -38,18 +39,6 @@ def certified_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     args = ["certify", str(root / "conv"), "--max-images", "24", "--pgd-steps", "2", "--output", str(root / "cert")]
     assert main(args) == 0
     return root / "cert"
-
-
-def _forge(folder: Path, **changes) -> None:
-    """Edit certificate.json and rewrite the weights header and weights_sha256 consistently."""
-    certificate = dataclasses.replace(Certificate.load(folder / "certificate.json"), **changes)
-    weights = folder / "model.safetensors"
-    safetensors.torch.save_file(
-        safetensors.torch.load_file(weights),
-        weights,
-        metadata={"format": "pt", hub.DIGEST_KEY: hub.claim_digest(certificate)},
-    )
-    dataclasses.replace(certificate, weights_sha256=sha256_file(weights)).save(folder / "certificate.json")
 
 
 def test_convert_saves_an_uncertified_model_and_prints_the_report(
@@ -139,7 +128,9 @@ def test_verify_fails_when_recertification_falls_short_of_the_claims(
     folder = Path(shutil.copytree(certified_dir, tmp_path / "overclaimed"))
     certificate = Certificate.load(folder / "certificate.json")
     inflated = [dataclasses.replace(r, certified_accuracy=0.9, pgd_accuracy=0.9) for r in certificate.results]
-    _forge(folder, clean_accuracy=0.95, results=inflated)  # passes every integrity check
+    forge_certificate(
+        folder, dataclasses.replace(certificate, clean_accuracy=0.95, results=inflated)
+    )  # passes every integrity check
     assert main(["verify", str(folder)]) == 0
     capsys.readouterr()
     assert main(["verify", str(folder), "--dataset", "digits", "--split", "test"]) == 1
@@ -179,6 +170,7 @@ def test_push_refuses_a_folder_that_does_not_verify(
     certified_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     folder = Path(shutil.copytree(certified_dir, tmp_path / "edited"))
-    _forge(folder, lipschitz=Certificate.load(folder / "certificate.json").lipschitz / 2)
+    certificate = Certificate.load(folder / "certificate.json")
+    forge_certificate(folder, dataclasses.replace(certificate, lipschitz=certificate.lipschitz / 2))
     assert main(["push", str(folder), "--repo-id", "org/x"]) == 1  # fails before any network access
     assert "lipschitz: the certificate claims" in capsys.readouterr().err

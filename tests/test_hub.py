@@ -14,6 +14,7 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from conftest import forge_certificate
 from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import ViTConfig, ViTForImageClassification
@@ -107,18 +108,6 @@ def _publish_to_cache(folder: Path, cache: Path, repo_id: str = REPO_ID) -> None
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(folder, tmp_path / "copy"))
-
-
-def _rewrite(folder: Path, certificate: Certificate) -> None:
-    """Write ``certificate`` and rewrite the weights header *consistently* (claim digest and weights_sha256 updated),
-    as a careful forger would: only checks that do not rely on the stored hashes can catch what remains."""
-    weights = folder / "model.safetensors"
-    safetensors.torch.save_file(
-        safetensors.torch.load_file(weights),
-        weights,
-        metadata={"format": "pt", hub.DIGEST_KEY: hub.claim_digest(certificate)},
-    )
-    dataclasses.replace(certificate, weights_sha256=sha256_file(weights)).save(folder / "certificate.json")
 
 
 # --- round trip ---------------------------------------------------------------------------------------------------
@@ -217,7 +206,7 @@ def test_a_lowered_bound_fails_the_recomputation_even_with_consistent_hashes(
     folder = _copy(certified.folder, tmp_path)
     certificate = Certificate.load(folder / "certificate.json")
     forged = dataclasses.replace(certificate, **{field: getattr(certificate, field) * 0.9})
-    _rewrite(folder, forged)
+    forge_certificate(folder, forged)
     with pytest.raises(CertificateError, match=f"^{field}: the certificate claims"):
         robustvit.from_pretrained(folder)
 
@@ -227,7 +216,7 @@ def test_the_bound_tolerance_is_relative_1e_9(timm_certified: Certified, tmp_pat
     for factor, ok in ((1 - 1e-10, True), (1 - 1e-8, False)):
         folder = tmp_path / str(factor)
         shutil.copytree(timm_certified.folder, folder)
-        _rewrite(folder, dataclasses.replace(certificate, lipschitz=certificate.lipschitz * factor))
+        forge_certificate(folder, dataclasses.replace(certificate, lipschitz=certificate.lipschitz * factor))
         if ok:
             assert robustvit.from_pretrained(folder).certificate.lipschitz < certificate.lipschitz
         else:
@@ -240,7 +229,7 @@ def test_a_certificate_of_another_architecture_is_caught(timm_certified: Certifi
     certificate = Certificate.load(folder / "certificate.json")
     source = json.loads(json.dumps(certificate.base_model["source"]))
     source["kwargs"]["depth"] = 12
-    _rewrite(folder, dataclasses.replace(certificate, base_model={**certificate.base_model, "source": source}))
+    forge_certificate(folder, dataclasses.replace(certificate, base_model={**certificate.base_model, "source": source}))
     with pytest.raises(CertificateError, match="describes source architecture"):
         robustvit.from_pretrained(folder)
 

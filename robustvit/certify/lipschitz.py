@@ -25,9 +25,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from robustvit._utils import check_images, eval_mode, model_logits
-from robustvit.errors import UnsupportedModuleError
-from robustvit.families import get_family
-from robustvit.lipschitz import compose_bound, lipschitz_report
+from robustvit.families import linear_head
+from robustvit.lipschitz import lipschitz_report
 from robustvit.lipschitz.engine import BoundReport
 
 __all__ = ["MARGIN_SLACK", "CertifyResult", "LipschitzHead", "certify", "lipschitz_head"]
@@ -51,13 +50,10 @@ class LipschitzHead:
 def lipschitz_head(model: nn.Module) -> LipschitzHead:
     """Bounds of ``model`` for certification (pairwise head bound for supported families, global otherwise)."""
     report = lipschitz_report(model)
-    try:
-        family = get_family(model)
-    except UnsupportedModuleError:
+    head = linear_head(model)
+    if head is None:
         return LipschitzHead(report.total, None, None, report)
-    features = compose_bound(model, lambda bound_of: family.features_bound(model, bound_of))
-    weight = family.head_weight(model)[0].detach().to(torch.float64)
-    return LipschitzHead(report.total, float(features), weight, report)
+    return LipschitzHead(report.total, float(head[0]), head[1], report)
 
 
 @dataclass

@@ -8,6 +8,7 @@ from robustvit.families.base import (
     ViTParts,
     family_by_name,
     get_family,
+    linear_head,
     register_family,
     registered_families,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "ViTParts",
     "family_by_name",
     "get_family",
+    "linear_head",
     "register_family",
     "registered_families",
 ]

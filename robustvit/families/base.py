@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.lipschitz.engine import BoundFn
+from robustvit.lipschitz.engine import BoundFn, compose_bound
 from robustvit.lipschitz.spectral import gram_spectral_norm
 
 __all__ = [
@@ -179,6 +179,20 @@ def get_family(model: nn.Module) -> Family:
         f"{type(model).__module__}.{type(model).__name__} is not a supported model; robustvit supports "
         f"{', '.join(_FAMILIES)}"
     )
+
+
+def linear_head(model: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """``(L_features, W)`` of a supported family's model, where ``logits = W @ features + b`` and ``features`` is
+    ``L_features``-Lipschitz; float64, differentiable in the parameters; ``None`` for a model of no family.
+
+    Certificates (pairwise radii) and margin losses (pairwise constants) share it.
+    """
+    try:
+        family = get_family(model)
+    except UnsupportedModuleError:
+        return None
+    features = compose_bound(model, lambda bound_of: family.features_bound(model, bound_of))
+    return features, family.head_weight(model)[0].to(torch.float64)
 
 
 def one(device: torch.device | None = None) -> Tensor:
