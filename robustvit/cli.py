@@ -21,26 +21,18 @@ import warnings
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
-from robustvit.certify import CertifyResult, certify
-from robustvit.certify.certificate import DEFAULT_EPS, Certificate
-from robustvit.certify.plot import eps_label
-from robustvit.convert import ConvertConfig, convert
-from robustvit.data import ImageDataset, load_image_dataset, stack_examples
+from robustvit.constants import CURVE_NAME, DEFAULT_EPS, DEFAULT_LICENSE
 from robustvit.errors import CertificateError, UnsupportedModuleError
-from robustvit.families import get_family
-from robustvit.hub import (
-    CURVE_NAME,
-    DEFAULT_LICENSE,
-    UncertifiedModelWarning,
-    from_pretrained,
-    push_to_hub,
-    save_pretrained,
-)
-from robustvit.lipschitz import lipschitz_report
+
+# The library (torch, timm, transformers) is imported inside each command, so that `robustvit --help` is fast.
+if TYPE_CHECKING:
+    from torch import nn
+
+    from robustvit.certify import CertifyResult
+    from robustvit.certify.certificate import Certificate
+    from robustvit.data import ImageDataset
 
 __all__ = ["ACCURACY_TOLERANCE", "main"]
 
@@ -100,6 +92,10 @@ def _source_model(args: argparse.Namespace) -> nn.Module:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    from robustvit.convert import ConvertConfig, convert
+    from robustvit.hub import save_pretrained
+    from robustvit.lipschitz import lipschitz_report
+
     options = {
         "mixer": args.mixer,
         "activation": args.activation,
@@ -119,6 +115,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _load_unverified(model: str, revision: str | None) -> nn.Module:
     """Load a model that is about to be (re-)certified; the no-certificate warning would only be noise here."""
+    from robustvit.hub import UncertifiedModelWarning, from_pretrained
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UncertifiedModelWarning)
         return from_pretrained(model, revision, verify=False)
@@ -126,6 +124,9 @@ def _load_unverified(model: str, revision: str | None) -> nn.Module:
 
 def _dataset(model: nn.Module, dataset: str, split: str) -> ImageDataset:
     """``split`` of ``dataset`` at the model's input size, checked against the model's number of classes."""
+    from robustvit.data import load_image_dataset
+    from robustvit.families import get_family
+
     family = get_family(model)
     spec = family.input_spec(model)
     height, width = spec.image_size
@@ -141,6 +142,10 @@ def _dataset(model: nn.Module, dataset: str, split: str) -> ImageDataset:
 
 
 def _certify(args: argparse.Namespace) -> int:
+    from robustvit.certify import certify
+    from robustvit.data import stack_examples
+    from robustvit.hub import save_pretrained
+
     model = _load_unverified(args.model, args.revision)
     data = _dataset(model, args.dataset, args.split)
     images, labels = stack_examples(data, args.max_images)
@@ -171,6 +176,8 @@ def _certify(args: argparse.Namespace) -> int:
 
 def _compare(certificate: Certificate, result: CertifyResult, *, same_data: bool, tolerance: float) -> list[str]:
     """Print claimed against re-certified accuracies; return the claims that fail (only for the same data)."""
+    from robustvit.certify.plot import eps_label
+
     rows = [("clean", certificate.clean_accuracy, result.clean_accuracy)]
     rows += [(eps_label(r.eps), r.certified_accuracy, result.certified_accuracy(r.eps)) for r in certificate.results]
     print("| accuracy | claimed | re-certified |\n|---|---|---|")
@@ -183,6 +190,10 @@ def _compare(certificate: Certificate, result: CertifyResult, *, same_data: bool
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from robustvit.certify import certify
+    from robustvit.data import stack_examples
+    from robustvit.hub import from_pretrained
+
     try:
         model = from_pretrained(args.model, args.revision)
     except CertificateError as err:
@@ -221,6 +232,8 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
+    from robustvit.hub import from_pretrained, push_to_hub
+
     model = from_pretrained(args.directory, verify=not args.uncertified)
     curve = Path(args.directory) / CURVE_NAME
     url = push_to_hub(

@@ -9,7 +9,8 @@ A robustvit repository (or local folder) holds one converted model:
   without downloading its weights), ``convert_config``, ``num_classes`` and ``input`` (pixels in [0, 1]).
 * ``certificate.json``: the :class:`~robustvit.certify.certificate.Certificate`, whose ``weights_sha256`` is the
   sha256 of ``model.safetensors``. Absent for an uncertified model.
-* ``README.md``: the model card (``hub/model_card.md``), with the certified accuracies as ``model-index``.
+* ``README.md``: the model card (template ``robustvit/templates/model_card.md``), certified accuracies as
+  ``model-index``.
 * ``certified_accuracy.png``: the certified-accuracy curve, when one was given.
 
 The certificate and the weights name each other: ``weights_sha256`` is the hash of the weights file, and the
@@ -42,6 +43,7 @@ import re
 import shutil
 import tempfile
 import warnings
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,7 @@ from torch import Tensor, nn
 
 from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.certify.lipschitz import lipschitz_head
+from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE
 from robustvit.convert import ConvertConfig, convert, is_converted
 from robustvit.errors import CertificateError
 from robustvit.families import family_by_name, get_family, registered_families
@@ -81,11 +84,10 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CERTIFICATE_NAME = "certificate.json"
 CARD_NAME = "README.md"
-CURVE_NAME = "certified_accuracy.png"
 DIGEST_KEY = "robustvit_certificate_sha256"
 SHARED_KEY = "robustvit_shared_tensors"
-DEFAULT_LICENSE = "apache-2.0"
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "hub" / "model_card.md"
+# Package data (pyproject: [tool.setuptools.package-data]), so that a wheel install can write model cards.
+MODEL_CARD_TEMPLATE = resources.files("robustvit") / "templates" / "model_card.md"
 # Suffixes of pickle-based checkpoints: refused, never opened (unpickling runs arbitrary code).
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # A recomputed bound may exceed the certified one by this relative amount. Both are guaranteed float64 upper bounds
@@ -278,7 +280,7 @@ def _model_card(
     source = model.robustvit_source
     return ModelCard.from_template(
         card_data,
-        template_path=str(MODEL_CARD_TEMPLATE),
+        template_str=MODEL_CARD_TEMPLATE.read_text(encoding="utf-8"),
         model_id=model_id,
         model_name=model_name,
         family=family.name,

@@ -174,3 +174,20 @@ def test_push_refuses_a_folder_that_does_not_verify(
     forge_certificate(folder, dataclasses.replace(certificate, lipschitz=certificate.lipschitz / 2))
     assert main(["push", str(folder), "--repo-id", "org/x"]) == 1  # fails before any network access
     assert "lipschitz: the certificate claims" in capsys.readouterr().err
+
+
+def test_help_imports_no_heavy_library():
+    """`robustvit --help` and `robustvit <cmd> --help` must not import torch / timm / transformers (startup time)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from robustvit.cli import main\n"
+        "for argv in (['--help'], ['convert', '--help'], ['certify', '--help']):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        main(argv)\n"
+        "heavy = sorted({'torch', 'timm', 'transformers', 'accelerate'} & set(sys.modules))\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -20,13 +20,13 @@ from typing import Any
 from torch import nn
 
 from robustvit.certify.plot import eps_label
+from robustvit.constants import DEFAULT_EPS
 from robustvit.errors import CertificateError
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "Certificate", "EpsResult", "sha256_file"]
 
 SCHEMA = "robustvit.certificate"
 SCHEMA_VERSION = 1
-DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
 
 
 def sha256_file(path: str | Path) -> str:

@@ -32,7 +32,6 @@ from robustvit.lipschitz.engine import BoundReport
 __all__ = ["MARGIN_SLACK", "CertifyResult", "LipschitzHead", "certify", "lipschitz_head"]
 
 MARGIN_SLACK = 1e-9
-DEFAULT_EPS = (36 / 255, 72 / 255, 108 / 255)
 
 
 @dataclass
