@@ -4,7 +4,7 @@
 # --output`, or robustvit.save_pretrained) or a Hub repository, certifies the split (deterministic l2 certificates
 # from the Lipschitz bound, with an l2 PGD column that tries to break them), and writes to --output_dir a certified
 # model folder: weights, config.json, certificate.json, certified_accuracy.png, metrics.json and a model card.
-# It is the `robustvit certify` command with recipe-style flags.
+# The same library call as `robustvit certify` (robustvit.certify.dataset.certify_split).
 #
 #   python recipes/certify.py --model outputs/train_lipschitz/model                  # embedded digits, test split
 #   python recipes/certify.py --model org/name --dataset path/to/imagefolder --split test --max_eval_images 1000
@@ -12,35 +12,39 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 from collections.abc import Sequence
 
-from robustvit.cli import main as robustvit_cli
+from robustvit.certify.dataset import certify_split
+from robustvit.constants import DIGITS
+from robustvit.hub import UncertifiedModelWarning, from_pretrained
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Certify a saved robustvit model on a dataset split.")
     parser.add_argument("--model", required=True, help="a robustvit model folder or Hub repository")
-    parser.add_argument("--dataset", default="digits", help="'digits' (embedded), an imagefolder dir or a HF id")
+    parser.add_argument("--dataset", default=DIGITS, help=f"'{DIGITS}' (embedded), an imagefolder dir or a HF id")
     parser.add_argument("--split", default="test")
     parser.add_argument("--max_eval_images", type=int, default=None, help="certify the first N images")
     parser.add_argument("--pgd_steps", type=int, default=50)
     parser.add_argument("--output_dir", default="outputs/certify")
     args = parser.parse_args(argv)
-    command = [
-        "certify",
-        args.model,
-        "--dataset",
-        args.dataset,
-        "--split",
-        args.split,
-        "--output",
+
+    with warnings.catch_warnings():  # the model is about to be (re-)certified
+        warnings.simplefilter("ignore", UncertifiedModelWarning)
+        model = from_pretrained(args.model, verify=False)
+    certificate = certify_split(
+        model,
         args.output_dir,
-        "--pgd-steps",
-        str(args.pgd_steps),
-    ]
-    if args.max_eval_images is not None:
-        command += ["--max-images", str(args.max_eval_images)]
-    return robustvit_cli(command)
+        dataset=args.dataset,
+        split=args.split,
+        max_images=args.max_eval_images,
+        pgd_steps=args.pgd_steps,
+        name=args.model,
+    )
+    print(certificate.accuracy_table())
+    print(f"wrote the certified model to {args.output_dir}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ Examples::
     robustvit certify out/converted --dataset cifar10 --split test --max-images 1000 --output out/certified
     robustvit verify out/certified                            # integrity + recomputed bounds
     robustvit verify org/vit-tiny-lipschitz --split test      # ... and re-certify on the certificate's data
-    robustvit push out/certified --repo-id org/vit-tiny-lipschitz
+    robustvit push out/certified --repo_id org/vit-tiny-lipschitz --dry_run out/repo   # write only
+    robustvit push out/certified --repo_id org/vit-tiny-lipschitz                     # upload
 
 Exit status: 0 on success, 1 when a check fails or an input is invalid (the reason goes to stderr), 2 for usage
 errors.
@@ -23,7 +24,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustvit.constants import CURVE_NAME, DEFAULT_EPS, DEFAULT_LICENSE
+from robustvit.constants import CURVE_NAME, DEFAULT_EPS, DEFAULT_LICENSE, DIGITS
 from robustvit.errors import CertificateError, UnsupportedModuleError
 
 # The library (torch, timm, transformers) is imported inside each command, so that `robustvit --help` is fast.
@@ -32,9 +33,8 @@ if TYPE_CHECKING:
 
     from robustvit.certify import CertifyResult
     from robustvit.certify.certificate import Certificate
-    from robustvit.data import ImageDataset
 
-__all__ = ["ACCURACY_TOLERANCE", "main"]
+__all__ = ["ACCURACY_TOLERANCE", "main", "model_folder"]
 
 # `robustvit verify --split ...` fails when a re-certified accuracy is below the claimed one by more than this
 # (a fraction: 0.01 is one percentage point). Same weights, images and code reproduce the radii up to float64
@@ -42,7 +42,6 @@ __all__ = ["ACCURACY_TOLERANCE", "main"]
 # that differs between library versions. The comparison is made only on the certificate's own dataset, split
 # and sample count; other data is reported, not compared.
 ACCURACY_TOLERANCE = 0.01
-DIGITS = "digits"  # the embedded scikit-learn digits (robustvit.data), the default dataset
 
 
 def _key_value(text: str) -> tuple[str, Any]:
@@ -122,55 +121,25 @@ def _load_unverified(model: str, revision: str | None) -> nn.Module:
         return from_pretrained(model, revision, verify=False)
 
 
-def _dataset(model: nn.Module, dataset: str, split: str) -> ImageDataset:
-    """``split`` of ``dataset`` at the model's input size, checked against the model's number of classes."""
-    from robustvit.data import load_image_dataset
-    from robustvit.families import get_family
-
-    family = get_family(model)
-    spec = family.input_spec(model)
-    height, width = spec.image_size
-    if height != width:
-        raise ValueError(f"robustvit.data loads square images; this model takes {height}x{width}")
-    data = load_image_dataset(
-        None if dataset == DIGITS else dataset, split=split, image_size=height, channels=spec.channels
-    )
-    num_classes = family.head_weight(model)[0].shape[0]
-    if data.num_classes != num_classes:
-        raise ValueError(f"{data.name} has {data.num_classes} classes but the model predicts {num_classes}")
-    return data
-
-
 def _certify(args: argparse.Namespace) -> int:
-    from robustvit.certify import certify
-    from robustvit.data import stack_examples
-    from robustvit.hub import save_pretrained
+    from robustvit.certify.dataset import certify_split
 
     model = _load_unverified(args.model, args.revision)
-    data = _dataset(model, args.dataset, args.split)
-    images, labels = stack_examples(data, args.max_images)
-    result = certify(model, images, labels, batch_size=args.batch_size, progress=True)
-    certificate = result.to_certificate(
-        model, dataset=data.name, split=data.split, eps=args.eps, pgd_steps=args.pgd_steps
+    certificate = certify_split(
+        model,
+        args.output,
+        dataset=args.dataset,
+        split=args.split,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        eps=args.eps,
+        pgd_steps=args.pgd_steps,
+        license=args.license,
+        name=args.model,
     )
-    output = Path(args.output)
-    curve = result.plot(output / CURVE_NAME, title=f"{args.model} on {data.name} ({data.split})")
-    save_pretrained(model, output, certificate, curve=curve, license=args.license)
-    metrics = {
-        "model": args.model,
-        "dataset": data.name,
-        "split": data.split,
-        "num_samples": certificate.num_samples,
-        "clean_accuracy": certificate.clean_accuracy,
-        "certified_accuracy": {r.label: r.certified_accuracy for r in certificate.results},
-        "pgd_accuracy": {r.label: r.pgd_accuracy for r in certificate.results},
-        "lipschitz": certificate.lipschitz,
-        "features_lipschitz": certificate.features_lipschitz,
-    }
-    (output / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"end-to-end l2 Lipschitz bound: {certificate.lipschitz:.6g}")
     print(certificate.accuracy_table())
-    print(f"wrote the certified model, certificate.json and {CURVE_NAME} to {output}")
+    print(f"wrote the certified model, certificate.json and {CURVE_NAME} to {args.output}")
     return 0
 
 
@@ -191,6 +160,7 @@ def _compare(certificate: Certificate, result: CertifyResult, *, same_data: bool
 
 def _verify(args: argparse.Namespace) -> int:
     from robustvit.certify import certify
+    from robustvit.certify.dataset import model_dataset
     from robustvit.data import stack_examples
     from robustvit.hub import from_pretrained
 
@@ -209,7 +179,7 @@ def _verify(args: argparse.Namespace) -> int:
         return 0
 
     dataset = args.dataset or certificate.dataset
-    data = _dataset(model, dataset, args.split or certificate.split)
+    data = model_dataset(model, dataset, args.split or certificate.split)
     images, labels = stack_examples(data, args.max_images or certificate.num_samples)
     result = certify(model, images, labels, batch_size=args.batch_size)
     claimed_data = (certificate.dataset, certificate.split, certificate.num_samples)
@@ -231,11 +201,44 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _push(args: argparse.Namespace) -> int:
-    from robustvit.hub import from_pretrained, push_to_hub
+MODEL_SUBDIR = "model"  # recipes save their certified model in OUTPUT_DIR/model
 
-    model = from_pretrained(args.directory, verify=not args.uncertified)
-    curve = Path(args.directory) / CURVE_NAME
+
+def model_folder(output_dir: Path) -> Path:
+    """``OUTPUT_DIR/model`` when it exists, else ``OUTPUT_DIR`` itself when it is a saved robustvit folder.
+
+    Example:
+        >>> model_folder(Path("runs/cifar10"))  # doctest: +SKIP
+        PosixPath('runs/cifar10/model')
+    """
+    from robustvit.hub import CONFIG_NAME
+
+    for candidate in (output_dir / MODEL_SUBDIR, output_dir):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{output_dir} is neither a saved robustvit model folder nor a recipe output folder with {MODEL_SUBDIR}/ "
+        f"(written by robustvit.save_pretrained(model, OUTPUT_DIR / '{MODEL_SUBDIR}', certificate))"
+    )
+
+
+def _push(args: argparse.Namespace) -> int:
+    from robustvit.hub import from_pretrained, push_to_hub, save_pretrained
+
+    output_dir = Path(args.directory)
+    directory = model_folder(output_dir)
+    model = from_pretrained(directory, verify=not args.uncertified)
+    # The model folder's curve first, then one a recipe wrote beside it; only a certified model carries one.
+    curves = [path for path in (directory / CURVE_NAME, output_dir / CURVE_NAME) if path.is_file()]
+    card = {
+        "curve": curves[0] if curves and model.certificate is not None else None,
+        "license": args.license,
+        "base_model": args.base_model,
+    }
+    if args.dry_run is not None:
+        save_pretrained(model, args.dry_run, model.certificate, repo_id=args.repo_id, **card)
+        print(f"wrote {args.repo_id} to {args.dry_run} (dry run: nothing uploaded)")
+        return 0
     url = push_to_hub(
         model,
         args.repo_id,
@@ -243,10 +246,9 @@ def _push(args: argparse.Namespace) -> int:
         private=args.private,
         token=args.token,
         commit_message=args.commit_message,
-        curve=curve if model.certificate is not None and curve.is_file() else None,
-        license=args.license,
+        **card,
     )
-    print(url)
+    print(f"published {args.repo_id}: {url}")
     return 0
 
 
@@ -260,16 +262,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="timm model name, or transformers Hub id / local folder")
     p.add_argument("--library", choices=("auto", "timm", "hf"), default="auto", help="default: timm for timm names")
     p.add_argument(
-        "--pretrained",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="load the source's pretrained weights (--no-pretrained: random init, for tests and from-scratch runs)",
+        "--no_pretrained",
+        dest="pretrained",
+        action="store_false",
+        help="random init instead of the source's pretrained weights (for tests and from-scratch runs)",
     )
-    p.add_argument("--img-size", type=int)
-    p.add_argument("--patch-size", type=int)
-    p.add_argument("--num-classes", type=int)
+    p.add_argument("--img_size", type=int)
+    p.add_argument("--patch_size", type=int)
+    p.add_argument("--num_classes", type=int)
     p.add_argument(
-        "--model-kwargs",
+        "--model_kwargs",
         nargs="+",
         type=_key_value,
         default=[],
@@ -278,8 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mixer", choices=("shift", "l2"))
     p.add_argument("--activation", choices=("gelu", "minmax"))
-    p.add_argument("--shift-div", type=int)
-    p.add_argument("--residual-alpha", type=float)
+    p.add_argument("--shift_div", type=int)
+    p.add_argument("--residual_alpha", type=float)
     p.add_argument("--mean", type=float, nargs="+", help="input normalization mean (default: the source's)")
     p.add_argument("--std", type=float, nargs="+", help="input normalization std (default: the source's)")
     p.add_argument("--output", help="save the converted model here (robustvit.save_pretrained, no certificate)")
@@ -294,9 +296,9 @@ def _parser() -> argparse.ArgumentParser:
         split_help = f"default: {split_default}" if split_default else "default: the certificate's split"
         p.add_argument("--split", default=split_default, help=split_help)
         p.add_argument(
-            "--max-images", type=int, help="certify the first N images (default: all; verify: the certificate's N)"
+            "--max_images", type=int, help="certify the first N images (default: all; verify: the certificate's N)"
         )
-        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--batch_size", type=int, default=256)
 
     p = commands.add_parser("certify", help="certify a saved model on a dataset; write a certified model folder")
     p.add_argument("model", help="a folder written by robustvit (convert --output) or a Hub repository")
@@ -309,7 +311,7 @@ def _parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_EPS),
         help="l2 radii to report (default 36/255 72/255 108/255)",
     )
-    p.add_argument("--pgd-steps", type=int, default=50, help="steps of the empirical PGD column")
+    p.add_argument("--pgd_steps", type=int, default=50, help="steps of the empirical PGD column")
     p.add_argument("--license", default=DEFAULT_LICENSE, help="model card license")
     p.add_argument("--output", required=True, help="folder for the certified model, certificate.json and the curve")
     p.set_defaults(run=_certify)
@@ -326,13 +328,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_verify)
 
-    p = commands.add_parser("push", help="verify a saved model folder and upload it to the Hub in one commit")
-    p.add_argument("directory")
-    p.add_argument("--repo-id", required=True)
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--token")
+    p = commands.add_parser(
+        "push", help="verify a saved model folder (or a recipe's output folder) and upload it to the Hub in one commit"
+    )
+    p.add_argument("directory", help=f"a saved robustvit model folder, or a recipe output folder with {MODEL_SUBDIR}/")
+    p.add_argument("--repo_id", required=True, help="Hub repository, org/name")
+    p.add_argument("--dry_run", type=Path, metavar="DIR", help="write the repository folder here; upload nothing")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--token", help="Hub token (default: the logged-in one)")
     p.add_argument("--license", default=DEFAULT_LICENSE)
-    p.add_argument("--commit-message", default="Upload certified robustvit model")
+    p.add_argument("--base_model", help="Hub id of the base model for the card (default: from the certificate)")
+    p.add_argument("--commit_message", default="Upload certified robustvit model")
     p.add_argument("--uncertified", action="store_true", help="push without verifying and without a certificate")
     p.set_defaults(run=_push)
     return parser

@@ -23,11 +23,11 @@ from robustvit.cli import main
 PUBLISH = Path(__file__).resolve().parents[1] / "hub" / "publish.py"
 TINY_TIMM = [
     "vit_tiny_patch16_224",
-    "--no-pretrained",
-    "--img-size", "32",
-    "--patch-size", "8",
-    "--num-classes", "10",  # the embedded digits have 10 classes
-    "--model-kwargs", "depth=1", "embed_dim=48", "num_heads=3",
+    "--no_pretrained",
+    "--img_size", "32",
+    "--patch_size", "8",
+    "--num_classes", "10",  # the embedded digits have 10 classes
+    "--model_kwargs", "depth=1", "embed_dim=48", "num_heads=3",
 ]  # fmt: skip
 
 
@@ -36,7 +36,7 @@ def certified_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``robustvit convert`` then ``robustvit certify`` on 24 digits: a certified model folder."""
     root = tmp_path_factory.mktemp("cli")
     assert main(["convert", *TINY_TIMM, "--mixer", "l2", "--activation", "minmax", "--output", str(root / "conv")]) == 0
-    args = ["certify", str(root / "conv"), "--max-images", "24", "--pgd-steps", "2", "--output", str(root / "cert")]
+    args = ["certify", str(root / "conv"), "--max_images", "24", "--pgd_steps", "2", "--output", str(root / "cert")]
     assert main(args) == 0
     return root / "cert"
 
@@ -77,7 +77,7 @@ def test_convert_rejects_bad_options(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["convert", *TINY_TIMM, "--mean", "0.5", "--std", "0.5", "0.5"]) == 1
     assert "mean and std" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", *TINY_TIMM, "--model-kwargs", "depth"])
+        main(["convert", *TINY_TIMM, "--model_kwargs", "depth"])
     assert exit_info.value.code == 2
 
 
@@ -136,7 +136,7 @@ def test_verify_fails_when_recertification_falls_short_of_the_claims(
     assert main(["verify", str(folder), "--dataset", "digits", "--split", "test"]) == 1
     assert "re-certified accuracy below the claim" in capsys.readouterr().err
     # On other data the accuracies are only reported.
-    assert main(["verify", str(folder), "--split", "test", "--max-images", "8"]) == 0
+    assert main(["verify", str(folder), "--split", "test", "--max_images", "8"]) == 0
     assert "not compared" in capsys.readouterr().out
 
 
@@ -149,7 +149,7 @@ def test_publish_dry_run_writes_a_verified_repository(
     publish = runpy.run_path(str(PUBLISH))["main"]
 
     repo = tmp_path / "repo"
-    args = [str(recipe_output), "--repo-id", "org/digits-vit", "--dry-run", str(repo), "--license", "mit"]
+    args = [str(recipe_output), "--repo_id", "org/digits-vit", "--dry_run", str(repo), "--license", "mit"]
     assert publish(args) == 0
     assert {p.name for p in repo.iterdir()} == {p.name for p in certified_dir.iterdir()} - {"metrics.json"}
     assert (repo / "model.safetensors").read_bytes() == (certified_dir / "model.safetensors").read_bytes()
@@ -161,7 +161,7 @@ def test_publish_dry_run_writes_a_verified_repository(
     uncertified = tmp_path / "uncertified"
     shutil.copytree(certified_dir, uncertified)
     (uncertified / "certificate.json").unlink()
-    assert publish([str(uncertified), "--repo-id", "org/x", "--dry-run", str(tmp_path / "never")]) == 1
+    assert publish([str(uncertified), "--repo_id", "org/x", "--dry_run", str(tmp_path / "never")]) == 1
     assert "no certificate.json" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
 
@@ -172,7 +172,7 @@ def test_push_refuses_a_folder_that_does_not_verify(
     folder = Path(shutil.copytree(certified_dir, tmp_path / "edited"))
     certificate = Certificate.load(folder / "certificate.json")
     forge_certificate(folder, dataclasses.replace(certificate, lipschitz=certificate.lipschitz / 2))
-    assert main(["push", str(folder), "--repo-id", "org/x"]) == 1  # fails before any network access
+    assert main(["push", str(folder), "--repo_id", "org/x"]) == 1  # fails before any network access
     assert "lipschitz: the certificate claims" in capsys.readouterr().err
 
 
@@ -191,3 +191,20 @@ def test_help_imports_no_heavy_library():
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_certify_recipe_calls_the_library_and_matches_the_command(certified_dir: Path, tmp_path: Path) -> None:
+    recipe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "recipes" / "certify.py"))["main"]
+    output = tmp_path / "recipe"
+    assert (
+        recipe(
+            ["--model", str(certified_dir), "--max_eval_images", "24", "--pgd_steps", "2", "--output_dir", str(output)]
+        )
+        == 0
+    )
+    recipe_certificate = Certificate.load(output / "certificate.json")
+    command_certificate = Certificate.load(certified_dir / "certificate.json")
+    assert recipe_certificate.results == command_certificate.results
+    assert recipe_certificate.lipschitz == command_certificate.lipschitz
+    assert json.loads((output / "metrics.json").read_text())["num_samples"] == 24
+    assert robustvit.from_pretrained(output).certificate == recipe_certificate
