@@ -307,7 +307,11 @@ def convert(
     blocks: list[nn.Module] = [_build_block(block, parts, config, norm) for block in parts.blocks]
     if config.mixer == "shift" and parts.head_reads_prefix:
         # The shift never moves patch information into prefix tokens: let the head read pooled patches instead.
-        blocks.append(PrefixPool(parts.num_prefix_tokens, parts.grid_size[0] * parts.grid_size[1]))
+        # The pool ends the last block, so the model keeps the source's number of blocks.
+        pool = PrefixPool(parts.num_prefix_tokens, parts.grid_size[0] * parts.grid_size[1])
+        if not blocks:
+            raise UnsupportedModuleError("a model without blocks cannot be converted with mixer='shift'")
+        blocks[-1].pool = pool
     norms = {
         key: norm(getattr(parts, key))
         for key in ("patch_norm", "pre_norm", "final_norm", "head_norm")
@@ -319,6 +323,7 @@ def convert(
 
     model.robustvit_config = config
     model.robustvit_source = source_spec
+    family.annotate(model)
     return model
 
 

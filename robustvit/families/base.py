@@ -23,8 +23,11 @@ __all__ = [
     "Family",
     "InputSpec",
     "ViTParts",
+    "NATIVE_RECORD_KEY",
     "family_by_name",
     "get_family",
+    "native_record",
+    "rebuild_converted",
     "register_family",
     "registered_families",
 ]
@@ -145,6 +148,39 @@ class Family(ABC):
         """The head modules whose weights :meth:`head_weight` reads."""
         return []
 
+    def annotate(self, model: nn.Module) -> None:
+        """Rewrite the library's own metadata of a just-converted model (preprocessing, config, how to rebuild it),
+        so that the library's standard preprocessing and save/load paths see the converted model, not its source."""
+
+    def saved_key_names(self, model: nn.Module) -> dict[str, str]:
+        """``{name in a natively saved checkpoint: state_dict name}``; the library may rename keys on save."""
+        return {name: name for name in model.state_dict()}
+
+    def library_config(self, model: nn.Module) -> dict:
+        """The library's own config of a converted model, written into robustvit's ``config.json`` so that the
+        library's loaders (e.g. transformers' Auto classes and pipelines) can read a robustvit folder too."""
+        return {}
+
+    def image_processor(self, model: nn.Module):
+        """The library's preprocessing object to ship next to the weights (``save_pretrained``), or ``None``."""
+        return None
+
+
+NATIVE_RECORD_KEY = "robustvit"
+"""Key under which a natively saved converted model (transformers ``config.json``, timm ``model_args``) records
+how robustvit rebuilds it: :func:`native_record`."""
+
+
+def native_record(model: nn.Module) -> dict:
+    """JSON-ready ``{"family", "source", "convert_config"}`` of a converted model: enough to rebuild its architecture
+    (``robustvit.from_pretrained`` then loads the weights strictly)."""
+    family = get_family(model)
+    return {
+        "family": family.name,
+        "source": model.robustvit_source,
+        "convert_config": model.robustvit_config.to_dict(),
+    }
+
 
 _FAMILIES: dict[str, Family] = {}
 
@@ -195,6 +231,17 @@ def linear_head(model: nn.Module) -> tuple[Tensor, Tensor] | None:
     return features, family.head_weight(model)[0].to(torch.float64)
 
 
+def rebuild_converted(record: dict) -> nn.Module:
+    """The converted architecture a :func:`native_record` describes, with placeholder weights (nothing downloaded)."""
+    from robustvit.convert import ConvertConfig, convert  # late: convert imports the families
+
+    family = family_by_name(record["family"])
+    model = convert(family.build(record["source"]), ConvertConfig.from_dict(record["convert_config"]), inplace=True)
+    model.robustvit_source = record["source"]  # as stored, so that saving again writes the same record
+    family.annotate(model)
+    return model
+
+
 def one(device: torch.device | None = None) -> Tensor:
     return torch.ones((), dtype=torch.float64, device=device)
 
@@ -202,16 +249,19 @@ def one(device: torch.device | None = None) -> Tensor:
 def blocks_bound(blocks: list[nn.Module], prefix: str, bound_of: BoundFn, tokens_read: int) -> Tensor:
     """Bound of the blocks as the head sees them.
 
-    When the last block is a :class:`~robustvit.layers.PrefixPool` and the head reads ``tokens_read`` prefix
-    tokens through per-token layers only, those tokens are all the mean of the patch tokens: the map to them is
-    ``sqrt(tokens_read / num_patches)``-Lipschitz, tighter than the pool's bound on the whole tensor.
+    When the last block ends in a :class:`~robustvit.layers.PrefixPool` (``LipBlock.pool``) and the head reads
+    ``tokens_read`` prefix tokens through per-token layers only, those tokens are all the mean of the patch tokens:
+    the map to them is ``sqrt(tokens_read / num_patches)``-Lipschitz, tighter than the pool's bound on the whole
+    tensor.
     """
-    from robustvit.layers import PrefixPool
-
     bound = one()
-    pooled = bool(blocks) and isinstance(blocks[-1], PrefixPool) and tokens_read > 0
+    last = blocks[-1] if blocks else None
+    pool = getattr(last, "pool", None)
+    pooled = pool is not None and tokens_read > 0
     for i, block in enumerate(blocks[:-1] if pooled else blocks):
         bound = bound * bound_of(f"{prefix}.{i}", block)
     if pooled:
-        bound = bound * (tokens_read / blocks[-1].num_patches) ** 0.5
+        name = f"{prefix}.{len(blocks) - 1}"
+        bound = bound * bound_of(f"{name}.mixer", last.mixer) * bound_of(f"{name}.mlp", last.mlp)
+        bound = bound * (tokens_read / pool.num_patches) ** 0.5
     return bound
