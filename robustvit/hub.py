@@ -62,7 +62,7 @@ from torch import Tensor, nn
 
 from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.certify.lipschitz import lipschitz_head
-from robustvit.convert import ConvertConfig, convert, is_converted
+from robustvit.convert import is_converted
 from robustvit.errors import CertificateError
 from robustvit.families import NATIVE_RECORD_KEY, get_family, rebuild_converted, registered_families
 
@@ -482,7 +482,9 @@ def _native_record(config: dict[str, Any]) -> dict[str, Any] | None:
     """The rebuild record of a converted model saved with its library's own ``save_pretrained`` / ``save_for_hf``:
     at the top of a transformers ``config.json``, in the ``model_args`` of a timm one."""
     model_args = config.get("model_args")
-    record = config.get(NATIVE_RECORD_KEY) or (model_args.get(NATIVE_RECORD_KEY) if isinstance(model_args, dict) else None)
+    record = config.get(NATIVE_RECORD_KEY) or (
+        model_args.get(NATIVE_RECORD_KEY) if isinstance(model_args, dict) else None
+    )
     if not isinstance(record, dict):
         return None
     if record.get("family") not in registered_families():
@@ -500,7 +502,8 @@ def _load_native(folder: Path, record: dict[str, Any]) -> nn.Module:
     missing = sorted(set(names.values()) - {names[key] for key in tensors if key in names})
     if unexpected or missing:
         raise ValueError(
-            f"{weights} does not hold this converted model's weights: unexpected {unexpected[:5]}, missing {missing[:5]}"
+            f"{weights} does not hold this converted model's weights: unexpected keys {unexpected[:5]}, "
+            f"missing keys {missing[:5]}"
         )
     dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     if len(dtypes) == 1:

@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 
 import robustvit
 from robustvit.errors import CertificateError
-from tests.conftest import HF_FAMILIES, IMG, TIMM_CONFIGS, build_model, logits_of
+from tests.conftest import HF_FAMILIES, IMG, TIMM_CONFIGS, build_model
 
 TIMM_FAMILIES = tuple(TIMM_CONFIGS)
 

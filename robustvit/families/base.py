@@ -148,6 +148,7 @@ class Family(ABC):
         """The head modules whose weights :meth:`head_weight` reads."""
         return []
 
+    @abstractmethod
     def annotate(self, model: nn.Module) -> None:
         """Rewrite the library's own metadata of a just-converted model (preprocessing, config, how to rebuild it),
         so that the library's standard preprocessing and save/load paths see the converted model, not its source."""

@@ -225,7 +225,7 @@ class TimmViT(Family):
 
 
 TIMM_ARCHITECTURE = "robustvit"
-"""timm model name of converted models: ``pretrained_cfg["architecture"]`` and the ``config.json`` of ``save_for_hf``."""
+"""timm model name of converted models (``pretrained_cfg["architecture"]``, and ``save_for_hf``'s ``config.json``)."""
 
 
 @register_model
@@ -247,8 +247,12 @@ def robustvit(pretrained: bool = False, **kwargs) -> nn.Module:
     for key in ("pretrained_cfg_overlay", "pretrained_model_args", "device"):
         kwargs.pop(key, None)
     model = rebuild_converted(record)
-    actual = {"num_classes": model.num_classes, "in_chans": model.patch_embed.proj.in_channels,
-              "img_size": tuple(model.patch_embed.img_size), "global_pool": model.global_pool}
+    actual = {
+        "num_classes": model.num_classes,
+        "in_chans": model.patch_embed.proj.in_channels,
+        "img_size": tuple(model.patch_embed.img_size),
+        "global_pool": model.global_pool,
+    }
     for key, value in kwargs.items():
         current = actual.get(key)
         wanted = (tuple(value) if not isinstance(value, int) else (value, value)) if key == "img_size" else value
