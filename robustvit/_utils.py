@@ -99,12 +99,24 @@ def _num_classes(model: nn.Module) -> int | None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """``model`` without distributed / compile wrappers (``DistributedDataParallel``, ``torch.compile``)."""
+    """``model`` without the wrappers that do not change its function: ``DistributedDataParallel`` /
+    ``DataParallel``, ``torch.compile`` and PEFT's ``PeftModel`` / tuner model (whose adapted layers stay in place
+    in the wrapped model)."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
+        elif type(model).__module__.startswith("peft."):
+            from peft import PeftModel
+            from peft.tuners.tuners_utils import BaseTuner
+
+            if isinstance(model, PeftModel):
+                model = model.base_model
+            elif isinstance(model, BaseTuner):
+                model = model.model
+            else:
+                return model
         else:
             return model
 

@@ -137,7 +137,7 @@ class Family(ABC):
         """End-to-end bound: features bound times the exact spectral bound of the head's linear map."""
         heads = self.heads(model)
         for name, head in heads:
-            if parametrize.type_before_parametrizations(head) is not nn.Linear:
+            if not is_linear(head):
                 raise UnsupportedModuleError(f"head '{name}' is a {type(head).__name__}, expected an nn.Linear")
         features = self.features_bound(model, bound_of)
         if len(heads) == 1:  # the head's own row in the report
@@ -207,8 +207,9 @@ def family_by_name(name: str) -> Family:
 
 def get_family(model: nn.Module) -> Family:
     """The adapter of ``model``'s family, or :class:`UnsupportedModuleError` listing the supported families."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    from robustvit._utils import unwrap
+
+    model = unwrap(model)
     for family in _FAMILIES.values():
         if family.matches(model):
             return family
@@ -224,6 +225,9 @@ def linear_head(model: nn.Module) -> tuple[Tensor, Tensor] | None:
 
     Certificates (pairwise radii) and margin losses (pairwise constants) share it.
     """
+    from robustvit._utils import unwrap
+
+    model = unwrap(model)
     try:
         family = get_family(model)
     except UnsupportedModuleError:
@@ -241,6 +245,16 @@ def rebuild_converted(record: dict) -> nn.Module:
     model.robustvit_source = record["source"]  # as stored, so that saving again writes the same record
     family.annotate(model)
     return model
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (parametrized or not), or a LoRA-adapted one (:class:`robustvit.peft.LipschitzLoraLinear`)."""
+    return parametrize.type_before_parametrizations(module) is nn.Linear or hasattr(module, "effective_weight")
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The weight a linear layer computes with, LoRA updates included."""
+    return module.effective_weight() if hasattr(module, "effective_weight") else module.weight
 
 
 def one(device: torch.device | None = None) -> Tensor:

@@ -42,6 +42,7 @@ from robustvit.families.base import (
     InputSpec,
     ViTParts,
     blocks_bound,
+    linear_weight,
     native_record,
     one,
     register_family,
@@ -146,7 +147,7 @@ class HFViT(Family):
         return [("classifier", model.classifier)]
 
     def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        return model.classifier.weight, model.classifier.bias
+        return linear_weight(model.classifier), model.classifier.bias
 
     def source_spec(self, model: nn.Module) -> dict:
         return {"library": "transformers", "class": type(model).__name__, "config": model.config.to_dict()}

@@ -23,6 +23,7 @@ from robustvit.families.base import (
     InputSpec,
     ViTParts,
     blocks_bound,
+    linear_weight,
     native_record,
     one,
     rebuild_converted,
@@ -166,9 +167,9 @@ class TimmViT(Family):
 
     def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         if isinstance(model, VisionTransformerDistilled):  # (head(x0) + head_dist(x1)) / 2 on the pair (x0, x1)
-            weight = torch.cat((model.head.weight, model.head_dist.weight), dim=1) / 2
+            weight = torch.cat((linear_weight(model.head), linear_weight(model.head_dist)), dim=1) / 2
             return weight, (model.head.bias + model.head_dist.bias) / 2
-        return model.head.weight, model.head.bias
+        return linear_weight(model.head), model.head.bias
 
     def source_spec(self, model: nn.Module) -> dict:
         self._check(model, source=True)
