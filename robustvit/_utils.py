@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -35,9 +36,10 @@ def check_inputs(
     labels: torch.Tensor | None = None,
     *,
     eps: float | None = None,
-) -> None:
+) -> nn.Module:
     """The input contract of certification and attacks, checked before any work; raises a ``ValueError`` /
-    ``TypeError`` that names the fix.
+    ``TypeError`` that names the fix. Returns ``unwrap(model)``: what a certificate describes (the exact function,
+    without Accelerate's autocast wrapper, DDP, PEFT or compile wrappers).
 
     ``images``: a non-empty float batch ``(B, C, H, W)`` of pixels in [0, 1] (radii are in that pixel space, so
     uint8 or [0, 255] images would give radii 255x too large, and mean/std-normalized ones radii of another space).
@@ -81,6 +83,7 @@ def check_inputs(
         values = torch.as_tensor(eps, dtype=torch.float64).flatten()
         if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
             raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    return unwrap(model)
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -99,10 +102,22 @@ def _num_classes(model: nn.Module) -> int | None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """``model`` without the wrappers that do not change its function: ``DistributedDataParallel`` /
-    ``DataParallel``, ``torch.compile`` and PEFT's ``PeftModel`` / tuner model (whose adapted layers stay in place
-    in the wrapped model)."""
+    """``model`` without the wrappers that do not change its (exact-arithmetic) function: ``DistributedDataParallel``
+    / ``DataParallel``, ``torch.compile``, PEFT's ``PeftModel`` / tuner model (whose adapted layers stay in place in
+    the wrapped model), and Accelerate's mixed-precision forward (``accelerator.prepare`` with ``--mixed_precision
+    bf16|fp16`` replaces ``model.forward`` on the instance by an autocast wrapper of the class's forward; even
+    ``accelerator.unwrap_model(model, keep_fp32_wrapper=False)`` leaves the class's forward bound on the instance).
+
+    The model itself is never modified: without its forward wrapper it comes back as a shallow view that shares
+    every submodule and parameter.
+    """
     while True:
+        if _class_forward_on_instance(model):
+            view = copy.copy(model)  # shares _modules / _parameters / _buffers with the model
+            del view.__dict__["forward"]
+            view.__dict__.pop("_original_forward", None)
+            model = view
+            continue
         if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
@@ -119,6 +134,23 @@ def unwrap(model: nn.Module) -> nn.Module:
                 return model
         else:
             return model
+
+
+def _class_forward_on_instance(model: nn.Module) -> bool:
+    """Whether ``model.forward`` is set on the instance and only wraps the class's own ``forward`` (Accelerate's
+    autocast / fp32-output wrappers are ``functools.wraps`` chains, each ``__wrapped__`` pointing inwards)."""
+    forward = model.__dict__.get("forward")
+    if forward is None:
+        return False
+    target = type(model).forward
+    seen = 0
+    function = getattr(forward, "__func__", forward)
+    while function is not target and seen < 16:
+        inner = getattr(function, "__wrapped__", None) or getattr(function, "model_forward", None)
+        if inner is None:
+            return False
+        function, seen = getattr(inner, "__func__", inner), seen + 1
+    return function is target and getattr(forward, "__self__", model) is model
 
 
 @contextmanager

@@ -142,7 +142,7 @@ def certify(
         >>> result = robustvit.certify(lip, torch.rand(8, 3, 32, 32), torch.randint(0, 1000, (8,)))
         >>> result.certified_accuracy(36 / 255)  # doctest: +SKIP
     """
-    check_inputs(model, images, labels)
+    model = check_inputs(model, images, labels)  # the exact function: no autocast / DDP / PEFT wrapper
     if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
     if batch_size < 1:

@@ -10,7 +10,7 @@ import torch
 import transformers
 from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForImageClassification, DeiTConfig, ViTConfig, ViTImageProcessor
+from transformers import AutoConfig, AutoModelForImageClassification, DeiTConfig, ViTConfig
 from transformers.activations import GELUActivation
 from transformers.core_model_loading import revert_weight_conversion
 from transformers.image_utils import (
@@ -197,7 +197,7 @@ class HFViT(Family):
     def library_config(self, model: nn.Module) -> dict:
         return {**model.config.to_dict(), "architectures": [type(model).__name__]}
 
-    def image_processor(self, model: nn.Module) -> ViTImageProcessor:
+    def image_processor(self, model: nn.Module):
         return _processor_for(model.config)
 
 
@@ -242,8 +242,11 @@ class RobustDeiTConfig(DeiTConfig):
         _processor_for(self).save_pretrained(save_directory)
 
 
-def _processor_for(config) -> ViTImageProcessor:
-    """Resize to the model's size and rescale to [0, 1]; no normalization: the converted model normalizes inside."""
+def _processor_for(config):
+    """A ``ViTImageProcessor`` that resizes to the model's size and rescales to [0, 1], without normalizing: the
+    converted model normalizes inside."""
+    from transformers import ViTImageProcessor  # late: the image-processing stack is slow to import
+
     size = config.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     return ViTImageProcessor(
