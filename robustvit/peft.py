@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import peft
@@ -35,7 +36,7 @@ from robustvit.lipschitz.engine import BoundFn, register_bound
 from robustvit.lipschitz.rescale import is_spectrally_rescaled
 from robustvit.lipschitz.spectral import gram_spectral_norm
 
-__all__ = ["LipschitzLoraLinear", "get_peft_model", "lora_config"]
+__all__ = ["LipschitzLoraLinear", "get_peft_model", "lora_config", "merged", "with_lora"]
 
 
 class LipschitzLoraLinear(LoraLinear):
@@ -136,23 +137,46 @@ def _check_config(config: peft.LoraConfig) -> None:
 
 def lora_config(model: nn.Module, r: int, *, lora_alpha: float | None = None, **kwargs: Any) -> peft.LoraConfig:
     """A ``LoraConfig`` targeting every spectrally rescaled ``nn.Linear`` of a converted model (MLPs, head, L2
-    attention projections), with ``lora_alpha = r`` (scaling 1) unless given. ``kwargs`` go to ``LoraConfig``.
+    attention projections), or every ``nn.Linear`` of an unconverted one, with ``lora_alpha = r`` (scaling 1) unless
+    given. ``kwargs`` go to ``LoraConfig``.
 
     Example:
         >>> config = lora_config(lip, r=8)  # doctest: +SKIP
     """
     if r < 1:
         raise ValueError(f"r must be a positive rank, got {r}")
-    targets = sorted(
-        name
+    linears = {
+        name: module
         for name, module in model.named_modules()
-        if parametrize.type_before_parametrizations(module) is nn.Linear and is_spectrally_rescaled(module)
-    )
+        if parametrize.type_before_parametrizations(module) is nn.Linear
+    }
+    rescaled = sorted(name for name, module in linears.items() if is_spectrally_rescaled(module))
+    targets = rescaled or sorted(linears)
     if not targets:
-        raise ValueError("the model has no spectrally rescaled nn.Linear to adapt: convert it with robustvit.convert")
-    return peft.LoraConfig(
-        r=r, lora_alpha=lora_alpha if lora_alpha is not None else r, target_modules=targets, **kwargs
-    )
+        raise ValueError("the model has no nn.Linear to adapt")
+    alpha = lora_alpha if lora_alpha is not None else r
+    return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **kwargs)
+
+
+def with_lora(model: nn.Module, r: int) -> nn.Module:
+    """``get_peft_model(model, lora_config(model, r))``, or ``model`` itself for ``r == 0`` (the recipes' ``--lora_r``).
+
+    Example:
+        >>> model = with_lora(lip, r=8)  # doctest: +SKIP
+    """
+    return get_peft_model(model, lora_config(model, r)) if r else model
+
+
+def merged(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with its LoRA adapters merged (``merge_and_unload``); ``model`` itself when it has none.
+    The adapted model is left as it is, so training can go on.
+
+    Example:
+        >>> plain = merged(model)  # doctest: +SKIP
+    """
+    if not isinstance(model, peft.PeftModel):
+        return model
+    return copy.deepcopy(model).merge_and_unload()
 
 
 def get_peft_model(model: nn.Module, config: peft.LoraConfig, **kwargs: Any) -> peft.PeftModel:

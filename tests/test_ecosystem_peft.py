@@ -133,3 +133,24 @@ def test_other_tuners_are_not_implemented():
     lip = robustvit.convert(build_model("timm_token").eval())
     with pytest.raises(NotImplementedError, match="only LoRA"):
         robustvit.peft.get_peft_model(lip, peft.IA3Config(target_modules=["fc1"], feedforward_modules=["fc1"]))
+
+
+def test_train_lipschitz_recipe_takes_lora_r(tmp_path):
+    from tests.test_train_recipe import TINY, _recipe, _run
+
+    recipe = _recipe()
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--lora_r", "-1"])
+    metrics = _run(recipe, [*TINY, "--epochs", "1", "--lora_r", "2", "--output_dir", str(tmp_path)])
+    assert metrics["config"]["lora_r"] == 2 and metrics["history"][0]["lipschitz"] > 0
+    model = robustvit.from_pretrained(tmp_path / "model")  # merged, certified, verified on load
+    assert not any("lora" in key for key in model.state_dict())
+    assert robustvit.lipschitz_bound(model) == pytest.approx(model.certificate.lipschitz, rel=1e-6)
+
+
+def test_with_lora_and_merged_leave_models_without_adapters_alone():
+    lip = robustvit.convert(build_model("timm_token").eval())
+    assert robustvit.peft.with_lora(lip, 0) is lip and robustvit.peft.merged(lip) is lip
+    adapted = robustvit.peft.with_lora(lip, 2)
+    copy_ = robustvit.peft.merged(adapted)
+    assert isinstance(adapted, peft.PeftModel) and _lora_layers(adapted) and not _lora_layers(copy_)
