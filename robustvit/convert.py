@@ -211,7 +211,7 @@ def _rescale_and_absorb(
             s_2 = _rescale(core.fc2)
             core.fc2.bias /= s_2
             residual.alpha.mul_(s_2)
-    s_head = _rescale(heads[0])
+    s_head = _rescale(heads[0]) if heads else 1.0  # no head: a feature extractor (timm num_classes=0)
     for head in heads[1:]:
         # A distillation head reads the same norm, now scaled by s_head: undo it in its (plain) weight. It stays
         # unparametrized; the engine bounds the pair of heads exactly anyway.

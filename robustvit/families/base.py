@@ -140,6 +140,8 @@ class Family(ABC):
             if not is_linear(head):
                 raise UnsupportedModuleError(f"head '{name}' is a {type(head).__name__}, expected an nn.Linear")
         features = self.features_bound(model, bound_of)
+        if not heads:  # a feature extractor (timm num_classes=0): the features are the output
+            return features
         if len(heads) == 1:  # the head's own row in the report
             return features * bound_of(*heads[0])
         return features * gram_spectral_norm(self.head_weight(model)[0])  # e.g. DeiT's averaged pair of heads
@@ -231,6 +233,8 @@ def linear_head(model: nn.Module) -> tuple[Tensor, Tensor] | None:
     try:
         family = get_family(model)
     except UnsupportedModuleError:
+        return None
+    if not family.heads(model):
         return None
     features = compose_bound(model, lambda bound_of: family.features_bound(model, bound_of))
     return features, family.head_weight(model)[0].to(torch.float64)

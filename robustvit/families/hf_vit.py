@@ -182,6 +182,11 @@ class HFViT(Family):
             values["hidden_act"] = convert_config.activation
         config = _CONVERTED_CONFIGS[type(model)](**values)
         config._attn_implementation = model.config._attn_implementation
+        if convert_config.mixer == "shift":  # prefix tokens never reach the head (see the timm family): frozen
+            embeddings = self._backbone(model).embeddings
+            for token in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)):
+                if token is not None:
+                    token.requires_grad_(False)
         old = model.config
         for module in model.modules():  # the backbone shares the config object with the classifier model
             if getattr(module, "config", None) is old:

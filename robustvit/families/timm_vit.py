@@ -113,7 +113,7 @@ class TimmViT(Family):
             blocks=blocks,
             final_norm=_norm_or_none(model.norm),
             head_norm=_norm_or_none(model.fc_norm),
-            heads=[model.head, model.head_dist] if isinstance(model, VisionTransformerDistilled) else [model.head],
+            heads=[head for _, head in self.heads(model)],  # none for a feature extractor (num_classes=0)
             grid_size=tuple(model.patch_embed.grid_size),
             num_prefix_tokens=model.num_prefix_tokens,
             head_reads_prefix=self._tokens_read(model) > 0,
@@ -161,9 +161,8 @@ class TimmViT(Family):
         return bound  # token pooling (and the distilled pair of tokens) is a coordinate selection: 1
 
     def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        if isinstance(model, VisionTransformerDistilled):
-            return [("head", model.head), ("head_dist", model.head_dist)]
-        return [("head", model.head)]
+        names = ("head", "head_dist") if isinstance(model, VisionTransformerDistilled) else ("head",)
+        return [(name, getattr(model, name)) for name in names if not isinstance(getattr(model, name), nn.Identity)]
 
     def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         if isinstance(model, VisionTransformerDistilled):  # (head(x0) + head_dist(x1)) / 2 on the pair (x0, x1)
@@ -223,6 +222,13 @@ class TimmViT(Family):
         )
         model.pretrained_cfg = model.default_cfg = cfg
         model._model_args = {NATIVE_RECORD_KEY: native_record(model)}
+        reaches_head = model.global_pool == "avg" and model.pool_include_prefix
+        if model.robustvit_config.mixer == "shift" and not reaches_head:
+            # The shift never mixes prefix tokens into patches, and the head reads pooled patches: the class,
+            # distillation and register tokens cannot change any output, so they never get a gradient.
+            for token in (model.cls_token, getattr(model, "dist_token", None), model.reg_token):
+                if token is not None:
+                    token.requires_grad_(False)
 
 
 TIMM_ARCHITECTURE = "robustvit"

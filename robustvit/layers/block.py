@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from robustvit.lipschitz.engine import BoundFn, bound_tensor
 
 
-class LipBlock(nn.Module):
+class LipBlock(GradientCheckpointingLayer):
     """``x -> pool(mlp(mixer(x)))``, the Lipschitz form of a pre-norm ViT block.
 
     ``mixer`` is a :class:`~robustvit.layers.TokenShift` (LipShiFT/ShiftViT: the shift replaces the attention
@@ -20,7 +21,9 @@ class LipBlock(nn.Module):
     ``output_hidden_states`` and ``features_only`` keep their meaning). The bound is the product.
 
     It accepts and ignores the extra arguments timm and transformers pass to blocks, but refuses an attention
-    mask, which no converted mixer can honour.
+    mask, which no converted mixer can honour. It is a transformers ``GradientCheckpointingLayer`` (a plain
+    ``nn.Module`` until ``gradient_checkpointing_enable()``), so transformers' gradient checkpointing works; timm's
+    ``set_grad_checkpointing`` checkpoints ``blocks`` itself.
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, pool: nn.Module | None = None):
