@@ -283,7 +283,10 @@ def convert(
     mean = config.mean if config.mean is not None else spec.mean
     std = config.std if config.std is not None else spec.std
     if len(mean) != spec.channels:
-        raise ValueError(f"the model takes {spec.channels} channels but mean/std have {len(mean)} values")
+        raise ValueError(
+            f"the model takes {spec.channels} channels but its source's mean/std {mean} / {std} have {len(mean)} "
+            f"values: pass convert(model, mean=..., std=...) with {spec.channels} value(s) each"
+        )
     model = model if inplace else copy.deepcopy(model)
     parts = family.parts(model)
 

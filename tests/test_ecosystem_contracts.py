@@ -115,3 +115,24 @@ def test_transformers_gradient_checkpointing(family):
     for name, grad in reference.items():
         torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6)
     assert robustvit.lipschitz_bound(model) > 0  # the checkpointing machinery is not a hook the engine refuses
+
+
+def test_greyscale_sources_convert_without_mean_and_std_by_hand():
+    arch, kwargs = TIMM_CONFIGS["timm_token"]  # vit_tiny: mean = std = 0.5 on every RGB channel
+    grey = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, in_chans=1, **kwargs)
+    model = robustvit.convert(grey).eval()
+    assert model.pretrained_cfg["input_size"] == (1, IMG, IMG) and model.pretrained_cfg["mean"] == (0.0,)
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, IMG, IMG)).shape == (2, NUM_CLASSES)
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from tests.conftest import HF_KWARGS
+
+    hf = robustvit.convert(ViTForImageClassification(ViTConfig(**HF_KWARGS, num_channels=1)))
+    assert robustvit.lipschitz_bound(hf) > 0
+    # Different RGB statistics (DeiT: ImageNet's) have no single greyscale value: asked for, with the fix named.
+    deit_arch, deit_kwargs = TIMM_CONFIGS["timm_distilled"]
+    deit = timm.create_model(deit_arch, pretrained=False, in_chans=1, **deit_kwargs)
+    with pytest.raises(ValueError, match=r"pass convert\(model, mean=\.\.\., std=\.\.\.\) with 1 value"):
+        robustvit.convert(deit)
+    robustvit.convert(deit, mean=(0.45,), std=(0.225,))

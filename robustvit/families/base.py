@@ -27,6 +27,7 @@ __all__ = [
     "family_by_name",
     "get_family",
     "native_record",
+    "per_channel",
     "rebuild_converted",
     "register_family",
     "registered_families",
@@ -249,6 +250,16 @@ def rebuild_converted(record: dict) -> nn.Module:
     model.robustvit_source = record["source"]  # as stored, so that saving again writes the same record
     family.annotate(model)
     return model
+
+
+def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """The source's normalization for ``channels`` channels: as given, or one value repeated when the library's
+    default lists the same value for each RGB channel (a greyscale model built from a 3-channel config). Different
+    RGB values stay as they are (convert then asks for ``mean`` / ``std`` for each channel)."""
+    values = tuple(float(v) for v in values)
+    if len(values) != channels and len(set(values)) == 1:
+        return values[:1] * channels
+    return values
 
 
 def is_linear(module: nn.Module) -> bool:

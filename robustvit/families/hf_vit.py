@@ -45,6 +45,7 @@ from robustvit.families.base import (
     linear_weight,
     native_record,
     one,
+    per_channel,
     register_family,
 )
 from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, register_bound
@@ -76,7 +77,8 @@ class HFViT(Family):
         mean, std = _DEFAULT_NORMALIZATION[type(model)]
         size = model.config.image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        return InputSpec(model.config.num_channels, size, tuple(mean), tuple(std))
+        channels = model.config.num_channels
+        return InputSpec(channels, size, per_channel(mean, channels), per_channel(std, channels))
 
     def parts(self, model: nn.Module) -> ViTParts:
         backbone = self._backbone(model)

@@ -26,6 +26,7 @@ from robustvit.families.base import (
     linear_weight,
     native_record,
     one,
+    per_channel,
     rebuild_converted,
     register_family,
 )
@@ -53,8 +54,8 @@ class TimmViT(Family):
         return InputSpec(
             channels=channels,
             image_size=tuple(model.patch_embed.img_size),
-            mean=tuple(cfg.get("mean", (0.5,) * channels)),
-            std=tuple(cfg.get("std", (0.5,) * channels)),
+            mean=per_channel(cfg.get("mean", (0.5,) * channels), channels),
+            std=per_channel(cfg.get("std", (0.5,) * channels), channels),
         )
 
     @staticmethod
