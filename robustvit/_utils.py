@@ -153,6 +153,12 @@ def _class_forward_on_instance(model: nn.Module) -> bool:
     return function is target and getattr(forward, "__self__", model) is model
 
 
+def is_tracing() -> bool:
+    """Whether ``torch.fx`` is tracing or TorchScript is compiling: shape checks that need Python values of traced
+    shapes are skipped then (the layers' reshapes enforce the same shapes in the traced graph)."""
+    return torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in eval mode and restore every submodule's own mode afterwards (mixed modes included)."""

@@ -136,3 +136,22 @@ def test_greyscale_sources_convert_without_mean_and_std_by_hand():
     with pytest.raises(ValueError, match=r"pass convert\(model, mean=\.\.\., std=\.\.\.\) with 1 value"):
         robustvit.convert(deit)
     robustvit.convert(deit, mean=(0.45,), std=(0.225,))
+
+
+def test_shift_layers_trace_with_fx_and_keep_their_shape_checks():
+    from robustvit.layers import PrefixPool, TokenShift
+
+    x = torch.randn(2, 17, 48)
+    for layer in (TokenShift((4, 4), 12, 1), PrefixPool(1, 16)):
+        traced = torch.fx.symbolic_trace(layer)
+        assert torch.equal(traced(x), layer(x))
+        with pytest.raises(RuntimeError):  # the traced graph still refuses a wrong token count
+            traced(torch.randn(2, 18, 48))
+
+
+def test_torch_export_of_the_exported_model():
+    """timm test_model_forward_torchscript / export, on the deployment form: robustvit.export folds the
+    parametrizations (the parametrized model's eval-mode rescaling cache is not traceable; see README)."""
+    model = robustvit.export(robustvit.convert(build_model("timm_token")).eval())
+    program = torch.export.export(model, (_pixels(),))
+    torch.testing.assert_close(program.module()(_pixels()), model(_pixels()))
