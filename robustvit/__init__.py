@@ -6,6 +6,10 @@ from robustvit.errors import CertificateError, UnsupportedModuleError
 from robustvit.hub import from_pretrained, push_to_hub, save_pretrained
 from robustvit.lipschitz import lipschitz_bound, lipschitz_report
 
+# LoRA inside the constraint; imported here so that the bound engine also recognizes (and refuses, with the fix named)
+# plain PEFT LoRA layers on a converted model.
+from robustvit import peft  # noqa: E402, F401  isort: skip
+
 __version__ = "0.1.0"
 
 __all__ = [
