@@ -36,6 +36,7 @@ from accelerate.utils import set_seed
 from safetensors.torch import save_model
 from torch.utils.data import DataLoader
 
+import robustvit.peft
 from robustvit.corruptions import corruption_names
 from robustvit.data import load_image_dataset
 from robustvit.evaluation import evaluate_robustness, format_comparison, plot_comparison
@@ -63,7 +64,8 @@ def cross_entropy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 
 def save_weights(accelerator: Accelerator, net: torch.nn.Module, path: Path) -> None:
     """The plain timm/transformers model's weights (inside the PixelModel), loadable without robustvit."""
-    save_model(accelerator.unwrap_model(net).model, str(path), metadata={"format": "pt"})
+    plain = robustvit.peft.merged(accelerator.unwrap_model(net).model)  # --lora_r: adapters merged in
+    save_model(plain, str(path), metadata={"format": "pt"})
 
 
 def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -84,6 +86,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     model, description = load_model(
         args.model, num_classes=train_set.num_classes, image_size=config["image_size"], channels=config["channels"]
     )
+    model = robustvit.peft.with_lora(model, config["lora_r"])  # --lora_r: LoRA (inside the constraint if converted)
     net = PixelModel(model)
 
     train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True)
@@ -252,6 +255,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     hyper.add_argument(
         "--noise_data_fraction", type=float, default=1.0, help="fraction of the training batches per noise round"
     )
+    hyper.add_argument("--lora_r", type=int, default=0, help="LoRA rank (robustvit.peft); 0 trains all parameters")
     hyper.add_argument(
         "--pretrain_epochs",
         type=int,
@@ -268,7 +272,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:
         args.pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if args.model is None else 0
-    for name in ("epochs", "pretrain_epochs"):
+    for name in ("epochs", "pretrain_epochs", "lora_r"):
         if getattr(args, name) < 0:
             parser.error(f"--{name} must be >= 0")
     if not 0 < args.noise_data_fraction <= 1:
@@ -285,6 +289,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
             "noise_lr",
             "noise_rounds",
             "noise_data_fraction",
+            "lora_r",
             "pretrain_epochs",
             "pretrain_lr",
             "image_size",

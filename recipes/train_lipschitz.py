@@ -37,6 +37,7 @@ from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader
 
 import robustvit
+import robustvit.peft
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule, distillation_loss, head_margins
 from robustvit.training import (
@@ -121,6 +122,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     model = robustvit.convert(
         source, calibration_images=calibration, mixer=config["mixer"], activation=config["activation"]
     )
+    model = robustvit.peft.with_lora(model, config["lora_r"])  # --lora_r: LoRA inside the Lipschitz constraint
     teacher = PixelModel(source).eval().requires_grad_(False) if config["distill"] > 0 else None
     loss_fn = LOSSES[config["loss"]]
     schedule_eps = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
@@ -176,6 +178,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
         images, labels = stack_examples(test_set, args.max_eval_images)
+        unwrapped = robustvit.peft.merged(unwrapped)  # LoRA merged: the plain converted model is certified and saved
         unwrapped.eval()
         result = robustvit.certify(unwrapped, images, labels, progress=True)
         certificate = result.to_certificate(
@@ -217,6 +220,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     hyper.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the source model")
     hyper.add_argument("--mixer", default="shift", choices=("shift", "l2"))
     hyper.add_argument("--activation", default="minmax", choices=("gelu", "minmax"))
+    hyper.add_argument("--lora_r", type=int, default=0, help="LoRA rank (robustvit.peft); 0 trains all parameters")
     hyper.add_argument(
         "--pretrain_epochs",
         type=int,
@@ -230,8 +234,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:
         args.pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if args.model is None else 0
-    if args.epochs < 0 or args.pretrain_epochs < 0:
-        parser.error("--epochs and --pretrain_epochs must be >= 0")
+    if args.epochs < 0 or args.pretrain_epochs < 0 or args.lora_r < 0:
+        parser.error("--epochs, --pretrain_epochs and --lora_r must be >= 0")
     for name in ("batch_size", "max_train_batches", "max_eval_images", "pgd_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -250,6 +254,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
         "distill",
         "mixer",
         "activation",
+        "lora_r",
         "pretrain_epochs",
         "pretrain_lr",
         "image_size",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,6 +29,137 @@ def check_images(images: torch.Tensor, *, channels: int | None = None, size: tup
         raise ValueError(f"expected images of size {tuple(size)}, got {tuple(images.shape[-2:])}")
     if not torch.isfinite(images).all():
         raise ValueError("images contain NaN or infinite values")
+
+
+def check_inputs(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    eps: float | None = None,
+) -> nn.Module:
+    """The input contract of certification and attacks, checked before any work; raises a ``ValueError`` /
+    ``TypeError`` that names the fix. Returns ``unwrap(model)``: what a certificate describes (the exact function,
+    without Accelerate's autocast wrapper, DDP, PEFT or compile wrappers).
+
+    ``images``: a non-empty float batch ``(B, C, H, W)`` of pixels in [0, 1] (radii are in that pixel space, so
+    uint8 or [0, 255] images would give radii 255x too large, and mean/std-normalized ones radii of another space).
+    ``labels``: ``B`` integer classes in ``[0, num_classes)`` when the model's number of classes is known.
+    ``eps``: finite and ``>= 0``.
+
+    Example:
+        >>> check_inputs(model, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), eps=36 / 255)  # doctest: +SKIP
+    """
+    if isinstance(images, torch.Tensor) and not (images.is_floating_point() or images.is_complex()):
+        raise TypeError(
+            f"images have integer dtype {images.dtype}; robustvit takes float pixels in [0, 1]: pass "
+            "images.float() / 255"
+        )
+    check_images(images)
+    if images.shape[0] == 0:
+        raise ValueError("the batch of images is empty")
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > 1:
+        hint = (
+            "divide [0, 255] pixels by 255"
+            if high > 1 and low >= 0
+            else "undo the mean/std normalization (the converted model normalizes inside) or map [-1, 1] to [0, 1]"
+        )
+        raise ValueError(f"pixels must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]: {hint}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"expected labels as a torch.Tensor, got {type(labels).__name__}")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({images.shape[0]},) (one class per image), got {tuple(labels.shape)}"
+            )
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        num_classes = _num_classes(model)
+        bad = (labels < 0) | (labels >= num_classes if num_classes is not None else False)
+        if bool(bad.any()):
+            where = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise ValueError(f"labels must be classes in {where}, got {labels[bad][:5].tolist()}")
+    if eps is not None:
+        values = torch.as_tensor(eps, dtype=torch.float64).flatten()
+        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+            raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    return unwrap(model)
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    """The model's number of classes when its family (or the library's own attribute) says so."""
+    from robustvit.errors import UnsupportedModuleError
+    from robustvit.families import get_family  # late: the families import this module's users
+
+    model = unwrap(model)
+    try:
+        return int(get_family(model).head_weight(model)[0].shape[0])
+    except UnsupportedModuleError:
+        pass
+    config = getattr(model, "config", None)
+    count = getattr(model, "num_classes", None) or getattr(config, "num_labels", None)
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """``model`` without the wrappers that do not change its (exact-arithmetic) function: ``DistributedDataParallel``
+    / ``DataParallel``, ``torch.compile``, PEFT's ``PeftModel`` / tuner model (whose adapted layers stay in place in
+    the wrapped model), and Accelerate's mixed-precision forward (``accelerator.prepare`` with ``--mixed_precision
+    bf16|fp16`` replaces ``model.forward`` on the instance by an autocast wrapper of the class's forward; even
+    ``accelerator.unwrap_model(model, keep_fp32_wrapper=False)`` leaves the class's forward bound on the instance).
+
+    The model itself is never modified: without its forward wrapper it comes back as a shallow view that shares
+    every submodule and parameter.
+    """
+    if "peft" in sys.modules:  # a model can hold PEFT layers only once peft is imported
+        import robustvit.peft  # noqa: F401  (bound rules for LoRA layers; plain LoRA is refused with the fix named)
+    while True:
+        if _class_forward_on_instance(model):
+            view = copy.copy(model)  # shares _modules / _parameters / _buffers with the model
+            del view.__dict__["forward"]
+            view.__dict__.pop("_original_forward", None)
+            model = view
+            continue
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif type(model).__module__.startswith("peft."):
+            from peft import PeftModel
+            from peft.tuners.tuners_utils import BaseTuner
+
+            if isinstance(model, PeftModel):
+                model = model.base_model
+            elif isinstance(model, BaseTuner):
+                model = model.model
+            else:
+                return model
+        else:
+            return model
+
+
+def _class_forward_on_instance(model: nn.Module) -> bool:
+    """Whether ``model.forward`` is set on the instance and only wraps the class's own ``forward`` (Accelerate's
+    autocast / fp32-output wrappers are ``functools.wraps`` chains, each ``__wrapped__`` pointing inwards)."""
+    forward = model.__dict__.get("forward")
+    if forward is None:
+        return False
+    target = type(model).forward
+    seen = 0
+    function = getattr(forward, "__func__", forward)
+    while function is not target and seen < 16:
+        inner = getattr(function, "__wrapped__", None) or getattr(function, "model_forward", None)
+        if inner is None:
+            return False
+        function, seen = getattr(inner, "__func__", inner), seen + 1
+    return function is target and getattr(forward, "__self__", model) is model
+
+
+def is_tracing() -> bool:
+    """Whether ``torch.fx`` is tracing or TorchScript is compiling: shape checks that need Python values of traced
+    shapes are skipped then (the layers' reshapes enforce the same shapes in the traced graph)."""
+    return torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
 
 
 @contextmanager

@@ -211,7 +211,7 @@ def _rescale_and_absorb(
             s_2 = _rescale(core.fc2)
             core.fc2.bias /= s_2
             residual.alpha.mul_(s_2)
-    s_head = _rescale(heads[0])
+    s_head = _rescale(heads[0]) if heads else 1.0  # no head: a feature extractor (timm num_classes=0)
     for head in heads[1:]:
         # A distillation head reads the same norm, now scaled by s_head: undo it in its (plain) weight. It stays
         # unparametrized; the engine bounds the pair of heads exactly anyway.
@@ -283,7 +283,10 @@ def convert(
     mean = config.mean if config.mean is not None else spec.mean
     std = config.std if config.std is not None else spec.std
     if len(mean) != spec.channels:
-        raise ValueError(f"the model takes {spec.channels} channels but mean/std have {len(mean)} values")
+        raise ValueError(
+            f"the model takes {spec.channels} channels but its source's mean/std {mean} / {std} have {len(mean)} "
+            f"values: pass convert(model, mean=..., std=...) with {spec.channels} value(s) each"
+        )
     model = model if inplace else copy.deepcopy(model)
     parts = family.parts(model)
 
@@ -307,7 +310,11 @@ def convert(
     blocks: list[nn.Module] = [_build_block(block, parts, config, norm) for block in parts.blocks]
     if config.mixer == "shift" and parts.head_reads_prefix:
         # The shift never moves patch information into prefix tokens: let the head read pooled patches instead.
-        blocks.append(PrefixPool(parts.num_prefix_tokens, parts.grid_size[0] * parts.grid_size[1]))
+        # The pool ends the last block, so the model keeps the source's number of blocks.
+        pool = PrefixPool(parts.num_prefix_tokens, parts.grid_size[0] * parts.grid_size[1])
+        if not blocks:
+            raise UnsupportedModuleError("a model without blocks cannot be converted with mixer='shift'")
+        blocks[-1].pool = pool
     norms = {
         key: norm(getattr(parts, key))
         for key in ("patch_norm", "pre_norm", "final_norm", "head_norm")
@@ -319,6 +326,7 @@ def convert(
 
     model.robustvit_config = config
     model.robustvit_source = source_spec
+    family.annotate(model)
     return model
 
 

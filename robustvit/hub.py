@@ -65,9 +65,9 @@ from torch import Tensor, nn
 from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.certify.lipschitz import lipschitz_head
 from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE
-from robustvit.convert import ConvertConfig, convert, is_converted
+from robustvit.convert import is_converted
 from robustvit.errors import CertificateError
-from robustvit.families import family_by_name, get_family, registered_families
+from robustvit.families import NATIVE_RECORD_KEY, get_family, rebuild_converted, registered_families
 
 __all__ = [
     "BOUND_RTOL",
@@ -95,7 +95,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 # about 1e-15 * depth. 1e-9 covers that with six orders of magnitude to spare and shrinks a radius by at most one
 # part in 1e9, which changes a certified accuracy only if a radius lies within 1e-9 (relative) of an eps.
 BOUND_RTOL = 1e-9
-_REPO_FILES = (WEIGHTS_NAME, CONFIG_NAME, CERTIFICATE_NAME)
+PROCESSOR_NAME = "preprocessor_config.json"
+_REPO_FILES = (WEIGHTS_NAME, CONFIG_NAME, CERTIFICATE_NAME, PROCESSOR_NAME)
 _TAGS = ("robustvit", "certified-robustness", "lipschitz", "vision-transformer", "image-classification")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _DATASET_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
@@ -140,6 +141,7 @@ def _config(model: nn.Module) -> dict[str, Any]:
     family = get_family(model)
     return _jsonable(
         {
+            **family.library_config(model),  # e.g. transformers' own config: Auto classes and pipelines read it
             "robustvit_format_version": FORMAT_VERSION,
             "robustvit_version": __version__,
             "family": family.name,
@@ -364,6 +366,11 @@ def save_pretrained(
         certificate.save(directory / CERTIFICATE_NAME)
     else:
         (directory / CERTIFICATE_NAME).unlink(missing_ok=True)
+    processor = get_family(model).image_processor(model)
+    if processor is not None:  # the library's preprocessing for this model: [0, 1] pixels, no normalization
+        processor.save_pretrained(directory)
+    else:
+        (directory / PROCESSOR_NAME).unlink(missing_ok=True)
     target_curve = directory / CURVE_NAME
     if curve is None:
         target_curve.unlink(missing_ok=True)
@@ -458,7 +465,11 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: it is not a robustvit repository") from err
     except json.JSONDecodeError as err:
         raise ValueError(f"{folder / CONFIG_NAME} is not valid JSON: {err}") from err
-    version = config.get("robustvit_format_version") if isinstance(config, dict) else None
+    if not isinstance(config, dict):
+        raise ValueError(f"{folder / CONFIG_NAME} is not a JSON object")
+    if "robustvit_format_version" not in config and _native_record(config) is not None:
+        return config  # saved by transformers' save_pretrained or timm's save_for_hf: see _load_native
+    version = config.get("robustvit_format_version")
     if version != FORMAT_VERSION:
         raise ValueError(
             f"{folder / CONFIG_NAME} is not a robustvit model config (robustvit_format_version {version!r}; this "
@@ -467,6 +478,40 @@ def _read_config(folder: Path) -> dict[str, Any]:
     if config.get("family") not in registered_families():
         raise ValueError(f"unknown model family {config.get('family')!r}; registered: {registered_families()}")
     return config
+
+
+def _native_record(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The rebuild record of a converted model saved with its library's own ``save_pretrained`` / ``save_for_hf``:
+    at the top of a transformers ``config.json``, in the ``model_args`` of a timm one."""
+    model_args = config.get("model_args")
+    record = config.get(NATIVE_RECORD_KEY) or (
+        model_args.get(NATIVE_RECORD_KEY) if isinstance(model_args, dict) else None
+    )
+    if not isinstance(record, dict):
+        return None
+    if record.get("family") not in registered_families():
+        raise ValueError(f"unknown model family {record.get('family')!r}; registered: {registered_families()}")
+    return record
+
+
+def _load_native(folder: Path, record: dict[str, Any]) -> nn.Module:
+    """A converted model saved by its library (``save_pretrained`` / ``save_for_hf``), loaded strictly."""
+    model = rebuild_converted(record)
+    names = get_family(model).saved_key_names(model)
+    weights = _weights_path(folder)
+    tensors = safetensors.torch.load_file(weights)
+    unexpected = sorted(set(tensors) - set(names))
+    missing = sorted(set(names.values()) - {names[key] for key in tensors if key in names})
+    if unexpected or missing:
+        raise ValueError(
+            f"{weights} does not hold this converted model's weights: unexpected keys {unexpected[:5]}, "
+            f"missing keys {missing[:5]}"
+        )
+    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
+    if len(dtypes) == 1:
+        model.to(dtypes.pop())
+    model.load_state_dict({names[key]: tensor for key, tensor in tensors.items()}, strict=True)
+    return model
 
 
 def _weights_path(folder: Path) -> Path:
@@ -484,10 +529,7 @@ def _weights_path(folder: Path) -> Path:
 
 def _build(config: dict[str, Any]) -> nn.Module:
     """The converted architecture of ``config``, with placeholder weights (nothing is downloaded)."""
-    base = family_by_name(config["family"]).build(config["source"])
-    model = convert(base, ConvertConfig.from_dict(config["convert_config"]), inplace=True)
-    model.robustvit_source = config["source"]  # as stored, so that saving again writes the same record
-    return model
+    return rebuild_converted(config)
 
 
 def _load_weights(model: nn.Module, weights: Path, metadata: dict[str, str], config: dict[str, Any]) -> None:
@@ -512,7 +554,7 @@ def _load_weights(model: nn.Module, weights: Path, metadata: dict[str, str], con
 def from_pretrained(
     repo_id_or_path: str | Path,
     revision: str | None = None,
-    verify: bool = True,
+    verify: bool | None = True,
     *,
     cache_dir: str | Path | None = None,
     token: str | None = None,
@@ -528,10 +570,14 @@ def from_pretrained(
     attached as ``model.certificate``; ``verify=False`` skips the certificate, warns
     (:class:`UncertifiedModelWarning`) and sets ``model.certificate = None``.
 
+    It also loads a converted model saved with its library's own ``save_pretrained`` (transformers) or
+    ``timm.models.save_for_hf``: those folders carry no certificate, so they load with ``verify=False`` only.
+
     Args:
         repo_id_or_path: a folder written by :func:`save_pretrained`, or a Hub id ``"org/name"``.
         revision: branch, tag or commit of a Hub repository.
-        verify: verify the certificate (required unless you only need the weights).
+        verify: verify the certificate (required unless you only need the weights); ``None``: verify when the
+            folder has a ``certificate.json`` (what ``AutoModelForImageClassification`` uses).
         cache_dir: Hub cache folder; default ``HF_HUB_CACHE``.
         token: Hub token for private repositories.
 
@@ -551,6 +597,20 @@ def from_pretrained(
     """
     folder = _resolve(repo_id_or_path, revision, cache_dir, token)
     config = _read_config(folder)
+    if verify is None:
+        verify = (folder / CERTIFICATE_NAME).is_file()
+    if "robustvit_format_version" not in config:
+        if verify:
+            raise CertificateError(
+                f"{repo_id_or_path} was saved with its library's save_pretrained / save_for_hf, which carries no "
+                "robustvit certificate: load it with verify=False, certify it (robustvit.certify) and save it with "
+                "robustvit.save_pretrained"
+            )
+        model = _load_native(folder, _native_record(config))
+        model.eval()
+        _warn_uncertified(repo_id_or_path)
+        model.certificate = None
+        return model
     weights = _weights_path(folder)
     certificate = None
     if verify:
@@ -582,10 +642,14 @@ def from_pretrained(
         _check_description(model, certificate)
         _check_bounds(model, certificate)
     else:
-        warnings.warn(
-            f"{repo_id_or_path} was loaded with verify=False: nothing about this model's robustness is certified",
-            UncertifiedModelWarning,
-            stacklevel=2,
-        )
+        _warn_uncertified(repo_id_or_path)
     model.certificate = certificate
     return model
+
+
+def _warn_uncertified(repo_id_or_path: str | Path) -> None:
+    warnings.warn(
+        f"{repo_id_or_path} was loaded with verify=False: nothing about this model's robustness is certified",
+        UncertifiedModelWarning,
+        stacklevel=3,
+    )

@@ -81,7 +81,9 @@ def test_convert_forward_backward_and_interface(family):
     else:
         assert isinstance(out, torch.Tensor) and out.shape == (3, NUM_CLASSES)
         assert model.num_classes == NUM_CLASSES
-        assert model.pretrained_cfg.get("architecture") == TIMM_CONFIGS[family][0]
+        # timm's name of converted models (see tests/test_ecosystem_save_load.py); the source's stays on record
+        assert model.pretrained_cfg.get("architecture") == "robustvit"
+        assert model.robustvit_source["architecture"] == TIMM_CONFIGS[family][0]
         with torch.no_grad():
             features = model.forward_features(x)
             tokens = model.patch_embed.num_patches + model.num_prefix_tokens

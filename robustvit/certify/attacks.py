@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustvit._utils import check_images, eval_mode, model_logits
+from robustvit._utils import check_inputs, eval_mode, model_logits
 
 __all__ = ["fgsm", "pgd", "robust_accuracy"]
 
@@ -138,7 +138,7 @@ def pgd(
         >>> adv = pgd(model, images, labels, eps=0.5, norm="l2", steps=50, restarts=2)
         >>> fooled = model(adv).argmax(-1) != labels
     """
-    check_images(images)
+    check_inputs(model, images, labels, eps=eps)
     norm = _check_norm(norm)
     eps = _check_eps(eps)
     labels = _check_labels(labels, images)
@@ -208,7 +208,7 @@ def fgsm(
     Example:
         >>> adv = fgsm(model, images, labels, eps=8 / 255)
     """
-    check_images(images)
+    check_inputs(model, images, labels, eps=eps)
     norm = _check_norm(norm)
     eps = _check_eps(eps)
     labels = _check_labels(labels, images)
@@ -259,7 +259,7 @@ def robust_accuracy(
         raise ValueError(f"attack must be one of {_ATTACKS}, got {attack!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    check_images(images)
+    check_inputs(model, images, labels, eps=eps)
     labels = _check_labels(labels, images)
     if images.shape[0] == 0:
         raise ValueError("robust_accuracy needs at least one image, got an empty batch")

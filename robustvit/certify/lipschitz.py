@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from robustvit._utils import check_images, eval_mode, model_logits
+from robustvit._utils import check_inputs, eval_mode, model_logits
 from robustvit.families import linear_head
 from robustvit.lipschitz import lipschitz_report
 from robustvit.lipschitz.engine import BoundReport
@@ -141,7 +141,7 @@ def certify(
         >>> result = robustvit.certify(lip, torch.rand(8, 3, 32, 32), torch.randint(0, 1000, (8,)))
         >>> result.certified_accuracy(36 / 255)  # doctest: +SKIP
     """
-    check_images(images)
+    model = check_inputs(model, images, labels)  # the exact function: no autocast / DDP / PEFT wrapper
     if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
     if batch_size < 1:

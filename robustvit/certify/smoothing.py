@@ -22,7 +22,7 @@ from scipy.stats import beta, norm
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustvit._utils import check_images, eval_mode, model_logits
+from robustvit._utils import check_inputs, eval_mode, model_logits
 
 __all__ = ["SmoothingResult", "certify_smoothing", "smoothing_radius"]
 
@@ -199,7 +199,7 @@ def certify_smoothing(
         >>> result = certify_smoothing(model, images, sigma=0.25, n0=100, n=10_000, alpha=0.001)
         >>> result.radii, result.certified_accuracy(0.5, labels)
     """
-    check_images(images)
+    check_inputs(model, images)
     sigma, alpha = _check_sigma(sigma), _check_alpha(alpha)
     n0, n, batch_size = _check_count("n0", n0), _check_count("n", n), _check_count("batch_size", batch_size)
     if num_classes is not None:

@@ -2,6 +2,7 @@
 
 from robustvit.families import hf_vit, timm_vit  # noqa: F401  (registration)
 from robustvit.families.base import (
+    NATIVE_RECORD_KEY,
     BlockParts,
     Family,
     InputSpec,
@@ -9,11 +10,14 @@ from robustvit.families.base import (
     family_by_name,
     get_family,
     linear_head,
+    native_record,
+    rebuild_converted,
     register_family,
     registered_families,
 )
 
 __all__ = [
+    "NATIVE_RECORD_KEY",
     "BlockParts",
     "Family",
     "InputSpec",
@@ -21,6 +25,8 @@ __all__ = [
     "family_by_name",
     "get_family",
     "linear_head",
+    "native_record",
+    "rebuild_converted",
     "register_family",
     "registered_families",
 ]

@@ -23,8 +23,12 @@ __all__ = [
     "Family",
     "InputSpec",
     "ViTParts",
+    "NATIVE_RECORD_KEY",
     "family_by_name",
     "get_family",
+    "native_record",
+    "per_channel",
+    "rebuild_converted",
     "register_family",
     "registered_families",
 ]
@@ -134,9 +138,11 @@ class Family(ABC):
         """End-to-end bound: features bound times the exact spectral bound of the head's linear map."""
         heads = self.heads(model)
         for name, head in heads:
-            if parametrize.type_before_parametrizations(head) is not nn.Linear:
+            if not is_linear(head):
                 raise UnsupportedModuleError(f"head '{name}' is a {type(head).__name__}, expected an nn.Linear")
         features = self.features_bound(model, bound_of)
+        if not heads:  # a feature extractor (timm num_classes=0): the features are the output
+            return features
         if len(heads) == 1:  # the head's own row in the report
             return features * bound_of(*heads[0])
         return features * gram_spectral_norm(self.head_weight(model)[0])  # e.g. DeiT's averaged pair of heads
@@ -144,6 +150,40 @@ class Family(ABC):
     def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The head modules whose weights :meth:`head_weight` reads."""
         return []
+
+    @abstractmethod
+    def annotate(self, model: nn.Module) -> None:
+        """Rewrite the library's own metadata of a just-converted model (preprocessing, config, how to rebuild it),
+        so that the library's standard preprocessing and save/load paths see the converted model, not its source."""
+
+    def saved_key_names(self, model: nn.Module) -> dict[str, str]:
+        """``{name in a natively saved checkpoint: state_dict name}``; the library may rename keys on save."""
+        return {name: name for name in model.state_dict()}
+
+    def library_config(self, model: nn.Module) -> dict:
+        """The library's own config of a converted model, written into robustvit's ``config.json`` so that the
+        library's loaders (e.g. transformers' Auto classes and pipelines) can read a robustvit folder too."""
+        return {}
+
+    def image_processor(self, model: nn.Module):
+        """The library's preprocessing object to ship next to the weights (``save_pretrained``), or ``None``."""
+        return None
+
+
+NATIVE_RECORD_KEY = "robustvit"
+"""Key under which a natively saved converted model (transformers ``config.json``, timm ``model_args``) records
+how robustvit rebuilds it: :func:`native_record`."""
+
+
+def native_record(model: nn.Module) -> dict:
+    """JSON-ready ``{"family", "source", "convert_config"}`` of a converted model: enough to rebuild its architecture
+    (``robustvit.from_pretrained`` then loads the weights strictly)."""
+    family = get_family(model)
+    return {
+        "family": family.name,
+        "source": model.robustvit_source,
+        "convert_config": model.robustvit_config.to_dict(),
+    }
 
 
 _FAMILIES: dict[str, Family] = {}
@@ -170,8 +210,9 @@ def family_by_name(name: str) -> Family:
 
 def get_family(model: nn.Module) -> Family:
     """The adapter of ``model``'s family, or :class:`UnsupportedModuleError` listing the supported families."""
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        model = model.module
+    from robustvit._utils import unwrap
+
+    model = unwrap(model)
     for family in _FAMILIES.values():
         if family.matches(model):
             return family
@@ -187,12 +228,48 @@ def linear_head(model: nn.Module) -> tuple[Tensor, Tensor] | None:
 
     Certificates (pairwise radii) and margin losses (pairwise constants) share it.
     """
+    from robustvit._utils import unwrap
+
+    model = unwrap(model)
     try:
         family = get_family(model)
     except UnsupportedModuleError:
         return None
+    if not family.heads(model):
+        return None
     features = compose_bound(model, lambda bound_of: family.features_bound(model, bound_of))
     return features, family.head_weight(model)[0].to(torch.float64)
+
+
+def rebuild_converted(record: dict) -> nn.Module:
+    """The converted architecture a :func:`native_record` describes, with placeholder weights (nothing downloaded)."""
+    from robustvit.convert import ConvertConfig, convert  # late: convert imports the families
+
+    family = family_by_name(record["family"])
+    model = convert(family.build(record["source"]), ConvertConfig.from_dict(record["convert_config"]), inplace=True)
+    model.robustvit_source = record["source"]  # as stored, so that saving again writes the same record
+    family.annotate(model)
+    return model
+
+
+def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    """The source's normalization for ``channels`` channels: as given, or one value repeated when the library's
+    default lists the same value for each RGB channel (a greyscale model built from a 3-channel config). Different
+    RGB values stay as they are (convert then asks for ``mean`` / ``std`` for each channel)."""
+    values = tuple(float(v) for v in values)
+    if len(values) != channels and len(set(values)) == 1:
+        return values[:1] * channels
+    return values
+
+
+def is_linear(module: nn.Module) -> bool:
+    """An ``nn.Linear`` (parametrized or not), or a LoRA-adapted one (:class:`robustvit.peft.LipschitzLoraLinear`)."""
+    return parametrize.type_before_parametrizations(module) is nn.Linear or hasattr(module, "effective_weight")
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The weight a linear layer computes with, LoRA updates included."""
+    return module.effective_weight() if hasattr(module, "effective_weight") else module.weight
 
 
 def one(device: torch.device | None = None) -> Tensor:
@@ -202,16 +279,19 @@ def one(device: torch.device | None = None) -> Tensor:
 def blocks_bound(blocks: list[nn.Module], prefix: str, bound_of: BoundFn, tokens_read: int) -> Tensor:
     """Bound of the blocks as the head sees them.
 
-    When the last block is a :class:`~robustvit.layers.PrefixPool` and the head reads ``tokens_read`` prefix
-    tokens through per-token layers only, those tokens are all the mean of the patch tokens: the map to them is
-    ``sqrt(tokens_read / num_patches)``-Lipschitz, tighter than the pool's bound on the whole tensor.
+    When the last block ends in a :class:`~robustvit.layers.PrefixPool` (``LipBlock.pool``) and the head reads
+    ``tokens_read`` prefix tokens through per-token layers only, those tokens are all the mean of the patch tokens:
+    the map to them is ``sqrt(tokens_read / num_patches)``-Lipschitz, tighter than the pool's bound on the whole
+    tensor.
     """
-    from robustvit.layers import PrefixPool
-
     bound = one()
-    pooled = bool(blocks) and isinstance(blocks[-1], PrefixPool) and tokens_read > 0
+    last = blocks[-1] if blocks else None
+    pool = getattr(last, "pool", None)
+    pooled = pool is not None and tokens_read > 0
     for i, block in enumerate(blocks[:-1] if pooled else blocks):
         bound = bound * bound_of(f"{prefix}.{i}", block)
     if pooled:
-        bound = bound * (tokens_read / blocks[-1].num_patches) ** 0.5
+        name = f"{prefix}.{len(blocks) - 1}"
+        bound = bound * bound_of(f"{name}.mixer", last.mixer) * bound_of(f"{name}.mlp", last.mlp)
+        bound = bound * (tokens_read / pool.num_patches) ** 0.5
     return bound

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import torch
 import transformers
+from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
+from transformers import AutoConfig, AutoModelForImageClassification, DeiTConfig, ViTConfig
 from transformers.activations import GELUActivation
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -32,7 +35,19 @@ from transformers.models.vit.modeling_vit import (
 )
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.families.base import BlockParts, Family, InputSpec, ViTParts, blocks_bound, one, register_family
+from robustvit.families.base import (
+    NATIVE_RECORD_KEY,
+    BlockParts,
+    Family,
+    InputSpec,
+    ViTParts,
+    blocks_bound,
+    linear_weight,
+    native_record,
+    one,
+    per_channel,
+    register_family,
+)
 from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, register_bound
 
 # The processors' defaults (ViTImageProcessor: "standard" 0.5; DeiTImageProcessor: ImageNet statistics).
@@ -62,7 +77,8 @@ class HFViT(Family):
         mean, std = _DEFAULT_NORMALIZATION[type(model)]
         size = model.config.image_size
         size = (size, size) if isinstance(size, int) else tuple(size)
-        return InputSpec(model.config.num_channels, size, tuple(mean), tuple(std))
+        channels = model.config.num_channels
+        return InputSpec(channels, size, per_channel(mean, channels), per_channel(std, channels))
 
     def parts(self, model: nn.Module) -> ViTParts:
         backbone = self._backbone(model)
@@ -133,7 +149,7 @@ class HFViT(Family):
         return [("classifier", model.classifier)]
 
     def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        return model.classifier.weight, model.classifier.bias
+        return linear_weight(model.classifier), model.classifier.bias
 
     def source_spec(self, model: nn.Module) -> dict:
         return {"library": "transformers", "class": type(model).__name__, "config": model.config.to_dict()}
@@ -144,6 +160,154 @@ class HFViT(Family):
             raise UnsupportedModuleError(f"unsupported transformers class {spec['class']!r}")
         config = model_class.config_class.from_dict(spec["config"])
         return model_class(config)
+
+    def annotate(self, model: nn.Module) -> None:
+        """Swap ``model.config`` for its converted twin (a registered ``robustvit_*`` model type).
+
+        ``save_pretrained`` then writes a ``config.json`` that says the model was converted and how to rebuild it,
+        ``layer_types`` / ``hidden_act`` that describe the converted layers, and an image processor that does not
+        normalize (the model does). ``AutoModelForImageClassification`` loads it back once robustvit is imported;
+        ``ViTForImageClassification.from_pretrained`` (or Auto without robustvit) refuses it with an error that says
+        how to load it, instead of building a plain ViT with partly random weights.
+        """
+        convert_config = model.robustvit_config
+        mixer = {"shift": "token_shift", "l2": "l2_attention"}[convert_config.mixer]
+        layer_type = f"robustvit_{mixer} (load with robustvit.from_pretrained)"
+        values = model.config.to_dict()
+        for key in ("model_type", "transformers_version", "architectures", "layer_types"):
+            values.pop(key, None)
+        values.update(
+            layer_types=[layer_type] * len(self._backbone(model).layers),
+            **{NATIVE_RECORD_KEY: native_record(model)},
+        )
+        if convert_config.activation != "gelu":
+            values["hidden_act"] = convert_config.activation
+        config = _CONVERTED_CONFIGS[type(model)](**values)
+        config._attn_implementation = model.config._attn_implementation
+        if convert_config.mixer == "shift":  # prefix tokens never reach the head (see the timm family): frozen
+            embeddings = self._backbone(model).embeddings
+            for token in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)):
+                if token is not None:
+                    token.requires_grad_(False)
+        old = model.config
+        for module in model.modules():  # the backbone shares the config object with the classifier model
+            if getattr(module, "config", None) is old:
+                module.config = config
+
+    def saved_key_names(self, model: nn.Module) -> dict[str, str]:
+        # save_pretrained writes the legacy 4.x names (transformers' conversion mapping, reverted); map them back.
+        state = model.state_dict()
+        ids = {id(tensor): name for name, tensor in state.items()}
+        saved = revert_weight_conversion(model, dict(state))
+        return {saved_name: ids[id(tensor)] for saved_name, tensor in saved.items()}
+
+    def library_config(self, model: nn.Module) -> dict:
+        return {**model.config.to_dict(), "architectures": [type(model).__name__]}
+
+    def image_processor(self, model: nn.Module):
+        return _processor_for(model.config)
+
+
+def _converted_layer_types(config) -> None:
+    entries = getattr(config, "layer_types", None) or []
+    if not all(isinstance(entry, str) and entry.startswith("robustvit_") for entry in entries):
+        raise ValueError(f"layer_types of a robustvit-converted model must be robustvit_* entries, got {entries}")
+
+
+@strict
+class RobustViTConfig(ViTConfig):
+    """``ViTConfig`` of a robustvit-converted ``ViTForImageClassification`` (``model_type="robustvit_vit"``).
+
+    ``robustvit`` holds the family, source architecture and :class:`~robustvit.ConvertConfig`; saving also writes
+    the image processor of the converted model (no normalization: it happens inside the model).
+    """
+
+    model_type = "robustvit_vit"
+    robustvit: dict | None = None
+
+    def validate_layer_type(self) -> None:
+        _converted_layer_types(self)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        _processor_for(self).save_pretrained(save_directory)
+
+
+@strict
+class RobustDeiTConfig(DeiTConfig):
+    """``DeiTConfig`` of a robustvit-converted ``DeiTForImageClassification`` (``model_type="robustvit_deit"``);
+    see :class:`RobustViTConfig`."""
+
+    model_type = "robustvit_deit"
+    robustvit: dict | None = None
+
+    def validate_layer_type(self) -> None:
+        _converted_layer_types(self)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        _processor_for(self).save_pretrained(save_directory)
+
+
+def _processor_for(config):
+    """A ``ViTImageProcessor`` that resizes to the model's size and rescales to [0, 1], without normalizing: the
+    converted model normalizes inside."""
+    from transformers import ViTImageProcessor  # late: the image-processing stack is slow to import
+
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return ViTImageProcessor(
+        size={"height": height, "width": width},
+        do_normalize=False,
+        image_mean=[0.0] * config.num_channels,
+        image_std=[1.0] * config.num_channels,
+    )
+
+
+_CONVERTED_CONFIGS = {ViTForImageClassification: RobustViTConfig, DeiTForImageClassification: RobustDeiTConfig}
+
+
+class _AutoLoader:
+    """What ``AutoModelForImageClassification`` calls for a ``robustvit_*`` config: ``robustvit.from_pretrained``.
+
+    The folder may come from ``converted.save_pretrained`` (transformers' format) or ``robustvit.save_pretrained``;
+    either way the architecture is rebuilt and converted, and the weights load strictly. Pass ``verify=True`` /
+    ``False`` to choose; by default a folder with a ``certificate.json`` is verified, one without loads uncertified
+    (with :class:`robustvit.hub.UncertifiedModelWarning`).
+    """
+
+    config_class = RobustViTConfig
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> nn.Module:
+        from robustvit.hub import from_pretrained  # late: hub imports the families
+
+        if model_args:
+            raise TypeError(f"robustvit models take no positional model arguments, got {model_args}")
+        verify = kwargs.pop("verify", None)
+        hub_kwargs = {key: kwargs.pop(key) for key in ("revision", "cache_dir", "token") if key in kwargs}
+        kwargs.pop("config", None)
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        device = kwargs.pop("device_map", None)
+        ignored = {"trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "local_files_only"}
+        unknown = sorted(set(kwargs) - ignored)
+        if unknown:
+            raise TypeError(f"robustvit.from_pretrained does not support {unknown}")
+        model = from_pretrained(pretrained_model_name_or_path, verify=verify, **hub_kwargs)
+        if dtype not in (None, "auto"):
+            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        if isinstance(device, (str, torch.device)) and device != "auto":
+            model.to(device)
+        return model
+
+
+class _DeiTAutoLoader(_AutoLoader):
+    config_class = RobustDeiTConfig
+
+
+for _config_class, _loader in ((RobustViTConfig, _AutoLoader), (RobustDeiTConfig, _DeiTAutoLoader)):
+    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
+    AutoModelForImageClassification.register(_config_class, _loader, exist_ok=True)
 
 
 @register_bound(ViTForImageClassification, DeiTForImageClassification)

@@ -1,37 +1,46 @@
-"""The converted transformer block: token mixer, then a weighted-residual MLP."""
+"""The converted transformer block: token mixer, then a weighted-residual MLP (then, in the last block, a pool)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from torch import Tensor, nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from robustvit.lipschitz.engine import BoundFn, bound_tensor
 
 
-class LipBlock(nn.Module):
-    """``x -> mlp(mixer(x))``, the Lipschitz form of a pre-norm ViT block.
+class LipBlock(GradientCheckpointingLayer):
+    """``x -> pool(mlp(mixer(x)))``, the Lipschitz form of a pre-norm ViT block.
 
     ``mixer`` is a :class:`~robustvit.layers.TokenShift` (LipShiFT/ShiftViT: the shift replaces the attention
     branch and its residual) or a :class:`~robustvit.layers.LipResidual` around ``CenterNorm -> L2Attention``;
-    ``mlp`` is a :class:`~robustvit.layers.LipResidual` around ``CenterNorm -> MLP``. The bound is the product.
+    ``mlp`` is a :class:`~robustvit.layers.LipResidual` around ``CenterNorm -> MLP``. The last block of a shift
+    model whose head reads prefix tokens carries a :class:`~robustvit.layers.PrefixPool` as ``pool``: inside the
+    block, not after it, so the block count stays the source's (``num_hidden_layers``, ``forward_intermediates``,
+    ``output_hidden_states`` and ``features_only`` keep their meaning). The bound is the product.
 
     It accepts and ignores the extra arguments timm and transformers pass to blocks, but refuses an attention
-    mask, which no converted mixer can honour.
+    mask, which no converted mixer can honour. It is a transformers ``GradientCheckpointingLayer`` (a plain
+    ``nn.Module`` until ``gradient_checkpointing_enable()``), so transformers' gradient checkpointing works; timm's
+    ``set_grad_checkpointing`` checkpoints ``blocks`` itself.
     """
 
-    def __init__(self, mixer: nn.Module, mlp: nn.Module):
+    def __init__(self, mixer: nn.Module, mlp: nn.Module, pool: nn.Module | None = None):
         super().__init__()
         self.mixer = mixer
         self.mlp = mlp
+        self.pool = pool
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         mask = attention_mask if attention_mask is not None else kwargs.get("attn_mask")
         if mask is not None:
             raise ValueError("converted robustvit blocks do not support attention masks")
-        return self.mlp(self.mixer(x))
+        x = self.mlp(self.mixer(x))
+        return self.pool(x) if self.pool is not None else x
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
         if bound_of is None:  # called directly: let the engine walk the children
             return bound_tensor(self)
-        return bound_of("mixer", self.mixer) * bound_of("mlp", self.mlp)
+        bound = bound_of("mixer", self.mixer) * bound_of("mlp", self.mlp)
+        return bound * bound_of("pool", self.pool) if self.pool is not None else bound

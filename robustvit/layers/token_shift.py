@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robustvit._utils import is_tracing
 from robustvit.lipschitz.engine import BoundFn
 
 
@@ -33,22 +34,21 @@ class TokenShift(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         height, width = self.grid_size
-        batch, tokens, channels = x.shape
-        if tokens != self.num_prefix_tokens + height * width:
+        k = self.num_prefix_tokens
+        if not is_tracing() and x.shape[1] != k + height * width:  # traced: unflatten below enforces the count
             raise ValueError(
-                f"TokenShift expects {self.num_prefix_tokens} prefix tokens + a {height}x{width} grid "
-                f"= {self.num_prefix_tokens + height * width} tokens, got {tokens}"
+                f"TokenShift expects {k} prefix tokens + a {height}x{width} grid = {k + height * width} tokens, "
+                f"got {x.shape[1]}"
             )
-        prefix, patches = x[:, : self.num_prefix_tokens], x[:, self.num_prefix_tokens :]
-        grid = patches.reshape(batch, height, width, channels)
-        g = channels // self.n_div
+        prefix, grid = x[:, :k], x[:, k:].unflatten(1, (height, width))
+        g = x.shape[-1] // self.n_div
         # F.pad pads from the last dim: (C_left, C_right, W_left, W_right, H_top, H_bottom).
         left = F.pad(grid[:, :, 1:, 0:g], (0, 0, 0, 1))
         right = F.pad(grid[:, :, :-1, g : 2 * g], (0, 0, 1, 0))
         up = F.pad(grid[:, 1:, :, 2 * g : 3 * g], (0, 0, 0, 0, 0, 1))
         down = F.pad(grid[:, :-1, :, 3 * g : 4 * g], (0, 0, 0, 0, 1, 0))
         shifted = torch.cat((left, right, up, down, grid[..., 4 * g :]), dim=-1)
-        return torch.cat((prefix, shifted.reshape(batch, height * width, channels)), dim=1)
+        return torch.cat((prefix, shifted.flatten(1, 2)), dim=1)
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
         return torch.ones((), dtype=torch.float64)

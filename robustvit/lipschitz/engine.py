@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
+from robustvit._utils import unwrap
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.rescale import is_spectrally_rescaled
 from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm, gram_spectral_norm
@@ -245,20 +246,20 @@ def compose_bound(root: nn.Module, compose: Callable[[BoundFn], Tensor]) -> Tens
     Used for partial maps, e.g. the features a linear head reads:
     ``compose_bound(model, lambda bound_of: bound_of("backbone", model.backbone))``.
     """
-    walker = _Walker(root)
+    walker = _Walker(unwrap(root))
     with parametrize.cached():
         return compose(lambda name, child: walker.visit(name, child, 0))
 
 
 def bound_tensor(module: nn.Module) -> Tensor:
     """:func:`lipschitz_bound` as a float64 tensor that is differentiable in the parameters (for training losses)."""
-    return _walk(module)[0]
+    return _walk(unwrap(module))[0]
 
 
 @torch.no_grad()
 def lipschitz_report(module: nn.Module) -> BoundReport:
     """Every module that contributes to :func:`lipschitz_bound`, with its bound; ``print`` it for a table."""
-    total, entries = _walk(module)
+    total, entries = _walk(unwrap(module))
     return BoundReport(float(total), entries)
 
 

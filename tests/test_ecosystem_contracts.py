@@ -1,0 +1,157 @@
+"""Family contracts: checks adapted from timm's tests/test_models.py and transformers' ModelTesterMixin, run on
+every registered family's source and converted copy. What cannot hold is listed in the README with the reason."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+import robustvit
+from tests.conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_CONFIGS, build_model, logits_of
+
+TIMM_FAMILIES = tuple(TIMM_CONFIGS)
+
+
+def _pair(family: str) -> list[tuple[str, torch.nn.Module]]:
+    return [("source", build_model(family)), ("converted", robustvit.convert(build_model(family)))]
+
+
+def _pixels(n: int = 2) -> torch.Tensor:
+    return torch.rand(n, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_forward_backward_and_eval_determinism(family):
+    """timm test_model_forward / test_model_backward; ModelTesterMixin test_determinism."""
+    for kind, model in _pair(family):
+        model.train()
+        out = logits_of(model(_pixels()))
+        assert out.shape == (2, NUM_CLASSES), kind
+        out.sum().backward()
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        no_grad = [n for n, p in trainable if p.grad is None]
+        assert not no_grad, f"{kind}: trainable parameters without a gradient: {no_grad}"
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(logits_of(model(_pixels())), logits_of(model(_pixels()))), kind
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_prefix_tokens_that_cannot_reach_the_head_are_frozen(family):
+    model = robustvit.convert(build_model(family))
+    embeddings = getattr(model, "vit", getattr(model, "deit", model))
+    embeddings = getattr(embeddings, "embeddings", embeddings)
+    names = ("cls_token", "dist_token", "distillation_token", "reg_token")
+    tokens = [getattr(embeddings, name) for name in names if getattr(embeddings, name, None) is not None]
+    assert tokens and all(not token.requires_grad for token in tokens)
+    with_l2 = robustvit.convert(build_model(family), mixer="l2")  # attention mixes them: they stay trainable
+    assert all(p.requires_grad for p in with_l2.parameters())
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_forward_intermediates_and_grad_checkpointing(family):
+    """timm test_model_forward_intermediates: one intermediate per block, and the final features match."""
+    for kind, model in _pair(family):
+        model.eval()
+        x = _pixels()
+        with torch.no_grad():
+            final, intermediates = model.forward_intermediates(x)
+            assert len(intermediates) == len(model.blocks) == TIMM_CONFIGS[family][1]["depth"], kind
+            assert torch.allclose(final, model.forward_features(x), atol=1e-6), kind
+            indices = model.prune_intermediate_layers(indices=1, prune_head=False)
+            assert indices == [len(model.blocks) - 1], kind
+        model.set_grad_checkpointing(True)
+        model.train()
+        model(x).sum().backward()
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_pretrained_cfg_describes_the_converted_model(family):
+    """timm test_model_default_cfgs: the cfg's input size is the model's, and it names existing modules."""
+    model = robustvit.convert(build_model(family))
+    cfg = model.pretrained_cfg
+    assert cfg["input_size"] == (3, IMG, IMG) and cfg["mean"] == (0.0,) * 3 and cfg["std"] == (1.0,) * 3
+    modules = dict(model.named_modules())
+    classifiers = cfg["classifier"] if isinstance(cfg["classifier"], (tuple, list)) else (cfg["classifier"],)
+    assert all(name in modules for name in (cfg["first_conv"], *classifiers))
+
+
+def test_timm_feature_extractor_num_classes_0_converts():
+    """timm test_model_default_cfgs_non_std / reset_classifier(0): a headless model converts and is bounded."""
+    arch, kwargs = TIMM_CONFIGS["timm_token"]
+    model = robustvit.convert(timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)).eval()
+    with torch.no_grad():
+        features = model(_pixels())
+    assert features.shape == (2, kwargs["embed_dim"])
+    bound = robustvit.lipschitz_bound(model)
+    from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
+
+    assert 0 < estimate_lipschitz_lower_bound(model, _pixels(), steps=10, restarts=1) <= bound
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_transformers_config_agrees_with_the_model(family):
+    """ModelTesterMixin test_config / test_hidden_states_output (layer count)."""
+    for activation in ("gelu", "minmax"):
+        model = robustvit.convert(build_model(family), activation=activation)
+        config = model.config
+        assert config.num_hidden_layers == len(model.base_model.layers)
+        assert config.hidden_act == activation
+        assert config.robustvit["convert_config"]["activation"] == activation
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_transformers_gradient_checkpointing(family):
+    """ModelTesterMixin test_training_gradient_checkpointing: same gradients with and without checkpointing."""
+    model = robustvit.convert(build_model(family)).train()
+    x = _pixels()
+    model(pixel_values=x).logits.sum().backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    model(pixel_values=x).logits.sum().backward()
+    for name, grad in reference.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-5, atol=1e-6)
+    assert robustvit.lipschitz_bound(model) > 0  # the checkpointing machinery is not a hook the engine refuses
+
+
+def test_greyscale_sources_convert_without_mean_and_std_by_hand():
+    arch, kwargs = TIMM_CONFIGS["timm_token"]  # vit_tiny: mean = std = 0.5 on every RGB channel
+    grey = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, in_chans=1, **kwargs)
+    model = robustvit.convert(grey).eval()
+    assert model.pretrained_cfg["input_size"] == (1, IMG, IMG) and model.pretrained_cfg["mean"] == (0.0,)
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, IMG, IMG)).shape == (2, NUM_CLASSES)
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from tests.conftest import HF_KWARGS
+
+    hf = robustvit.convert(ViTForImageClassification(ViTConfig(**HF_KWARGS, num_channels=1)))
+    assert robustvit.lipschitz_bound(hf) > 0
+    # Different RGB statistics (DeiT: ImageNet's) have no single greyscale value: asked for, with the fix named.
+    deit_arch, deit_kwargs = TIMM_CONFIGS["timm_distilled"]
+    deit = timm.create_model(deit_arch, pretrained=False, in_chans=1, **deit_kwargs)
+    with pytest.raises(ValueError, match=r"pass convert\(model, mean=\.\.\., std=\.\.\.\) with 1 value"):
+        robustvit.convert(deit)
+    robustvit.convert(deit, mean=(0.45,), std=(0.225,))
+
+
+def test_shift_layers_trace_with_fx_and_keep_their_shape_checks():
+    from robustvit.layers import PrefixPool, TokenShift
+
+    x = torch.randn(2, 17, 48)
+    for layer in (TokenShift((4, 4), 12, 1), PrefixPool(1, 16)):
+        traced = torch.fx.symbolic_trace(layer)
+        assert torch.equal(traced(x), layer(x))
+        with pytest.raises(RuntimeError):  # the traced graph still refuses a wrong token count
+            traced(torch.randn(2, 18, 48))
+
+
+def test_torch_export_of_the_exported_model():
+    """timm test_model_forward_torchscript / export, on the deployment form: robustvit.export folds the
+    parametrizations (the parametrized model's eval-mode rescaling cache is not traceable; see README)."""
+    model = robustvit.export(robustvit.convert(build_model("timm_token")).eval())
+    program = torch.export.export(model, (_pixels(),))
+    torch.testing.assert_close(program.module()(_pixels()), model(_pixels()))

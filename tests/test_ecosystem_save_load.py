@@ -1,0 +1,170 @@
+"""A converted model stays a first-class timm / transformers model: the libraries' own preprocessing feeds it [0, 1]
+pixels, and their own save/load paths give back the converted model, or fail loudly; never a different model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification, pipeline
+
+import robustvit
+from robustvit.errors import CertificateError
+from tests.conftest import HF_FAMILIES, IMG, TIMM_CONFIGS, build_model
+
+TIMM_FAMILIES = tuple(TIMM_CONFIGS)
+
+
+def _converted(family: str) -> torch.nn.Module:
+    return robustvit.convert(build_model(family).eval()).eval()
+
+
+def _image(size: int = IMG, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _pixels(image: Image.Image) -> torch.Tensor:
+    """The image as the converted model's contract says: (1, C, H, W) in [0, 1]."""
+    return torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].float() / 255
+
+
+@pytest.mark.parametrize("family", ["timm_token", "timm_distilled"])
+def test_timm_standard_preprocessing_feeds_unnormalized_pixels(family):
+    source = build_model(family).eval()
+    model = robustvit.convert(source).eval()
+    config = resolve_data_config(model=model)
+    assert config["mean"] == (0.0,) * 3 and config["std"] == (1.0,) * 3 and config["input_size"] == (3, IMG, IMG)
+    transform = create_transform(**config)
+    image = _image(48)
+    # Everything the transform does except normalizing: resize and crop, then [0, 1] pixels.
+    geometric = [t for t in transform.transforms if type(t).__name__ not in ("Normalize", "MaybeToTensor", "ToTensor")]
+    cropped = image
+    for step in geometric:
+        cropped = step(cropped)
+    with torch.no_grad():
+        standard = model(transform(image)[None])
+        expected = model(_pixels(cropped))
+        # What the source's metadata did before: normalized twice.
+        before = {**resolve_data_config(model=source), "input_size": (3, IMG, IMG)}
+        twice = model(create_transform(**before)(image)[None])
+    torch.testing.assert_close(standard, expected, atol=1e-5, rtol=0)
+    assert (twice - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_transformers_processor_and_pipeline_feed_unnormalized_pixels(family, tmp_path):
+    model = _converted(family)
+    model.save_pretrained(tmp_path)
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert processor.do_normalize is False and processor.size == {"height": IMG, "width": IMG}
+    image = _image()
+    pixel_values = processor(images=image, return_tensors="pt").pixel_values
+    torch.testing.assert_close(pixel_values, _pixels(image), atol=1e-6, rtol=0)
+    classify = pipeline("image-classification", model=str(tmp_path), device="cpu")
+    scores = {row["label"]: row["score"] for row in classify(image, top_k=model.config.num_labels)}
+    with torch.no_grad():
+        probs = model(pixel_values=_pixels(image)).logits.softmax(-1)[0]
+    expected = {model.config.id2label[i]: float(p) for i, p in enumerate(probs)}
+    assert scores.keys() == expected.keys()
+    assert all(abs(scores[k] - expected[k]) < 1e-5 for k in scores)
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_transformers_save_pretrained_round_trips_through_auto(family, tmp_path, images):
+    model = _converted(family)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"].startswith("robustvit_") and config["robustvit"]["family"] == "transformers-vit"
+    assert config["robustvit"]["convert_config"] == model.robustvit_config.to_dict()
+    assert all(t.startswith("robustvit_token_shift") for t in config["layer_types"])
+    assert len(config["layer_types"]) == config["num_hidden_layers"] == len(model.base_model.layers)
+    # Keys on disk are where transformers' ViT checkpoints keep them (legacy 4.x names).
+    with open(tmp_path / "model.safetensors", "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    assert any(key.startswith(f"{family[3:]}.encoder.layer.0.") for key in header)
+    with pytest.warns(robustvit.hub.UncertifiedModelWarning):
+        loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and robustvit.is_converted(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, model(images).logits, atol=0, rtol=0)
+    assert robustvit.lipschitz_bound(loaded) == robustvit.lipschitz_bound(model)
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_plain_transformers_class_refuses_a_converted_checkpoint(family, tmp_path):
+    model = _converted(family)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(Exception, match=r"robustvit\.from_pretrained"):
+        ViTForImageClassification.from_pretrained(tmp_path)
+    with pytest.raises(CertificateError, match="verify=False"):
+        robustvit.from_pretrained(tmp_path)  # nothing certified in a native folder
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_robustvit_folder_loads_through_auto_and_pipeline(family, tmp_path, images):
+    model = _converted(family)
+    certificate = robustvit.certify(model, images, torch.arange(4)).to_certificate(model, dataset="d", split="s")
+    robustvit.save_pretrained(model, tmp_path, certificate)
+    processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert processor["do_normalize"] is False and processor["size"] == {"height": IMG, "width": IMG}
+    loaded = AutoModelForImageClassification.from_pretrained(tmp_path)  # verified: it has a certificate
+    assert loaded.certificate is not None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images).logits, model(images).logits, atol=0, rtol=0)
+    pipeline("image-classification", model=str(tmp_path), device="cpu")(_image())
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_save_for_hf_round_trips_through_local_dir(family, tmp_path, images):
+    model = _converted(family)
+    timm.models.save_for_hf(model, tmp_path / "pickle")
+    with pytest.raises(FileNotFoundError, match="safe_serialization=True"):
+        timm.create_model(f"local-dir:{tmp_path / 'pickle'}", pretrained=True)
+    timm.models.save_for_hf(model, tmp_path, safe_serialization=True)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architecture"] == "robustvit" and config["model_args"]["robustvit"]["family"] == "timm-vit"
+    assert config["pretrained_cfg"]["mean"] == [0.0] * 3 and config["pretrained_cfg"]["std"] == [1.0] * 3
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert type(loaded) is type(model) and robustvit.is_converted(loaded)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images), atol=0, rtol=0)
+    assert robustvit.lipschitz_bound(loaded) == robustvit.lipschitz_bound(model)
+    with pytest.warns(robustvit.hub.UncertifiedModelWarning):
+        again = robustvit.from_pretrained(tmp_path, verify=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(images), model(images), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="cannot be rebuilt with num_classes=5"):
+        timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=5)
+
+
+def test_libraries_without_robustvit_refuse_converted_folders(tmp_path):
+    timm_dir, hf_dir = tmp_path / "timm", tmp_path / "hf"
+    timm.models.save_for_hf(_converted("timm_token"), timm_dir, safe_serialization=True)
+    _converted("hf_vit").save_pretrained(hf_dir)
+    script = (
+        "import sys, timm, transformers\n"
+        "for load in (lambda: timm.create_model('local-dir:' + sys.argv[1], pretrained=True),\n"
+        "             lambda: transformers.AutoModelForImageClassification.from_pretrained(sys.argv[2])):\n"
+        "    try:\n"
+        "        load()\n"
+        "    except Exception as err:\n"
+        "        print('REFUSED', str(err).replace(chr(10), ' ')[:300])\n"
+        "    else:\n"
+        "        print('LOADED')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(timm_dir), str(hf_dir)], capture_output=True, text=True, env=env, timeout=120
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("REFUSED", "LOADED"))]
+    assert len(lines) == 2 and all(line.startswith("REFUSED") for line in lines), result.stdout + result.stderr
+    assert "robustvit" in lines[0] and "robustvit" in lines[1]
