@@ -25,9 +25,16 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
-__all__ = ["HFImageDataset", "ImageDataset", "TensorImageDataset", "load_image_dataset"]
+__all__ = [
+    "HFImageDataset",
+    "ImageDataset",
+    "TensorImageDataset",
+    "dataset_labels",
+    "load_image_dataset",
+    "stratified_subset",
+]
 
 _PIL_MODES: dict[int, str] = {1: "L", 3: "RGB"}
 _IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -337,3 +344,48 @@ def stack_examples(dataset: Dataset, count: int | None = None) -> tuple[torch.Te
         raise ValueError("the dataset is empty")
     items = [dataset[i] for i in range(count)]
     return torch.stack([image for image, _ in items]), torch.tensor([int(label) for _, label in items])
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """The int label of every item, read without decoding images where the dataset allows it.
+
+    Example:
+        >>> dataset_labels(load_image_dataset(split="test"))[:3]
+        tensor([0, 1, 2])
+    """
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.labels.clone()
+    if isinstance(dataset, HFImageDataset):
+        return torch.as_tensor(dataset.hf_dataset[dataset.label_column], dtype=torch.int64)
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+    return torch.tensor([int(dataset[index][1]) for index in range(len(dataset))], dtype=torch.int64)
+
+
+def stratified_subset(dataset: Dataset, count: int, *, seed: int = 0) -> Dataset:
+    """A random subset of ``count`` items with each class in proportion to its share (the whole dataset if smaller).
+
+    Evaluation splits are often sorted by class, so their first N items would test a few classes only. Within
+    each class the order is a seeded shuffle; item ``i`` of a class of ``n`` gets the key ``(i + u) / n`` (``u``
+    uniform), and the ``count`` smallest keys are kept: proportional allocation, random in every other respect.
+    The indices are returned in dataset order.
+
+    Example:
+        >>> subset = stratified_subset(load_image_dataset(split="test"), 100, seed=0)
+        >>> torch.bincount(dataset_labels(subset))
+        tensor([10, 10,  9, 11, 10, 10, 10, 10, 10, 10])
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    if count >= len(dataset):
+        return dataset
+    labels = dataset_labels(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.empty(len(labels), dtype=torch.float64)
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        shuffled = members[torch.randperm(len(members), generator=generator)]
+        jitter = torch.rand(len(members), generator=generator, dtype=torch.float64)
+        keys[shuffled] = (torch.arange(len(members), dtype=torch.float64) + jitter) / len(members)
+    chosen = torch.sort(torch.argsort(keys)[:count]).values
+    return Subset(dataset, chosen.tolist())

@@ -25,13 +25,14 @@ from accelerate import Accelerator
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from robustvit._utils import check_images, eval_mode, model_logits
 from robustvit.certify.attacks import fgsm, pgd
 from robustvit.certify.plot import eps_label
 from robustvit.corruptions import MAX_SEVERITY, corrupt, corruption_names
+from robustvit.data import stratified_subset
 from robustvit.nullspace import token_noise
 
 __all__ = ["evaluate_robustness", "format_comparison", "plot_comparison", "summary_rows"]
@@ -57,9 +58,10 @@ def _check_item(dataset: Dataset) -> None:
 
 
 def _loader(
-    data: Dataset | DataLoader, batch_size: int, max_images: int | None, accelerator: Accelerator | None
+    data: Dataset | DataLoader, batch_size: int, max_images: int | None, accelerator: Accelerator | None, seed: int
 ) -> tuple[DataLoader, int]:
-    """A sequential loader over the first ``max_images`` items (sharded over processes), and the image count."""
+    """A sequential loader over a stratified random subset of ``max_images`` items (sharded over processes),
+    and the image count. Never the first N: splits are often sorted by class."""
     if isinstance(data, DataLoader):
         dataset, batch_size = data.dataset, data.batch_size or batch_size
     else:
@@ -68,7 +70,7 @@ def _loader(
         raise ValueError("the evaluation dataset is empty")
     _check_item(dataset)
     if max_images is not None:
-        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+        dataset = stratified_subset(dataset, max_images, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     return (accelerator.prepare_data_loader(loader) if accelerator is not None else loader), len(dataset)
 
@@ -79,6 +81,7 @@ def _validate(
     corruptions: Sequence[str],
     severities: Sequence[int],
     pgd_steps: int,
+    pgd_restarts: int,
     batch_size: int,
     max_images: int | None,
 ) -> None:
@@ -93,7 +96,12 @@ def _validate(
     for severity in severities:
         if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= MAX_SEVERITY:
             raise ValueError(f"severities must be ints from 1 to {MAX_SEVERITY}, got {severity!r}")
-    for name, value in (("pgd_steps", pgd_steps), ("batch_size", batch_size), ("max_images", max_images)):
+    for name, value in (
+        ("pgd_steps", pgd_steps),
+        ("pgd_restarts", pgd_restarts),
+        ("batch_size", batch_size),
+        ("max_images", max_images),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
@@ -107,7 +115,8 @@ def evaluate_robustness(
     eps_l2: Sequence[float] = (36 / 255, 72 / 255),
     corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = (1, 3, 5),
-    pgd_steps: int = 10,
+    pgd_steps: int = 50,
+    pgd_restarts: int = 2,
     batch_size: int = 128,
     max_images: int | None = None,
     accelerator: Accelerator | None = None,
@@ -126,9 +135,13 @@ def evaluate_robustness(
         eps_linf, eps_l2: Attack radii (FGSM and PGD run at each).
         corruptions: Names from :func:`robustvit.corruptions.corruption_names`; ``None`` for all of them.
         severities: Corruption severities (1 to 5).
-        pgd_steps: PGD steps (one random start, step size ``2.5 * eps / steps``).
+        pgd_steps: PGD steps per restart (step size ``2.5 * eps / steps``).
+        pgd_restarts: PGD random restarts; the strongest candidate per image counts. FGSM runs alongside as a
+            check for gradient masking: PGD should never do worse than FGSM at the same radius, and the radii
+            where it does are listed under ``"pgd_weaker_than_fgsm"``.
         batch_size: Images per batch (unless a DataLoader gives its own).
-        max_images: Evaluate the first ``max_images`` images only.
+        max_images: Evaluate a stratified random subset of ``max_images`` images (drawn with ``seed``, the same
+            for every model evaluated with that seed), never the first ones of a possibly class-sorted split.
         accelerator: Shards the images over processes and gathers the results (``gather_for_metrics``, so each
             image counts once); every process returns the same numbers.
         seed: Seeds PGD's random starts and the random corruptions (offset by the process index).
@@ -136,7 +149,7 @@ def evaluate_robustness(
 
     Returns:
         ``{"num_images", "clean_accuracy", ["noise_agreement", "noise_accuracy",] "adversarial": {"fgsm_linf@1/255":
-        ..., "pgd_l2@36/255": ...}, "corruptions": {name: {"1": ..., "3": ..., "mean": ...}},
+        ..., "pgd_l2@36/255": ...}, "pgd_weaker_than_fgsm": [radii], "corruptions": {name: {"1": ..., "3": ..., "mean": ...}},
         "corruption_accuracy" (mean over every corruption and severity), "seconds", "settings"}``.
 
     Raises:
@@ -148,9 +161,9 @@ def evaluate_robustness(
         (0.95, 0.61)
     """
     corruptions = corruption_names() if corruptions is None else list(corruptions)
-    _validate(eps_linf, eps_l2, corruptions, severities, pgd_steps, batch_size, max_images)
+    _validate(eps_linf, eps_l2, corruptions, severities, pgd_steps, pgd_restarts, batch_size, max_images)
     start = time.perf_counter()
-    loader, num_images = _loader(dataset_or_loader, batch_size, max_images, accelerator)
+    loader, num_images = _loader(dataset_or_loader, batch_size, max_images, accelerator, seed)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed + (accelerator.process_index if accelerator is not None else 0))
     attacks = [
@@ -180,7 +193,9 @@ def evaluate_robustness(
                 record("noise_agreement", noisy == predictions)
                 record("noise_accuracy", noisy == labels)
             for key, attack, norm, eps in attacks:
-                kwargs = {"steps": pgd_steps, "generator": generator} if attack == "pgd" else {}
+                kwargs = (
+                    {"steps": pgd_steps, "restarts": pgd_restarts, "generator": generator} if attack == "pgd" else {}
+                )
                 adversarial = _ATTACKS[attack](model, images, labels, eps, norm=norm, **kwargs)
                 with torch.no_grad():
                     record(key, clean_ok & (model_logits(model, adversarial).argmax(-1) == labels))
@@ -201,6 +216,11 @@ def evaluate_robustness(
         result["noise_agreement"] = accuracy("noise_agreement")
         result["noise_accuracy"] = accuracy("noise_accuracy")
     result["adversarial"] = {key: accuracy(key) for key, *_ in attacks}
+    result["pgd_weaker_than_fgsm"] = [
+        key.removeprefix("pgd_")
+        for key, attack, *_ in attacks
+        if attack == "pgd" and result["adversarial"][key] > result["adversarial"]["fgsm_" + key.removeprefix("pgd_")]
+    ]
     per_corruption = {
         name: {str(severity): accuracy(f"{name}/{severity}") for severity in severities} for name in corruptions
     }
@@ -216,6 +236,7 @@ def evaluate_robustness(
         "corruptions": corruptions,
         "severities": list(severities),
         "pgd_steps": pgd_steps,
+        "pgd_restarts": pgd_restarts,
         "max_images": max_images,
         "dataset_images": num_images,
         "seed": seed,
