@@ -35,9 +35,8 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -75,8 +74,7 @@ RUN_RESULT = "result.json"
 DEFAULT_PRETRAIN_EPOCHS = 20  # for the embedded default model, which starts from random weights
 
 
-@dataclass(frozen=True)
-class Method:
+class Method(NamedTuple):
     """A finetuning method: the token noise it trains with (``None``: plain cross-entropy)."""
 
     noise_kind: str | None
@@ -222,6 +220,8 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
             net,
             test_set,
             noise=noise,
+            eps_linf=[radius / 255 for radius in args.linf_radii],
+            eps_l2=[radius / 255 for radius in args.l2_radii],
             corruptions=args.corruptions,
             severities=args.severities,
             pgd_steps=args.pgd_steps,
@@ -551,7 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_recipe_arguments(hyper, run, output_dir="outputs/finetune_nullspace")
     run.add_argument("--overwrite", action="store_true", help="discard the runs already in --output_dir")
     run.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
-    run.add_argument("--require_pretrained", action="store_true", help="refuse random weights for --model")
+    run.add_argument(
+        "--require_pretrained", action=argparse.BooleanOptionalAction, default=False, help="refuse random weights"
+    )
     run.add_argument("--num_workers", type=int, default=0, help="DataLoader workers")
     run.add_argument("--train_split", default="train")
     run.add_argument("--eval_split", default="test", help="e.g. validation for ImageNet")
@@ -567,6 +569,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--max_eval_images", type=int, default=None, help="evaluate a stratified random subset of N test images"
     )
     run.add_argument("--eval_batch_size", type=int, default=128)
+    # One radius per norm by default: PGD with 50 steps x 2 restarts dominates the run time on CPU.
+    run.add_argument("--linf_radii", nargs="*", type=float, default=[2.0], help="FGSM/PGD linf radii, in 1/255")
+    run.add_argument("--l2_radii", nargs="*", type=float, default=[72.0], help="FGSM/PGD l2 radii, in 1/255")
     run.add_argument("--pgd_steps", type=int, default=50)
     run.add_argument("--pgd_restarts", type=int, default=2)
     run.add_argument("--corruptions", nargs="*", default=None, choices=corruption_names(), help="default: all")
@@ -598,6 +603,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     for name in ("noise_data_fraction", "train_data_fraction"):
         if not 0 < getattr(args, name) <= 1:
             parser.error(f"--{name} must be in (0, 1]")
+    if any(not radius > 0 for radius in (*args.linf_radii, *args.l2_radii)):
+        parser.error("attack radii must be > 0")
     if not args.nullspace_tol > 0:
         parser.error("--nullspace_tol must be > 0")
     if args.resume and args.overwrite:
