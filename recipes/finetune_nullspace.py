@@ -147,14 +147,18 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
         if accelerator.is_main_process:
             shutil.rmtree(runs_dir)
     if args.resume and not (output_dir / BASELINE_STATE).is_file():
-        raise FileNotFoundError(f"no complete baseline ({output_dir / BASELINE_STATE}) to resume from; run without --resume")
+        raise FileNotFoundError(
+            f"no complete baseline ({output_dir / BASELINE_STATE}) to resume from; run without --resume"
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     def dataset(split: str) -> ImageDataset:
-        return load_image_dataset(args.dataset, split=split, image_size=config["image_size"], channels=config["channels"])
+        return load_image_dataset(
+            args.dataset, split=split, image_size=config["image_size"], channels=config["channels"]
+        )
 
     with accelerator.main_process_first():  # a Hub dataset is downloaded once
         train_set, test_set = dataset(args.train_split), dataset(args.eval_split)
@@ -506,7 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     hyper.add_argument("--weight_decay", type=float, default=0.05)
     hyper.add_argument("--batch_size", type=int, default=64, help="per process")
     hyper.add_argument(
-        "--train_data_fraction", type=float, default=1.0, help="fraction of the training batches per epoch (paper: 0.004)"
+        "--train_data_fraction",
+        type=float,
+        default=1.0,
+        help="fraction of the training batches per epoch (paper: 0.004)",
     )
     hyper.add_argument(
         "--nullspace_tol",

@@ -443,8 +443,9 @@ class Augmentation:
         if not 0 < self.crop_scale <= 1:
             raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale!r}")
         if self.rand_augment is not None and not self.rand_augment.startswith("rand"):
-            raise ValueError(f"rand_augment must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1', got "
-                             f"{self.rand_augment!r}")
+            raise ValueError(
+                f"rand_augment must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1', got {self.rand_augment!r}"
+            )
 
     @property
     def per_image(self) -> bool:

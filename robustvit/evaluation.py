@@ -159,8 +159,8 @@ def evaluate_robustness(
 
     Returns:
         ``{"num_images", "clean_accuracy", ["noise_agreement", "noise_accuracy",] "adversarial": {"fgsm_linf@1/255":
-        ..., "pgd_l2@36/255": ...}, "pgd_weaker_than_fgsm": [radii], "corruptions": {name: {"1": ..., "3": ..., "mean": ...}},
-        "corruption_accuracy" (mean over every corruption and severity), "seconds", "settings"}``.
+        ..., "pgd_l2@36/255": ...}, "pgd_weaker_than_fgsm": [radii], "corruptions": {name: {"1": ..., "3": ...,
+        "mean": ...}}, "corruption_accuracy" (mean over every corruption and severity), "seconds", "settings"}``.
 
     Raises:
         ValueError: An empty dataset, items without labels, or invalid settings.
@@ -352,7 +352,9 @@ def within_spread(a: float, a_std: float, b: float, b_std: float, num_images: in
     return abs(a - b) <= a_std + b_std or abs(a - b) < 1 / num_images
 
 
-def format_methods(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], *, reference: str | None = "ce") -> str:
+def format_methods(
+    baseline: dict[str, Any], methods: dict[str, dict[str, Any]], *, reference: str | None = "ce"
+) -> str:
     """A markdown table (in %) of the baseline and every method's mean +- std over seeds, with each method's
     difference to ``reference`` labelled ``noise`` when it is within the spread (:func:`within_spread`).
 

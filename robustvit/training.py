@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from timm.layers import DropPath
 import torch
 from accelerate import Accelerator
 from huggingface_hub import try_to_load_from_cache
+from timm.layers import DropPath
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification

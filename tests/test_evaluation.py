@@ -11,8 +11,7 @@ from accelerate import Accelerator, debug_launcher
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from robustvit.data import TensorImageDataset
-from robustvit.data import dataset_labels
+from robustvit.data import TensorImageDataset, dataset_labels
 from robustvit.evaluation import (
     aggregate_seeds,
     evaluate_accuracy,

@@ -5,7 +5,8 @@
 * :func:`token_noise`: run any supported model with a noise added to its patch tokens.
 * :func:`synthesize_noise` -> :class:`NullspaceNoise`: a universal token noise in the eps-approximate nullspace of
   the encoder (Liu et al., "Approximate Nullspace Augmented Finetuning for Robust Vision Transformers", CPAL 2025);
-  :func:`permuted` is its same-norm control and ``kind="random"`` the paper's shrinking-Gaussian control; :func:`nullspace_finetuning_loss` is the finetuning loss.
+  :func:`permuted` is its same-norm control and ``kind="random"`` the paper's shrinking-Gaussian control;
+  :func:`nullspace_finetuning_loss` is the finetuning loss.
 """
 
 from robustvit.nullspace.loss import nullspace_finetuning_loss
