@@ -5,7 +5,8 @@ The noise ``v`` (shape ``(1, N, D)``) is added to the patch tokens of every imag
 mean squared logit difference between noisy and clean outputs. It stops as soon as the mean squared
 softmax-probability difference is below ``eps``: the noise then sits near the boundary of the eps-approximate
 nullspace ``{v : E |softmax(f(u + v)) - softmax(f(u))|^2 < eps}``, as large as that set allows along the way.
-The paper's control (``kind="random"``) starts from Gaussian noise and only shrinks it, x0.8 per step, until it is within ``eps``: as close to the set's boundary, in a random direction.
+The paper's control (``kind="random"``) starts from Gaussian noise and only shrinks it, x0.8 per step, until it is
+within ``eps``: as close to the set's boundary, in a random direction.
 """
 
 from __future__ import annotations
