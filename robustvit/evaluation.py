@@ -387,7 +387,7 @@ def format_methods(
             if key not in a["mean"] or key not in b["mean"]:
                 cells.append("-")
                 continue
-            difference = 100 * (a["mean"][key] - b["mean"][key])
+            difference = round(100 * (a["mean"][key] - b["mean"][key]), 2) + 0.0  # no "-0.00"
             noise = within_spread(a["mean"][key], a["std"][key], b["mean"][key], b["std"][key], num_images)
             cells.append(f"{difference:+.2f}" + (" (noise)" if noise else ""))
         lines.append("| " + " | ".join(cells) + " |")
