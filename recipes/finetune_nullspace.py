@@ -289,10 +289,22 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     # ------------------------------------------------------------------------------------------- the baseline
     if args.resume:
         baseline = json.loads((output_dir / BASELINE_STATE).read_text())
+        # Runs finished before must have had the same budget as the ones still to come.
+        changed = sorted(
+            key
+            for key in set(config) | set(baseline["config"])
+            if key not in RESUMABLE_CHANGES and config.get(key) != baseline["config"].get(key)
+        )
+        if changed:
+            raise ValueError(
+                f"--resume with settings that differ from the interrupted run: {changed} (was "
+                f"{ {key: baseline['config'].get(key) for key in changed} }); only {sorted(RESUMABLE_CHANGES)} may "
+                "change on resume. Use the original flags, or --overwrite / another --output_dir to start again"
+            )
         baseline_noise = NullspaceNoise.load(output_dir / BASELINE_NOISE, device=accelerator.device)
         accelerator.print("resumed: baseline read back from " + str(output_dir / BASELINE_STATE))
     else:
-        baseline = {"pretrain": [], "timings": {}}
+        baseline = {"config": config, "pretrain": [], "timings": {}}
         for epoch in range(config["pretrain_epochs"]):
             stats = train_epoch(
                 accelerator,
@@ -479,6 +491,10 @@ CONFIG_KEYS = (
     "channels",
     "seed",
 )
+
+
+RESUMABLE_CHANGES = frozenset({"methods", "seeds"})
+"""Settings a resumed run may change: adding methods or seeds adds runs with the same budget."""
 
 
 def _method_list(text: str) -> list[str]:

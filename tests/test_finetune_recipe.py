@@ -119,6 +119,10 @@ def test_resume_in_the_middle_of_the_controls(recipe: ModuleType, tmp_path: Path
     interrupted_state = json.loads(checkpoint.read_text())
     assert [path.name for path in checkpoint.parents[1].iterdir()] == ["epoch_0"]  # only the latest is kept
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match=r"differ from the interrupted run: \['epochs'\]"):
+        recipe.main([*argv, "--resume", "--epochs", "3"])  # a different budget would not compare
+
     calls.clear()
     AcceleratorState._reset_state(reset_partial_state=True)
     report = recipe.main([*argv, "--resume"])
