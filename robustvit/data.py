@@ -14,9 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import datasets
 import numpy as np
@@ -25,9 +27,21 @@ import torch.nn.functional as F
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import Dataset
+from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
+from torch.utils.data import Dataset, Subset
+from torchvision.transforms.functional import to_pil_image
 
-__all__ = ["HFImageDataset", "ImageDataset", "TensorImageDataset", "load_image_dataset"]
+__all__ = [
+    "Augmentation",
+    "AugmentedDataset",
+    "HFImageDataset",
+    "ImageDataset",
+    "TensorImageDataset",
+    "dataset_labels",
+    "load_image_dataset",
+    "stratified_subset",
+]
 
 _PIL_MODES: dict[int, str] = {1: "L", 3: "RGB"}
 _IMAGE_COLUMNS = ("image", "img", "pixel_values")
@@ -337,3 +351,184 @@ def stack_examples(dataset: Dataset, count: int | None = None) -> tuple[torch.Te
         raise ValueError("the dataset is empty")
     items = [dataset[i] for i in range(count)]
     return torch.stack([image for image, _ in items]), torch.tensor([int(label) for _, label in items])
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """The int label of every item, read without decoding images where the dataset allows it.
+
+    Example:
+        >>> dataset_labels(load_image_dataset(split="test"))[:3]
+        tensor([0, 1, 2])
+    """
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.labels.clone()
+    if isinstance(dataset, HFImageDataset):
+        return torch.as_tensor(dataset.hf_dataset[dataset.label_column], dtype=torch.int64)
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
+    return torch.tensor([int(dataset[index][1]) for index in range(len(dataset))], dtype=torch.int64)
+
+
+def stratified_subset(dataset: Dataset, count: int, *, seed: int = 0) -> Dataset:
+    """A random subset of ``count`` items with each class in proportion to its share (the whole dataset if smaller).
+
+    Evaluation splits are often sorted by class, so their first N items would test a few classes only. Within
+    each class the order is a seeded shuffle; item ``i`` of a class of ``n`` gets the key ``(i + u) / n`` (``u``
+    uniform), and the ``count`` smallest keys are kept: proportional allocation, random in every other respect.
+    The indices are returned in dataset order.
+
+    Example:
+        >>> subset = stratified_subset(load_image_dataset(split="test"), 100, seed=0)
+        >>> torch.bincount(dataset_labels(subset))
+        tensor([10, 10,  9, 11, 10, 10, 10, 10, 10, 10])
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an int >= 1, got {count!r}")
+    if count >= len(dataset):
+        return dataset
+    labels = dataset_labels(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.empty(len(labels), dtype=torch.float64)
+    for label in labels.unique():
+        members = (labels == label).nonzero().flatten()
+        shuffled = members[torch.randperm(len(members), generator=generator)]
+        jitter = torch.rand(len(members), generator=generator, dtype=torch.float64)
+        keys[shuffled] = (torch.arange(len(members), dtype=torch.float64) + jitter) / len(members)
+    chosen = torch.sort(torch.argsort(keys)[:count]).values
+    return Subset(dataset, chosen.tolist())
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """timm's training augmentation, as the nullspace paper finetunes (timm's train script); all off by default.
+
+    Image-level parts run in :class:`AugmentedDataset` through ``timm.data.create_transform``; batch-level parts
+    (mixup, cutmix, label smoothing) through ``timm.data.Mixup`` in :meth:`batch_transform`, which turns labels into
+    soft targets that ``F.cross_entropy`` takes as they are. The defaults suit small data such as the embedded
+    8x8 digits: every part off (a flip changes a digit, RandAugment and crops destroy 8x8 strokes).
+
+    Attributes:
+        rand_augment: timm RandAugment spec, e.g. ``"rand-m9-mstd0.5-inc1"`` (the paper); ``None`` for none.
+        color_jitter: Colour-jitter strength (the paper: 0.4; timm applies it only without RandAugment).
+        hflip: Horizontal flip probability.
+        crop_scale: Smallest area fraction of the random resized crop; 1.0 keeps the whole image (no crop).
+        random_erasing: Random-erasing probability (the paper: 0.25).
+        mixup: Mixup alpha (the paper: 0.8); 0 for none.
+        cutmix: CutMix alpha (the paper: 1.0); 0 for none.
+        label_smoothing: Label smoothing (the paper: 0.1).
+
+    Example:
+        >>> paper = Augmentation("rand-m9-mstd0.5-inc1", 0.4, 0.5, 0.08, 0.25, 0.8, 1.0, 0.1)
+        >>> train = AugmentedDataset(train_set, paper, mean=(0.5,) * 3, std=(0.5,) * 3)
+        >>> mix = paper.batch_transform(num_classes=10)
+        >>> images, targets = mix(images, labels)  # targets (B, 10), soft
+    """
+
+    rand_augment: str | None = None
+    color_jitter: float = 0.0
+    hflip: float = 0.0
+    crop_scale: float = 1.0
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("color_jitter", "mixup", "cutmix"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("hflip", "random_erasing", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1 or (name == "hflip" and getattr(self, name) > 1):
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not 0 < self.crop_scale <= 1:
+            raise ValueError(f"crop_scale must be in (0, 1], got {self.crop_scale!r}")
+        if self.rand_augment is not None and not self.rand_augment.startswith("rand"):
+            raise ValueError(
+                f"rand_augment must be a timm RandAugment spec like 'rand-m9-mstd0.5-inc1', got {self.rand_augment!r}"
+            )
+
+    @property
+    def per_image(self) -> bool:
+        """Whether any image-level part is on (else the training set is used as it is)."""
+        return bool(self.rand_augment or self.color_jitter or self.hflip or self.random_erasing) or self.crop_scale < 1
+
+    def image_transform(self, image_size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+        """timm's training transform (PIL in, normalized tensor out), or raise if no image-level part is on."""
+        if not self.per_image:
+            raise ValueError("no image-level augmentation is enabled")
+        return create_transform(
+            image_size,
+            is_training=True,
+            scale=(self.crop_scale, 1.0),
+            ratio=(3 / 4, 4 / 3) if self.crop_scale < 1 else (1.0, 1.0),
+            hflip=self.hflip,
+            color_jitter=self.color_jitter,
+            auto_augment=self.rand_augment,
+            interpolation="bicubic",
+            re_prob=self.random_erasing,
+            re_mode="pixel",
+            mean=tuple(mean),
+            std=tuple(std),
+        )
+
+    def batch_transform(self, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple] | None:
+        """``(images, labels) -> (images, soft targets (B, num_classes))``, or ``None`` when nothing mixes or smooths.
+
+        timm's batch mixup needs an even batch: an odd batch loses its last image.
+        """
+        if self.mixup or self.cutmix:
+            mix = Mixup(
+                mixup_alpha=self.mixup,
+                cutmix_alpha=self.cutmix,
+                label_smoothing=self.label_smoothing,
+                num_classes=num_classes,
+            )
+
+            def mixed(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                even = images.shape[0] - images.shape[0] % 2
+                if even == 0:
+                    raise ValueError("mixup / cutmix need batches of at least 2 images")
+                return mix(images[:even], labels[:even])
+
+            return mixed
+        if self.label_smoothing:
+
+            def smoothed(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return images, mixup_target(labels, num_classes, smoothing=self.label_smoothing)
+
+            return smoothed
+        return None
+
+
+class AugmentedDataset(Dataset):
+    """A pixel dataset passed through :meth:`Augmentation.image_transform` item by item; pixels in, pixels out.
+
+    The image goes to PIL and through timm's transform, normalized with the model's ``mean`` / ``std`` so that
+    random erasing fills with noise of the model's input statistics, and back to the pixel scale (erased pixels
+    may leave ``[0, 1]``, as in timm, where they are drawn in the normalized space).
+
+    Example:
+        >>> train = AugmentedDataset(load_image_dataset(split="train"), Augmentation(hflip=0.5),
+        ...                          mean=(0.5,) * 3, std=(0.5,) * 3)
+    """
+
+    def __init__(
+        self, dataset: Dataset, augmentation: Augmentation, *, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        image = dataset[0][0]
+        if not isinstance(image, torch.Tensor) or image.dim() != 3:
+            raise ValueError("AugmentedDataset needs (image tensor (C, H, W), label) items")
+        if image.shape[1] != image.shape[2]:
+            raise ValueError(f"AugmentedDataset needs square images, got {tuple(image.shape)}")
+        self.dataset = dataset
+        self.transform = augmentation.image_transform(image.shape[-1], mean, std)
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[index]
+        pil = to_pil_image(image.clamp(0, 1))
+        return self.transform(pil) * self.std + self.mean, label

@@ -1,15 +1,17 @@
 """Robustness of a classifier on pixels in ``[0, 1]``: clean, token noise, FGSM/PGD (linf, l2) and corruptions.
 
-Every number is an accuracy-like fraction over the same images, so two evaluations (e.g. before and after
-finetuning) compare row by row: :func:`format_comparison` prints a table, :func:`plot_comparison` draws one.
+Every number is an accuracy-like fraction over the same images, so evaluations (a baseline and several finetuning
+methods, each over several seeds: :func:`aggregate_seeds`) compare row by row: :func:`format_methods` prints a
+table with the spread, :func:`plot_methods` draws one. :func:`evaluate_accuracy` scores extra test sets (e.g.
+ImageNet-R) whose classes are a subset of the model's.
 Attack accuracies count an image only when it is classified correctly both clean and attacked (an upper bound on
 true robustness: the attacks are empirical).
 
 Example:
-    >>> before = evaluate_robustness(PixelModel(model), test_set, max_images=500)
-    >>> after = evaluate_robustness(PixelModel(finetuned), test_set, max_images=500)
-    >>> print(format_comparison(before, after))
-    >>> plot_comparison(before, after, "outputs/robustness.png")
+    >>> baseline = evaluate_robustness(PixelModel(model), test_set, max_images=500)
+    >>> runs = [evaluate_robustness(PixelModel(m), test_set, max_images=500) for m in finetuned_per_seed]
+    >>> print(format_methods(baseline, {"nullspace": aggregate_seeds(runs)}, reference=None))
+    >>> plot_methods(baseline, {"nullspace": aggregate_seeds(runs)}, "outputs/robustness.png")
 """
 
 from __future__ import annotations
@@ -25,16 +27,25 @@ from accelerate import Accelerator
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from robustvit._utils import check_images, eval_mode, model_logits
 from robustvit.certify.attacks import fgsm, pgd
 from robustvit.certify.plot import eps_label
 from robustvit.corruptions import MAX_SEVERITY, corrupt, corruption_names
+from robustvit.data import stratified_subset
 from robustvit.nullspace import token_noise
 
-__all__ = ["evaluate_robustness", "format_comparison", "plot_comparison", "summary_rows"]
+__all__ = [
+    "aggregate_seeds",
+    "evaluate_accuracy",
+    "evaluate_robustness",
+    "format_methods",
+    "plot_methods",
+    "summary_rows",
+    "within_spread",
+]
 
 _ATTACKS = {"fgsm": fgsm, "pgd": pgd}
 
@@ -57,9 +68,10 @@ def _check_item(dataset: Dataset) -> None:
 
 
 def _loader(
-    data: Dataset | DataLoader, batch_size: int, max_images: int | None, accelerator: Accelerator | None
+    data: Dataset | DataLoader, batch_size: int, max_images: int | None, accelerator: Accelerator | None, seed: int
 ) -> tuple[DataLoader, int]:
-    """A sequential loader over the first ``max_images`` items (sharded over processes), and the image count."""
+    """A sequential loader over a stratified random subset of ``max_images`` items (sharded over processes),
+    and the image count. Never the first N: splits are often sorted by class."""
     if isinstance(data, DataLoader):
         dataset, batch_size = data.dataset, data.batch_size or batch_size
     else:
@@ -68,7 +80,7 @@ def _loader(
         raise ValueError("the evaluation dataset is empty")
     _check_item(dataset)
     if max_images is not None:
-        dataset = Subset(dataset, range(min(max_images, len(dataset))))
+        dataset = stratified_subset(dataset, max_images, seed=seed)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     return (accelerator.prepare_data_loader(loader) if accelerator is not None else loader), len(dataset)
 
@@ -79,6 +91,7 @@ def _validate(
     corruptions: Sequence[str],
     severities: Sequence[int],
     pgd_steps: int,
+    pgd_restarts: int,
     batch_size: int,
     max_images: int | None,
 ) -> None:
@@ -93,7 +106,12 @@ def _validate(
     for severity in severities:
         if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= MAX_SEVERITY:
             raise ValueError(f"severities must be ints from 1 to {MAX_SEVERITY}, got {severity!r}")
-    for name, value in (("pgd_steps", pgd_steps), ("batch_size", batch_size), ("max_images", max_images)):
+    for name, value in (
+        ("pgd_steps", pgd_steps),
+        ("pgd_restarts", pgd_restarts),
+        ("batch_size", batch_size),
+        ("max_images", max_images),
+    ):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
@@ -107,7 +125,8 @@ def evaluate_robustness(
     eps_l2: Sequence[float] = (36 / 255, 72 / 255),
     corruptions: Sequence[str] | None = None,
     severities: Sequence[int] = (1, 3, 5),
-    pgd_steps: int = 10,
+    pgd_steps: int = 50,
+    pgd_restarts: int = 2,
     batch_size: int = 128,
     max_images: int | None = None,
     accelerator: Accelerator | None = None,
@@ -126,9 +145,13 @@ def evaluate_robustness(
         eps_linf, eps_l2: Attack radii (FGSM and PGD run at each).
         corruptions: Names from :func:`robustvit.corruptions.corruption_names`; ``None`` for all of them.
         severities: Corruption severities (1 to 5).
-        pgd_steps: PGD steps (one random start, step size ``2.5 * eps / steps``).
+        pgd_steps: PGD steps per restart (step size ``2.5 * eps / steps``).
+        pgd_restarts: PGD random restarts; the strongest candidate per image counts. FGSM runs alongside as a
+            check for gradient masking: PGD should never do worse than FGSM at the same radius, and the radii
+            where it does are listed under ``"pgd_weaker_than_fgsm"``.
         batch_size: Images per batch (unless a DataLoader gives its own).
-        max_images: Evaluate the first ``max_images`` images only.
+        max_images: Evaluate a stratified random subset of ``max_images`` images (drawn with ``seed``, the same
+            for every model evaluated with that seed), never the first ones of a possibly class-sorted split.
         accelerator: Shards the images over processes and gathers the results (``gather_for_metrics``, so each
             image counts once); every process returns the same numbers.
         seed: Seeds PGD's random starts and the random corruptions (offset by the process index).
@@ -136,8 +159,8 @@ def evaluate_robustness(
 
     Returns:
         ``{"num_images", "clean_accuracy", ["noise_agreement", "noise_accuracy",] "adversarial": {"fgsm_linf@1/255":
-        ..., "pgd_l2@36/255": ...}, "corruptions": {name: {"1": ..., "3": ..., "mean": ...}},
-        "corruption_accuracy" (mean over every corruption and severity), "seconds", "settings"}``.
+        ..., "pgd_l2@36/255": ...}, "pgd_weaker_than_fgsm": [radii], "corruptions": {name: {"1": ..., "3": ...,
+        "mean": ...}}, "corruption_accuracy" (mean over every corruption and severity), "seconds", "settings"}``.
 
     Raises:
         ValueError: An empty dataset, items without labels, or invalid settings.
@@ -148,9 +171,9 @@ def evaluate_robustness(
         (0.95, 0.61)
     """
     corruptions = corruption_names() if corruptions is None else list(corruptions)
-    _validate(eps_linf, eps_l2, corruptions, severities, pgd_steps, batch_size, max_images)
+    _validate(eps_linf, eps_l2, corruptions, severities, pgd_steps, pgd_restarts, batch_size, max_images)
     start = time.perf_counter()
-    loader, num_images = _loader(dataset_or_loader, batch_size, max_images, accelerator)
+    loader, num_images = _loader(dataset_or_loader, batch_size, max_images, accelerator, seed)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed + (accelerator.process_index if accelerator is not None else 0))
     attacks = [
@@ -180,7 +203,9 @@ def evaluate_robustness(
                 record("noise_agreement", noisy == predictions)
                 record("noise_accuracy", noisy == labels)
             for key, attack, norm, eps in attacks:
-                kwargs = {"steps": pgd_steps, "generator": generator} if attack == "pgd" else {}
+                kwargs = (
+                    {"steps": pgd_steps, "restarts": pgd_restarts, "generator": generator} if attack == "pgd" else {}
+                )
                 adversarial = _ATTACKS[attack](model, images, labels, eps, norm=norm, **kwargs)
                 with torch.no_grad():
                     record(key, clean_ok & (model_logits(model, adversarial).argmax(-1) == labels))
@@ -201,6 +226,11 @@ def evaluate_robustness(
         result["noise_agreement"] = accuracy("noise_agreement")
         result["noise_accuracy"] = accuracy("noise_accuracy")
     result["adversarial"] = {key: accuracy(key) for key, *_ in attacks}
+    result["pgd_weaker_than_fgsm"] = [
+        key.removeprefix("pgd_")
+        for key, attack, *_ in attacks
+        if attack == "pgd" and result["adversarial"][key] > result["adversarial"]["fgsm_" + key.removeprefix("pgd_")]
+    ]
     per_corruption = {
         name: {str(severity): accuracy(f"{name}/{severity}") for severity in severities} for name in corruptions
     }
@@ -216,11 +246,53 @@ def evaluate_robustness(
         "corruptions": corruptions,
         "severities": list(severities),
         "pgd_steps": pgd_steps,
+        "pgd_restarts": pgd_restarts,
         "max_images": max_images,
         "dataset_images": num_images,
         "seed": seed,
     }
     return result
+
+
+def evaluate_accuracy(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    class_indices: Sequence[int] | None = None,
+    batch_size: int = 128,
+    max_images: int | None = None,
+    accelerator: Accelerator | None = None,
+    seed: int = 0,
+) -> float:
+    """Top-1 accuracy on ``dataset``, whose classes may be a subset of the model's (ImageNet-A/R style).
+
+    Args:
+        model: Classifier taking pixels in ``[0, 1]``.
+        dataset: ``(image, label)`` items.
+        class_indices: The model's output index of each of the dataset's labels; the logits are restricted to
+            these classes before the argmax (as the paper scores ImageNet-A and -R on their 200 classes).
+            ``None`` when the dataset's labels are the model's classes.
+        batch_size, max_images, accelerator, seed: As in :func:`evaluate_robustness` (stratified subset, sharding).
+
+    Example:
+        >>> imagenet_r = load_image_dataset("path/to/imagenet-r", split="train", image_size=224)
+        >>> indices = [train_set.class_names.index(name) for name in imagenet_r.class_names]
+        >>> evaluate_accuracy(net, imagenet_r, class_indices=indices, max_images=5000)
+        0.41
+    """
+    _validate((), (), [], [], 1, 1, batch_size, max_images)
+    loader, _ = _loader(dataset, batch_size, max_images, accelerator, seed)
+    device = next(model.parameters()).device
+    mapping = None if class_indices is None else torch.as_tensor(list(class_indices), dtype=torch.long, device=device)
+    correct: list[Tensor] = []
+    with eval_mode(model), torch.no_grad():
+        for images, labels in loader:
+            images, labels = images.to(device), torch.as_tensor(labels).to(device)
+            check_images(images)
+            logits = model_logits(model, images)
+            hits = (logits if mapping is None else logits[:, mapping]).argmax(-1) == labels
+            correct.append((accelerator.gather_for_metrics(hits) if accelerator is not None else hits).cpu())
+    return float(torch.cat(correct).float().mean())
 
 
 def summary_rows(result: dict[str, Any]) -> dict[str, float]:
@@ -238,27 +310,91 @@ def summary_rows(result: dict[str, Any]) -> dict[str, float]:
     rows.update({f"{name} (mean)": values["mean"] for name, values in result["corruptions"].items()})
     if "corruption_accuracy" in result:
         rows["corruption accuracy (mean)"] = result["corruption_accuracy"]
+    rows.update({f"{name} accuracy": value for name, value in result.get("eval_sets", {}).items()})
     return rows
 
 
-def format_comparison(before: dict[str, Any], after: dict[str, Any]) -> str:
-    """A markdown table of the headline numbers (in %) before and after, with the change in points.
+def aggregate_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample standard deviation over seeds of every headline number (:func:`summary_rows`).
 
-    Rows present in only one result show ``-`` for the other.
+    Args:
+        results: One :func:`evaluate_robustness` result per seed (all over the same images).
+
+    Returns:
+        ``{"mean": {row: value}, "std": {row: value}, "num_seeds": n, "num_images": images}``; ``std`` is 0 for
+        one seed.
 
     Example:
-        >>> print(format_comparison(before, after))
-        | metric | before | after | change |
-        |---|---:|---:|---:|
-        | clean accuracy | 95.00 | 95.83 | +0.83 |
+        >>> aggregate_seeds([run_a, run_b])["mean"]["clean accuracy"]
+        0.93
     """
-    old, new = summary_rows(before), summary_rows(after)
-    lines = ["| metric | before | after | change |", "|---|---:|---:|---:|"]
-    for key in dict.fromkeys([*old, *new]):
-        a, b = old.get(key), new.get(key)
-        change = f"{100 * (b - a):+.2f}" if a is not None and b is not None else "-"
-        lines.append(f"| {key} | {_percent(a)} | {_percent(b)} | {change} |")
-    lines.append(f"\n{before['num_images']} images before, {after['num_images']} after.")
+    if not results:
+        raise ValueError("aggregate_seeds needs at least one result")
+    rows = [summary_rows(result) for result in results]
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    values = {key: torch.tensor([row[key] for row in rows if key in row], dtype=torch.float64) for key in keys}
+    return {
+        "mean": {key: float(v.mean()) for key, v in values.items()},
+        "std": {key: float(v.std()) if v.numel() > 1 else 0.0 for key, v in values.items()},
+        "num_seeds": len(results),
+        "num_images": results[0]["num_images"],
+    }
+
+
+def within_spread(a: float, a_std: float, b: float, b_std: float, num_images: int) -> bool:
+    """Whether two means are indistinguishable here: their mean +- std intervals overlap, or they differ by less
+    than one image (``1 / num_images``).
+
+    Example:
+        >>> within_spread(0.931, 0.004, 0.934, 0.003, num_images=360)
+        True
+    """
+    return abs(a - b) <= a_std + b_std or abs(a - b) < 1 / num_images
+
+
+def format_methods(
+    baseline: dict[str, Any], methods: dict[str, dict[str, Any]], *, reference: str | None = "ce"
+) -> str:
+    """A markdown table (in %) of the baseline and every method's mean +- std over seeds, with each method's
+    difference to ``reference`` labelled ``noise`` when it is within the spread (:func:`within_spread`).
+
+    Args:
+        baseline: The :func:`evaluate_robustness` result of the model every method started from.
+        methods: ``{name: aggregate_seeds(...)}``.
+        reference: The method the others are compared with (the plain finetune); ``None`` or absent for no
+            comparison column.
+
+    Example:
+        >>> print(format_methods(baseline, {"ce": aggregate_seeds(ce), "nullspace": aggregate_seeds(ns)}))
+        | metric | baseline | ce (2 seeds) | nullspace (2 seeds) | nullspace - ce |
+        |---|---:|---:|---:|---:|
+        | clean accuracy | 92.50 | 93.40 +- 0.30 | 93.10 +- 0.40 | -0.30 (noise) |
+    """
+    base = summary_rows(baseline)
+    num_images = baseline["num_images"]
+    compared = [name for name in methods if reference in methods and name != reference]
+    header = ["metric", "baseline", *(f"{name} ({methods[name]['num_seeds']} seeds)" for name in methods)]
+    header += [f"{name} - {reference}" for name in compared]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    keys = list(dict.fromkeys([*base, *(key for m in methods.values() for key in m["mean"])]))
+    for key in keys:
+        cells = [key, _percent(base.get(key))]
+        for method in methods.values():
+            mean, std = method["mean"].get(key), method["std"].get(key)
+            cells.append("-" if mean is None else f"{100 * mean:.2f} +- {100 * std:.2f}")
+        for name in compared:
+            a, b = methods[name], methods[reference]
+            if key not in a["mean"] or key not in b["mean"]:
+                cells.append("-")
+                continue
+            difference = round(100 * (a["mean"][key] - b["mean"][key]), 2) + 0.0  # no "-0.00"
+            noise = within_spread(a["mean"][key], a["std"][key], b["mean"][key], b["std"][key], num_images)
+            cells.append(f"{difference:+.2f}" + (" (noise)" if noise else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(
+        f"\n{num_images} test images: one image is {100 / num_images:.2f} points. Mean +- sample std over seeds; "
+        f"a difference is labelled (noise) when the mean +- std intervals overlap or it is under one image."
+    )
     return "\n".join(lines)
 
 
@@ -266,33 +402,37 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def plot_comparison(
-    before: dict[str, Any], after: dict[str, Any], path: str | Path, *, labels: tuple[str, str] = ("before", "after")
-) -> Path:
-    """Write a horizontal grouped bar chart (PNG) of the headline numbers before and after.
+def plot_methods(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], path: str | Path) -> Path:
+    """Write a horizontal grouped bar chart (PNG): the baseline and every method's mean, with +- std error bars.
 
     Drawn with matplotlib's Agg canvas directly, so no display is needed and pyplot's global state is left alone.
 
     Example:
-        >>> plot_comparison(before, after, "outputs/robustness.png")
-        PosixPath('outputs/robustness.png')
+        >>> plot_methods(baseline, {"ce": aggregate_seeds(ce), "nullspace": aggregate_seeds(ns)}, "robustness.png")
+        PosixPath('robustness.png')
     """
-    old, new = summary_rows(before), summary_rows(after)
-    keys = list(dict.fromkeys([*old, *new]))
-    figure = Figure(figsize=(8, 1.0 + 0.32 * len(keys)), layout="constrained")
+    base = summary_rows(baseline)
+    series = [("baseline", base, {})] + [
+        (f"{name} ({m['num_seeds']} seeds)", m["mean"], m["std"]) for name, m in methods.items()
+    ]
+    keys = list(dict.fromkeys(key for _, rows, _ in series for key in rows))
+    figure = Figure(figsize=(8, 1.2 + 0.18 * len(keys) * len(series)), layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    height = 0.4
-    for offset, (label, rows) in zip((-height / 2, height / 2), zip(labels, (old, new), strict=True), strict=True):
-        positions = [index + offset for index in range(len(keys))]
-        axes.barh(positions, [100 * rows.get(key, math.nan) for key in keys], height=height, label=label)
+    height = 0.8 / len(series)
+    for index, (label, rows, spread) in enumerate(series):
+        positions = [key_index - 0.4 + (index + 0.5) * height for key_index in range(len(keys))]
+        values = [100 * rows.get(key, math.nan) for key in keys]
+        errors = [100 * spread.get(key, 0.0) for key in keys]
+        axes.barh(positions, values, height=height, xerr=errors if spread else None, capsize=2, label=label)
     axes.set_yticks(range(len(keys)), keys)
     axes.invert_yaxis()
     axes.set_xlim(0, 100)
-    axes.set_xlabel("accuracy / agreement (%)")
+    axes.set_xlabel("accuracy / agreement (%), mean +- std over seeds")
     axes.grid(axis="x", alpha=0.3)
-    axes.legend(loc="lower right")
-    axes.set_title(f"Robustness, {after['num_images']} images")
+    axes.legend(loc="lower right", fontsize="small")
+    num_images = baseline["num_images"]
+    axes.set_title(f"Robustness, {num_images} test images (one image = {100 / num_images:.2f} points)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -29,6 +29,7 @@ import timm
 import torch
 from accelerate import Accelerator
 from huggingface_hub import try_to_load_from_cache
+from timm.layers import DropPath
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
@@ -50,6 +51,7 @@ __all__ = [
     "progress_bar",
     "resume_from_checkpoint",
     "save_checkpoint",
+    "set_drop_path",
     "train_epoch",
 ]
 
@@ -233,6 +235,33 @@ class PixelModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.input_mean.flatten().tolist()}, std={self.input_std.flatten().tolist()}"
+
+
+def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
+    """Give a timm ViT stochastic depth after construction, as ``create_model(..., drop_path_rate=rate)`` does.
+
+    Block ``i`` of ``n`` drops its residual branches with probability ``rate * i / (n - 1)`` (timm's linear rule).
+    Drop-path is the identity in eval mode, so certificates and evaluations are unaffected.
+
+    Raises:
+        ValueError: ``rate`` outside ``[0, 1)``, or a model without timm's ``blocks[i].drop_path1/2`` (e.g. a
+            transformers ViT, which has no drop-path).
+
+    Example:
+        >>> model = set_drop_path(timm.create_model("vit_small_patch16_224"), 0.25)
+    """
+    if not 0 <= rate < 1:
+        raise ValueError(f"drop-path rate must be in [0, 1), got {rate!r}")
+    blocks = list(getattr(model, "blocks", []))
+    if not blocks or not all(hasattr(block, "drop_path1") and hasattr(block, "drop_path2") for block in blocks):
+        raise ValueError(
+            f"drop-path needs a timm ViT with blocks[i].drop_path1/drop_path2; {type(model).__name__} has none"
+        )
+    for index, block in enumerate(blocks):
+        block_rate = rate * index / max(1, len(blocks) - 1)
+        for name in ("drop_path1", "drop_path2"):
+            setattr(block, name, DropPath(block_rate) if block_rate > 0 else nn.Identity())
+    return model
 
 
 # --------------------------------------------------------------------------------------------------- recipes

@@ -168,3 +168,48 @@ def test_tensor_dataset_validates_shapes():
         TensorImageDataset(torch.rand(3, 8, 8), torch.zeros(3), class_names=["a"], name="t", split="train")
     with pytest.raises(ValueError, match="expected images"):
         TensorImageDataset(torch.rand(3, 1, 8, 8), torch.zeros(2), class_names=["a"], name="t", split="train")
+
+
+def test_augmentation_is_timm_transforms_and_mixup_in_pixel_space():
+    from robustvit.data import Augmentation, AugmentedDataset
+
+    digits = load_image_dataset(split="test", image_size=16)
+    assert not Augmentation().per_image and Augmentation().batch_transform(10) is None  # all off by default
+    paper = Augmentation("rand-m9-mstd0.5-inc1", 0.4, 0.5, 0.08, 0.25, 0.8, 1.0, 0.1)
+    torch.manual_seed(0)
+    augmented = AugmentedDataset(digits, paper, mean=(0.5,) * 3, std=(0.5,) * 3)
+    image, label = augmented[3]
+    assert image.shape == (3, 16, 16) and label == digits[3][1]
+    assert not torch.equal(image, digits[3][0])
+    # Back in pixel scale: apart from erased pixels (noise drawn in the normalized space) values lie in [0, 1].
+    unerased = AugmentedDataset(digits, Augmentation(hflip=0.99), mean=(0.5,) * 3, std=(0.5,) * 3)
+    flipped = unerased[0][0]
+    assert flipped.min() >= -1e-6 and flipped.max() <= 1 + 1e-6
+    torch.testing.assert_close(flipped, digits[0][0].flip(-1), atol=2 / 255, rtol=0)
+    mix = paper.batch_transform(num_classes=10)
+    images, targets = mix(torch.rand(5, 3, 16, 16), torch.arange(5))
+    assert images.shape == (4, 3, 16, 16) and targets.shape == (4, 10)  # odd batch: the last image is dropped
+    torch.testing.assert_close(targets.sum(-1), torch.ones(4))
+    _, smoothed = Augmentation(label_smoothing=0.1).batch_transform(3)(torch.rand(2, 3, 4, 4), torch.tensor([0, 2]))
+    torch.testing.assert_close(smoothed[0], torch.tensor([0.1 / 3 + 0.9, 0.1 / 3, 0.1 / 3]))
+    with pytest.raises(ValueError, match="crop_scale"):
+        Augmentation(crop_scale=0.0)
+    with pytest.raises(ValueError, match="RandAugment"):
+        Augmentation(rand_augment="augmix-m5")
+
+
+def test_drop_path_is_set_per_block_and_refused_where_absent():
+    import timm
+    from timm.layers import DropPath
+    from torch import nn
+
+    from robustvit.training import set_drop_path
+
+    model = set_drop_path(timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=8, depth=3), 0.2)
+    rates = [block.drop_path1.drop_prob if isinstance(block.drop_path1, DropPath) else 0.0 for block in model.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])  # timm's linear rule
+    assert isinstance(model.blocks[2].drop_path2, DropPath)
+    with pytest.raises(ValueError, match="drop_path1"):
+        set_drop_path(nn.Linear(2, 2), 0.1)
+    with pytest.raises(ValueError, match="rate"):
+        set_drop_path(model, 1.0)

@@ -1,4 +1,4 @@
-"""evaluate_robustness on models whose answers are known, and the before/after table and chart."""
+"""evaluate_robustness and evaluate_accuracy on models whose answers are known, and the methods table and chart."""
 
 from __future__ import annotations
 
@@ -11,12 +11,27 @@ from accelerate import Accelerator, debug_launcher
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from robustvit.data import TensorImageDataset
-from robustvit.evaluation import evaluate_robustness, format_comparison, plot_comparison, summary_rows
+from robustvit.data import TensorImageDataset, dataset_labels
+from robustvit.evaluation import (
+    aggregate_seeds,
+    evaluate_accuracy,
+    evaluate_robustness,
+    format_methods,
+    plot_methods,
+    summary_rows,
+    within_spread,
+)
 from robustvit.training import PixelModel
 
 SIZE = 16
-FAST = {"eps_linf": (2 / 255,), "eps_l2": (0.5,), "corruptions": ["contrast", "jpeg"], "severities": (1, 5)}
+FAST = {
+    "eps_linf": (2 / 255,),
+    "eps_l2": (0.5,),
+    "corruptions": ["contrast", "jpeg"],
+    "severities": (1, 5),
+    "pgd_steps": 3,
+    "pgd_restarts": 2,
+}
 
 
 class ConstantClassifier(nn.Module):
@@ -62,13 +77,30 @@ def test_constant_classifier_is_exactly_as_robust_as_it_is_accurate() -> None:
     assert result["corruptions"]["jpeg"] == pytest.approx({"1": 0.5, "5": 0.5, "mean": 0.5})
     assert result["corruption_accuracy"] == pytest.approx(share_of_class_0)
     assert "noise_agreement" not in result
+    assert result["pgd_weaker_than_fgsm"] == []  # the masking check: equal accuracies are fine
+    assert result["settings"]["pgd_steps"] == 3 and result["settings"]["pgd_restarts"] == 2
+
+
+def test_max_images_is_a_stratified_random_subset_not_the_first_images() -> None:
+    # A class-sorted split: the first 6 images would all be class 0.
+    labels = torch.tensor([0] * 6 + [1] * 6 + [2] * 6)
+    images = torch.rand(18, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    data = TensorImageDataset(images, labels, class_names=["a", "b", "c"], name="sorted", split="test")
+    result = evaluate_robustness(ConstantClassifier(), data, max_images=6, corruptions=[], eps_linf=(), eps_l2=())
+    assert result["num_images"] == 6
+    assert result["clean_accuracy"] == pytest.approx(1 / 3)  # 2 images of each class; the constant says class 0
+    from robustvit.data import stratified_subset
+
+    subset = stratified_subset(data, 6, seed=1)
+    assert torch.bincount(dataset_labels(subset)).tolist() == [2, 2, 2]
+    assert subset.indices != stratified_subset(data, 6, seed=2).indices  # random, seeded
 
 
 def test_vit_results_are_consistent_and_respect_max_images() -> None:
     model = _vit()
     model.train()
     zero_noise = torch.zeros(1, 4, 32)
-    result = evaluate_robustness(model, _dataset(), noise=zero_noise, max_images=7, batch_size=3, pgd_steps=3, **FAST)
+    result = evaluate_robustness(model, _dataset(), noise=zero_noise, max_images=7, batch_size=3, **FAST)
     assert model.training  # modes restored
     assert result["num_images"] == 7
     assert result["noise_agreement"] == 1.0 and result["noise_accuracy"] == result["clean_accuracy"]
@@ -76,7 +108,7 @@ def test_vit_results_are_consistent_and_respect_max_images() -> None:
     assert all(value <= result["clean_accuracy"] for value in result["adversarial"].values())
     # A DataLoader contributes its dataset and batch size; results are identical.
     from_loader = evaluate_robustness(
-        model, DataLoader(_dataset(), batch_size=3), noise=zero_noise, max_images=7, pgd_steps=3, **FAST
+        model, DataLoader(_dataset(), batch_size=3), noise=zero_noise, max_images=7, **FAST
     )
     assert {k: v for k, v in from_loader.items() if k != "seconds"} == {
         k: v for k, v in result.items() if k != "seconds"
@@ -134,6 +166,24 @@ def test_results_are_gathered_across_processes() -> None:
     debug_launcher(_two_process_evaluation, args=(expected,), num_processes=2)
 
 
+def test_accuracy_on_a_subset_of_the_classes_restricts_the_logits() -> None:
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(()))
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:  # prefers class 0, then 2, then 1
+            return torch.tensor([3.0, 1.0, 2.0]).expand(images.shape[0], -1) + self.weight
+
+    images = torch.rand(4, 3, SIZE, SIZE)
+    # A two-class test set whose classes are the model's classes 2 and 1, in that order: restricted to them the
+    # model always answers its class 2, i.e. the set's label 0.
+    subset = TensorImageDataset(images, torch.tensor([0, 0, 0, 1]), class_names=["c", "b"], name="r", split="test")
+    assert evaluate_accuracy(Fixed(), subset, class_indices=[2, 1]) == pytest.approx(0.75)
+    full = TensorImageDataset(images, torch.tensor([0, 0, 1, 2]), class_names=["a", "b", "c"], name="f", split="t")
+    assert evaluate_accuracy(Fixed(), full, batch_size=3) == pytest.approx(0.5)
+
+
 def _result(clean: float, pgd: float) -> dict:
     return {
         "num_images": 100,
@@ -144,18 +194,31 @@ def _result(clean: float, pgd: float) -> dict:
     }
 
 
-def test_comparison_table_and_chart(tmp_path) -> None:
-    before, after = _result(0.9, 0.4), _result(0.92, 0.5)
-    assert list(summary_rows(before)) == [
+def test_methods_table_marks_differences_within_the_spread_as_noise(tmp_path) -> None:
+    baseline = _result(0.9, 0.4)
+    assert list(summary_rows(baseline)) == [
         "clean accuracy",
         "pgd linf@2/255",
         "contrast (mean)",
         "corruption accuracy (mean)",
     ]
-    table = format_comparison(before, after)
-    assert "| clean accuracy | 90.00 | 92.00 | +2.00 |" in table
-    assert "| pgd linf@2/255 | 40.00 | 50.00 | +10.00 |" in table
-    after_with_noise = {**after, "noise_agreement": 0.97}
-    assert "| noise agreement | - | 97.00 | - |" in format_comparison(before, after_with_noise)
-    path = plot_comparison(before, after_with_noise, tmp_path / "sub" / "chart.png")
+    ce = aggregate_seeds([_result(0.90, 0.50), _result(0.92, 0.52)])
+    assert ce["mean"]["clean accuracy"] == pytest.approx(0.91)
+    assert ce["std"]["clean accuracy"] == pytest.approx(0.02 / 2**0.5)  # sample std
+    assert ce["num_seeds"] == 2 and ce["num_images"] == 100
+    nullspace = aggregate_seeds([_result(0.905, 0.60), _result(0.915, 0.61)])
+    table = format_methods(baseline, {"ce": ce, "nullspace": nullspace})
+    assert "| metric | baseline | ce (2 seeds) | nullspace (2 seeds) | nullspace - ce |" in table
+    assert "| clean accuracy | 90.00 | 91.00 +- 1.41 | 91.00 +- 0.71 | +0.00 (noise) |" in table
+    assert "| pgd linf@2/255 | 40.00 | 51.00 +- 1.41 | 60.50 +- 0.71 | +9.50 |" in table
+    assert "one image is 1.00 points" in table
+    assert "nullspace - ce" not in format_methods(baseline, {"nullspace": nullspace})  # no reference, no column
+    assert aggregate_seeds([_result(0.9, 0.4)])["std"]["clean accuracy"] == 0.0
+    path = plot_methods(baseline, {"ce": ce, "nullspace": nullspace}, tmp_path / "sub" / "chart.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_within_spread() -> None:
+    assert within_spread(0.50, 0.01, 0.515, 0.01, num_images=1000)  # intervals overlap
+    assert not within_spread(0.50, 0.01, 0.53, 0.01, num_images=1000)
+    assert within_spread(0.50, 0.0, 0.505, 0.0, num_images=100)  # under one image

@@ -14,6 +14,7 @@ import pytest
 import torch
 from accelerate import debug_launcher
 from accelerate.state import AcceleratorState
+from PIL import Image
 from safetensors.torch import load_model
 from transformers import ViTConfig, ViTForImageClassification
 
@@ -25,11 +26,13 @@ from robustvit.training import load_model as build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune_nullspace.py"
-# Tiny: 16-pixel digits (4 patches), 2 batches of 16 per epoch, 8 evaluation images, one corruption and PGD step.
+# Tiny: 16-pixel digits (4 patches), 2 batches of 16 per epoch, 8 evaluation images, one corruption, PGD 1 step x 2
+# restarts, one seed of two methods.
 TINY = [
     "--image_size", "16", "--batch_size", "16", "--max_train_batches", "2", "--pretrain_epochs", "1",
     "--noise_rounds", "1", "--noise_data_fraction", "0.05", "--max_eval_images", "8", "--eval_batch_size", "8",
-    "--pgd_steps", "1", "--corruptions", "contrast", "--severities", "1",
+    "--pgd_steps", "1", "--pgd_restarts", "2", "--corruptions", "contrast", "--severities", "1",
+    "--unconverged_noise", "train", "--methods", "nullspace,ce", "--seeds", "1",
 ]  # fmt: skip
 
 
@@ -47,48 +50,201 @@ def recipe():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _checkpoint_state(output_dir: Path, epoch: int) -> dict:
-    return json.loads((output_dir / "checkpoints" / f"epoch_{epoch}" / "training_state.json").read_text())
+def _structure(value: object) -> object:
+    """The keys of nested dicts (lists by their first element): what two reports must share."""
+    if isinstance(value, dict):
+        return {key: _structure(item) for key, item in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return [_structure(value[0])]
+    return type(value).__name__
 
 
-def test_recipe_runs_and_resumes_from_its_checkpoint(recipe: ModuleType, tmp_path: Path) -> None:
-    first = recipe.main([*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
-    for name in ("report.json", "robustness.png", "model.safetensors", "config.json", "baseline.safetensors"):
-        assert (tmp_path / name).is_file(), name
+def test_recipe_runs_every_control_over_seeds_and_reports_the_spread(recipe: ModuleType, tmp_path: Path) -> None:
+    argv = [*TINY, "--methods", "nullspace,ce,random", "--seeds", "2", "--epochs", "1", "--output_dir", str(tmp_path)]
+    recipe.main(argv)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert [entry["epoch"] for entry in report["history"]] == [0]
-    assert report["before"]["num_images"] == report["after"]["num_images"] == 8
-    assert set(report["noise"]) == {"baseline", "final"}
-    assert _checkpoint_state(tmp_path, 0)["epoch"] == 0
-    # The finetuned weights load strictly into the plain timm model described by config.json.
+    assert list(report["methods"]) == ["nullspace", "ce", "random"]
+    for name, summary in report["methods"].items():
+        assert [run["seed"] for run in summary["seeds"]] == [0, 1]
+        assert set(summary) >= {"seeds", "mean", "std", "num_seeds", "num_images"}
+        clean = [run["evaluation"]["clean_accuracy"] for run in summary["seeds"]]
+        assert summary["mean"]["clean accuracy"] == pytest.approx(sum(clean) / 2)
+        assert summary["std"]["clean accuracy"] == pytest.approx(abs(clean[0] - clean[1]) / 2**0.5)
+        for seed in (0, 1):  # per-run weights load strictly into the plain timm model
+            model, _ = build_model(None, num_classes=10, image_size=16, channels=3)
+            load_model(model, str(tmp_path / "runs" / name / f"seed_{seed}" / "model.safetensors"), strict=True)
+        assert not (tmp_path / "runs" / name / "seed_0" / "checkpoints").exists()  # removed once the run is done
+    # Every method starts from the same saved baseline and has the same budget.
+    images = {
+        name: [e["images"] for run in m["seeds"] for e in run["history"]] for name, m in report["methods"].items()
+    }
+    assert images["nullspace"] == images["ce"] == images["random"] == [32, 32]
+    kinds = {run["history"][0]["noise"]["kind"] for run in report["methods"]["random"]["seeds"]}
+    assert kinds == {"random"} and "noise" not in report["methods"]["ce"]["seeds"][0]["history"][0]
+    assert report["baseline"]["evaluation"]["num_images"] == 8 and report["one_image_points"] == 12.5
+    assert "one image is 12.50 points" in report["table"] and "nullspace - ce" in report["table"]
+    assert report["baseline"]["evaluation"]["settings"]["pgd_restarts"] == 2
+    assert (tmp_path / "robustness.png").read_bytes()[:4] == b"\x89PNG"
     description = json.loads((tmp_path / "config.json").read_text())
-    model, _ = build_model(None, num_classes=10, image_size=16, channels=3)
-    assert description["kwargs"]["embed_dim"] == model.embed_dim
-    load_model(model, str(tmp_path / "model.safetensors"), strict=True)
+    assert description["kwargs"]["embed_dim"] == 64
     noise = NullspaceNoise.load(tmp_path / "baseline_noise.safetensors")
-    assert noise.noise.shape == (1, 4, model.embed_dim)
-
-    resumed = recipe.main([*TINY, "--epochs", "2", "--resume", "--output_dir", str(tmp_path)])
-    # Epoch 0 is not redone: its record, the pretraining and the baseline come from the checkpoint.
-    assert [entry["epoch"] for entry in resumed["history"]] == [0, 1]
-    assert resumed["history"][0] == first["history"][0]
-    assert resumed["pretrain"] == first["pretrain"] and resumed["before"] == first["before"]
-    assert _checkpoint_state(tmp_path, 1)["epoch"] == 1
-    assert torch.equal(
-        NullspaceNoise.load(tmp_path / "baseline_noise.safetensors").noise, noise.noise
-    )  # the baseline noise is read back, not re-synthesized
+    assert noise.noise.shape == (1, 4, 64)
+    # A second run into the same directory must not silently mix with the first.
+    with pytest.raises(FileExistsError, match="--resume"):
+        recipe.main(argv)
 
 
-def test_resume_without_a_checkpoint_is_a_clear_error(recipe: ModuleType, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_in_the_middle_of_the_controls(recipe: ModuleType, tmp_path: Path, monkeypatch) -> None:
+    # Calls to train_epoch: pretraining 1, nullspace 2 epochs, ce 2 epochs. Interrupt the 5th (ce's epoch 1).
+    argv = [*TINY, "--epochs", "2", "--output_dir", str(tmp_path)]
+    calls = []
+    train_epoch = recipe.train_epoch
+
+    def interrupted(*args, **kwargs):
+        calls.append(kwargs["description"])
+        if len(calls) == 5:
+            raise _Interrupted
+        return train_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "train_epoch", interrupted)
+    with pytest.raises(_Interrupted):
+        recipe.main(argv)
+    assert calls[-1] == "ce seed 0 epoch 1"
+    finished = (tmp_path / "runs" / "nullspace" / "seed_0" / "result.json").read_text()
+    checkpoint = tmp_path / "runs" / "ce" / "seed_0" / "checkpoints" / "epoch_0" / "training_state.json"
+    interrupted_state = json.loads(checkpoint.read_text())
+    assert [path.name for path in checkpoint.parents[1].iterdir()] == ["epoch_0"]  # only the latest is kept
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.raises(ValueError, match=r"differ from the interrupted run: \['epochs'\]"):
+        recipe.main([*argv, "--resume", "--epochs", "3"])  # a different budget would not compare
+
+    calls.clear()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    report = recipe.main([*argv, "--resume"])
+    assert calls == ["ce seed 0 epoch 1"]  # no pretraining, the finished run skipped, ce continues at epoch 1
+    assert (tmp_path / "runs" / "nullspace" / "seed_0" / "result.json").read_text() == finished
+    ce = report["methods"]["ce"]["seeds"][0]
+    assert [entry["epoch"] for entry in ce["history"]] == [0, 1]
+    assert ce["history"][0] == interrupted_state["history"][0]
+
+
+def test_resume_without_a_baseline_is_a_clear_error(recipe: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no complete baseline"):
         recipe.main([*TINY, "--resume", "--output_dir", str(tmp_path)])
 
 
+def test_unconverged_noise_is_reported_and_the_user_chooses(recipe: ModuleType, tmp_path: Path) -> None:
+    strict = [*TINY, "--methods", "nullspace", "--epochs", "1", "--nullspace_tol", "1e-12", "--pretrain_epochs", "0"]
+    with pytest.raises(RuntimeError, match="did not reach the tolerance"):
+        recipe.main(
+            [
+                *strict,
+                "--unconverged_noise",
+                "resynthesize",
+                "--noise_retries",
+                "1",
+                "--output_dir",
+                str(tmp_path / "a"),
+            ]
+        )
+    report = recipe.main([*strict, "--unconverged_noise", "train", "--output_dir", str(tmp_path / "b")])
+    run = report["methods"]["nullspace"]["seeds"][0]
+    assert run["noise_reached_eps"] == "0 of 1" and run["history"][0]["noise"]["reached_eps"] is False
+    assert report["config"]["nullspace_tol"] == 1e-12 and "eps" not in report["config"]
+
+
+def test_augmentation_and_budget_flags(recipe: ModuleType, tmp_path: Path) -> None:
+    flags = [
+        "--rand_augment", "rand-m9-mstd0.5-inc1", "--color_jitter", "0.4", "--hflip", "0.5", "--crop_scale", "0.5",
+        "--random_erasing", "0.25", "--mixup", "0.8", "--cutmix", "1.0", "--label_smoothing", "0.1",
+        "--drop_path", "0.1", "--train_data_fraction", "0.5", "--lr", "3e-4", "--weight_decay", "0.01",
+        "--noise_lr", "0.05", "--init_limit", "2.0", "--noise_retries", "0", "--pretrain_lr", "1e-3", "--seed", "3",
+        "--num_workers", "0", "--mixed_precision", "no", "--overwrite",
+    ]  # fmt: skip
+    report = recipe.main([*TINY, *flags, "--epochs", "1", "--output_dir", str(tmp_path)])
+    config = report["config"]
+    assert config["mixup"] == 0.8 and config["drop_path"] == 0.1 and config["rand_augment"] == "rand-m9-mstd0.5-inc1"
+    assert config["seed"] == 3 and config["lr"] == 3e-4
+    # min(2 capped batches, half of the 90 batches) of 16 images, even, so mixup keeps them all.
+    assert report["methods"]["ce"]["seeds"][0]["history"][0]["images"] == 32
+    assert report["methods"]["nullspace"]["seeds"][0]["history"][0]["noise"]["lr_range"][0] == pytest.approx(0.05)
+
+
+def test_config_file_sets_defaults_and_flags_override_it(recipe: ModuleType, tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("epochs: 7\nmethods: ce,random\nmixup: 0.2\npgd_steps: 60\n")
+    config, args = recipe.parse_args(["--config", str(path), "--epochs", "3"])
+    assert config["epochs"] == 3 and config["methods"] == ["ce", "random"] and config["mixup"] == 0.2
+    assert args.pgd_steps == 60
+    path.write_text("eps: 0.03\n")  # the old, ambiguous name is refused
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--config", str(path)])
+
+
+def _write_imagefolder(root: Path, splits: dict[str, list[str]], per_class: int = 4, size: int = 32) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for split, classes in splits.items():
+        for index, name in enumerate(classes):
+            (root / split / name).mkdir(parents=True)
+            for item in range(per_class):
+                pixels = (torch.rand(size, size, 3, generator=generator) * 64 + 96 * index).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / name / f"{item}.png")
+
+
+def test_paper_configuration_smoke_test_offline(recipe: ModuleType, tmp_path: Path, monkeypatch) -> None:
+    # The ViT-S/16 ImageNet configuration with a tiny stand-in: an ImageFolder of 3 wnid classes with train/ and
+    # val/, an "ImageNet-R"-like set of 2 of those classes, 32-pixel images; the real 22M-parameter ViT-S/16, so
+    # only one method, one attack and no corruptions (~15 s on a busy 2-core CPU). The Hub weights are not cached here,
+    # so the run must refuse random weights, and runs once --no-require_pretrained allows them.
+    data, imagenet_r = tmp_path / "imagenet", tmp_path / "imagenet-r"
+    wnids = ["n01440764", "n01443537", "n01484850"]
+    _write_imagefolder(data, {"train": wnids, "val": wnids})
+    _write_imagefolder(imagenet_r, {"train": wnids[1:]})
+    config = str(ROOT / "recipes" / "configs" / "nullspace_vit_small_imagenet.yaml")
+    small = [
+        "--config", config, "--dataset", str(data), "--eval_sets", f"imagenet_r={imagenet_r}",
+        "--image_size", "32", "--batch_size", "4", "--max_train_batches", "1", "--train_data_fraction", "1",
+        "--epochs", "1", "--seeds", "1", "--methods", "nullspace", "--noise_rounds", "1", "--num_workers", "0",
+        "--max_eval_images", "6", "--pgd_steps", "1", "--pgd_restarts", "1", "--l2_radii", "--corruptions",
+        "--cpu", "--mixed_precision", "no",
+    ]  # fmt: skip
+    # bf16 as configured, but run in float32: CPU bf16 matmuls of this shape are ~100x slower here.
+    assert recipe.parse_args(["--config", config])[1].mixed_precision == "bf16"
+    monkeypatch.setattr(training, "try_to_load_from_cache", lambda repo_id, filename: None)  # weights not cached
+    with pytest.warns(UserWarning, match="not in the local cache"), pytest.raises(ValueError, match="pretrained"):
+        recipe.main([*small, "--output_dir", str(tmp_path / "refused")])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with pytest.warns(UserWarning, match="not in the local cache"):
+        report = recipe.main([*small, "--no-require_pretrained", "--output_dir", str(tmp_path / "out")])
+    assert report["model"]["model_name"] == "vit_small_patch16_224" and report["model"]["num_classes"] == 3
+    assert report["args"]["require_pretrained"] is False and report["config"]["drop_path"] == 0.25
+    assert report["config"]["mixup"] == 0.8 and report["config"]["nullspace_tol"] == 0.03
+    evaluation = report["methods"]["nullspace"]["seeds"][0]["evaluation"]
+    assert evaluation["num_images"] == 6 and 0 <= evaluation["eval_sets"]["imagenet_r"] <= 1
+    assert "imagenet_r accuracy" in report["methods"]["nullspace"]["mean"]
+
+
 def test_bad_arguments_are_rejected(recipe: ModuleType) -> None:
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--noise_data_fraction", "0"])
-    with pytest.raises(SystemExit):
-        recipe.parse_args(["--epochs", "-1"])
+    for argv in (
+        ["--noise_data_fraction", "0"],
+        ["--train_data_fraction", "1.5"],
+        ["--epochs", "-1"],
+        ["--seeds", "0"],
+        ["--pgd_restarts", "0"],
+        ["--methods", "nullspace,adversarial"],
+        ["--methods", "ce,ce"],
+        ["--nullspace_tol", "0"],
+        ["--mixup", "-1"],
+        ["--resume", "--overwrite"],
+        ["--eps", "0.03"],  # the tolerance has its own name; --eps is an l2 radius in train_lipschitz.py
+    ):
+        with pytest.raises(SystemExit):
+            recipe.parse_args(argv)
 
 
 def _single_threaded(main: Callable[[list[str]], dict], *argvs: list[str]) -> None:
@@ -101,20 +257,21 @@ def _single_threaded(main: Callable[[list[str]], dict], *argvs: list[str]) -> No
         AcceleratorState._reset_state(reset_partial_state=True)  # the next run initialises its own process group
 
 
-def test_recipe_runs_and_resumes_on_two_cpu_processes(recipe: ModuleType, tmp_path: Path) -> None:
+def test_recipe_gives_the_same_report_on_two_cpu_processes(recipe: ModuleType, tmp_path: Path) -> None:
     # Two forked gloo processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` starts
     # (`--cpu --num_processes 2` would start one); forking skips the 2 x ~8 s of imports a launch costs.
-    argv = [*TINY, "--output_dir", str(tmp_path)]
+    argv = [*TINY, "--epochs", "2", "--max_train_batches", "1"]
     debug_launcher(
-        partial(_single_threaded, recipe.main, [*argv, "--epochs", "1"], [*argv, "--epochs", "2", "--resume"]),
-        num_processes=2,
+        partial(_single_threaded, recipe.main, [*argv, "--output_dir", str(tmp_path / "two")]), num_processes=2
     )
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["num_processes"] == 2
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert two["num_processes"] == 2
     # Every test image is counted once although the two shards are padded to equal batches.
-    assert report["before"]["num_images"] == report["after"]["num_images"] == 8
-    assert [entry["images"] for entry in report["history"]] == [2 * 2 * 16] * 2  # 2 processes x 2 batches of 16
-    assert _checkpoint_state(tmp_path, 1)["epoch"] == 1
+    assert two["baseline"]["evaluation"]["num_images"] == 8
+    assert [entry["images"] for entry in two["methods"]["ce"]["seeds"][0]["history"]] == [2 * 16] * 2
+    one = recipe.main([*argv, "--output_dir", str(tmp_path / "one")])
+    assert _structure(one["methods"]) == _structure(two["methods"])
+    assert _structure(one["baseline"]["evaluation"]) == _structure(two["baseline"]["evaluation"])
 
 
 def test_default_model_has_a_nontrivial_patch_nullspace() -> None:

@@ -27,6 +27,7 @@ from robustvit.nullspace import (
     synthesize_noise,
     token_noise,
 )
+from robustvit.nullspace.synthesis import RANDOM_SHRINK
 from robustvit.training import PixelModel
 
 SIZE, PATCH, DIM, CLASSES = 16, 8, 32, 5
@@ -266,6 +267,37 @@ def test_synthesized_noise_meets_eps_and_beats_a_same_norm_control(digits_vit) -
         assert prob_mse(control) > 5 * prob_mse(result.noise)
 
 
+def test_random_control_shrinks_gaussian_noise_until_within_eps() -> None:
+    generator = torch.Generator().manual_seed(0)
+    result = synthesize_noise(
+        _confident_model(), _loader(), eps=0.01, kind="random", rounds=20, progress=False, generator=generator
+    )
+    assert result.kind == "random" and result.reached_eps and result.steps > 0 and result.lr_range is None
+    start = torch.randn(result.noise.shape, generator=torch.Generator().manual_seed(0))  # the same draw
+    torch.testing.assert_close(result.noise, start * RANDOM_SHRINK**result.steps)
+    # One step less would not have been within eps: it stops at the first noise that is.
+    assert result.prob_mse < 0.01
+
+
+def test_noise_learning_rate_stays_near_constant_as_in_the_paper() -> None:
+    result = synthesize_noise(_confident_model(), _loader(), eps=1e-9, rounds=3, lr=0.1, progress=False)
+    assert result.kind == "nullspace" and result.steps == 6 and not result.reached_eps
+    first, last = result.lr_range
+    assert first == pytest.approx(0.1) and 0.97 * first < last < first  # cosine over 10x the planned steps
+    decaying = synthesize_noise(
+        _confident_model(), _loader(), eps=1e-9, rounds=3, schedule_steps=6, progress=False
+    )  # a cosine over the steps used, what the recipe did before, ends near 0
+    assert decaying.lr_range[1] < 0.01
+
+
+def test_synthesis_continues_from_a_given_noise() -> None:
+    start = torch.full((1, (SIZE // PATCH) ** 2, DIM), 0.01)
+    result = synthesize_noise(_confident_model(), _loader(), eps=10.0, init=start, progress=False)
+    assert result.steps == 0 and torch.equal(result.noise, start)
+    with pytest.raises(ValueError, match="kind"):
+        synthesize_noise(_confident_model(), _loader(), kind="uniform", progress=False)
+
+
 def test_synthesis_stops_at_once_when_the_initial_noise_is_within_eps() -> None:
     result = synthesize_noise(_confident_model(), _loader(), eps=10.0, progress=False)
     assert result.reached_eps and result.steps == 0
@@ -289,7 +321,7 @@ def test_synthesis_rejects_bad_input() -> None:
 
 
 def test_noise_save_load_round_trip(tmp_path) -> None:
-    result = NullspaceNoise(torch.randn(1, 4, DIM), 1.5, 0.02, 0.9, 7, True, 0.03)
+    result = NullspaceNoise(torch.randn(1, 4, DIM), 1.5, 0.02, 0.9, 7, True, 0.03, "nullspace", [0.1, 0.099])
     loaded = NullspaceNoise.load(result.save(tmp_path / "noise.safetensors"))
     torch.testing.assert_close(loaded.noise, result.noise)
     assert loaded.stats() == result.stats()

@@ -114,8 +114,9 @@ def pgd(
     saturation does not slow the attack down the way it would plain gradient ascent; and since the best iterate is
     kept (below), cross-entropy pushing an already misclassified point further costs nothing.
 
-    Every iterate (the clean images included) is a candidate: per image the result is a misclassified candidate
-    when one was found in any step of any restart, otherwise the candidate with the highest loss. The model is
+    Every iterate (the clean images included) is a candidate: per image the result is the first misclassified
+    candidate found in any step of any restart, otherwise the candidate with the highest loss. An image leaves the
+    attack as soon as it is misclassified, so the cost falls with the robust accuracy. The model is
     put in eval mode for the attack and every submodule's previous mode is restored; gradients are taken with
     ``torch.autograd.grad`` on the input only, so no ``.grad`` of a parameter is written.
 
@@ -160,30 +161,40 @@ def pgd(
         best_fooled = clean_logits.argmax(-1) != labels
         best_loss = F.cross_entropy(clean_logits.float(), labels, reduction="none")
 
-        def keep_if_better(candidate: torch.Tensor, logits: torch.Tensor) -> None:
-            nonlocal best_loss, best_fooled
-            loss = F.cross_entropy(logits.float(), labels, reduction="none")
-            fooled = logits.argmax(-1) != labels
-            better = (fooled & ~best_fooled) | ((fooled == best_fooled) & (loss > best_loss))
-            best[better] = candidate[better]
-            best_loss = torch.where(better, loss, best_loss)
-            best_fooled = best_fooled | fooled
+        def keep_if_better(index: torch.Tensor, candidate: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+            """Record the candidates of images ``index``; return which of them are now misclassified."""
+            loss = F.cross_entropy(logits.float(), labels[index], reduction="none")
+            fooled = logits.argmax(-1) != labels[index]
+            was_fooled = best_fooled[index]
+            better = (fooled & ~was_fooled) | ((fooled == was_fooled) & (loss > best_loss[index]))
+            best[index[better]] = candidate[better]
+            best_loss[index[better]] = loss[better]
+            best_fooled[index[fooled]] = True
+            return fooled
 
         for _ in range(restarts):
-            if best_fooled.all():
+            # Only images not yet misclassified are attacked: a fooled image cannot become more fooled, so each
+            # leaves the batch as soon as one candidate fools the model (the cost falls with robust accuracy).
+            index = (~best_fooled).nonzero().flatten()
+            if index.numel() == 0:
                 break
-            adv = _random_start(images, eps, norm, generator) if random_start else images.clone()
+            origin = images[index]
+            adv = _random_start(origin, eps, norm, generator) if random_start else origin.clone()
             for _ in range(steps):
                 adv.requires_grad_(True)
                 with torch.enable_grad():
                     logits = model_logits(model, adv)
-                    loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+                    loss = F.cross_entropy(logits.float(), labels[index], reduction="sum")
                     (grad,) = torch.autograd.grad(loss, adv)
                 adv = adv.detach()
-                keep_if_better(adv, logits.detach())
-                adv = _project(adv + step_size * _ascent_direction(grad, norm), images, eps, norm)
-            with torch.no_grad():
-                keep_if_better(adv, model_logits(model, adv))
+                alive = ~keep_if_better(index, adv, logits.detach())
+                if not alive.any():
+                    break
+                index, origin, adv, grad = index[alive], origin[alive], adv[alive], grad[alive]
+                adv = _project(adv + step_size * _ascent_direction(grad, norm), origin, eps, norm)
+            else:
+                with torch.no_grad():
+                    keep_if_better(index, adv, model_logits(model, adv))
     return best
 
 

@@ -32,6 +32,10 @@ class NullspaceNoise:
         steps: Optimisation steps taken.
         reached_eps: Whether ``prob_mse < eps`` (the noise is inside the eps-approximate nullspace).
         eps: The tolerance it was synthesized for.
+        kind: How it was searched: ``"nullspace"`` (the method) or ``"random"`` (the paper's shrinking Gaussian
+            control); see :data:`robustvit.nullspace.NOISE_KINDS`.
+        lr_range: The noise learning rate at the first and the last step (``None`` for ``"random"``): the paper
+            keeps it near constant.
 
     Example:
         >>> result.save("noise.safetensors")
@@ -46,6 +50,8 @@ class NullspaceNoise:
     steps: int
     reached_eps: bool
     eps: float
+    kind: str = "nullspace"
+    lr_range: list[float] | None = None
 
     def stats(self) -> dict[str, float | int | bool]:
         """Everything but the tensor, JSON-ready."""

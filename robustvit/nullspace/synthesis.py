@@ -5,6 +5,8 @@ The noise ``v`` (shape ``(1, N, D)``) is added to the patch tokens of every imag
 mean squared logit difference between noisy and clean outputs. It stops as soon as the mean squared
 softmax-probability difference is below ``eps``: the noise then sits near the boundary of the eps-approximate
 nullspace ``{v : E |softmax(f(u + v)) - softmax(f(u))|^2 < eps}``, as large as that set allows along the way.
+The paper's control (``kind="random"``) starts from Gaussian noise and only shrinks it, x0.8 per step, until it is
+within ``eps``: as close to the set's boundary, in a random direction.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from robustvit.nullspace._model import supported_model
 from robustvit.nullspace.noise import NullspaceNoise
 from robustvit.nullspace.token_noise import token_noise
 
-__all__ = ["synthesize_noise"]
+__all__ = ["NOISE_KINDS", "PAPER_SCHEDULE_FACTOR", "RANDOM_SHRINK", "synthesize_noise"]
 
 
 def _images(batch: object) -> Tensor:
@@ -68,42 +70,54 @@ def synthesize_noise(
     dataloader: Iterable,
     *,
     eps: float = 0.03,
+    kind: str = "nullspace",
     init_limit: float = 3.0,
     lr: float = 0.1,
     rounds: int = 3,
     max_batches: int | None = None,
+    schedule_steps: int | None = None,
+    init: Tensor | None = None,
     accelerator: Accelerator | None = None,
     progress: bool = True,
     generator: torch.Generator | None = None,
 ) -> NullspaceNoise:
     """Find a large universal token noise that barely changes ``model``'s predictions.
 
-    The paper's procedure (defaults: its final hyper-parameters): the noise starts at
-    ``U(-init_limit, init_limit)``; AdamW (``lr``, torch's default weight decay 0.01) with a cosine schedule over
-    the planned ``rounds * batches`` steps minimises the mean squared logit difference; before each step the mean
-    squared probability difference is measured on the batch, and the search stops as soon as it is below
-    ``eps``. The model runs in eval mode (its modes are restored) and only the noise receives gradients: the
-    model's parameters and their ``.grad`` are left untouched.
+    ``kind="nullspace"`` is the paper's procedure (defaults: its final hyper-parameters): the noise starts at
+    ``U(-init_limit, init_limit)``; AdamW (``lr``, torch's default weight decay 0.01) with a cosine schedule
+    minimises the mean squared logit difference; before each step the mean squared probability difference is
+    measured on the batch, and the search stops as soon as it is below ``eps``. The paper's cosine spans the whole
+    loader times the rounds while only 10 % of the batches are used, so its rate stays within 2.5 % of ``lr`` over
+    the steps taken; by default the cosine period here is likewise ten times the planned steps
+    (``schedule_steps`` overrides it). ``kind="random"`` is the paper's control: Gaussian noise ``N(0, 1)``
+    shrunk by x0.8 per step until within ``eps`` (no gradient, no ``lr``).
 
-    With an ``accelerator``, rank 0's initial noise is broadcast and the gradient and the stopping statistics
-    are averaged over processes, so every rank ends with the same noise. Pass a dataloader prepared by the
-    accelerator, so that every rank sees as many batches.
+    The model runs in eval mode (its modes are restored) and only the noise receives gradients: the model's
+    parameters and their ``.grad`` are left untouched. With an ``accelerator``, rank 0's initial noise is
+    broadcast and the gradient and the stopping statistics are averaged over processes, so every rank ends with
+    the same noise. Pass a dataloader prepared by the accelerator, so that every rank sees as many batches.
 
     Args:
         model: timm or transformers ViT/DeiT (converted or not), possibly in a pixel wrapper such as
             :class:`robustvit.training.PixelModel` or prepared by Accelerate; it is fed the batches' images.
         dataloader: Yields images ``(B, C, H, W)`` or ``(images, labels)`` pairs.
-        eps: Tolerance on the mean squared softmax-probability difference (the paper: 0.03).
-        init_limit: Half-width of the uniform initialisation.
-        lr: AdamW learning rate of the noise.
+        eps: Tolerance on the mean squared softmax-probability difference (the paper's epsilon: 0.03).
+        kind: ``"nullspace"`` (optimised) or ``"random"`` (the shrinking Gaussian control); see
+            :data:`NOISE_KINDS`.
+        init_limit: Half-width of the uniform initialisation (``"nullspace"``).
+        lr: AdamW learning rate of the noise (``"nullspace"``).
         rounds: Passes over (at most ``max_batches`` of) the dataloader.
         max_batches: Batches per round; ``None`` for the whole dataloader (the paper uses 10% of it).
+        schedule_steps: Period of the cosine on ``lr``; ``None`` for ten times the planned steps (see above).
+        init: Start from this noise ``(1, N, D)`` instead of a random draw, e.g. to continue a search that did
+            not reach ``eps`` (the optimiser state starts afresh).
         accelerator: Averages over processes when given.
         progress: Show a progress bar (on the local main process only).
         generator: Random source of the initial noise.
 
     Returns:
-        The noise ``(1, N, D)`` (detached, on the model's device) with its statistics.
+        The noise ``(1, N, D)`` (detached, on the model's device) with its statistics; ``reached_eps`` says whether
+        it ended inside the eps-approximate nullspace.
 
     Raises:
         ValueError: Invalid hyper-parameters, or a dataloader without batches.
@@ -113,13 +127,16 @@ def synthesize_noise(
         >>> result = synthesize_noise(model, loader, eps=0.03, max_batches=10)
         >>> result.reached_eps, result.l2_norm
         (True, 412.3)
+        >>> control = synthesize_noise(model, loader, eps=0.03, kind="random")
         >>> with token_noise(model, result.noise):
         ...     noisy_logits = model(images)
     """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"kind must be one of {sorted(NOISE_KINDS)}, got {kind!r}")
     for name, value in (("eps", eps), ("init_limit", init_limit), ("lr", lr)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    for name, value in (("rounds", rounds), ("max_batches", max_batches)):
+    for name, value in (("rounds", rounds), ("max_batches", max_batches), ("schedule_steps", schedule_steps)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
     inner, family = supported_model(model)
@@ -149,14 +166,20 @@ def synthesize_noise(
     if images is None:
         raise ValueError("the dataloader is empty: noise synthesis needs at least one batch")
     planned = rounds * per_round
-    bar = tqdm(total=planned, desc="nullspace noise", disable=not progress or not _local_main(accelerator))
+    search = NOISE_KINDS[kind](
+        init_limit=init_limit, lr=lr, schedule_steps=schedule_steps or PAPER_SCHEDULE_FACTOR * planned
+    )
+    bar = tqdm(total=planned, desc=f"{kind} noise", disable=not progress or not _local_main(accelerator))
     with eval_mode(net), bar:
         images = images.to(device)
-        noise = _initial_noise(family.patch_embedding(inner), net, images, init_limit, generator)
-        noise = (broadcast(noise, from_process=0) if distributed else noise).requires_grad_(True)
-        optimizer = torch.optim.AdamW([noise], lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=planned)
+        if init is None:
+            noise = search.initial(_token_shape(family.patch_embedding(inner), net, images), images, generator)
+        else:
+            noise = init.detach().clone().to(device=images.device, dtype=images.dtype)
+        noise = (broadcast(noise, from_process=0) if distributed else noise).requires_grad_(search.needs_gradient)
+        search.start(noise)
         steps, reached = 0, False
+        first_lr = last_lr = search.lr
         while True:
             out = outputs(images)
             stats = mean_over_processes(out.stats())
@@ -164,10 +187,12 @@ def synthesize_noise(
             if float(stats[0]) < eps:
                 reached = True
                 break
-            (grad,) = torch.autograd.grad(out.loss(), noise)
-            noise.grad = mean_over_processes(grad)
-            optimizer.step()
-            schedule.step()
+            grad = None
+            if search.needs_gradient:
+                (grad,) = torch.autograd.grad(out.loss(), noise)
+                grad = mean_over_processes(grad)
+            last_lr = search.lr
+            noise = search.step(noise, grad)
             steps += 1
             bar.update()
             following = next(batches, None)
@@ -187,17 +212,72 @@ def synthesize_noise(
         steps=steps,
         reached_eps=reached,
         eps=float(eps),
+        kind=kind,
+        lr_range=[first_lr, last_lr] if first_lr is not None else None,
     )
+
+
+class _AdamWSearch:
+    """The paper's search: ``U(-init_limit, init_limit)``, AdamW on the squared logit distance, cosine on ``lr``."""
+
+    needs_gradient = True
+
+    def __init__(self, *, init_limit: float, lr: float, schedule_steps: int) -> None:
+        self.init_limit, self.base_lr, self.schedule_steps = init_limit, lr, schedule_steps
+
+    def initial(self, shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        uniform = torch.rand(shape, generator=generator, device=_draw_device(generator, like))
+        return ((uniform * 2 - 1) * self.init_limit).to(device=like.device, dtype=like.dtype)
+
+    def start(self, noise: Tensor) -> None:
+        self.optimizer = torch.optim.AdamW([noise], lr=self.base_lr)
+        self.schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=self.schedule_steps)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def step(self, noise: Tensor, grad: Tensor) -> Tensor:
+        noise.grad = grad
+        self.optimizer.step()
+        self.schedule.step()
+        return noise
+
+
+class _ShrinkSearch:
+    """The paper's random control: ``N(0, 1)``, multiplied by :data:`RANDOM_SHRINK` per step."""
+
+    needs_gradient = False
+    lr = None
+
+    def __init__(self, **_: object) -> None:
+        pass
+
+    def initial(self, shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
+        gaussian = torch.randn(shape, generator=generator, device=_draw_device(generator, like))
+        return gaussian.to(device=like.device, dtype=like.dtype)
+
+    def start(self, noise: Tensor) -> None:
+        pass
+
+    def step(self, noise: Tensor, grad: None) -> Tensor:
+        return noise * RANDOM_SHRINK
+
+
+PAPER_SCHEDULE_FACTOR = 10
+"""The paper's noise cosine spans all batches x rounds but uses 10 % of them: its period is 10x the steps used."""
+RANDOM_SHRINK = 0.8
+"""Per-step factor of the paper's random-noise control."""
+NOISE_KINDS: dict[str, type] = {"nullspace": _AdamWSearch, "random": _ShrinkSearch}
+"""How each kind of noise is searched: ``"nullspace"`` (the method) and ``"random"`` (the paper's control)."""
 
 
 def _local_main(accelerator: Accelerator | None) -> bool:
     return accelerator is None or accelerator.is_local_main_process
 
 
-def _initial_noise(
-    embedding: nn.Module, net: nn.Module, images: Tensor, init_limit: float, generator: torch.Generator | None
-) -> Tensor:
-    """``U(-init_limit, init_limit)`` shaped like one image's patch tokens ``(1, N, D)``."""
+def _token_shape(embedding: nn.Module, net: nn.Module, images: Tensor) -> torch.Size:
+    """The shape ``(1, N, D)`` of one image's patch tokens."""
     shapes: list[torch.Size] = []
     handle = embedding.register_forward_hook(lambda module, args, tokens: shapes.append(tokens.shape))
     try:
@@ -205,6 +285,8 @@ def _initial_noise(
             net(images[:1])
     finally:
         handle.remove()
-    draw_device = generator.device if generator is not None else images.device
-    uniform = torch.rand((1, *shapes[0][1:]), generator=generator, device=draw_device)
-    return ((uniform * 2 - 1) * init_limit).to(device=images.device, dtype=images.dtype)
+    return torch.Size((1, *shapes[0][1:]))
+
+
+def _draw_device(generator: torch.Generator | None, like: Tensor) -> torch.device:
+    return generator.device if generator is not None else like.device
