@@ -21,6 +21,7 @@ from transformers.models.deit.modeling_deit import (
     DeiTForImageClassification,
     DeiTLayer,
     DeiTMLP,
+    DeiTModel,
     DeiTPatchEmbeddings,
 )
 from transformers.models.vit.modeling_vit import (
@@ -28,12 +29,13 @@ from transformers.models.vit.modeling_vit import (
     ViTForImageClassification,
     ViTLayer,
     ViTMLP,
+    ViTModel,
     ViTPatchEmbeddings,
 )
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families.base import BlockParts, Family, InputSpec, ViTParts, blocks_bound, one, register_family
-from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, register_bound
+from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
 
 # The processors' defaults (ViTImageProcessor: "standard" 0.5; DeiTImageProcessor: ImageNet statistics).
 _DEFAULT_NORMALIZATION = {
@@ -144,6 +146,10 @@ class HFViT(Family):
             raise UnsupportedModuleError(f"unsupported transformers class {spec['class']!r}")
         config = model_class.config_class.from_dict(spec["config"])
         return model_class(config)
+
+
+# The rules visit the backbones' children, not the backbones: their forward runs unvisited, so record it.
+record_methods(ViTModel, DeiTModel)
 
 
 @register_bound(ViTForImageClassification, DeiTForImageClassification)

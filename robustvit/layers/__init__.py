@@ -8,6 +8,10 @@ from robustvit.layers.normalized_conv import NormalizedConv2d
 from robustvit.layers.prefix_pool import PrefixPool
 from robustvit.layers.residual import LipResidual
 from robustvit.layers.token_shift import TokenShift
+from robustvit.lipschitz.engine import record_methods
+
+# Recorded at import: a later class-level patch of a robustvit layer is refused by the bound engine.
+record_methods(CenterNorm, L2Attention, LipBlock, LipResidual, MinMax, NormalizedConv2d, PrefixPool, TokenShift)
 
 __all__ = [
     "CenterNorm",
