@@ -67,6 +67,7 @@ _CALL_PATH = ("__call__", "_wrapped_call_impl", "_call_impl")
 _MODULE_CALL_PATH = {name: getattr(nn.Module, name) for name in _CALL_PATH}
 _SUBCLASS_MAY_DEFINE = frozenset({"__init__", "extra_repr", "__module__", "__qualname__", "__doc__", "__firstlineno__"})
 _SUBCLASS_MAY_DEFINE |= frozenset({"__static_attributes__", "__annotations__", "__dict__", "__weakref__"})
+_SUBCLASS_MAY_DEFINE |= frozenset({"__slotnames__"})  # cached by copy / pickle
 
 
 def _method_table(cls: type) -> dict[str, tuple[type, object]]:
