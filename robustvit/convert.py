@@ -58,7 +58,8 @@ class ConvertConfig:
             whose bound grows like ``sqrt(N) log N`` with the number of tokens N).
         shift_div: ShiftViT's ``n_div``: four groups of ``dim // shift_div`` channels are shifted.
         activation: the MLP activation when ``mlp="keep"``: ``"gelu"`` (kept; bound 1.129) or ``"minmax"``
-            (GroupSort-2; bound 1). SLL and CPL layers use ReLU (their proofs need slopes in [0, 1]).
+            (GroupSort-2; bound 1). Like ``shift_div`` for ``mixer="l2"``, it does not apply otherwise: SLL and CPL
+            layers use ReLU (their proofs need slopes in [0, 1]).
         mlp: ``"keep"`` (the source MLP in a weighted residual, bound ``1 + alpha * L(mlp)``), ``"sll"``
             (:class:`~robustvit.layers.SLL`, Araujo et al. 2023) or ``"cpl"`` (:class:`~robustvit.layers.CPL`,
             Meunier et al. 2022): the whole residual MLP sub-block becomes one residual layer of the same hidden
@@ -86,8 +87,6 @@ class ConvertConfig:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
         if self.mlp not in _MLPS:
             raise ValueError(f"mlp must be one of {sorted(_MLPS)}, got {self.mlp!r}")
-        if self.mlp != "keep" and self.activation != "gelu":
-            raise ValueError(f"activation={self.activation!r} applies to mlp='keep'; {self.mlp!r} layers use ReLU")
         if self.shift_div < 4:
             raise ValueError(f"shift_div must be at least 4, got {self.shift_div}")
         if not self.residual_alpha > 0:
