@@ -9,8 +9,12 @@ For a prediction ``p`` with logits ``z``, no input within l2 distance ``r`` can 
 Margins are computed in float64: the certification forward pass runs on a float64 copy of the model, and each
 margin is reduced by ``MARGIN_SLACK * (1 + |z_p| + |z_j|)``, which covers the rounding of that pass (about
 ``depth * width * 2^-53`` relative: 1e-12 for ViT-B) with three orders of magnitude to spare. The radii certify
-the model's exact function; a float32 deployment differs from it by float32 rounding, which only matters for
-radii below about 1e-5.
+the model's exact function.
+
+``certify(..., precision=torch.bfloat16 | torch.float16 | torch.float32)`` certifies instead the model *as it runs*
+in that precision: the logits come from the deployed (rounded) model, and every margin pays ``2 sqrt(2) E``, where
+``E`` bounds the distance between the deployed and the exact logits over all of ``[0, 1]^d`` (a layer-by-layer
+floating-point error analysis, :mod:`robustvit.certify.rounding`): rounding at ``x`` and at every ``x'`` of the ball.
 """
 
 from __future__ import annotations
@@ -70,6 +74,9 @@ class CertifyResult:
     labels: Tensor | None = None
     report: BoundReport | None = None
     images: Tensor | None = field(default=None, repr=False)  # kept for to_certificate's PGD check
+    precision: str | None = None  # None: the exact function; else the dtype the certified model runs in
+    accumulation: str | None = None  # assumed accumulation dtype of that precision's dot products
+    logit_error: float | None = None  # bound on |deployed - exact logits| over [0, 1]^d (precision only)
 
     def certified(self, eps: float) -> Tensor:
         """Bool per image: radius > eps, and correct when labels were given."""
@@ -104,12 +111,15 @@ class CertifyResult:
         return Certificate.from_result(self, model, dataset=dataset, split=split, **kwargs)
 
 
-def _radii(logits: Tensor, head: LipschitzHead) -> tuple[Tensor, Tensor]:
-    """Predictions and certified radii from float64 logits."""
+def _radii(logits: Tensor, head: LipschitzHead, logit_error: float | None = None) -> tuple[Tensor, Tensor]:
+    """Predictions and certified radii from float64 logits (of the deployed model when ``logit_error`` is given)."""
     pred = logits.argmax(dim=-1)
     top = logits.gather(1, pred[:, None])
     margins = top - logits  # (B, K), z_p - z_j
-    margins = margins - MARGIN_SLACK * (1 + top.abs() + logits.abs())
+    if logit_error is None:
+        margins = margins - MARGIN_SLACK * (1 + top.abs() + logits.abs())
+    else:  # |(F_hat - F)_p - (F_hat - F)_j| <= sqrt(2) E, at x and at x'
+        margins = margins - 2 * math.sqrt(2) * logit_error
     if head.head_weight is not None:
         w = head.head_weight.to(logits.device)
         row_dist = torch.linalg.vector_norm(w[pred][:, None, :] - w[None, :, :], dim=-1)  # (B, K)
@@ -132,10 +142,21 @@ def certify(
     *,
     batch_size: int = 256,
     progress: bool = False,
+    precision: torch.dtype | None = None,
+    accumulation: torch.dtype | None = None,
 ) -> CertifyResult:
     """Certified l2 radii of ``model``'s predictions on ``images`` (pixels in [0, 1]).
 
     Uses the pairwise head bound when the model's family exposes a linear head, the global bound otherwise.
+
+    Args:
+        precision: ``None`` certifies the exact function (float64 forward, tiny slack). ``torch.float32``,
+            ``torch.float16`` or ``torch.bfloat16`` certifies the model as it runs in that dtype (weights and
+            pixels rounded to it): predictions are the deployed model's and margins pay its worst-case rounding
+            error (see :mod:`robustvit.certify.rounding`); layers without a rounding analysis are refused.
+        accumulation: the dtype the backend accumulates dot products and sums in, with ``precision`` (default:
+            ``precision`` itself, the worst case; ``torch.float32`` for oneDNN CPU kernels and half-precision
+            reductions, which accumulate in float32). A stated assumption about the backend, recorded in the result.
 
     Example:
         >>> lip = robustvit.convert(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2))
@@ -143,18 +164,32 @@ def certify(
         >>> result.certified_accuracy(36 / 255)  # doctest: +SKIP
     """
     check_images(images)
+    from robustvit.certify.rounding import PRECISIONS
+
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+    if accumulation is not None and precision is None:
+        raise ValueError("accumulation describes a deployed precision: pass precision=... with it")
     if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    exact = copy.deepcopy(model).to(torch.float64)
+    deployed = copy.deepcopy(model).to(precision) if precision is not None else None
+    exact = copy.deepcopy(deployed if deployed is not None else model).to(torch.float64)  # the rounded weights' F
     head = lipschitz_head(exact)
     device = next(exact.parameters()).device
+    logit_error = None
+    if precision is not None:
+        from robustvit.certify.rounding import forward_error_bound
+
+        with eval_mode(exact):
+            logit_error = forward_error_bound(exact, tuple(images.shape[1:]), precision, accumulation)
+    runner, dtype = (deployed, precision) if deployed is not None else (exact, torch.float64)
     predictions, radii = [], []
-    with eval_mode(exact), torch.no_grad():
+    with eval_mode(runner), torch.no_grad():
         for start in tqdm(range(0, len(images), batch_size), desc="certify", disable=not progress):
-            batch = images[start : start + batch_size].to(device=device, dtype=torch.float64)
-            pred, rad = _radii(model_logits(exact, batch).to(torch.float64), head)
+            batch = images[start : start + batch_size].to(device=device, dtype=dtype)
+            pred, rad = _radii(model_logits(runner, batch).to(torch.float64), head, logit_error)
             predictions.append(pred.cpu())
             radii.append(rad.cpu())
     return CertifyResult(
@@ -165,4 +200,11 @@ def certify(
         labels=labels.cpu() if labels is not None else None,
         report=head.report,
         images=images,
+        precision=_dtype_name(precision),
+        accumulation=_dtype_name(accumulation or precision),
+        logit_error=logit_error,
     )
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
