@@ -26,7 +26,11 @@ from bench_certify import build  # noqa: E402
 
 from robustvit.certify import certify_smoothing  # noqa: E402
 
-VARIANTS = {"cohen": {"method": "cohen"}, "lvm": {"method": "lvm"}, "lvm (no base bound)": {"method": "lvm", "lipschitz": math.inf}}
+VARIANTS = {
+    "cohen": {"method": "cohen"},
+    "lvm": {"method": "lvm"},
+    "lvm (no base bound)": {"method": "lvm", "lipschitz": math.inf},
+}
 
 
 def main() -> None:
@@ -63,7 +67,10 @@ def main() -> None:
             row = {"sigma": sigma, "method": name}
             for key in per_seed[0]:
                 values = [s[key] for s in per_seed]
-                row[key] = {"mean": statistics.mean(values), "stdev": statistics.stdev(values) if len(values) > 1 else 0}
+                row[key] = {
+                    "mean": statistics.mean(values),
+                    "stdev": statistics.stdev(values) if len(values) > 1 else 0,
+                }
             rows.append(row)
             print(
                 f"sigma {sigma:<5} {name:<20} mean radius {row['mean_radius']['mean']:.4f} "

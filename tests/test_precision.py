@@ -105,7 +105,9 @@ def test_attacks_in_each_precision_never_flip_a_certified_prediction(trained, di
     if ok.any():
         # at the boundary of the radius, and with rounding-level noise on top
         for scale in (0.999, 1.0):
-            assert not _margin_pgd(deployed, images[ok], result.predictions[ok], scale * result.radii[ok], precision).any()
+            assert not _margin_pgd(
+                deployed, images[ok], result.predictions[ok], scale * result.radii[ok], precision
+            ).any()
         noise = torch.randn(16, *images.shape[1:], generator=torch.Generator().manual_seed(1))
         for i in torch.nonzero(ok).flatten().tolist():
             r = float(result.radii[i])

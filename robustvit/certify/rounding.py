@@ -64,7 +64,7 @@ class Rounding:
         return nu / (1 - nu) if nu < 1 else math.inf
 
     def dot(self, n: int) -> float:
-        """Relative error factor of a length-``n`` dot product or sum (accumulated in ``v``, result rounded to ``u``)."""
+        """Relative error of a length-``n`` dot product or sum (accumulated in ``v``, the result rounded to ``u``)."""
         g = self.gamma(n, self.v)
         return g + self.u * (1 + g)
 
@@ -133,7 +133,9 @@ def _linear(module: nn.Linear, state: State, analysis: Analysis) -> State:
     rows = analysis.tokens[id(module)]
     bias = math.sqrt(rows) * float(module.bias.detach().double().norm()) if module.bias is not None else 0.0
     lip = lipschitz_bound(nn.Sequential(module))
-    return _affine(state, lip, float(weight.norm()), bias, module.in_features, _weight_error(module, analysis.r), analysis.r)
+    return _affine(
+        state, lip, float(weight.norm()), bias, module.in_features, _weight_error(module, analysis.r), analysis.r
+    )
 
 
 @register_rounding(NormalizedConv2d)

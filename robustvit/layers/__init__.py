@@ -13,7 +13,9 @@ from robustvit.layers.token_shift import TokenShift
 from robustvit.lipschitz.engine import record_methods
 
 # Recorded at import: a later class-level patch of a robustvit layer is refused by the bound engine.
-record_methods(CPL, CenterNorm, L2Attention, LipBlock, LipResidual, MinMax, NormalizedConv2d, PrefixPool, SLL, TokenShift)
+record_methods(
+    CPL, CenterNorm, L2Attention, LipBlock, LipResidual, MinMax, NormalizedConv2d, PrefixPool, SLL, TokenShift
+)
 
 __all__ = [
     "CPL",

@@ -20,7 +20,8 @@ def residual_gradient_bound(weight: Tensor, step: Tensor) -> Tensor:
     ``max(1, 2 ||A||^2 - 1)``. ``||A||`` is a guaranteed Gram bound of ``A`` formed in float64; the entries of
     ``A`` carry at most 4 float64 roundings (reciprocal, square root, product), hence the factor
     ``1 + 4 u sqrt(rank)``. All Gram steps run (no early stop): Schatten norms decrease with their order, so this
-    bound is never above a cheaper one a layer used to choose its step. SLL and CPL choose ``step`` so that ``||A|| <= 1``: the bound is then 1.
+    bound is never above a cheaper one a layer used to choose its step. SLL and CPL choose ``step`` so that
+    ``||A|| <= 1``: the bound is then 1.
     """
     rank = min(weight.shape)
     a = step.to(torch.float64).clamp_min(0).sqrt()[:, None] * weight.to(torch.float64)

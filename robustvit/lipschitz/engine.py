@@ -275,8 +275,9 @@ def _check_inherited_bound(module_type: type, where: str) -> None:
             )
 
 
-def _check_methods(module: nn.Module, where: str) -> None:
-    """The call path is ``nn.Module``'s, and no recorded method was patched on the class since it was recorded."""
+def _check_methods(module: nn.Module, where: str, checked: set[type]) -> None:
+    """The call path is ``nn.Module``'s, and no recorded method was patched on the class since it was recorded
+    (compared once per type and walk: ``checked``)."""
     cls = type(module)
     for name, original in _MODULE_CALL_PATH.items():
         if getattr(cls, name) is not original:
@@ -293,8 +294,9 @@ def _check_methods(module: nn.Module, where: str) -> None:
         record_methods(module_type)  # first sight of a self-bounding layer
     for recorded_type in (nn.Module, module_type):
         recorded = _METHODS.get(recorded_type)
-        if recorded is None:
+        if recorded is None or recorded_type in checked:
             continue
+        checked.add(recorded_type)
         now = _method_table(recorded_type)
         changed = sorted(
             f"{recorded_type.__name__}.{name}"
@@ -335,6 +337,7 @@ def _check_tree(root: nn.Module, *, parametrizations: bool = False) -> None:
     """Refuse hooks, instance-level method overrides, foreign call paths and patched classes anywhere in the tree,
     visited by a rule or not: a family rule may read a submodule's weights (a head) or call methods
     (forward_head) without visiting them."""
+    checked: set[type] = set()
     for path, module in root.named_modules():
         where = f"'{path or '<model>'}' ({_type_name(module)})"
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
@@ -347,7 +350,7 @@ def _check_tree(root: nn.Module, *, parametrizations: bool = False) -> None:
         for name, value in vars(module).items():
             if callable(value) and inspect.isfunction(getattr(cls, name, None)):
                 raise UnsupportedModuleError(f"module {where} overrides method {name!r} on the instance")
-        _check_methods(module, where)
+        _check_methods(module, where, checked)
         if parametrizations:
             _check_parametrizations(module, where)
 
