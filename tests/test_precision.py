@@ -156,3 +156,25 @@ def test_certificate_records_the_precision_and_loading_warns_below_it(trained, d
         trained, dataset="digits", split="test", pgd_steps=2, pgd_restarts=1
     )
     assert exact.precision is None and "precision" not in exact.to_dict()
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_half_precision_certificates_of_a_small_network_survive_attacks_in_that_precision(precision):
+    """A network small enough for the worst-case analysis to leave positive radii in every precision: attacks run
+    in the deployed dtype, at the boundary of each radius, and never flip a certified prediction."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    images = torch.rand(64, 3, 2, 2, generator=torch.Generator().manual_seed(1))
+    result = robustvit.certify(net, images, precision=precision, accumulation=torch.float32)
+    exact = robustvit.certify(net, images)
+    ok = result.radii > 0
+    assert ok.sum() >= 8 and (result.radii <= exact.radii + 1e-12).all()
+    deployed = copy.deepcopy(net).to(precision)
+    assert not _margin_pgd(deployed, images[ok], result.predictions[ok], result.radii[ok], precision, steps=60).any()
+    # random points on the sphere of each radius, evaluated in the deployed precision
+    noise = torch.randn(256, 3, 2, 2, generator=torch.Generator().manual_seed(2))
+    noise = noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    for i in torch.nonzero(ok).flatten().tolist():
+        points = (images[i] + noise * float(result.radii[i])).clamp(0, 1)
+        with torch.no_grad():
+            assert (deployed(points.to(precision)).argmax(1) == result.predictions[i]).all()

@@ -169,7 +169,7 @@ def _center_norm(module: CenterNorm, state: State, analysis: Analysis) -> State:
     return State(lip * state.norm + bias + local, lip * state.error + local)
 
 
-@register_rounding(nn.Identity, nn.Dropout, DropPath, MinMax, nn.ReLU, TokenShift)
+@register_rounding(nn.Identity, nn.Flatten, nn.Dropout, DropPath, MinMax, nn.ReLU, TokenShift)
 def _exact_one_lipschitz(module: nn.Module, state: State, analysis: Analysis) -> State:
     return state  # copies, comparisons, zero fills: no rounding; 1-Lipschitz maps with f(0) = 0 and ||f(x)|| <= ||x||
 
