@@ -60,6 +60,15 @@ def test_forward_error_bound_covers_the_deployed_error(trained, digits, precisio
     assert float(error.max()) <= bound and float(error.max()) > 0
     if accumulation is None:  # the worst case never beats the float32-accumulation assumption
         assert bound >= forward_error_bound(exact, (3, IMG, IMG), precision, torch.float32)
+    # on a ball around one image: tighter than over the whole cube, and it still covers the points of the ball
+    image = digits[2][0].double()
+    local = forward_error_bound(exact, (3, IMG, IMG), precision, accumulation, image=image, radius=0.5)
+    assert local <= bound
+    noise = torch.randn(16, 3, IMG, IMG, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    points = (image + noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 0.5).clamp(0, 1)
+    with torch.no_grad():
+        error = (logits_of(deployed(points.to(precision))).double() - logits_of(exact(points))).norm(dim=1)
+    assert float(error.max()) <= local
 
 
 def _margin_pgd(model, images, target, eps, dtype, steps=40, restarts=2):

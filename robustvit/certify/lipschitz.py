@@ -13,8 +13,9 @@ the model's exact function.
 
 ``certify(..., precision=torch.bfloat16 | torch.float16 | torch.float32)`` certifies instead the model *as it runs*
 in that precision: the logits come from the deployed (rounded) model, and every margin pays ``2 sqrt(2) E``, where
-``E`` bounds the distance between the deployed and the exact logits over all of ``[0, 1]^d`` (a layer-by-layer
-floating-point error analysis, :mod:`robustvit.certify.rounding`): rounding at ``x`` and at every ``x'`` of the ball.
+``E`` bounds the distance between the deployed and the exact logits on the ball of the exact function's radius
+around the image (a layer-by-layer floating-point error analysis, :mod:`robustvit.certify.rounding`): rounding at
+``x`` and at every ``x'`` of the ball; the deployed radius is capped at that ball's radius.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class CertifyResult:
     images: Tensor | None = field(default=None, repr=False)  # kept for to_certificate's PGD check
     precision: str | None = None  # None: the exact function; else the dtype the certified model runs in
     accumulation: str | None = None  # assumed accumulation dtype of that precision's dot products
-    logit_error: float | None = None  # bound on |deployed - exact logits| over [0, 1]^d (precision only)
+    logit_error: float | None = None  # largest bound on |deployed - exact logits| on a certified ball (precision only)
 
     def certified(self, eps: float) -> Tensor:
         """Bool per image: radius > eps, and correct when labels were given."""
@@ -178,23 +179,23 @@ def certify(
     exact = copy.deepcopy(deployed if deployed is not None else model).to(torch.float64)  # the rounded weights' F
     head = lipschitz_head(exact)
     device = next(exact.parameters()).device
-    logit_error = None
-    if precision is not None:
-        from robustvit.certify.rounding import forward_error_bound
-
-        with eval_mode(exact):
-            logit_error = forward_error_bound(exact, tuple(images.shape[1:]), precision, accumulation)
-    runner, dtype = (deployed, precision) if deployed is not None else (exact, torch.float64)
     predictions, radii = [], []
-    with eval_mode(runner), torch.no_grad():
+    with eval_mode(exact), torch.no_grad():
         for start in tqdm(range(0, len(images), batch_size), desc="certify", disable=not progress):
-            batch = images[start : start + batch_size].to(device=device, dtype=dtype)
-            pred, rad = _radii(model_logits(runner, batch).to(torch.float64), head, logit_error)
+            batch = images[start : start + batch_size].to(device=device, dtype=torch.float64)
+            pred, rad = _radii(model_logits(exact, batch).to(torch.float64), head)
             predictions.append(pred.cpu())
             radii.append(rad.cpu())
+    logit_error = None
+    if deployed is not None:
+        predictions, radii, logit_error = _deployed_radii(
+            deployed, exact, head, images, torch.cat(radii), precision, accumulation, batch_size
+        )
+    else:
+        predictions, radii = torch.cat(predictions), torch.cat(radii)
     return CertifyResult(
-        predictions=torch.cat(predictions),
-        radii=torch.cat(radii),
+        predictions=predictions,
+        radii=radii,
         lipschitz=head.lipschitz,
         features_lipschitz=head.features_lipschitz,
         labels=labels.cpu() if labels is not None else None,
@@ -204,6 +205,43 @@ def certify(
         accumulation=_dtype_name(accumulation or precision),
         logit_error=logit_error,
     )
+
+
+def _deployed_radii(
+    deployed: nn.Module,
+    exact: nn.Module,
+    head: LipschitzHead,
+    images: Tensor,
+    exact_radii: Tensor,
+    precision: torch.dtype,
+    accumulation: torch.dtype | None,
+    batch_size: int,
+) -> tuple[Tensor, Tensor, float]:
+    """Predictions and radii of the model as it runs in ``precision``: per image, the rounding bound ``E`` on the
+    ball of the exact function's radius (capped there, so the bound covers every point it certifies); returns the
+    largest ``E``."""
+    from robustvit.certify.rounding import forward_error_bound
+
+    device = next(deployed.parameters()).device
+    with eval_mode(deployed), torch.no_grad():
+        logits = torch.cat(
+            [
+                model_logits(deployed, images[i : i + batch_size].to(device=device, dtype=precision)).to(torch.float64)
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+    predictions, radii, worst = [], [], 0.0
+    with eval_mode(exact):
+        for i, image in enumerate(images):
+            ball = float(exact_radii[i])
+            error = forward_error_bound(
+                exact, tuple(image.shape), precision, accumulation, image=image.to(torch.float64), radius=ball
+            )
+            pred, rad = _radii(logits[i : i + 1], head, error)
+            predictions.append(pred.cpu())
+            radii.append(rad.clamp_max(ball).cpu())
+            worst = max(worst, error)
+    return torch.cat(predictions), torch.cat(radii), worst
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:

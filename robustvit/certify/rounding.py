@@ -3,7 +3,8 @@
 A model run in ``bfloat16`` / ``float16`` / ``float32`` computes ``F_hat``, not the real-valued map ``F`` (the same
 weights, rounded to that precision, in exact arithmetic) whose Lipschitz bound the engine proves. ``F_hat`` is not
 Lipschitz (rounding jumps), so a certificate for it needs a bound ``E`` with ``||F_hat(x) - F(x)||_2 <= E`` for
-*every* input ``x`` in ``[0, 1]^d``; then for ``x'`` in the ball, ``F_hat_p(x') - F_hat_j(x') >= F_hat_p(x) -
+*every* input ``x`` of the inputs considered (the cube ``[0, 1]^d``, or the ball being certified within it); then for ``x'`` in
+the ball, ``F_hat_p(x') - F_hat_j(x') >= F_hat_p(x) -
 F_hat_j(x) - K_pj ||x' - x|| - 2 sqrt(2) E``: rounding is paid at ``x`` and at ``x'``.
 
 ``E`` is composed layer by layer (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.):
@@ -16,7 +17,9 @@ F_hat_j(x) - K_pj ||x' - x|| - 2 sqrt(2) E``: rounding is paid at ``x`` and at `
   float32 (CPU oneDNN, and PyTorch reductions of half types). FFT/Winograd convolutions are not covered;
 * the error of a layer's input, ``E_in``, is carried through the layer by its Lipschitz bound, and the layer adds
   its own rounding at the computed input, ``E_out = L E_in + local(N_in)``, where ``N_in`` bounds the norm of the
-  computed input over all of ``[0, 1]^d`` (from ``||x|| <= sqrt(d)``: ``N_out = ||f(0)|| + L N_in + local``).
+  computed input over all of ``[0, 1]^d`` (from ``||x|| <= sqrt(d)``: ``N_out = ||f(0)|| + L N_in + local``) and,
+  for a certificate of an image ``x`` on a ball of radius ``r``, also by ``||a(x)|| + L_prefix r + E_in`` with the
+  exact activation ``a(x)`` of a float64 forward pass and ``L_prefix`` the bound of the map from the pixels to it.
 
 Norms are l2 (Frobenius over a whole token tensor of one image). ``|||W|||_2 <= ||W||_F`` bounds entrywise absolute
 matrices. A layer type without a rule here is refused (:class:`~robustvit.errors.UnsupportedModuleError`): GELU
@@ -71,11 +74,12 @@ class Rounding:
 
 @dataclass
 class State:
-    """``norm``: bound on the computed activation's l2 norm over all inputs; ``error``: bound on its distance to the
-    exact activation."""
+    """``norm``: bound on the computed activation's l2 norm over the inputs considered; ``error``: bound on its
+    distance to the exact activation; ``lip``: Lipschitz bound of the exact map from the pixels to it."""
 
     norm: float
     error: float
+    lip: float
 
 
 Rule = Callable[[nn.Module, State, "Analysis"], State]
@@ -92,11 +96,18 @@ def register_rounding(*types: type) -> Callable[[Rule], Rule]:
 
 
 class Analysis:
-    """Walks a model in forward order; ``tokens[id(module)]`` is the number of rows a per-token layer maps."""
+    """Walks a model in forward order; ``tokens[id(module)]`` is the number of rows a per-token layer maps.
 
-    def __init__(self, rounding: Rounding, tokens: dict[int, int]):
+    With ``norms`` (the exact input norm of each layer at an image ``x``) and ``radius``, the inputs considered are
+    the ball of that radius around ``x`` (within the cube): a layer's computed input norm is then also at most
+    ``||a(x)|| + lip * radius + error``, usually far below the bound over the whole cube.
+    """
+
+    def __init__(self, rounding: Rounding, tokens: dict, norms: dict[int, float] | None, radius: float):
         self.r = rounding
         self.tokens = tokens
+        self.norms = norms or {}
+        self.radius = radius
 
     def visit(self, module: nn.Module, state: State) -> State:
         module_type = parametrize.type_before_parametrizations(module)
@@ -106,6 +117,9 @@ class Analysis:
                 f"no floating-point error analysis for {module_type.__name__}: certify(..., precision=...) cannot "
                 "certify this model in that precision (certify the exact function with precision=None)"
             )
+        if id(module) in self.norms:
+            local = self.norms[id(module)] + state.lip * self.radius + state.error
+            state = State(min(state.norm, local), state.error, state.lip)
         return rule(module, state, self)
 
 
@@ -124,7 +138,7 @@ def _affine(state: State, lip: float, abs_weight: float, bias_norm: float, n: in
     """``y = W x + b`` on the computed input: exact part ``L E_in``, rounding ``c (|||W||| N + ||b||)``."""
     c = r.dot(n + 1) * (1 + weight_error) + weight_error
     local = c * (abs_weight * state.norm + bias_norm)
-    return State(lip * state.norm + bias_norm + local, lip * state.error + local)
+    return State(lip * state.norm + bias_norm + local, lip * state.error + local, lip * state.lip)
 
 
 @register_rounding(nn.Linear)
@@ -153,7 +167,8 @@ def _normalized_conv(module: NormalizedConv2d, state: State, analysis: Analysis)
     n = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
     kernel = module.weight.detach().double()
     lip = float(conv_spectral_norm(module).detach())
-    out = _affine(State(z_norm, z_error), lip, float(kernel.norm()), bias, n, _weight_error(module, r), r)
+    z = State(z_norm, z_error, state.lip / s_min)
+    out = _affine(z, lip, float(kernel.norm()), bias, n, _weight_error(module, r), r)
     return out
 
 
@@ -166,7 +181,7 @@ def _center_norm(module: CenterNorm, state: State, analysis: Analysis) -> State:
     mean_error = r.dot(module.dim) + r.u  # the per-token mean: a sum of dim terms, then a division
     local = (2 * mean_error + 3 * r.gamma(4)) * ws * state.norm + 2 * r.u * bias
     lip = float(module.lipschitz_bound().detach())
-    return State(lip * state.norm + bias + local, lip * state.error + local)
+    return State(lip * state.norm + bias + local, lip * state.error + local, lip * state.lip)
 
 
 @register_rounding(nn.Identity, nn.Flatten, nn.Dropout, DropPath, MinMax, nn.ReLU, TokenShift)
@@ -178,7 +193,7 @@ def _exact_one_lipschitz(module: nn.Module, state: State, analysis: Analysis) ->
 def _prefix_pool(module: PrefixPool, state: State, analysis: Analysis) -> State:
     lip = float(module.lipschitz_bound().detach())
     local = (analysis.r.dot(module.num_patches) + analysis.r.u) * lip * state.norm
-    return State(lip * state.norm + local, lip * state.error + local)
+    return State(lip * state.norm + local, lip * state.error + local, lip * state.lip)
 
 
 @register_rounding(nn.Sequential)
@@ -207,7 +222,7 @@ def _lip_residual(module: LipResidual, state: State, analysis: Analysis) -> Stat
     branch = analysis.visit(module.fn, state)
     scaled = alpha * branch.norm
     local = u * scaled + analysis.r.gamma(2) * (state.norm + 2 * scaled)  # alpha * f, then x + that
-    return State(state.norm + scaled + local, state.error + alpha * branch.error + local)
+    return State(state.norm + scaled + local, state.error + alpha * branch.error + local, state.lip + alpha * branch.lip)
 
 
 @register_rounding(PatchEmbed)
@@ -225,14 +240,16 @@ def _vision_transformer(model: VisionTransformer, state: State, analysis: Analys
     state = analysis.visit(model.patch_embed, state)
     prefix = math.sqrt(sum(_param_norm(getattr(model, n, None)) ** 2 for n in ("cls_token", "dist_token", "reg_token")))
     pos = _param_norm(model.pos_embed)
-    state = State(state.norm + prefix, state.error)  # concatenating exact prefix tokens
-    state = State(state.norm + pos + u * (state.norm + pos), state.error + u * (state.norm + pos))  # + pos_embed
+    state = State(state.norm + prefix, state.error, state.lip)  # concatenating exact prefix tokens
+    rounding = u * (state.norm + pos)
+    state = State(state.norm + pos + rounding, state.error + rounding, state.lip)  # + pos_embed
     for name in ("pos_drop", "patch_drop", "norm_pre", "blocks", "norm"):
         state = analysis.visit(getattr(model, name), state)
     if model.global_pool == "avg":
         n = model.patch_embed.num_patches + (model.num_prefix_tokens if model.pool_include_prefix else 0)
         local = (analysis.r.dot(n) + u) * state.norm / math.sqrt(n)
-        state = State(state.norm / math.sqrt(n) + local, state.error / math.sqrt(n) + local)
+        root = math.sqrt(n)
+        state = State(state.norm / root + local, state.error / root + local, state.lip / root)
     elif model.global_pool != "token":
         raise UnsupportedModuleError(f"no floating-point error analysis for global_pool={model.global_pool!r}")
     for name in ("fc_norm", "head_drop"):
@@ -240,15 +257,22 @@ def _vision_transformer(model: VisionTransformer, state: State, analysis: Analys
     if isinstance(model, VisionTransformerDistilled):  # (head(x0) + head_dist(x1)) / 2
         a, b = analysis.visit(model.head, state), analysis.visit(model.head_dist, state)
         local = u * (a.norm + b.norm) / 2
-        return State((a.norm + b.norm) / 2 + local, (a.error + b.error) / 2 + local)
+        return State((a.norm + b.norm) / 2 + local, (a.error + b.error) / 2 + local, (a.lip + b.lip) / 2)
     return analysis.visit(model.head, state)
 
 
-def _rows(model: nn.Module, image_shape: tuple[int, ...]) -> dict:
-    """Rows each per-token layer maps for one image, read from a float64 forward pass."""
+def _rows_and_norms(model: nn.Module, image: torch.Tensor) -> tuple[dict, dict[int, float]]:
+    """Rows each per-token layer maps for one image, and the exact input norm of every layer with a rounding rule
+    (a float64 forward pass of ``image``, shaped ``(1, C, H, W)``)."""
     rows: dict = {}
+    norms: dict[int, float] = {}
+    calls: dict[int, int] = {}
 
     def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not args or not isinstance(args[0], torch.Tensor):
+            return
+        calls[id(module)] = calls.get(id(module), 0) + 1
+        norms[id(module)] = float(args[0].double().norm())
         if isinstance(module, NormalizedConv2d):
             rows[id(module)] = args[0].shape[-1] * args[0].shape[-2]
             rows[("patches", id(module))] = output.shape[-1] * output.shape[-2]
@@ -260,23 +284,32 @@ def _rows(model: nn.Module, image_shape: tuple[int, ...]) -> dict:
     handles = [m.register_forward_hook(record) for m in model.modules()]
     try:
         with torch.no_grad():
-            model(torch.zeros((1, *image_shape), dtype=torch.float64))
+            model(image.to(torch.float64))
     finally:
         for handle in handles:
             handle.remove()
-    return rows
+    return rows, {key: norm for key, norm in norms.items() if calls[key] == 1}  # a module run twice: no single norm
 
 
 def forward_error_bound(
-    exact: nn.Module, image_shape: tuple[int, ...], precision: torch.dtype, accumulation: torch.dtype | None = None
+    exact: nn.Module,
+    image_shape: tuple[int, ...],
+    precision: torch.dtype,
+    accumulation: torch.dtype | None = None,
+    *,
+    image: torch.Tensor | None = None,
+    radius: float = math.inf,
 ) -> float:
-    """Bound ``E`` on ``||F_hat(x) - F(x)||_2`` (logits) for every ``x`` in ``[0, 1]^d``.
+    """Bound ``E`` on ``||F_hat(x') - F(x')||_2`` (logits) for every ``x'`` in ``[0, 1]^d`` (within ``radius`` of
+    ``image`` when both are given: tighter, and what a certificate of that image needs).
 
     Args:
         exact: the model's exact function: its weights rounded to ``precision``, held in float64 (eval mode).
         image_shape: ``(C, H, W)`` of one input.
         precision: the dtype the model runs in.
         accumulation: the dtype dot products and sums accumulate in (default: ``precision``, the worst case).
+        image: ``(C, H, W)`` pixels in [0, 1]; with ``radius``, the ball the bound has to hold on.
+        radius: l2 radius of that ball.
 
     Example:
         >>> deployed = model.to(torch.bfloat16)  # doctest: +SKIP
@@ -288,8 +321,11 @@ def forward_error_bound(
     if unit_roundoff(accumulation) > unit_roundoff(precision):
         raise ValueError(f"accumulation {accumulation} is coarser than the precision {precision}")
     rounding = Rounding(unit_roundoff(precision), unit_roundoff(accumulation))
-    analysis = Analysis(rounding, _rows(exact, image_shape))
+    local = image is not None and math.isfinite(radius)
+    reference = image[None] if local else torch.zeros((1, *image_shape), dtype=torch.float64)
+    rows, norms = _rows_and_norms(exact, reference)
+    analysis = Analysis(rounding, rows, norms if local else None, radius if local else math.inf)
     d = math.prod(image_shape)
-    start = State(math.sqrt(d) * (1 + rounding.u), rounding.u * math.sqrt(d))  # pixels rounded to the precision
+    start = State(math.sqrt(d) * (1 + rounding.u), rounding.u * math.sqrt(d), 1.0)  # pixels rounded to the precision
     error = analysis.visit(exact, start).error
     return error * (1 + 1e-6) if math.isfinite(error) else math.inf  # the analysis' own float64 arithmetic
