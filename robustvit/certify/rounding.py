@@ -222,7 +222,8 @@ def _lip_residual(module: LipResidual, state: State, analysis: Analysis) -> Stat
     branch = analysis.visit(module.fn, state)
     scaled = alpha * branch.norm
     local = u * scaled + analysis.r.gamma(2) * (state.norm + 2 * scaled)  # alpha * f, then x + that
-    return State(state.norm + scaled + local, state.error + alpha * branch.error + local, state.lip + alpha * branch.lip)
+    lip = state.lip + alpha * branch.lip
+    return State(state.norm + scaled + local, state.error + alpha * branch.error + local, lip)
 
 
 @register_rounding(PatchEmbed)
