@@ -3,9 +3,9 @@
 A model run in ``bfloat16`` / ``float16`` / ``float32`` computes ``F_hat``, not the real-valued map ``F`` (the same
 weights, rounded to that precision, in exact arithmetic) whose Lipschitz bound the engine proves. ``F_hat`` is not
 Lipschitz (rounding jumps), so a certificate for it needs a bound ``E`` with ``||F_hat(x) - F(x)||_2 <= E`` for
-*every* input ``x`` of the inputs considered (the cube ``[0, 1]^d``, or the ball being certified within it); then for ``x'`` in
-the ball, ``F_hat_p(x') - F_hat_j(x') >= F_hat_p(x) -
-F_hat_j(x) - K_pj ||x' - x|| - 2 sqrt(2) E``: rounding is paid at ``x`` and at ``x'``.
+*every* input ``x`` considered (the cube ``[0, 1]^d``, or the ball being certified within it); then for ``x'`` in
+the ball, ``F_hat_p(x') - F_hat_j(x') >= F_hat_p(x) - F_hat_j(x) - K_pj ||x' - x|| - 2 sqrt(2) E``: rounding is
+paid at ``x`` and at ``x'``.
 
 ``E`` is composed layer by layer (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.):
 
