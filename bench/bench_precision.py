@@ -2,7 +2,8 @@
 
 Run: ``python bench/bench_precision.py [--images 64] [--train_steps 100]``. The model is the benchmark's converted
 default ViT (``bench_certify.build``: 32-pixel digits, minmax, EMMA-trained). For each precision and accumulation
-assumption: ``E`` from ``robustvit.certify.rounding.forward_error_bound``, the largest observed
+assumption: ``E`` over the whole input cube and the largest per-image ``E`` on the certified balls (what
+``certify`` uses), from ``robustvit.certify.rounding.forward_error_bound``, the largest observed
 ``||F_hat(x) - F(x)||`` on the test images, and ``certify(..., precision=...)``'s mean radius and certified accuracy
 at 36/255 next to the exact-function certificate's. Writes ``bench/results/precision.json``.
 """
@@ -55,6 +56,7 @@ def main() -> None:
                     (deployed(images.to(precision)).double() - exact(images.double())).norm(dim=1).max()
                 )
         result = robustvit.certify(model, images, labels, precision=precision, accumulation=accumulation)
+        row["E_on_certified_balls_max"] = result.logit_error  # the per-image bound certify used (largest)
         row["mean_radius"] = float(result.radii.mean())
         row["certified_36"] = result.certified_accuracy(36 / 255)
         rows.append(row)
