@@ -120,7 +120,11 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     # 2. Convert, calibrating each CenterNorm on training images, and train for margin.
     calibration = stack_examples(train_set, 64)[0]
     model = robustvit.convert(
-        source, calibration_images=calibration, mixer=config["mixer"], activation=config["activation"]
+        source,
+        calibration_images=calibration,
+        mixer=config["mixer"],
+        activation=config["activation"],
+        mlp=config["mlp"],
     )
     model = robustvit.peft.with_lora(model, config["lora_r"])  # --lora_r: LoRA inside the Lipschitz constraint
     teacher = PixelModel(source).eval().requires_grad_(False) if config["distill"] > 0 else None
@@ -219,7 +223,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     hyper.add_argument("--eps_end", type=float, default=2.0, help="training radius after the ramp, times --eps")
     hyper.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the source model")
     hyper.add_argument("--mixer", default="shift", choices=("shift", "l2"))
-    hyper.add_argument("--activation", default="minmax", choices=("gelu", "minmax"))
+    hyper.add_argument("--activation", default="minmax", choices=("gelu", "minmax"), help="MLP activation (--mlp keep)")
+    hyper.add_argument("--mlp", default="keep", choices=("keep", "sll", "cpl"), help="see robustvit.ConvertConfig")
     hyper.add_argument("--lora_r", type=int, default=0, help="LoRA rank (robustvit.peft); 0 trains all parameters")
     hyper.add_argument(
         "--pretrain_epochs",
@@ -254,6 +259,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
         "distill",
         "mixer",
         "activation",
+        "mlp",
         "lora_r",
         "pretrain_epochs",
         "pretrain_lr",

@@ -33,6 +33,8 @@ from torch.nn.utils import parametrize
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import BlockParts, ViTParts, get_family
 from robustvit.layers import (
+    CPL,
+    SLL,
     CenterNorm,
     L2Attention,
     LipBlock,
@@ -55,7 +57,15 @@ class ConvertConfig:
         mixer: ``"shift"`` (LipShiFT token shift, bound 1) or ``"l2"`` (tied L2 attention, Kim et al. 2021,
             whose bound grows like ``sqrt(N) log N`` with the number of tokens N).
         shift_div: ShiftViT's ``n_div``: four groups of ``dim // shift_div`` channels are shifted.
-        activation: ``"gelu"`` (kept; bound 1.129) or ``"minmax"`` (GroupSort-2; bound 1).
+        activation: the MLP activation when ``mlp="keep"``: ``"gelu"`` (kept; bound 1.129) or ``"minmax"``
+            (GroupSort-2; bound 1). Like ``shift_div`` for ``mixer="l2"``, it does not apply otherwise: SLL and CPL
+            layers use ReLU (their proofs need slopes in [0, 1]).
+        mlp: ``"keep"`` (the source MLP in a weighted residual, bound ``1 + alpha * L(mlp)``), ``"sll"``
+            (:class:`~robustvit.layers.SLL`, Araujo et al. 2023) or ``"cpl"`` (:class:`~robustvit.layers.CPL`,
+            Meunier et al. 2022): the whole residual MLP sub-block becomes one residual layer of the same hidden
+            width with bound 1. Its ``W`` and ``b`` start as the source's ``fc1`` applied after the LayerNorm's affine
+            (gamma folded into ``W``, beta into ``b``); its output map is ``W^T`` times a step fixed by ``W``, so it
+            cannot copy ``fc2``: the converted function departs from the source's there, and needs finetuning.
         residual_alpha: initial residual weight (multiplied by any LayerScale and the moved scales); 1.0 keeps
             the source's function.
         mean, std: the normalization the source expects (per channel). ``None``: timm's ``pretrained_cfg``, or
@@ -65,6 +75,7 @@ class ConvertConfig:
     mixer: Literal["shift", "l2"] = "shift"
     shift_div: int = 12
     activation: Literal["gelu", "minmax"] = "gelu"
+    mlp: Literal["keep", "sll", "cpl"] = "keep"
     residual_alpha: float = 1.0
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -74,6 +85,8 @@ class ConvertConfig:
             raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {self.mixer!r}")
         if self.activation not in _ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+        if self.mlp not in _MLPS:
+            raise ValueError(f"mlp must be one of {sorted(_MLPS)}, got {self.mlp!r}")
         if self.shift_div < 4:
             raise ValueError(f"shift_div must be at least 4, got {self.shift_div}")
         if not self.residual_alpha > 0:
@@ -145,14 +158,44 @@ _MIXERS: dict[str, Callable[..., nn.Module]] = {"shift": _shift_mixer, "l2": _l2
 _ACTIVATIONS: dict[str, Callable[[], nn.Module] | None] = {"gelu": None, "minmax": MinMax}
 
 
-def _build_block(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> LipBlock:
-    mixer = _MIXERS[config.mixer](block, parts, config, norm)
+def _kept_mlp(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
     make_activation = _ACTIVATIONS[config.activation]
     if make_activation is not None:
         setattr(block.mlp, block.mlp_activation, make_activation())
     branch = nn.Sequential(OrderedDict(norm=norm(block.norm2), mlp=block.mlp, drop=block.drop2))
     alpha = config.residual_alpha * (block.ls2 if block.ls2 is not None else 1.0)
-    return LipBlock(mixer, LipResidual(branch, parts.embed_dim, alpha)).to(parts.patch_conv.weight.dtype)
+    return LipResidual(branch, parts.embed_dim, alpha)
+
+
+def _residual_layer(layer_type: type[nn.Module]) -> Callable[..., nn.Module]:
+    """Builds an SLL / CPL layer from the source's LayerNorm and fc1: ``fc1(gamma * x / std + beta)`` before the
+    activation, ``std`` the calibrated token std (1 without calibration images). The LayerNorm's centering and
+    per-token division have no place in these layers; the output map is tied to ``W``."""
+
+    def build(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
+        fc1 = block.mlp.fc1
+        layer = layer_type(parts.embed_dim, fc1.out_features).to(fc1.weight.device, fc1.weight.dtype)
+        center = norm(block.norm2)  # gamma (D - 1) / (D std) and beta, as CenterNorm would take them
+        with torch.no_grad():
+            layer.weight.copy_(fc1.weight * center.weight * center.dim / (center.dim - 1))
+            bias = fc1.bias if fc1.bias is not None else torch.zeros_like(layer.bias)
+            layer.bias.copy_(bias + fc1.weight @ center.bias)
+        return layer
+
+    return build
+
+
+_MLPS: dict[str, Callable[..., nn.Module]] = {
+    "keep": _kept_mlp,
+    "sll": _residual_layer(SLL),
+    "cpl": _residual_layer(CPL),
+}
+
+
+def _build_block(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> LipBlock:
+    mixer = _MIXERS[config.mixer](block, parts, config, norm)
+    mlp = _MLPS[config.mlp](block, parts, config, norm)
+    return LipBlock(mixer, mlp).to(parts.patch_conv.weight.dtype)
 
 
 @torch.no_grad()
@@ -235,6 +278,9 @@ def _rescale_and_absorb(
     for residual in residuals:
         residual.fn.norm.weight.mul_(s_patch)
         residual.alpha.div_(s_patch)
+    for block in blocks:
+        if isinstance(block, LipBlock) and isinstance(block.mlp, (SLL, CPL)):
+            block.mlp.bias /= s_patch  # ReLU is positively homogeneous: the layer commutes with the scaling
     stream_reader = norms.get("final_norm") or norms.get("head_norm")
     if stream_reader is not None:
         stream_reader.weight.mul_(s_patch)

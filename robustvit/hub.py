@@ -68,6 +68,7 @@ from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE
 from robustvit.convert import is_converted
 from robustvit.errors import CertificateError
 from robustvit.families import NATIVE_RECORD_KEY, get_family, rebuild_converted, registered_families
+from robustvit.lipschitz import mark_lipschitz_neutral
 
 __all__ = [
     "BOUND_RTOL",
@@ -171,7 +172,9 @@ def _check_description(model: nn.Module, certificate: Certificate) -> None:
 
 def _check_bounds(model: nn.Module, certificate: Certificate) -> None:
     """Recompute the bounds the way :func:`robustvit.certify` does and compare them with the certified ones."""
-    head = lipschitz_head(copy.deepcopy(model).to(torch.float64))
+    # A certificate of a deployed precision bounds the exact function of the weights rounded to that precision.
+    rounded = copy.deepcopy(model).to(_certified_dtype(certificate) or torch.float64)
+    head = lipschitz_head(rounded.to(torch.float64))
     bounds = {"lipschitz": (certificate.lipschitz, head.lipschitz)}
     if certificate.features_lipschitz is not None:
         if head.features_lipschitz is None:
@@ -185,6 +188,33 @@ def _check_bounds(model: nn.Module, certificate: Certificate) -> None:
                 f"{name}: the certificate claims {claimed!r} but the bound recomputed from the weights is "
                 f"{recomputed!r}; its certified radii do not hold"
             )
+
+
+def _certified_dtype(certificate: Certificate) -> torch.dtype | None:
+    return getattr(torch, certificate.precision["dtype"]) if certificate.precision is not None else None
+
+
+def _warn_below_certified_precision(model: nn.Module, certificate: Certificate) -> None:
+    """Warn once when the model runs in a dtype coarser than the one its radii were proven for (exact-function
+    certificates: coarser than float32, whose rounding they leave unproven but negligible above ~1e-5)."""
+    certified = _certified_dtype(certificate) or torch.float32
+    warned = False
+
+    @mark_lipschitz_neutral
+    def check(module: nn.Module, args: tuple) -> None:
+        nonlocal warned
+        dtype = next(module.parameters()).dtype
+        if not warned and dtype.is_floating_point and torch.finfo(dtype).eps > torch.finfo(certified).eps:
+            warned = True
+            warnings.warn(
+                f"this model's certificate holds in {str(certified).removeprefix('torch.')} but it runs in "
+                f"{str(dtype).removeprefix('torch.')}: its certified radii are not proven for this precision "
+                "(re-certify with robustvit.certify(..., precision=...))",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    model.register_forward_pre_hook(check)
 
 
 def _weights_bytes(model: nn.Module, digest: str | None) -> bytes:
@@ -641,6 +671,7 @@ def from_pretrained(
     if certificate is not None:
         _check_description(model, certificate)
         _check_bounds(model, certificate)
+        _warn_below_certified_precision(model, certificate)
     else:
         _warn_uncertified(repo_id_or_path)
     model.certificate = certificate

@@ -593,3 +593,21 @@ def test_margin_pgd_helper_finds_the_exact_boundary_of_a_linear_model() -> None:
     assert not margin_pgd(model, images, target, 0.99 * distance).any()
     assert margin_pgd(model, images, target, 1.01 * distance).all()
     assert F.relu(distance).min() > 0
+
+
+# --------------------------------------------------------------------------------------------------- SLL / CPL
+
+
+@pytest.mark.parametrize("mlp", ["sll", "cpl"])
+def test_sll_and_cpl_models_certify_and_survive_pgd(mlp: str, digits) -> None:
+    train_x, train_y, test_x, _ = digits
+    model = robustvit.convert(_tiny_source("timm"), calibration_images=train_x[:64], mlp=mlp)
+    report = robustvit.lipschitz_report(model)
+    layer_rows = [e for e in report.entries if e.type == mlp.upper()]
+    assert len(layer_rows) == 1 and layer_rows[0].bound <= 1 + 1e-9  # checked by its rule, not assumed
+    model = _train_emma(model, train_x, train_y, steps=40)
+    result = robustvit.certify(model, test_x[:16])
+    ok = _attackable(result)
+    assert ok.sum() >= 4
+    exact = copy.deepcopy(model).double()
+    assert not margin_pgd(exact, test_x[:16][ok].double(), result.predictions[ok], 0.99 * result.radii[ok]).any()

@@ -613,3 +613,60 @@ def test_patch_dropout_becomes_identity_and_drop_path_counts_one():
     )
     plain.load_state_dict(model.state_dict())
     assert robustvit.lipschitz_bound(model) == pytest.approx(robustvit.lipschitz_bound(plain), rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# mlp="sll" / "cpl": the residual MLP becomes one residual layer with bound 1
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mlp", ["sll", "cpl"])
+@pytest.mark.parametrize("name", ["timm_avg_ls_reg", "hf_deit"])
+def test_mlp_option_builds_residual_layers_of_the_source_width(name, mlp, images):
+    from robustvit.layers import CPL, SLL, LipBlock
+
+    source = build_model(name).eval()
+    model = robustvit.convert(source, mlp=mlp, calibration_images=images).eval()
+    blocks = [m for m in model.modules() if isinstance(m, LipBlock)]
+    layer_type = {"sll": SLL, "cpl": CPL}[mlp]
+    assert blocks and all(type(b.mlp) is layer_type for b in blocks)
+    width = {m.out_features for n, m in source.named_modules() if n.endswith("fc1")}
+    assert {b.mlp.weight.shape[0] for b in blocks} == width
+    report = robustvit.lipschitz_report(model)
+    rows = [e for e in report.entries if e.type == layer_type.__name__]
+    assert len(rows) == len(blocks) and all(1.0 <= e.bound <= 1 + 1e-9 for e in rows)
+    assert logits_of(model(images)).shape == (len(images), NUM_CLASSES)
+    # the bound of the whole model is the product of its rows: smaller than the kept MLP's 1 + alpha * L(mlp)
+    kept = robustvit.lipschitz_bound(robustvit.convert(source, calibration_images=images))
+    assert report.total < kept
+
+
+def test_mlp_layers_start_from_fc1_with_the_norm_affine_folded():
+    source = build_model("timm_token").eval()
+    model = robustvit.convert(source, mlp="sll")
+    scales = []
+    for block, lip_block in zip(source.blocks, model.blocks, strict=False):
+        fc1, norm, layer = block.mlp.fc1, block.norm2, lip_block.mlp
+        torch.testing.assert_close(layer.weight, fc1.weight * norm.weight)
+        # the bias is fc1's pre-activation at the norm's shift, divided by the scale the patch embedding's
+        # rescaling removed from the residual stream (the layer is positively homogeneous)
+        expected = fc1.bias + fc1.weight @ norm.bias
+        scales.append(expected / layer.bias)
+    ratio = torch.cat(scales)
+    assert bool((ratio > 0).all()) and torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mlp", ["sll", "cpl"])
+def test_mlp_option_round_trips_through_save_and_load(mlp, tmp_path, images):
+    model = robustvit.convert(build_model("timm_token"), mlp=mlp).eval()
+    robustvit.save_pretrained(model, tmp_path)
+    with pytest.warns(UserWarning, match="verify=False"):
+        loaded = robustvit.from_pretrained(tmp_path, verify=False).eval()
+    assert loaded.robustvit_config.mlp == mlp
+    torch.testing.assert_close(logits_of(loaded(images)), logits_of(model(images)))
+
+
+def test_mlp_option_validation():
+    with pytest.raises(ValueError, match="mlp"):
+        robustvit.ConvertConfig(mlp="glu")
+    assert robustvit.ConvertConfig.from_dict({"mixer": "shift"}).mlp == "keep"  # old configs load unchanged

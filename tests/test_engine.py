@@ -328,3 +328,177 @@ def test_hook_on_hf_backbone_is_seen(converted_hf, images):
 def test_unmodified_converted_models_still_bound(converted_timm, converted_hf):
     assert robustvit.lipschitz_bound(converted_timm) > 0
     assert robustvit.lipschitz_bound(converted_hf) > 0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bypasses of the module tree: foreign call paths, class-level patches, grad-mode parametrizations, attributes
+# ----------------------------------------------------------------------------------------------------------
+
+
+class OwnBound(nn.Module):
+    """A self-bounded layer: the identity, bound 1."""
+
+    def forward(self, x):
+        return x
+
+    def lipschitz_bound(self, bound_of=None):
+        return torch.ones((), dtype=torch.float64)
+
+
+class LoudCall(OwnBound):
+    def __call__(self, *args, **kwargs):
+        return SCALE * super().__call__(*args, **kwargs)
+
+
+class LoudCallImpl(OwnBound):
+    def _call_impl(self, *args, **kwargs):
+        return SCALE * super()._call_impl(*args, **kwargs)
+
+
+class LoudOwnCall(nn.Module):
+    """Its own lipschitz_bound, but __call__ is not nn.Module's."""
+
+    def forward(self, x):
+        return x
+
+    def __call__(self, x):
+        return SCALE * x
+
+    def lipschitz_bound(self, bound_of=None):
+        return torch.ones((), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("layer_type", [LoudCall, LoudCallImpl, LoudOwnCall])
+def test_call_path_overrides_are_refused(layer_type):
+    net = nn.Sequential(nn.Linear(4, 4), layer_type())
+    assert float(net(torch.ones(1, 4)).detach().abs().max()) > 1e3  # the override does run
+    with pytest.raises(UnsupportedModuleError, match="'1'"):
+        lipschitz_bound(net)
+
+
+def test_instance_call_impl_override_is_refused():
+    net = nn.Sequential(nn.Linear(4, 4), OwnBound())
+    net[1]._call_impl = lambda x: SCALE * x
+    with pytest.raises(UnsupportedModuleError, match="'1'.*_call_impl"):
+        lipschitz_bound(net)
+
+
+def test_patched_nn_module_call_is_refused(monkeypatch):
+    original = nn.Module._call_impl
+    monkeypatch.setattr(nn.Module, "_call_impl", lambda self, *a, **k: SCALE * original(self, *a, **k))
+    with pytest.raises(UnsupportedModuleError, match="_call_impl"):
+        lipschitz_bound(nn.Sequential(nn.Linear(4, 4)))
+
+
+def test_subclass_inheriting_the_bound_may_not_override_methods():
+    class SneakyConv(robustvit.layers.NormalizedConv2d):  # forward untouched, the convolution it calls changed
+        def _conv_forward(self, x, weight, bias):
+            return SCALE * super()._conv_forward(x, weight, bias)
+
+    layer = SneakyConv(3, 4, 4, stride=4, mean=(0.5,) * 3, std=(0.5,) * 3)
+    with pytest.raises(UnsupportedModuleError, match="_conv_forward"):
+        lipschitz_bound(layer)
+
+
+def test_instance_level_lipschitz_bound_is_refused():
+    relu = nn.ReLU()
+    relu.lipschitz_bound = lambda: torch.zeros((), dtype=torch.float64)
+    with pytest.raises(UnsupportedModuleError, match="instance"):
+        lipschitz_bound(nn.Sequential(relu))
+
+
+@pytest.mark.parametrize(
+    ("owner", "name"),
+    [(nn.Linear, "forward"), (nn.Sequential, "forward"), (nn.GELU, "forward"), (CenterNorm, "forward")],
+)
+def test_class_level_patch_of_a_recorded_type_is_refused(monkeypatch, owner, name):
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda self, *a, **k: SCALE * original(self, *a, **k))
+    net = nn.Sequential(nn.Linear(4, 4), nn.GELU(), CenterNorm(4))
+    with pytest.raises(UnsupportedModuleError, match=f"{owner.__name__}.{name}"):
+        lipschitz_bound(net)
+
+
+def test_class_patch_of_forward_head_is_refused(converted_timm, images, monkeypatch):
+    vit_cls = type(converted_timm)
+    original = vit_cls.forward_head
+    monkeypatch.setattr(vit_cls, "forward_head", lambda self, x, pre_logits=False: SCALE * original(self, x))
+    with pytest.raises(UnsupportedModuleError, match="forward_head"):
+        robustvit.lipschitz_bound(converted_timm)
+    with pytest.raises(UnsupportedModuleError, match="forward_head"):
+        robustvit.certify(converted_timm, images[:1])
+
+
+def test_class_patch_of_an_unvisited_hf_backbone_is_refused(converted_hf, monkeypatch):
+    from transformers.models.vit.modeling_vit import ViTModel
+
+    original = ViTModel.forward
+
+    def loud(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        output.last_hidden_state = SCALE * output.last_hidden_state
+        return output
+
+    monkeypatch.setattr(ViTModel, "forward", loud)
+    with pytest.raises(UnsupportedModuleError, match="ViTModel.forward"):
+        robustvit.lipschitz_bound(converted_hf)
+
+
+def test_registering_again_accepts_the_class_as_it_is(scale_rule, monkeypatch):
+    net = nn.Sequential(Scale(2.0))
+    monkeypatch.setattr(Scale, "forward", lambda self, x: 5 * x)
+    with pytest.raises(UnsupportedModuleError, match="Scale.forward"):
+        lipschitz_bound(net)
+    register_bound(Scale)(lambda module, bound_of: torch.tensor(5.0, dtype=torch.float64))
+    assert lipschitz_bound(net) == 5.0
+
+
+class GradModeScale(nn.Module):
+    """A parametrization that is 1000x larger when autograd records: training sees another weight than no_grad."""
+
+    def forward(self, weight):
+        return weight * (1000.0 if torch.is_grad_enabled() else 1.0)
+
+
+class TrainModeScale(nn.Module):
+    def forward(self, weight):
+        return weight * (1000.0 if self.training else 1.0)
+
+
+@pytest.mark.parametrize("parametrization", [GradModeScale, TrainModeScale])
+def test_mode_dependent_parametrizations_are_refused(parametrization):
+    from torch.nn.utils import parametrize as torch_parametrize
+
+    linear = nn.Linear(4, 4)
+    torch_parametrize.register_parametrization(linear, "weight", parametrization())
+    net = nn.Sequential(linear).train()
+    with pytest.raises(UnsupportedModuleError, match="'0'.*'weight'"):
+        lipschitz_bound(net)
+    assert net[0].parametrizations.weight[0].training  # the check restores the modes it switched
+
+
+def test_spectral_rescale_passes_the_mode_check_in_both_modes():
+    layer = robustvit.lipschitz.spectral_rescale(nn.Linear(6, 5))
+    for mode in (True, False):
+        layer.train(mode)
+        assert lipschitz_bound(nn.Sequential(layer)) <= 1 + 2e-5
+        assert layer.training == mode
+
+
+@pytest.mark.parametrize(
+    ("path", "value"), [("num_prefix_tokens", 15), ("num_prefix_tokens", 0), ("patch_embed.num_patches", 4)]
+)
+def test_family_attributes_that_disagree_with_the_tree_are_refused(path, value, images):
+    """Found by an attack: num_prefix_tokens=15 on an avg-pool model makes the forward average 4 tokens while the
+    rule counted 16 patches, a bound 2x too small (the forward still runs: the mixers keep their own count)."""
+    model = robustvit.convert(build_model("timm_avg_ls_reg"))
+    owner_path, _, name = path.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    original = getattr(owner, name)
+    assert robustvit.lipschitz_bound(model) > 0
+    setattr(owner, name, value)
+    model.eval()(images[:1])  # the edited model still runs
+    with pytest.raises(UnsupportedModuleError, match=name):
+        robustvit.lipschitz_bound(model)
+    setattr(owner, name, original)
+    assert robustvit.lipschitz_bound(model) > 0

@@ -470,3 +470,72 @@ def test_estimator_accepts_callables_and_logits_objects():
     assert estimate_lipschitz_lower_bound(lambda x: torch.zeros_like(x), torch.randn(2, 3), steps=3) == 0.0
     with pytest.raises(ValueError):
         estimate_lipschitz_lower_bound(nn.Identity(), torch.empty(0, 3))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SLL and CPL: residual layers, 1-Lipschitz by construction; the bound is recomputed from the weights
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _scaled_layer(layer_type, dim: int, inner: int, seed: int, scale: float):
+    torch.manual_seed(seed)
+    layer = layer_type(dim, inner).double()
+    with torch.no_grad():
+        layer.weight.mul_(scale)
+        layer.bias.normal_(0, scale)
+        if hasattr(layer, "log_q"):
+            layer.log_q.normal_(0, 2.0)  # far from AOL's q = 1
+    return layer
+
+
+@pytest.mark.parametrize("layer_type", ["SLL", "CPL"])
+@pytest.mark.parametrize(("dim", "inner", "scale"), [(4, 8, 1.0), (6, 3, 30.0), (8, 16, 0.05)])
+def test_sll_cpl_bound_is_one_and_attacked(layer_type, dim, inner, scale):
+    from robustvit import layers
+
+    layer = _scaled_layer(getattr(layers, layer_type), dim, inner, seed=dim + inner, scale=scale)
+    inputs = torch.randn(8, 5, dim, dtype=F64, generator=gen(dim)) * scale
+    bound = check_bound(layer, inputs, steps=200)
+    assert bound <= 1 + 1e-9
+    # the Jacobian reaches 1 (identity where every ReLU is off): the bound is tight
+    assert jacobian_norm(layer, -1e3 * torch.ones(1, dim, dtype=F64) * layer.weight.sum(0).sign()) >= 1 - 1e-12
+
+
+def test_residual_gradient_bound_is_recomputed_not_trusted():
+    """With a step longer than the construction allows, the rule reports the larger constant, and it holds."""
+    from robustvit.layers.sll import residual_gradient_bound
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 4, dtype=F64)
+    bias = torch.randn(6, dtype=F64)
+    for factor in (1.0, 1.5, 4.0):
+        step = factor / torch.linalg.matrix_norm(weight, ord=2) ** 2 * torch.ones(6, dtype=F64)
+
+        def fn(x, step=step):
+            return x - 2 * torch.relu(x @ weight.T + bias) * step @ weight
+
+        bound = float(residual_gradient_bound(weight, step))
+        assert bound == pytest.approx(max(1.0, 2 * factor - 1), rel=1e-6)
+        x = torch.randn(16, 4, dtype=F64, generator=gen(1))
+        assert estimate_lipschitz_lower_bound(fn, x, steps=150, restarts=4, generator=gen(0)) <= bound * (1 + 1e-9)
+        # all ReLUs on: the Jacobian is I - 2 factor W^T W / ||W||^2, of norm 2 factor - 1 when that exceeds 1
+        on = jacobian_norm(fn, torch.linalg.pinv(weight) @ (10 - bias)) if factor > 1 else 1.0
+        assert on == pytest.approx(max(1.0, 2 * factor - 1), rel=1e-6)
+
+
+def test_sll_and_cpl_train_and_keep_their_bound():
+    from robustvit.layers import CPL, SLL
+
+    torch.manual_seed(0)
+    for layer in (SLL(6, 12), CPL(6, 12)):
+        opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+        x, target = torch.randn(32, 6), torch.randn(32, 6)
+        first = None
+        for _ in range(20):
+            loss = (layer(x) - target).pow(2).mean()
+            first = first if first is not None else loss.item()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < first
+        assert lipschitz_bound(layer) <= 1 + 1e-6

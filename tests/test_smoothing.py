@@ -223,3 +223,113 @@ def test_smoothing_radius_rejects_bad_counts() -> None:
         smoothing_radius(-1, 100, 0.25, 0.001)
     with pytest.raises(ValueError, match="sigma"):
         smoothing_radius(10, 100, 0.0, 0.001)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# method="lvm": Lipschitz-variance-margin certificates (Bernstein bounds, simplex maps, the base model's bound)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Ramp(nn.Module):
+    """Logits ``(s, -s)`` with ``s = slope * (X0 - x[..., 0, 0, 0])``: sqrt(2) * slope-Lipschitz in l2.
+
+    Every simplex map of these logits is symmetric about ``x0 = X0``, so every smoothed classifier of it predicts
+    class 0 exactly when the first pixel is below ``X0``: the true robust radius of an image is ``|X0 - x0|``.
+    """
+
+    def __init__(self, slope: float):
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.slope * (X0 - x[:, 0, 0, 0])
+        return torch.stack([s, -s], dim=1)
+
+
+def _lvm(model: nn.Module, images: torch.Tensor, seed: int, **kwargs) -> SmoothingResult:
+    kwargs = {"n0": 50, "n": 2000, "alpha": 0.001, "batch_size": 1000, **kwargs}
+    return certify_smoothing(
+        model, images, SIGMA, method="lvm", generator=torch.Generator().manual_seed(seed), progress=False, **kwargs
+    )
+
+
+def _pixel_images(values: list[float]) -> torch.Tensor:
+    images = torch.full((len(values), 1, 2, 2), 0.5, dtype=torch.float64)
+    images[:, 0, 0, 0] = torch.tensor(values, dtype=torch.float64)
+    return images
+
+
+@pytest.mark.parametrize("lipschitz", [math.inf, None])
+def test_lvm_never_exceeds_the_true_radius_of_a_step_classifier(lipschitz) -> None:
+    p0 = [0.99, 0.9, 0.1, 0.5]
+    images = _images_with_p0(p0)
+    kwargs = {"lipschitz": math.inf} if lipschitz is not None else {"lipschitz": 1e9}  # a step: any big bound
+    for seed in range(3):
+        result = _lvm(Threshold(), images, seed, **kwargs)
+        assert result.method == "lvm" and result.predictions.tolist() == [0, 0, 1, -1]
+        true_radius = SIGMA * abs(norm.ppf(torch.tensor(p0[:3]).numpy()))
+        assert (result.radii[:3] < torch.from_numpy(true_radius)).all() and result.radii[3] == 0
+        assert torch.isnan(result.temperatures[3]) and not torch.isnan(result.temperatures[:3]).any()
+
+
+def test_lvm_failure_rate_on_known_probabilities_is_at_most_alpha() -> None:
+    """200 small certifications at alpha = 0.05: the radius exceeds the true one in at most as many runs as a
+    Binomial(200, 0.05) exceeds with probability 1e-4 (Bonferroni makes the real rate far smaller)."""
+    alpha, trials = 0.05, 200
+    images = _pixel_images([X0 - 0.3] * trials)  # true radius 0.3
+    result = _lvm(Ramp(slope=2.0), images, seed=0, n0=20, n=400, alpha=alpha, lipschitz=math.sqrt(2) * 2.0)
+    failures = int(((result.radii >= 0.3) | (result.predictions == 1)).sum())
+    assert failures <= binom.isf(1e-4, trials, alpha)
+    assert (result.predictions == 0).sum() > trials / 2  # the certificates are not vacuous
+
+
+def test_lvm_uses_the_base_lipschitz_bound_soundly_on_a_smooth_base() -> None:
+    model, values = Ramp(slope=0.5), [X0 - 0.3, X0 - 0.6, X0 + 0.45]
+    images = _pixel_images(values)
+    with_bound = _lvm(model, images, seed=0, n=4000, lipschitz=math.sqrt(2) * 0.5)
+    without = _lvm(model, images, seed=0, n=4000, lipschitz=math.inf)
+    cohen = certify_smoothing(
+        model, images, SIGMA, n0=50, n=4000, alpha=0.001, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    truth = torch.tensor([abs(v - X0) for v in values], dtype=torch.float64)
+    assert with_bound.predictions.tolist() == [0, 0, 1]
+    assert (with_bound.radii < truth).all() and (cohen.radii < truth).all()
+    assert (with_bound.radii > without.radii).all()
+
+
+def test_lvm_reads_the_bound_of_a_supported_model_and_refuses_unknown_ones() -> None:
+    linear = nn.Sequential(nn.Flatten(), nn.Linear(4, 2)).double()
+    result = _lvm(linear, _pixel_images([0.2, 0.8]), seed=0, n=200)
+    assert result.method == "lvm" and result.radii.shape == (2,)
+    with pytest.raises(Exception, match="Ramp"):
+        _lvm(Ramp(1.0), _pixel_images([0.2]), seed=0, n=200)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"method": "bernstein"}, "method"),
+        ({"method": "lvm", "temperatures": ()}, "temperatures"),
+        ({"method": "lvm", "temperatures": (0.0,)}, "temperatures"),
+        ({"method": "lvm", "lipschitz": -1.0}, "lipschitz"),
+        ({"method": "lvm", "n": 1, "lipschitz": 1.0}, "n >= 2"),
+    ],
+)
+def test_lvm_bad_arguments_raise(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        certify_smoothing(Threshold(), _pixel_images([0.2]), SIGMA, n0=10, progress=False, **kwargs)
+
+
+def test_sparsemax_is_the_simplex_projection_and_bernstein_covers_the_mean() -> None:
+    from robustvit.certify.smoothing import bernstein_bounds, sparsemax
+
+    z = torch.randn(50, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
+    p = sparsemax(z)
+    assert torch.allclose(p.sum(-1), torch.ones(50, dtype=torch.float64)) and (p >= 0).all()
+    # the projection: no point of the simplex is closer (checked against random simplex points)
+    others = torch.distributions.Dirichlet(torch.ones(6, dtype=torch.float64)).sample((200,))
+    assert ((z[:, None] - others[None]).norm(dim=-1) >= (z - p).norm(dim=-1, keepdim=True) - 1e-12).all()
+    # Bernstein: Bernoulli(0.3) means, 400 samples, delta 0.01: the bound fails in at most a few of 300 draws
+    draws = (torch.rand(300, 400, generator=torch.Generator().manual_seed(1)) < 0.3).double()
+    low, high = bernstein_bounds(draws.mean(1), draws.var(1), 400, 0.01)
+    assert int((low > 0.3).sum()) <= 10 and int((high < 0.3).sum()) <= 10

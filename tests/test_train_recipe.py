@@ -352,3 +352,13 @@ def test_two_processes_resume_to_the_same_weights(two_processes: Path) -> None:
     assert not mismatched, f"{len(mismatched)} of {len(expected)} tensors differ, e.g. {mismatched[:3]}"
     # The restarted run continues both schedules where the interrupted one stopped.
     assert _steps(two_processes, "B", 0) == _steps(two_processes, "A", 0)
+
+
+@pytest.mark.parametrize("mlp", ["sll"])
+def test_mlp_flag_trains_and_certifies_sll_blocks(recipe, mlp: str, tmp_path: Path) -> None:
+    metrics = _run(recipe, [*TINY, "--epochs", "1", "--mlp", mlp, "--output_dir", str(tmp_path)])
+    assert metrics["config"]["mlp"] == mlp
+    certificate = Certificate.load(tmp_path / "certificate.json")
+    assert certificate.convert_config["mlp"] == mlp
+    rows = [e for e in certificate.lipschitz_report["entries"] if e["type"] == mlp.upper()]
+    assert rows and all(e["bound"] <= 1 + 1e-9 for e in rows)

@@ -79,6 +79,9 @@ class Certificate:
     )
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
+    # None: the radii hold for the exact (real-valued) function. Otherwise the model as it runs in a dtype:
+    # {"dtype": "bfloat16", "accumulation": "float32", "logit_error": E} (see robustvit.certify.rounding).
+    precision: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Hold the JSON-level values (lists, string keys) so that a loaded record equals the one that was saved.
@@ -129,6 +132,9 @@ class Certificate:
             convert_config=config.to_dict() if config is not None else {},
             lipschitz=result.lipschitz,
             features_lipschitz=result.features_lipschitz,
+            precision=None
+            if result.precision is None
+            else {"dtype": result.precision, "accumulation": result.accumulation, "logit_error": result.logit_error},
             lipschitz_report=result.report.to_dict() if result.report is not None else {},
             input={
                 "space": "pixels in [0, 1]",
@@ -148,6 +154,8 @@ class Certificate:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["results"] = [{**dataclasses.asdict(r), "label": r.label} for r in self.results]
+        if data["precision"] is None:  # records (and digests) of exact-function certificates stay as they were
+            del data["precision"]
         return data
 
     @classmethod
@@ -213,6 +221,28 @@ class Certificate:
 
     # --- checks -------------------------------------------------------------------------------------------------
     def _validate(self) -> None:
+        self._validate_precision()
+        self._validate_claims()
+
+    def _validate_precision(self) -> None:
+        if self.precision is None:
+            return
+        names = {"float32", "float16", "bfloat16"}
+        p = self.precision
+        if (
+            not isinstance(p, dict)
+            or set(p) != {"dtype", "accumulation", "logit_error"}
+            or p["dtype"] not in names
+            or p["accumulation"] not in names
+            or not isinstance(p["logit_error"], (int, float))
+            or not p["logit_error"] >= 0
+        ):
+            raise CertificateError(
+                "precision must be null or {'dtype', 'accumulation' (float32 | float16 | bfloat16), "
+                f"'logit_error' >= 0}}, got {p!r}"
+            )
+
+    def _validate_claims(self) -> None:
         def fail(message: str) -> None:
             raise CertificateError(f"malformed certificate: {message}")
 

@@ -9,8 +9,13 @@ For a prediction ``p`` with logits ``z``, no input within l2 distance ``r`` can 
 Margins are computed in float64: the certification forward pass runs on a float64 copy of the model, and each
 margin is reduced by ``MARGIN_SLACK * (1 + |z_p| + |z_j|)``, which covers the rounding of that pass (about
 ``depth * width * 2^-53`` relative: 1e-12 for ViT-B) with three orders of magnitude to spare. The radii certify
-the model's exact function; a float32 deployment differs from it by float32 rounding, which only matters for
-radii below about 1e-5.
+the model's exact function.
+
+``certify(..., precision=torch.bfloat16 | torch.float16 | torch.float32)`` certifies instead the model *as it runs*
+in that precision: the logits come from the deployed (rounded) model, and every margin pays ``2 sqrt(2) E``, where
+``E`` bounds the distance between the deployed and the exact logits on the ball of the exact function's radius
+around the image (a layer-by-layer floating-point error analysis, :mod:`robustvit.certify.rounding`): rounding at
+``x`` and at every ``x'`` of the ball; the deployed radius is capped at that ball's radius.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ class CertifyResult:
     labels: Tensor | None = None
     report: BoundReport | None = None
     images: Tensor | None = field(default=None, repr=False)  # kept for to_certificate's PGD check
+    precision: str | None = None  # None: the exact function; else the dtype the certified model runs in
+    accumulation: str | None = None  # assumed accumulation dtype of that precision's dot products
+    logit_error: float | None = None  # largest bound on |deployed - exact logits| on a certified ball (precision only)
 
     def certified(self, eps: float) -> Tensor:
         """Bool per image: radius > eps, and correct when labels were given."""
@@ -103,12 +111,15 @@ class CertifyResult:
         return Certificate.from_result(self, model, dataset=dataset, split=split, **kwargs)
 
 
-def _radii(logits: Tensor, head: LipschitzHead) -> tuple[Tensor, Tensor]:
-    """Predictions and certified radii from float64 logits."""
+def _radii(logits: Tensor, head: LipschitzHead, logit_error: float | None = None) -> tuple[Tensor, Tensor]:
+    """Predictions and certified radii from float64 logits (of the deployed model when ``logit_error`` is given)."""
     pred = logits.argmax(dim=-1)
     top = logits.gather(1, pred[:, None])
     margins = top - logits  # (B, K), z_p - z_j
-    margins = margins - MARGIN_SLACK * (1 + top.abs() + logits.abs())
+    if logit_error is None:
+        margins = margins - MARGIN_SLACK * (1 + top.abs() + logits.abs())
+    else:  # |(F_hat - F)_p - (F_hat - F)_j| <= sqrt(2) E, at x and at x'
+        margins = margins - 2 * math.sqrt(2) * logit_error
     if head.head_weight is not None:
         w = head.head_weight.to(logits.device)
         row_dist = torch.linalg.vector_norm(w[pred][:, None, :] - w[None, :, :], dim=-1)  # (B, K)
@@ -131,10 +142,21 @@ def certify(
     *,
     batch_size: int = 256,
     progress: bool = False,
+    precision: torch.dtype | None = None,
+    accumulation: torch.dtype | None = None,
 ) -> CertifyResult:
     """Certified l2 radii of ``model``'s predictions on ``images`` (pixels in [0, 1]).
 
     Uses the pairwise head bound when the model's family exposes a linear head, the global bound otherwise.
+
+    Args:
+        precision: ``None`` certifies the exact function (float64 forward, tiny slack). ``torch.float32``,
+            ``torch.float16`` or ``torch.bfloat16`` certifies the model as it runs in that dtype (weights and
+            pixels rounded to it): predictions are the deployed model's and margins pay its worst-case rounding
+            error (see :mod:`robustvit.certify.rounding`); layers without a rounding analysis are refused.
+        accumulation: the dtype the backend accumulates dot products and sums in, with ``precision`` (default:
+            ``precision`` itself, the worst case; ``torch.float32`` for oneDNN CPU kernels and half-precision
+            reductions, which accumulate in float32). A stated assumption about the backend, recorded in the result.
 
     Example:
         >>> lip = robustvit.convert(timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=2))
@@ -142,11 +164,18 @@ def certify(
         >>> result.certified_accuracy(36 / 255)  # doctest: +SKIP
     """
     model = check_inputs(model, images, labels)  # the exact function: no autocast / DDP / PEFT wrapper
+    from robustvit.certify.rounding import PRECISIONS
+
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+    if accumulation is not None and precision is None:
+        raise ValueError("accumulation describes a deployed precision: pass precision=... with it")
     if labels is not None and (labels.dim() != 1 or len(labels) != len(images)):
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    exact = copy.deepcopy(model).to(torch.float64)
+    deployed = copy.deepcopy(model).to(precision) if precision is not None else None
+    exact = copy.deepcopy(deployed if deployed is not None else model).to(torch.float64)  # the rounded weights' F
     head = lipschitz_head(exact)
     device = next(exact.parameters()).device
     predictions, radii = [], []
@@ -156,12 +185,63 @@ def certify(
             pred, rad = _radii(model_logits(exact, batch).to(torch.float64), head)
             predictions.append(pred.cpu())
             radii.append(rad.cpu())
+    logit_error = None
+    if deployed is not None:
+        predictions, radii, logit_error = _deployed_radii(
+            deployed, exact, head, images, torch.cat(radii), precision, accumulation, batch_size
+        )
+    else:
+        predictions, radii = torch.cat(predictions), torch.cat(radii)
     return CertifyResult(
-        predictions=torch.cat(predictions),
-        radii=torch.cat(radii),
+        predictions=predictions,
+        radii=radii,
         lipschitz=head.lipschitz,
         features_lipschitz=head.features_lipschitz,
         labels=labels.cpu() if labels is not None else None,
         report=head.report,
         images=images,
+        precision=_dtype_name(precision),
+        accumulation=_dtype_name(accumulation or precision),
+        logit_error=logit_error,
     )
+
+
+def _deployed_radii(
+    deployed: nn.Module,
+    exact: nn.Module,
+    head: LipschitzHead,
+    images: Tensor,
+    exact_radii: Tensor,
+    precision: torch.dtype,
+    accumulation: torch.dtype | None,
+    batch_size: int,
+) -> tuple[Tensor, Tensor, float]:
+    """Predictions and radii of the model as it runs in ``precision``: per image, the rounding bound ``E`` on the
+    ball of the exact function's radius (capped there, so the bound covers every point it certifies); returns the
+    largest ``E``."""
+    from robustvit.certify.rounding import forward_error_bound
+
+    device = next(deployed.parameters()).device
+    with eval_mode(deployed), torch.no_grad():
+        logits = torch.cat(
+            [
+                model_logits(deployed, images[i : i + batch_size].to(device=device, dtype=precision)).to(torch.float64)
+                for i in range(0, len(images), batch_size)
+            ]
+        )
+    predictions, radii, worst = [], [], 0.0
+    with eval_mode(exact):
+        for i, image in enumerate(images):
+            ball = float(exact_radii[i])
+            error = forward_error_bound(
+                exact, tuple(image.shape), precision, accumulation, image=image.to(torch.float64), radius=ball
+            )
+            pred, rad = _radii(logits[i : i + 1], head, error)
+            predictions.append(pred.cpu())
+            radii.append(rad.clamp_max(ball).cpu())
+            worst = max(worst, error)
+    return torch.cat(predictions), torch.cat(radii), worst
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return str(dtype).removeprefix("torch.") if dtype is not None else None

@@ -24,6 +24,7 @@ from transformers.models.deit.modeling_deit import (
     DeiTForImageClassification,
     DeiTLayer,
     DeiTMLP,
+    DeiTModel,
     DeiTPatchEmbeddings,
 )
 from transformers.models.vit.modeling_vit import (
@@ -31,6 +32,7 @@ from transformers.models.vit.modeling_vit import (
     ViTForImageClassification,
     ViTLayer,
     ViTMLP,
+    ViTModel,
     ViTPatchEmbeddings,
 )
 
@@ -48,7 +50,7 @@ from robustvit.families.base import (
     per_channel,
     register_family,
 )
-from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, register_bound
+from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
 
 # The processors' defaults (ViTImageProcessor: "standard" 0.5; DeiTImageProcessor: ImageNet statistics).
 _DEFAULT_NORMALIZATION = {
@@ -308,6 +310,10 @@ class _DeiTAutoLoader(_AutoLoader):
 for _config_class, _loader in ((RobustViTConfig, _AutoLoader), (RobustDeiTConfig, _DeiTAutoLoader)):
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
     AutoModelForImageClassification.register(_config_class, _loader, exist_ok=True)
+
+
+# The rules visit the backbones' children, not the backbones: their forward runs unvisited, so record it.
+record_methods(ViTModel, DeiTModel)
 
 
 @register_bound(ViTForImageClassification, DeiTForImageClassification)

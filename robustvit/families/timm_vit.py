@@ -78,8 +78,37 @@ class TimmViT(Family):
                 )
             elif not isinstance(block.attn.q_norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity):
                 problems.append(f"block {i} has qk-norm or an MLP norm")
+        if not source:
+            problems += TimmViT._attribute_problems(model)
         if problems:
             raise UnsupportedModuleError(f"timm {type(model).__name__} with " + "; ".join(problems))
+
+    @staticmethod
+    def _attribute_problems(model: VisionTransformer) -> list[str]:
+        """Attributes the forward reads (pooling) that must agree with the module tree: the bound counts tokens
+        from the tree, the forward from these attributes."""
+        prefix = sum(
+            t.shape[1] for t in (model.cls_token, getattr(model, "dist_token", None), model.reg_token) if t is not None
+        )
+        problems = []
+        if model.num_prefix_tokens != prefix:
+            problems.append(f"num_prefix_tokens={model.num_prefix_tokens} but the model has {prefix} prefix tokens")
+        if model.patch_embed.num_patches != TimmViT._num_patches(model):
+            problems.append(
+                f"patch_embed.num_patches={model.patch_embed.num_patches} but its convolution makes "
+                f"{TimmViT._num_patches(model)} patches of a {tuple(model.patch_embed.img_size)} image"
+            )
+        return problems
+
+    @staticmethod
+    def _num_patches(model: VisionTransformer) -> int:
+        """Patches the projection makes of the fixed input size (the converted mixers check the token count)."""
+        conv, size = model.patch_embed.proj, model.patch_embed.img_size
+        count = 1
+        for i in range(2):
+            span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
+            count *= (size[i] + 2 * conv.padding[i] - span) // conv.stride[i] + 1
+        return count
 
     def parts(self, model: nn.Module) -> ViTParts:
         self._check(model, source=True)
@@ -157,7 +186,7 @@ class TimmViT(Family):
         for name in ("norm", "fc_norm", "head_drop"):  # per-token layers
             bound = bound * bound_of(name, getattr(model, name))
         if model.global_pool == "avg":  # the mean of n tokens is 1/sqrt(n)-Lipschitz
-            pooled = model.patch_embed.num_patches + (model.num_prefix_tokens if model.pool_include_prefix else 0)
+            pooled = self._num_patches(model) + (model.num_prefix_tokens if model.pool_include_prefix else 0)
             bound = bound / math.sqrt(pooled)
         return bound  # token pooling (and the distilled pair of tokens) is a coordinate selection: 1
 

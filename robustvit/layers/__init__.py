@@ -2,14 +2,23 @@
 
 from robustvit.layers.block import LipBlock
 from robustvit.layers.center_norm import CenterNorm
+from robustvit.layers.cpl import CPL
 from robustvit.layers.l2_attention import L2Attention
 from robustvit.layers.minmax import MinMax
 from robustvit.layers.normalized_conv import NormalizedConv2d
 from robustvit.layers.prefix_pool import PrefixPool
 from robustvit.layers.residual import LipResidual
+from robustvit.layers.sll import SLL
 from robustvit.layers.token_shift import TokenShift
+from robustvit.lipschitz.engine import record_methods
+
+# Recorded at import: a later class-level patch of a robustvit layer is refused by the bound engine.
+record_methods(
+    CPL, CenterNorm, L2Attention, LipBlock, LipResidual, MinMax, NormalizedConv2d, PrefixPool, SLL, TokenShift
+)
 
 __all__ = [
+    "CPL",
     "CenterNorm",
     "L2Attention",
     "LipBlock",
@@ -17,5 +26,6 @@ __all__ = [
     "MinMax",
     "NormalizedConv2d",
     "PrefixPool",
+    "SLL",
     "TokenShift",
 ]

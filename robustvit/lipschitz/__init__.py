@@ -10,6 +10,7 @@ from robustvit.lipschitz.engine import (
     lipschitz_bound,
     lipschitz_report,
     mark_lipschitz_neutral,
+    record_methods,
     register_bound,
 )
 from robustvit.lipschitz.rescale import SpectralRescale, is_spectrally_rescaled, spectral_rescale
@@ -39,6 +40,7 @@ __all__ = [
     "lipschitz_bound",
     "lipschitz_report",
     "mark_lipschitz_neutral",
+    "record_methods",
     "register_bound",
     "spectral_rescale",
     "verified_spectral_norm",

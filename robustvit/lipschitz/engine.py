@@ -8,9 +8,20 @@ The bound is composed from the module tree. A module is bounded by, in order:
    they are never matched through their base class).
 
 Anything else raises :class:`~robustvit.errors.UnsupportedModuleError` naming its path and type: nothing is
-silently assumed 1-Lipschitz. Forward hooks and instance-level ``forward`` overrides are refused too, because
-they change the function the tree describes. Bounds are for the inference (eval-mode) map: dropout and drop-path
-are the identity there and count as 1, never discounted by the keep rate.
+silently assumed 1-Lipschitz. Bounds are for the inference (eval-mode) map: dropout and drop-path are the identity
+there and count as 1, never discounted by the keep rate.
+
+What the tree describes must be what runs, so the engine also refuses, anywhere in the tree:
+
+* forward hooks (unless marked with :func:`mark_lipschitz_neutral`) and instance-level method overrides;
+* a call path other than ``nn.Module``'s own (a class overriding ``__call__``, ``_wrapped_call_impl`` or
+  ``_call_impl``, or a patched ``nn.Module``);
+* class-level patches: the method objects of every type with a rule (and of the types given to
+  :func:`record_methods`) are recorded at registration, along the whole MRO, and compared when a bound is
+  computed; a type bounded by its own ``lipschitz_bound`` is recorded the first time the engine sees it;
+* a subclass that inherits ``lipschitz_bound`` but overrides any method other than ``__init__``/``extra_repr``;
+* (in :func:`lipschitz_report` / :func:`lipschitz_bound`) a parametrization whose value depends on the grad mode
+  or on train/eval mode, since the engine evaluates it once, under ``no_grad``, and the model runs in any mode.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ __all__ = [
     "lipschitz_bound",
     "lipschitz_report",
     "mark_lipschitz_neutral",
+    "record_methods",
     "register_bound",
 ]
 
@@ -52,9 +64,46 @@ up. (Some public code uses 1.12, which is below the true value.)"""
 
 _RULES: dict[type, Callable[[nn.Module, BoundFn], Tensor]] = {}
 
+_CALL_PATH = ("__call__", "_wrapped_call_impl", "_call_impl")
+_MODULE_CALL_PATH = {name: getattr(nn.Module, name) for name in _CALL_PATH}
+# Parameter containers (PEFT's LoRA layers hold them): their __call__ only raises, so they compute nothing.
+_UNCALLABLE_CONTAINERS = (nn.ParameterDict, nn.ParameterList)
+_SUBCLASS_MAY_DEFINE = frozenset({"__init__", "extra_repr", "__module__", "__qualname__", "__doc__", "__firstlineno__"})
+_SUBCLASS_MAY_DEFINE |= frozenset({"__static_attributes__", "__annotations__", "__dict__", "__weakref__"})
+_SUBCLASS_MAY_DEFINE |= frozenset({"__slotnames__"})  # cached by copy / pickle
+
+
+def _method_table(cls: type) -> dict[str, tuple[type, object]]:
+    """Every method-like attribute of ``cls`` (``object``'s excluded) as attribute lookup resolves it:
+    ``name -> (defining class, raw class attribute)``."""
+    table = {}
+    for klass in reversed(cls.__mro__[:-1]):  # subclasses last: they shadow their bases
+        for name, value in vars(klass).items():
+            if callable(value) or isinstance(value, (staticmethod, classmethod, property)):
+                table[name] = (klass, value)
+    return table
+
+
+# Names added later are ignored (transformers adds nn.Module.smart_apply on import): recorded code never calls them.
+_METHODS: dict[type, dict[str, tuple[type, object]]] = {t: _method_table(t) for t in (nn.Module, nn.Linear)}
+
+
+def record_methods(*module_types: type) -> None:
+    """Record the methods of these types (along their MRO) as they are now; the engine then refuses any model
+    containing one of them once a method was patched on the class. :func:`register_bound` does this for the types
+    it registers; call it for types a family rule relies on without visiting them (e.g. a backbone container).
+
+    Example:
+        >>> record_methods(nn.Sequential)
+    """
+    for module_type in module_types:
+        _METHODS.setdefault(module_type, _method_table(module_type))
+
 
 def register_bound(*module_types: type) -> Callable:
     """Register ``rule(module, bound_of) -> Tensor`` as the bound of modules of exactly these types.
+
+    The types' methods are recorded now (see :func:`record_methods`): a later class-level patch is refused.
 
     Example:
         >>> @register_bound(nn.Hardtanh)
@@ -65,6 +114,7 @@ def register_bound(*module_types: type) -> Callable:
     def decorator(rule: Callable[[nn.Module, BoundFn], Tensor]) -> Callable[[nn.Module, BoundFn], Tensor]:
         for module_type in module_types:
             _RULES[module_type] = rule
+            _METHODS[module_type] = _method_table(module_type)  # re-registering accepts the class as it is now
         return rule
 
     return decorator
@@ -169,13 +219,7 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
     own = getattr(module, "lipschitz_bound", None)
     module_type = parametrize.type_before_parametrizations(module)
     if callable(own):
-        bound_owner = _defining_class(module_type, "lipschitz_bound")
-        forward_owner = _defining_class(module_type, "forward")
-        if bound_owner is not None and forward_owner is not None and not issubclass(bound_owner, forward_owner):
-            raise UnsupportedModuleError(
-                f"module {where} overrides forward ({forward_owner.__name__}) but inherits lipschitz_bound "
-                f"from {bound_owner.__name__}"
-            )
+        _check_inherited_bound(module_type, where)
         takes_bound_of = len(inspect.signature(own).parameters) > 0
         return (lambda m, bound_of: own(bound_of)) if takes_bound_of else (lambda m, bound_of: own())
     if module_type is nn.Linear:
@@ -215,9 +259,88 @@ def _defining_class(cls: type, name: str) -> type | None:
     return next((c for c in cls.__mro__ if name in c.__dict__), None)
 
 
-def _check_tree(root: nn.Module) -> None:
-    """Refuse hooks and instance-level method overrides anywhere in the tree, visited by a rule or not: a
-    family rule may read a submodule's weights (a head) or call methods (forward_head) without visiting them."""
+def _check_inherited_bound(module_type: type, where: str) -> None:
+    """A subclass inheriting ``lipschitz_bound`` may not change what the bound describes: it may override no
+    method (forward, or anything forward calls) other than ``__init__`` and ``extra_repr``."""
+    bound_owner = _defining_class(module_type, "lipschitz_bound")
+    if bound_owner is None:
+        raise UnsupportedModuleError(f"module {where} has a lipschitz_bound set on the instance, not on its class")
+    for klass in module_type.__mro__[: module_type.__mro__.index(bound_owner)]:
+        changed = sorted(
+            name
+            for name, value in vars(klass).items()
+            if name not in _SUBCLASS_MAY_DEFINE and (callable(value) or isinstance(value, (staticmethod, property)))
+        )
+        if changed:
+            raise UnsupportedModuleError(
+                f"module {where} inherits lipschitz_bound from {bound_owner.__name__} but {klass.__name__} "
+                f"overrides {', '.join(changed)}; give it its own lipschitz_bound"
+            )
+
+
+def _check_methods(module: nn.Module, where: str, checked: set[type]) -> None:
+    """The call path is ``nn.Module``'s, and no recorded method was patched on the class since it was recorded
+    (compared once per type and walk: ``checked``)."""
+    cls = type(module)
+    for name, original in _MODULE_CALL_PATH.items():
+        if getattr(cls, name) is not original and cls not in _UNCALLABLE_CONTAINERS:
+            raise UnsupportedModuleError(
+                f"module {where} does not run through nn.Module.{name} ({_defining_class(cls, name).__name__} "
+                "overrides or patches it): the bound engine cannot see what it computes"
+            )
+    module_type = parametrize.type_before_parametrizations(module)
+    if module_type is not cls:  # parametrize's generated class may add only its properties and pickling helpers
+        extra = {n for n in vars(cls) if n not in _SUBCLASS_MAY_DEFINE} - {"__getstate__", "__deepcopy__"}
+        if extra - set(module.parametrizations.keys()):
+            raise UnsupportedModuleError(f"module {where}: the parametrized class defines {sorted(extra)}")
+    if module_type not in _METHODS and callable(getattr(module_type, "lipschitz_bound", None)):
+        record_methods(module_type)  # first sight of a self-bounding layer
+    for recorded_type in (nn.Module, module_type):
+        recorded = _METHODS.get(recorded_type)
+        if recorded is None or recorded_type in checked:
+            continue
+        checked.add(recorded_type)
+        now = _method_table(recorded_type)
+        changed = sorted(
+            f"{recorded_type.__name__}.{name}"
+            for name, (_, value) in recorded.items()
+            if name not in now or now[name][1] is not value
+        )
+        if changed:
+            raise UnsupportedModuleError(
+                f"module {where}: {', '.join(changed)} changed on the class after robustvit recorded it "
+                "(a monkeypatch?); the bound rule describes the original method"
+            )
+
+
+def _check_parametrizations(module: nn.Module, where: str) -> None:
+    """A parametrized tensor must be the same in every mode the model may run in: the engine evaluates it once
+    (under ``no_grad``, in the module's current train/eval mode), the model may run with grad or in eval mode."""
+    if not parametrize.is_parametrized(module):
+        return
+    for name, chain in module.parametrizations.items():
+        modes = [m.training for m in chain.modules()]
+        values = []
+        try:
+            for grad, training in ((False, chain.training), (True, chain.training), (False, False)):
+                chain.train(training)
+                with torch.set_grad_enabled(grad):
+                    values.append(chain().detach())
+        finally:
+            for m, mode in zip(chain.modules(), modes, strict=True):
+                m.training = mode
+        if not all(torch.equal(values[0], v) for v in values[1:]):
+            raise UnsupportedModuleError(
+                f"module {where}: parametrized {name!r} is not the same tensor with and without grad, or in train "
+                "and eval mode; the engine would bound a different weight than the one that runs"
+            )
+
+
+def _check_tree(root: nn.Module, *, parametrizations: bool = False) -> None:
+    """Refuse hooks, instance-level method overrides, foreign call paths and patched classes anywhere in the tree,
+    visited by a rule or not: a family rule may read a submodule's weights (a head) or call methods
+    (forward_head) without visiting them."""
+    checked: set[type] = set()
     for path, module in root.named_modules():
         where = f"'{path or '<model>'}' ({_type_name(module)})"
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
@@ -230,10 +353,13 @@ def _check_tree(root: nn.Module) -> None:
         for name, value in vars(module).items():
             if callable(value) and inspect.isfunction(getattr(cls, name, None)):
                 raise UnsupportedModuleError(f"module {where} overrides method {name!r} on the instance")
+        _check_methods(module, where, checked)
+        if parametrizations:
+            _check_parametrizations(module, where)
 
 
-def _walk(module: nn.Module) -> tuple[Tensor, list[BoundEntry]]:
-    _check_tree(module)
+def _walk(module: nn.Module, *, deployed: bool = False) -> tuple[Tensor, list[BoundEntry]]:
+    _check_tree(module, parametrizations=deployed)
     walker = _Walker(module)
     with parametrize.cached():
         total = walker.visit("", module, 0)
@@ -259,7 +385,7 @@ def bound_tensor(module: nn.Module) -> Tensor:
 @torch.no_grad()
 def lipschitz_report(module: nn.Module) -> BoundReport:
     """Every module that contributes to :func:`lipschitz_bound`, with its bound; ``print`` it for a table."""
-    total, entries = _walk(unwrap(module))
+    total, entries = _walk(unwrap(module), deployed=True)
     return BoundReport(float(total), entries)
 
 
