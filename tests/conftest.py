@@ -19,6 +19,11 @@ from torch import nn
 # attack on a Linear(16, 8) took 7 s with 2 threads and 0.2 s with 1). One thread keeps the suite fast.
 torch.set_num_threads(1)
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Docstring examples under robustvit/ run with a user's namespace (tests/doctest_env.py)."""
+    config.pluginmanager.import_plugin("doctest_env")
+
 IMG = 32
 NUM_CLASSES = 10
 

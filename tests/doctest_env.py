@@ -1,0 +1,54 @@
+"""The namespace every docstring example runs in (``pytest --doctest-modules``, loaded with ``-p doctest_env``).
+
+Examples in robustvit's docstrings read like a user's session: ``torch``, ``timm`` and ``robustvit`` are imported,
+``vit`` is a tiny timm ViT, ``model`` its converted copy, ``images`` / ``labels`` a batch of pixels in [0, 1],
+``loader`` / ``test_set`` the embedded digits, ``accelerator`` a CPU ``Accelerator``. Each example runs in a fresh
+temporary folder, so paths like ``"outputs/..."`` are written there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: dict) -> None:
+    if not isinstance(request.node, pytest.DoctestItem):  # ordinary tests build their own models
+        return
+    import timm
+    import torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator
+    from torch import nn
+
+    import robustvit
+    from robustvit.data import load_image_dataset
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, num_classes=10
+    )
+    model = robustvit.convert(vit)
+    images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    test_set = load_image_dataset(split="test", image_size=32)
+    loader = torch.utils.data.DataLoader(load_image_dataset(split="train", image_size=32), batch_size=32)
+    doctest_namespace.update(
+        torch=torch,
+        nn=nn,
+        F=F,
+        timm=timm,
+        robustvit=robustvit,
+        vit=vit,
+        model=model,
+        images=images,
+        labels=labels,
+        test_set=test_set,
+        loader=loader,
+        accelerator=Accelerator(cpu=True),
+        optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+    )
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    request.addfinalizer(lambda: os.chdir(cwd))
