@@ -13,7 +13,10 @@ What changes (LipShiFT / ShiftViT / LipsFormer recipe):
   it, the second's into the residual ``alpha``, the head's into the norm before the head, and the patch
   embedding's out of the residual stream (embeddings divided, norms and alphas compensated).
 
-So apart from LayerNorm -> CenterNorm and the mixer, the converted function equals the source's.
+So apart from LayerNorm -> CenterNorm and the mixer, the converted function equals the source's. Two options trade
+that exactness for a start that margin training can use (measured in ``bench/bench_transfer.py``):
+``singular_value_power`` flattens the weights' spectra (keeping their singular vectors) and ``lipschitz_budget`` caps
+the end-to-end bound by shrinking the residual weights.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from robustvit.layers import (
     PrefixPool,
     TokenShift,
 )
-from robustvit.lipschitz.rescale import spectral_rescale
+from robustvit.lipschitz.rescale import is_spectrally_rescaled, spectral_rescale
 
 __all__ = ["ConvertConfig", "convert", "export", "is_converted"]
 
@@ -58,6 +61,15 @@ class ConvertConfig:
         activation: ``"gelu"`` (kept; bound 1.129) or ``"minmax"`` (GroupSort-2; bound 1).
         residual_alpha: initial residual weight (multiplied by any LayerScale and the moved scales); 1.0 keeps
             the source's function.
+        singular_value_power: ``p`` in ``sigma_i -> sigma_max * (sigma_i / sigma_max) ** p`` for every spectrally
+            rescaled weight (singular vectors kept). ``1.0`` keeps the source's weights; ``0.0`` keeps only their
+            singular vectors (the polar factor: an orthogonal layer, as LipShiFT / LiResNet initialise), so every
+            direction the source learned passes at full gain instead of ``sigma_i / sigma_max``.
+        lipschitz_budget: target end-to-end bound of the converted model (pixels to logits). ``None`` keeps the
+            bound the source's scales imply (e.g. 27 for the embedded default instead of about 2 for a random
+            init); a number shrinks every residual weight by one common factor until the bound meets it, so the
+            residual blocks share the budget in proportion to their source weights. Margin training starts from a
+            small bound instead of having to unlearn a large one. ``robustvit.lipschitz_report`` shows where it goes.
         mean, std: the normalization the source expects (per channel). ``None``: timm's ``pretrained_cfg``, or
             the transformers image processor's defaults.
     """
@@ -66,6 +78,8 @@ class ConvertConfig:
     shift_div: int = 12
     activation: Literal["gelu", "minmax"] = "gelu"
     residual_alpha: float = 1.0
+    singular_value_power: float = 1.0
+    lipschitz_budget: float | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -78,6 +92,10 @@ class ConvertConfig:
             raise ValueError(f"shift_div must be at least 4, got {self.shift_div}")
         if not self.residual_alpha > 0:
             raise ValueError(f"residual_alpha must be positive, got {self.residual_alpha}")
+        if not 0 <= self.singular_value_power <= 1:
+            raise ValueError(f"singular_value_power must be in [0, 1], got {self.singular_value_power}")
+        if self.lipschitz_budget is not None and not self.lipschitz_budget > 0:
+            raise ValueError(f"lipschitz_budget must be positive or None, got {self.lipschitz_budget}")
         self.mean = tuple(float(v) for v in self.mean) if self.mean is not None else None
         self.std = tuple(float(v) for v in self.std) if self.std is not None else None
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
@@ -240,6 +258,57 @@ def _rescale_and_absorb(
         stream_reader.weight.mul_(s_patch)
 
 
+# Raw weights are stored at the scale of a fresh timm ViT layer (std 0.02 per entry) after reshaping their spectrum:
+# the rescaling divides the scale out, so only AdamW's step size relative to the weight depends on it.
+_INIT_STD = 0.02
+
+
+@torch.no_grad()
+def _reshape_spectra(model: nn.Module, power: float) -> None:
+    """``sigma_i -> sigma_max (sigma_i / sigma_max) ** power`` for every spectrally rescaled weight of ``model``."""
+    for module in model.modules():
+        if not is_spectrally_rescaled(module):
+            continue
+        weight = module.parametrizations.weight.original
+        matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
+        u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
+        sigma_max = sigma.max().clamp_min(torch.finfo(torch.float64).tiny)
+        reshaped = (u * (sigma / sigma_max) ** power) @ vh
+        reshaped *= _INIT_STD * matrix.numel() ** 0.5 / torch.linalg.matrix_norm(reshaped).clamp_min(1e-30)
+        weight.copy_(reshaped.reshape(weight.shape).to(weight.dtype))
+
+
+@torch.no_grad()
+def _fit_budget(model: nn.Module, budget: float) -> None:
+    """Shrink every residual weight by one common factor ``c`` so that the end-to-end bound is at most ``budget``.
+
+    The end-to-end bound is ``rest * prod_r (1 + c * t_r)`` with ``t_r = max|alpha_r| * bound(branch_r)`` (the rest:
+    patch embedding, norms and head), so ``c`` is found on that product and checked against the engine.
+    """
+    from robustvit.lipschitz import lipschitz_bound
+
+    residuals = [m for m in model.modules() if isinstance(m, LipResidual)]
+    total = lipschitz_bound(model)
+    if total <= budget:
+        return
+    terms = torch.tensor([float(r.lipschitz_bound()) - 1 for r in residuals], dtype=torch.float64)
+    rest = total / float((1 + terms).prod())
+    if rest > budget or not residuals:
+        raise ValueError(
+            f"lipschitz_budget={budget} is below {rest:.4g}, the bound of the layers outside the residual branches "
+            "(patch embedding, norms, head), which the budget does not rescale; see robustvit.lipschitz_report"
+        )
+    low, high = 0.0, 1.0
+    for _ in range(60):  # bisection on a product that grows with c
+        mid = (low + high) / 2
+        low, high = (mid, high) if rest * float((1 + mid * terms).prod()) <= budget else (low, mid)
+    for residual in residuals:
+        residual.alpha.mul_(low)
+    final = lipschitz_bound(model)
+    if final > budget * (1 + 1e-6):
+        raise RuntimeError(f"the converted model's bound {final:.6g} exceeds lipschitz_budget={budget}")
+
+
 def convert(
     model: nn.Module,
     config: ConvertConfig | None = None,
@@ -278,14 +347,14 @@ def convert(
     if is_converted(model):
         raise ValueError("this model is already converted")
     family = get_family(model)
-    source_spec = family.source_spec(model)
     spec = family.input_spec(model)
     mean = config.mean if config.mean is not None else spec.mean
     std = config.std if config.std is not None else spec.std
     if len(mean) != spec.channels:
         raise ValueError(f"the model takes {spec.channels} channels but mean/std have {len(mean)} values")
     model = model if inplace else copy.deepcopy(model)
-    parts = family.parts(model)
+    parts = family.parts(model)  # refuses unsupported configurations with a clear error
+    source_spec = family.source_spec(model)
 
     stats: dict[int, float] = {}
     if calibration_images is not None:
@@ -316,6 +385,10 @@ def convert(
     conv = NormalizedConv2d.from_conv(parts.patch_conv, mean, std)
     family.install(model, blocks, {**norms, "patch_conv": conv})
     _rescale_and_absorb(conv, norms, blocks, parts.heads, parts.embed_params)
+    if config.singular_value_power != 1.0:
+        _reshape_spectra(model, config.singular_value_power)
+    if config.lipschitz_budget is not None:
+        _fit_budget(model, config.lipschitz_budget)
 
     model.robustvit_config = config
     model.robustvit_source = source_spec
