@@ -288,10 +288,11 @@ def _fit_residual_budget(model: nn.Module, budget: float) -> None:
     terms = torch.stack([r.lipschitz_bound().detach() - 1 for r in residuals]) if residuals else torch.zeros(0)
     if float((1 + terms).prod()) <= budget:
         return
+    target = budget * (1 - 1e-5)  # room for the float32 rounding of the scaled alphas
     low, high = 0.0, 1.0
     for _ in range(60):  # bisection on a product that grows with c
         mid = (low + high) / 2
-        low, high = (mid, high) if float((1 + mid * terms).prod()) <= budget else (low, mid)
+        low, high = (mid, high) if float((1 + mid * terms).prod()) <= target else (low, mid)
     for residual in residuals:
         residual.alpha.mul_(low)
 
