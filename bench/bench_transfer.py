@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import multiprocessing
 import platform
 import statistics
@@ -44,12 +43,13 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
+from train_lipschitz import DEFAULT_PRETRAIN_EPOCHS, REPORT_EPS, parse_args  # noqa: E402
+
 import robustvit  # noqa: E402
 from robustvit.data import load_image_dataset, stack_examples  # noqa: E402
 from robustvit.lipshift import create_lipshift  # noqa: E402
 from robustvit.losses import LOSSES, EpsSchedule, head_margins  # noqa: E402
 from robustvit.training import PixelModel, cosine_schedule, load_model  # noqa: E402
-from train_lipschitz import DEFAULT_PRETRAIN_EPOCHS, REPORT_EPS, parse_args  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, context.Pool(args.workers) as pool:
         sources = {seed: str(Path(tmp) / f"source_{seed}.safetensors") for seed in args.seeds}
         needs_source = any(ROWS[name].start == "pretrained" for name in args.rows)
-        pretrain = pool.starmap(pretrain_source, [(s, p, args.pretrain_epochs) for s, p in sources.items()]) if needs_source else []
+        pretrain = (
+            pool.starmap(pretrain_source, [(s, p, args.pretrain_epochs) for s, p in sources.items()])
+            if needs_source
+            else []
+        )
         jobs = [(name, seed, epochs, sources[seed]) for epochs in budgets for name in args.rows for seed in args.seeds]
         jobs.sort(key=lambda job: -job[2])  # long jobs first: the two workers finish together
         runs = pool.starmap(train_and_certify, jobs)
@@ -229,8 +233,10 @@ def main() -> None:
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_seconds": pretrain,
         "seeds": args.seeds,
-        "rows": {name: {"start": ROWS[name].start, "convert": ROWS[name].convert, "lipshift": ROWS[name].lipshift}
-                 for name in args.rows},  # fmt: skip
+        "rows": {
+            name: {"start": ROWS[name].start, "convert": ROWS[name].convert, "lipshift": ROWS[name].lipshift}
+            for name in args.rows
+        },  # fmt: skip
         "summaries": summaries,
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,

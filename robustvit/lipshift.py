@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
@@ -78,9 +77,13 @@ def create_lipshift(
 
     def block() -> LipBlock:
         branch = nn.Sequential(
-            OrderedDict(norm=CenterNorm(embed_dim), conv=LiResConv(embed_dim, grid, alpha_init=conv_alpha), act=MinMax())
+            OrderedDict(
+                norm=CenterNorm(embed_dim), conv=LiResConv(embed_dim, grid, alpha_init=conv_alpha), act=MinMax()
+            )
         )
-        return LipBlock(TokenShift(grid, shift_div, num_prefix_tokens=0), LipResidual(branch, embed_dim, residual_alpha))
+        return LipBlock(
+            TokenShift(grid, shift_div, num_prefix_tokens=0), LipResidual(branch, embed_dim, residual_alpha)
+        )
 
     model.blocks = nn.Sequential(*(block() for _ in range(depth)))
     model.norm = CenterNorm(embed_dim)

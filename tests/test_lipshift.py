@@ -11,6 +11,7 @@ from test_layers import F64, check_bound, gen
 from torch import nn
 
 import robustvit
+from robustvit.data import load_image_dataset, stack_examples
 from robustvit.errors import UnsupportedModuleError
 from robustvit.layers import LiResConv
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
@@ -74,8 +75,6 @@ def test_lipshift_end_to_end_bound_survives_gradient_ascent(lipshift):
 
 
 def test_trained_lipshift_certificates_survive_pgd(lipshift):
-    from test_certify import stack_examples, load_image_dataset
-
     train_x, train_y = stack_examples(load_image_dataset(split="train", image_size=IMG), 256)
     test_x, test_y = stack_examples(load_image_dataset(split="test", image_size=IMG), 32)
     model = lipshift.train()
