@@ -13,7 +13,10 @@ What changes (LipShiFT / ShiftViT / LipsFormer recipe):
   it, the second's into the residual ``alpha``, the head's into the norm before the head, and the patch
   embedding's out of the residual stream (embeddings divided, norms and alphas compensated).
 
-So apart from LayerNorm -> CenterNorm and the mixer, the converted function equals the source's.
+So apart from LayerNorm -> CenterNorm and the mixer, the converted function equals the source's. Two options trade
+that exactness for a start that margin training can use (measured in ``bench/bench_transfer.py``):
+``singular_value_power`` flattens the weights' spectra (keeping their singular vectors) and ``residual_budget`` caps
+the residual stack's bound by shrinking the residual weights.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from robustvit.layers import (
     PrefixPool,
     TokenShift,
 )
-from robustvit.lipschitz.rescale import spectral_rescale
+from robustvit.lipschitz.rescale import is_spectrally_rescaled, spectral_rescale
 
 __all__ = ["ConvertConfig", "convert", "export", "is_converted"]
 
@@ -68,6 +71,17 @@ class ConvertConfig:
             cannot copy ``fc2``: the converted function departs from the source's there, and needs finetuning.
         residual_alpha: initial residual weight (multiplied by any LayerScale and the moved scales); 1.0 keeps
             the source's function.
+        singular_value_power: ``p`` in ``sigma_i -> sigma_max * (sigma_i / sigma_max) ** p`` for every spectrally
+            rescaled weight (singular vectors kept). ``1.0`` keeps the source's weights; ``0.0`` keeps only their
+            singular vectors (the polar factor: an orthogonal layer, as LipShiFT / LiResNet initialise), so every
+            direction the source learned passes at full gain instead of ``sigma_i / sigma_max``.
+        residual_budget: target bound of the residual stack, the product of the residual blocks' bounds
+            ``prod_r (1 + max|alpha_r| * bound(branch_r))``. ``None`` keeps the source's scales (for the embedded
+            default a stack bound of 41, end-to-end 27, against about 2 for a random init); a number ``> 1`` shrinks
+            every residual weight by one common factor until the stack meets it, so the blocks share the budget in
+            proportion to their source weights and margin training starts from a tight product bound instead of
+            having to unlearn a loose one. The layers outside the stack (patch embedding, norms, head) are left as
+            they are. ``robustvit.lipschitz_report`` shows where the budget goes.
         mean, std: the normalization the source expects (per channel). ``None``: timm's ``pretrained_cfg``, or
             the transformers image processor's defaults.
     """
@@ -77,6 +91,8 @@ class ConvertConfig:
     activation: Literal["gelu", "minmax"] = "gelu"
     mlp: Literal["keep", "sll", "cpl"] = "keep"
     residual_alpha: float = 1.0
+    singular_value_power: float = 1.0
+    residual_budget: float | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
@@ -91,6 +107,10 @@ class ConvertConfig:
             raise ValueError(f"shift_div must be at least 4, got {self.shift_div}")
         if not self.residual_alpha > 0:
             raise ValueError(f"residual_alpha must be positive, got {self.residual_alpha}")
+        if not 0 <= self.singular_value_power <= 1:
+            raise ValueError(f"singular_value_power must be in [0, 1], got {self.singular_value_power}")
+        if self.residual_budget is not None and not self.residual_budget > 1:
+            raise ValueError(f"residual_budget must be above 1 or None, got {self.residual_budget}")
         self.mean = tuple(float(v) for v in self.mean) if self.mean is not None else None
         self.std = tuple(float(v) for v in self.std) if self.std is not None else None
         if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
@@ -286,6 +306,43 @@ def _rescale_and_absorb(
         stream_reader.weight.mul_(s_patch)
 
 
+# Raw weights are stored at the scale of a fresh timm ViT layer (std 0.02 per entry) after reshaping their spectrum:
+# the rescaling divides the scale out, so only AdamW's step size relative to the weight depends on it.
+_INIT_STD = 0.02
+
+
+@torch.no_grad()
+def _reshape_spectra(model: nn.Module, power: float) -> None:
+    """``sigma_i -> sigma_max (sigma_i / sigma_max) ** power`` for every spectrally rescaled weight of ``model``."""
+    for module in model.modules():
+        if not is_spectrally_rescaled(module):
+            continue
+        weight = module.parametrizations.weight.original
+        matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
+        u, sigma, vh = torch.linalg.svd(matrix, full_matrices=False)
+        sigma_max = sigma.max().clamp_min(torch.finfo(torch.float64).tiny)
+        reshaped = (u * (sigma / sigma_max) ** power) @ vh
+        reshaped *= _INIT_STD * matrix.numel() ** 0.5 / torch.linalg.matrix_norm(reshaped).clamp_min(1e-30)
+        weight.copy_(reshaped.reshape(weight.shape).to(weight.dtype))
+
+
+@torch.no_grad()
+def _fit_residual_budget(model: nn.Module, budget: float) -> None:
+    """Shrink every residual weight by one common factor ``c`` so that ``prod_r (1 + c * t_r) <= budget``, where
+    ``t_r = max|alpha_r| * bound(branch_r)`` (each residual's bound is ``1 + t_r``)."""
+    residuals = [m for m in model.modules() if isinstance(m, LipResidual)]
+    terms = torch.stack([r.lipschitz_bound().detach() - 1 for r in residuals]) if residuals else torch.zeros(0)
+    if float((1 + terms).prod()) <= budget:
+        return
+    target = budget * (1 - 1e-5)  # room for the float32 rounding of the scaled alphas
+    low, high = 0.0, 1.0
+    for _ in range(60):  # bisection on a product that grows with c
+        mid = (low + high) / 2
+        low, high = (mid, high) if float((1 + mid * terms).prod()) <= target else (low, mid)
+    for residual in residuals:
+        residual.alpha.mul_(low)
+
+
 def convert(
     model: nn.Module,
     config: ConvertConfig | None = None,
@@ -324,7 +381,6 @@ def convert(
     if is_converted(model):
         raise ValueError("this model is already converted")
     family = get_family(model)
-    source_spec = family.source_spec(model)
     spec = family.input_spec(model)
     mean = config.mean if config.mean is not None else spec.mean
     std = config.std if config.std is not None else spec.std
@@ -334,7 +390,8 @@ def convert(
             f"values: pass convert(model, mean=..., std=...) with {spec.channels} value(s) each"
         )
     model = model if inplace else copy.deepcopy(model)
-    parts = family.parts(model)
+    parts = family.parts(model)  # refuses unsupported configurations with a clear error
+    source_spec = family.source_spec(model)
 
     stats: dict[int, float] = {}
     if calibration_images is not None:
@@ -369,6 +426,10 @@ def convert(
     conv = NormalizedConv2d.from_conv(parts.patch_conv, mean, std)
     family.install(model, blocks, {**norms, "patch_conv": conv})
     _rescale_and_absorb(conv, norms, blocks, parts.heads, parts.embed_params)
+    if config.singular_value_power != 1.0:
+        _reshape_spectra(model, config.singular_value_power)
+    if config.residual_budget is not None:
+        _fit_residual_budget(model, config.residual_budget)
 
     model.robustvit_config = config
     model.robustvit_source = source_spec

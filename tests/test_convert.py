@@ -670,3 +670,66 @@ def test_mlp_option_validation():
     with pytest.raises(ValueError, match="mlp"):
         robustvit.ConvertConfig(mlp="glu")
     assert robustvit.ConvertConfig.from_dict({"mixer": "shift"}).mlp == "keep"  # old configs load unchanged
+
+
+# Budget-aware conversion: singular_value_power and residual_budget
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _rescaled(model: nn.Module) -> dict[str, nn.Module]:
+    from robustvit.lipschitz import is_spectrally_rescaled
+
+    return {name: m for name, m in model.named_modules() if is_spectrally_rescaled(m)}
+
+
+@pytest.mark.parametrize("family", ["timm_token", "hf_vit"])
+def test_singular_value_power_reshapes_spectra_and_keeps_singular_vectors(family):
+    exact = converted(family)
+    for power in (0.0, 0.5):
+        model = converted(family, singular_value_power=power)
+        layers, reference = _rescaled(model), _rescaled(exact)
+        assert layers.keys() == reference.keys() and layers
+        for name, layer in layers.items():
+            source = reference[name].weight.detach().double().flatten(1)
+            new = layer.weight.detach().double().flatten(1)
+            u, sigma, vh = torch.linalg.svd(source, full_matrices=False)
+            expected = (u * (sigma / sigma.max()) ** power) @ vh
+            # Same singular vectors, reshaped values; the rescaling divides by a guaranteed bound >= the top one.
+            scale = float(torch.linalg.matrix_norm(new, ord=2))
+            assert 0.9 < scale <= 1 + 1e-6, name
+            torch.testing.assert_close(new / scale, expected, atol=1e-4, rtol=0)
+    for layer in _rescaled(converted(family, singular_value_power=0.0)).values():  # power 0: orthogonal layers
+        singular_values = torch.linalg.svdvals(layer.weight.detach().double().flatten(1))
+        assert float(singular_values.min() / singular_values.max()) > 0.999
+
+
+@pytest.mark.parametrize("family", ["timm_token", "timm_avg_ls_reg", "hf_vit"])
+def test_residual_budget_caps_the_stack_with_one_common_factor(family):
+    from robustvit.layers import LipResidual
+
+    free = converted(family)
+    budget = 1.05
+    model = converted(family, residual_budget=budget)
+    residuals = [m for m in model.modules() if isinstance(m, LipResidual)]
+    stack = float(torch.stack([r.lipschitz_bound().detach() for r in residuals]).prod())
+    assert budget * (1 - 1e-4) <= stack <= budget
+    originals = [m for m in free.modules() if isinstance(m, LipResidual)]
+    ratios = torch.cat([new.alpha.detach() / old.alpha.detach() for new, old in zip(residuals, originals, strict=True)])
+    assert float(ratios.max() - ratios.min()) < 1e-6 and 0 < float(ratios[0]) < 1
+    # A budget the stack already meets changes nothing.
+    loose = converted(family, residual_budget=1e6)
+    torch.testing.assert_close(loose(pixels(2)), free(pixels(2)))
+    # The bound stays a bound: attacked like the exact conversion's.
+    bound = robustvit.lipschitz_bound(model)
+    assert bound < robustvit.lipschitz_bound(free)
+    estimate = estimate_lipschitz_lower_bound(model, pixels(2, seed=1), steps=30, restarts=2, generator=gen(0))
+    assert estimate <= bound
+
+
+def test_budget_options_validate_and_round_trip():
+    config = ConvertConfig(singular_value_power=0.0, residual_budget=3.0)
+    assert ConvertConfig.from_dict(json.loads(config.to_json())) == config
+    assert ConvertConfig().singular_value_power == 1.0 and ConvertConfig().residual_budget is None  # exact default
+    for kwargs in (dict(singular_value_power=-0.1), dict(singular_value_power=1.5), dict(residual_budget=1.0)):
+        with pytest.raises(ValueError):
+            ConvertConfig(**kwargs)

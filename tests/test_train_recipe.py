@@ -184,6 +184,8 @@ def test_resume_without_a_checkpoint_is_a_clear_error(recipe, tmp_path: Path) ->
         ["--channels", "2"],
         ["--epochs", "-1"],
         ["--pretrain_epochs", "-1"],
+        ["--singular_value_power", "1.5"],
+        ["--residual_budget", "0.5"],
         ["--epochs", "two"],
         ["--no_such_flag"],
     ],
@@ -213,7 +215,11 @@ def test_bad_values_are_rejected_before_any_training(argv: list[str]) -> None:
 
 def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run() -> None:
     config, args = _recipe().parse_args([])
-    assert config["loss"] == "emma" and config["epochs"] == 25 and args.pretrain_epochs == 15
+    assert config["loss"] == "emma" and config["epochs"] == 9 and args.pretrain_epochs == 15
+    # The conversion that won bench/bench_transfer.py; 0 / 1 give back the exact conversion.
+    assert config["singular_value_power"] == 0.0 and config["residual_budget"] == 3.0
+    exact = _recipe().parse_args(["--singular_value_power", "1", "--residual_budget", "0"])[0]
+    assert exact["singular_value_power"] == 1.0 and exact["residual_budget"] == 0.0
     assert args.model is None and args.dataset is None and not args.resume
     for name in LOSSES:
         assert _recipe().parse_args(["--loss", name])[0]["loss"] == name

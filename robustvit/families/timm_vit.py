@@ -71,10 +71,11 @@ class TimmViT(Family):
         if isinstance(model.patch_drop, PatchDropout) and not source:  # convert replaces it (see install)
             problems.append("patch dropout (it changes the token grid the converted mixers need)")
         for i, block in enumerate(model.blocks if source else ()):
-            if type(block) is not Block or type(block.attn) is not Attention or type(block.mlp) is not Mlp:
+            attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+            if type(block) is not Block or type(attn) is not Attention or type(mlp) is not Mlp:
                 problems.append(
-                    f"block {i} ({type(block).__name__}/{type(block.attn).__name__}/"
-                    f"{type(block.mlp).__name__}; supported: Block/Attention/Mlp)"
+                    f"block {i} ({type(block).__name__}/{type(attn).__name__}/"
+                    f"{type(mlp).__name__}; supported: Block/Attention/Mlp)"
                 )
             elif not isinstance(block.attn.q_norm, nn.Identity) or not isinstance(block.mlp.norm, nn.Identity):
                 problems.append(f"block {i} has qk-norm or an MLP norm")

@@ -4,6 +4,7 @@ from robustvit.layers.block import LipBlock
 from robustvit.layers.center_norm import CenterNorm
 from robustvit.layers.cpl import CPL
 from robustvit.layers.l2_attention import L2Attention
+from robustvit.layers.lires_conv import LiResConv
 from robustvit.layers.minmax import MinMax
 from robustvit.layers.normalized_conv import NormalizedConv2d
 from robustvit.layers.prefix_pool import PrefixPool
@@ -21,6 +22,7 @@ __all__ = [
     "CPL",
     "CenterNorm",
     "L2Attention",
+    "LiResConv",
     "LipBlock",
     "LipResidual",
     "MinMax",
