@@ -1,7 +1,7 @@
 """The namespace every docstring example runs in (``pytest --doctest-modules``, loaded with ``-p doctest_env``).
 
 Examples in robustvit's docstrings read like a user's session: ``torch``, ``timm`` and ``robustvit`` are imported,
-``vit`` is a tiny timm ViT, ``model`` its converted copy, ``images`` / ``labels`` a batch of pixels in [0, 1],
+``vit`` is a tiny timm ViT, ``model`` (alias ``lip``) its converted copy, ``images`` / ``labels`` a batch of pixels in [0, 1],
 ``loader`` / ``train_set`` / ``test_set`` the embedded digits,
 ``pil_images`` two PIL images and ``hf_dataset`` a two-item ``datasets.Dataset`` of them, ``accelerator`` a CPU ``Accelerator``. Each example runs in a fresh
 temporary folder, so paths like ``"outputs/..."`` are written there.
@@ -47,6 +47,7 @@ def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: di
         robustvit=robustvit,
         vit=vit,
         model=model,
+        lip=model,
         images=images,
         labels=labels,
         os=os,
