@@ -10,7 +10,8 @@ true robustness: the attacks are empirical).
 Example:
     >>> baseline = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
     >>> finetuned_per_seed = [model, model]  # in practice one finetuned copy per seed
-    >>> runs = [evaluate_robustness(m, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"]) for m in finetuned_per_seed]
+    >>> runs = [evaluate_robustness(m, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+    ...         for m in finetuned_per_seed]
     >>> print(format_methods(baseline, {"nullspace": aggregate_seeds(runs)}, reference=None))
     | metric | baseline | nullspace (2 seeds) |
     |---|---:|---:|
@@ -334,7 +335,8 @@ def aggregate_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
         one seed.
 
     Example:
-        >>> run_a, run_b = ({"num_images": 16, "clean_accuracy": acc, "adversarial": {}, "corruptions": {}} for acc in (0.5, 0.75))
+        >>> run_a, run_b = ({"num_images": 16, "clean_accuracy": acc, "adversarial": {}, "corruptions": {}}
+        ...                 for acc in (0.5, 0.75))
         >>> aggregate_seeds([run_a, run_b])["mean"]["clean accuracy"]
         0.625
     """

@@ -625,7 +625,8 @@ def from_pretrained(
             reachable (``huggingface_hub.errors.LocalEntryNotFoundError``).
 
     Example:
-        >>> _ = robustvit.save_pretrained(model, "out/model", robustvit.certify(model, images, labels).to_certificate(model, dataset="digits", split="test"))
+        >>> certificate = robustvit.certify(model, images, labels).to_certificate(model, dataset="digits", split="test")
+        >>> _ = robustvit.save_pretrained(model, "out/model", certificate)
         >>> model = robustvit.from_pretrained("out/model")  # or a Hub id, e.g. "org/vit-tiny-lipschitz"
         >>> print(model.certificate.accuracy_table())
         clean accuracy: ...% on 8 images (digits, test)

@@ -1,9 +1,9 @@
 """The namespace every docstring example runs in (``pytest --doctest-modules``, loaded with ``-p doctest_env``).
 
 Examples in robustvit's docstrings read like a user's session: ``torch``, ``timm`` and ``robustvit`` are imported,
-``vit`` is a tiny timm ViT, ``model`` (alias ``lip``) its converted copy, ``images`` / ``labels`` a batch of pixels in [0, 1],
-``loader`` / ``train_set`` / ``test_set`` the embedded digits,
-``pil_images`` two PIL images and ``hf_dataset`` a two-item ``datasets.Dataset`` of them, ``accelerator`` a CPU ``Accelerator``. Each example runs in a fresh
+``vit`` is a tiny timm ViT, ``model`` (alias ``lip``) its converted copy, ``images`` / ``labels`` a batch of pixels in
+[0, 1], ``loader`` / ``train_set`` / ``test_set`` the embedded digits, ``pil_images`` two PIL images and ``hf_dataset``
+a two-item ``datasets.Dataset`` of them, ``accelerator`` a CPU ``Accelerator``. Each example runs in a fresh
 temporary folder, so paths like ``"outputs/..."`` are written there.
 """
 
@@ -18,9 +18,9 @@ import pytest
 def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: dict) -> None:
     if not isinstance(request.node, pytest.DoctestItem):  # ordinary tests build their own models
         return
-    import timm
     import datasets
     import PIL.Image
+    import timm
     import torch
     import torch.nn.functional as F
     from accelerate import Accelerator

@@ -4,7 +4,8 @@ Example:
     >>> from robustvit.certify.smoothing import certify_smoothing
     >>> lip = robustvit.certify(model, images, labels)
     >>> smooth = certify_smoothing(model, images, sigma=0.25, n0=10, n=100, progress=False)
-    >>> curves = {"Lipschitz": (lip.radii, lip.predictions == labels), "smoothing σ=0.25": (smooth.radii, smooth.predictions == labels)}
+    >>> curves = {"Lipschitz": (lip.radii, lip.predictions == labels),
+    ...           "smoothing σ=0.25": (smooth.radii, smooth.predictions == labels)}
     >>> plot_certified_accuracy(curves, "outputs/certified_accuracy.png").exists()
     True
 """

@@ -195,8 +195,10 @@ class SmoothingResult:
 
         Example:
             >>> f64 = torch.float64
-            >>> result = SmoothingResult(predictions=torch.tensor([3, -1, 5]), radii=torch.tensor([0.8, 0.0, 0.2], dtype=f64),
-            ...     p_lower=torch.tensor([0.99, 0.4, 0.8], dtype=f64), counts=torch.tensor([99, 40, 80]), sigma=0.25, n=100, alpha=0.001)
+            >>> result = SmoothingResult(
+            ...     predictions=torch.tensor([3, -1, 5]), radii=torch.tensor([0.8, 0.0, 0.2], dtype=f64),
+            ...     p_lower=torch.tensor([0.99, 0.4, 0.8], dtype=f64), counts=torch.tensor([99, 40, 80]),
+            ...     sigma=0.25, n=100, alpha=0.001)
             >>> result.certified(0.5, torch.tensor([3, 1, 5]))
             tensor([ True, False, False])
         """
@@ -215,8 +217,10 @@ class SmoothingResult:
 
         Example:
             >>> f64 = torch.float64
-            >>> result = SmoothingResult(predictions=torch.tensor([3, -1, 5]), radii=torch.tensor([0.8, 0.0, 0.2], dtype=f64),
-            ...     p_lower=torch.tensor([0.99, 0.4, 0.8], dtype=f64), counts=torch.tensor([99, 40, 80]), sigma=0.25, n=100, alpha=0.001)
+            >>> result = SmoothingResult(
+            ...     predictions=torch.tensor([3, -1, 5]), radii=torch.tensor([0.8, 0.0, 0.2], dtype=f64),
+            ...     p_lower=torch.tensor([0.99, 0.4, 0.8], dtype=f64), counts=torch.tensor([99, 40, 80]),
+            ...     sigma=0.25, n=100, alpha=0.001)
             >>> result.certified_accuracy(36 / 255, torch.tensor([3, 1, 5]))
             0.666...
         """

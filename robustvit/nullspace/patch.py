@@ -98,7 +98,8 @@ def approximate_patch_nullspace(model: nn.Module, k: int) -> tuple[Tensor, Tenso
 
     Example:
         >>> basis, sigma = approximate_patch_nullspace(vit, k=16)  # 3 * 8 * 8 = 192 inputs, rank 48
-        >>> basis.shape, bool(sigma[0] <= sigma[-1]), bool(torch.allclose(basis.T @ basis, torch.eye(16, dtype=basis.dtype)))
+        >>> orthonormal = torch.allclose(basis.T @ basis, torch.eye(16, dtype=basis.dtype))
+        >>> basis.shape, bool(sigma[0] <= sigma[-1]), orthonormal
         (torch.Size([192, 16]), True, True)
     """
     matrix = patch_map(model).matrix
