@@ -48,7 +48,8 @@ def check_inputs(
     ``eps``: finite and ``>= 0``.
 
     Example:
-        >>> check_inputs(model, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), eps=36 / 255)  # doctest: +SKIP
+        >>> check_inputs(model, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), eps=36 / 255) is model
+        True
     """
     if isinstance(images, torch.Tensor) and not (images.is_floating_point() or images.is_complex()):
         raise TypeError(

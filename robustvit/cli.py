@@ -208,7 +208,9 @@ def model_folder(output_dir: Path) -> Path:
     """``OUTPUT_DIR/model`` when it exists, else ``OUTPUT_DIR`` itself when it is a saved robustvit folder.
 
     Example:
-        >>> model_folder(Path("runs/cifar10"))  # doctest: +SKIP
+        >>> certificate = robustvit.certify(model, images, labels).to_certificate(model, dataset="digits", split="test")
+        >>> _ = robustvit.save_pretrained(model, "runs/cifar10/model", certificate)
+        >>> model_folder(Path("runs/cifar10"))
         PosixPath('runs/cifar10/model')
     """
     from robustvit.hub import CONFIG_NAME
@@ -348,7 +350,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``robustvit`` command line; returns the exit status.
 
     Example:
-        >>> main(["verify", "out/certified"])  # doctest: +SKIP
+        >>> certificate = robustvit.certify(model, images, labels).to_certificate(model, dataset="digits", split="test")
+        >>> _ = robustvit.save_pretrained(model, "out/certified", certificate)
+        >>> main(["verify", "out/certified"])
+        OK: out/certified: certificate verified (weights sha256 ..., l2 Lipschitz bound ...)
+        ...
         0
     """
     args = _parser().parse_args(argv)

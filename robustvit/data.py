@@ -68,6 +68,8 @@ class ImageDataset(Dataset, ABC):
     Example:
         >>> ds = ImageDataset.from_hf(hf_dataset, name="my-images", split="train", image_size=32)
         >>> image, label = ds[0]
+        >>> image.shape, label, ds.num_classes
+        (torch.Size([3, 32, 32]), 0, 2)
     """
 
     def __init__(self, *, class_names: Sequence[str], name: str, split: str) -> None:
@@ -121,6 +123,8 @@ class ImageDataset(Dataset, ABC):
         Example:
             >>> hf = datasets.Dataset.from_dict({"image": pil_images, "label": [0, 1]})
             >>> ds = ImageDataset.from_hf(hf, name="toy", split="train", image_size=16, channels=1)
+            >>> len(ds), ds[1][0].shape, ds[1][1]
+            (2, torch.Size([1, 16, 16]), 1)
         """
         _check_image_format(image_size, channels)
         if len(hf_dataset) == 0:
@@ -191,8 +195,11 @@ class HFImageDataset(ImageDataset):
     Prefer :meth:`ImageDataset.from_hf`, which detects the columns and class names.
 
     Example:
+        >>> hf = datasets.Dataset.from_dict({"img": pil_images, "label": [0, 1]})
         >>> ds = HFImageDataset(hf, image_column="img", label_column="label", class_names=["a", "b"],
         ...                     name="toy", split="train", image_size=32, channels=3)
+        >>> ds[0][0].shape, ds.class_names
+        (torch.Size([3, 32, 32]), ['a', 'b'])
     """
 
     def __init__(
@@ -256,7 +263,13 @@ def load_image_dataset(
         >>> test = load_image_dataset(split="test", image_size=16, channels=1)
         >>> len(test), test[0][0].shape
         (360, torch.Size([1, 16, 16]))
-        >>> folder = load_image_dataset("path/to/images", split="train")
+        >>> from PIL import Image
+        >>> for i, cls in enumerate(["cat", "dog"] * 2):  # a folder laid out as root/train/<class>/*.png
+        ...     os.makedirs(f"images/train/{cls}", exist_ok=True)
+        ...     Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(f"images/train/{cls}/{i}.png")
+        >>> folder = load_image_dataset("images", split="train", image_size=16)
+        >>> len(folder), folder.class_names
+        (4, ['cat', 'dog'])
     """
     _check_image_format(image_size, channels)
     if source is None:
@@ -358,7 +371,7 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
 
     Example:
         >>> dataset_labels(load_image_dataset(split="test"))[:3]
-        tensor([0, 1, 2])
+        tensor([1, 4, 8])
     """
     if isinstance(dataset, TensorImageDataset):
         return dataset.labels.clone()
@@ -420,8 +433,12 @@ class Augmentation:
     Example:
         >>> paper = Augmentation("rand-m9-mstd0.5-inc1", 0.4, 0.5, 0.08, 0.25, 0.8, 1.0, 0.1)
         >>> train = AugmentedDataset(train_set, paper, mean=(0.5,) * 3, std=(0.5,) * 3)
+        >>> train[0][0].shape
+        torch.Size([3, 32, 32])
         >>> mix = paper.batch_transform(num_classes=10)
         >>> images, targets = mix(images, labels)  # targets (B, 10), soft
+        >>> targets.shape, bool(torch.allclose(targets.sum(-1), torch.ones(8)))
+        (torch.Size([8, 10]), True)
     """
 
     rand_augment: str | None = None

@@ -27,10 +27,13 @@ They cannot authenticate the accuracies (anyone can rewrite all files consistent
 ``input`` must match the loaded model, and weights load strictly.
 
 Example:
-    >>> robustvit.save_pretrained(model, "out/model", certificate)  # doctest: +SKIP
+    >>> certificate = robustvit.certify(model, images, labels).to_certificate(model, dataset="digits", split="test")
+    >>> robustvit.save_pretrained(model, "out/model", certificate)
+    PosixPath('out/model')
     >>> robustvit.push_to_hub(model, "org/vit-tiny-lipschitz", certificate)  # doctest: +SKIP
-    >>> model = robustvit.from_pretrained("org/vit-tiny-lipschitz")  # doctest: +SKIP
-    >>> model.certificate.lipschitz  # doctest: +SKIP
+    >>> model = robustvit.from_pretrained("out/model")  # or "org/vit-tiny-lipschitz" from the Hub
+    >>> model.certificate.lipschitz == certificate.lipschitz
+    True
 """
 
 from __future__ import annotations
@@ -111,8 +114,9 @@ def claim_digest(certificate: Certificate) -> str:
     """The digest stored in the weights header: :meth:`Certificate.digest` with ``weights_sha256`` cleared.
 
     Example:
-        >>> digest = claim_digest(certificate)  # doctest: +SKIP
-        >>> digest == dataclasses.replace(certificate, weights_sha256=None).digest()  # doctest: +SKIP
+        >>> certificate = robustvit.certify(model, images, labels).to_certificate(model, dataset="digits", split="test")
+        >>> digest = claim_digest(certificate)
+        >>> digest == dataclasses.replace(certificate, weights_sha256=None).digest()
         True
     """
     return dataclasses.replace(certificate, weights_sha256=None).digest()
@@ -361,10 +365,10 @@ def save_pretrained(
         CertificateError: the certificate does not match the model or its weights.
 
     Example:
-        >>> result = robustvit.certify(model, images, labels)  # doctest: +SKIP
-        >>> certificate = result.to_certificate(model, dataset="cifar10", split="test")  # doctest: +SKIP
-        >>> curve = result.plot("out/certified_accuracy.png")  # doctest: +SKIP
-        >>> robustvit.save_pretrained(model, "out/model", certificate, curve=curve)  # doctest: +SKIP
+        >>> result = robustvit.certify(model, images, labels)
+        >>> certificate = result.to_certificate(model, dataset="cifar10", split="test")
+        >>> curve = result.plot("out/certified_accuracy.png")
+        >>> robustvit.save_pretrained(model, "out/model", certificate, curve=curve)
         PosixPath('out/model')
     """
     if not is_converted(model):
@@ -621,9 +625,13 @@ def from_pretrained(
             reachable (``huggingface_hub.errors.LocalEntryNotFoundError``).
 
     Example:
-        >>> model = robustvit.from_pretrained("org/vit-tiny-lipschitz")  # doctest: +SKIP
-        >>> print(model.certificate.accuracy_table())  # doctest: +SKIP
-        >>> unchecked = robustvit.from_pretrained("out/model", verify=False)  # doctest: +SKIP
+        >>> certificate = robustvit.certify(model, images, labels).to_certificate(model, dataset="digits", split="test")
+        >>> _ = robustvit.save_pretrained(model, "out/model", certificate)
+        >>> model = robustvit.from_pretrained("out/model")  # or a Hub id, e.g. "org/vit-tiny-lipschitz"
+        >>> print(model.certificate.accuracy_table())
+        clean accuracy: ...% on 8 images (digits, test)
+        ...
+        >>> unchecked = robustvit.from_pretrained("out/model", verify=False)
     """
     folder = _resolve(repo_id_or_path, revision, cache_dir, token)
     config = _read_config(folder)

@@ -5,8 +5,10 @@ linear head on ``L_f``-Lipschitz features (``sqrt(2) * L`` without one), so a lo
 ``eps * K_yj`` against every class is certified at radius ``eps``.
 
 Example:
-    >>> margins = head_margins(model)  # doctest: +SKIP
-    >>> loss = LOSSES["emma"](model(x), y, eps=36 / 255, margins=margins)  # doctest: +SKIP
+    >>> margins = head_margins(model)
+    >>> loss = LOSSES["emma"](model(images), labels, eps=36 / 255, margins=margins)
+    >>> loss.ndim
+    0
 """
 
 from __future__ import annotations

@@ -306,7 +306,11 @@ def cosine_schedule(
     Count ``total_steps`` on the dataloader *before* ``accelerator.prepare``, as Accelerate expects.
 
     Example:
-        >>> schedule = cosine_schedule(optimizer, total_steps=epochs * len(train_loader), warmup_steps=100)
+        >>> epochs = 3
+        >>> schedule = cosine_schedule(optimizer, total_steps=epochs * len(loader), warmup_steps=2)
+        >>> total = epochs * len(loader)
+        >>> [round(schedule.lr_lambdas[0](step), 3) for step in (0, 1, total // 2, total, total + 10)]
+        [0.5, 1.0, 0.5..., 0.0, 0.0]
     """
     if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
         raise ValueError(
@@ -354,8 +358,11 @@ def train_epoch(
 
     Example:
         >>> ce = lambda model, images, labels: F.cross_entropy(model(images), labels)
-        >>> train_epoch(accelerator, model, loader, optimizer, ce, scheduler=schedule)["loss"]
-        0.31
+        >>> schedule = cosine_schedule(optimizer, total_steps=2)
+        >>> model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
+        >>> stats = train_epoch(accelerator, model, loader, optimizer, ce, scheduler=schedule, max_batches=2)
+        >>> stats["images"], stats["loss"] > 0
+        (64, True)
     """
     start = time.perf_counter()
     model.train()
@@ -406,6 +413,8 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, epoch: int
     restored by ``load_state`` (the next save then collides with an existing checkpoint).
 
     Example:
+        >>> model, optimizer = accelerator.prepare(model, optimizer)
+        >>> epoch, history = 3, [{"epoch": 3, "loss": 0.31}]
         >>> save_checkpoint(accelerator, "outputs/run", epoch, {"history": history})
         PosixPath('outputs/run/checkpoints/epoch_3')
     """
@@ -438,8 +447,12 @@ def resume_from_checkpoint(accelerator: Accelerator, output_dir: str | Path) -> 
         FileNotFoundError: ``output_dir`` holds no complete checkpoint.
 
     Example:
-        >>> state = resume_from_checkpoint(accelerator, args.output_dir)
+        >>> model, optimizer = accelerator.prepare(model, optimizer)
+        >>> _ = save_checkpoint(accelerator, "outputs/run", 3, {"history": []})
+        >>> state = resume_from_checkpoint(accelerator, "outputs/run")
         >>> start_epoch = state["epoch"] + 1
+        >>> start_epoch
+        4
     """
     path = latest_checkpoint(output_dir)
     if path is None:

@@ -1,8 +1,9 @@
 """The namespace every docstring example runs in (``pytest --doctest-modules``, loaded with ``-p doctest_env``).
 
 Examples in robustvit's docstrings read like a user's session: ``torch``, ``timm`` and ``robustvit`` are imported,
-``vit`` is a tiny timm ViT, ``model`` its converted copy, ``images`` / ``labels`` a batch of pixels in [0, 1],
-``loader`` / ``test_set`` the embedded digits, ``accelerator`` a CPU ``Accelerator``. Each example runs in a fresh
+``vit`` is a tiny timm ViT, ``model`` (alias ``lip``) its converted copy, ``images`` / ``labels`` a batch of pixels in
+[0, 1], ``loader`` / ``train_set`` / ``test_set`` the embedded digits, ``pil_images`` two PIL images and ``hf_dataset``
+a two-item ``datasets.Dataset`` of them, ``accelerator`` a CPU ``Accelerator``. Each example runs in a fresh
 temporary folder, so paths like ``"outputs/..."`` are written there.
 """
 
@@ -17,6 +18,8 @@ import pytest
 def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: dict) -> None:
     if not isinstance(request.node, pytest.DoctestItem):  # ordinary tests build their own models
         return
+    import datasets
+    import PIL.Image
     import timm
     import torch
     import torch.nn.functional as F
@@ -33,7 +36,9 @@ def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: di
     model = robustvit.convert(vit)
     images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
     test_set = load_image_dataset(split="test", image_size=32)
-    loader = torch.utils.data.DataLoader(load_image_dataset(split="train", image_size=32), batch_size=32)
+    train_set = load_image_dataset(split="train", image_size=32)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=32)
+    pil_images = [PIL.Image.new("RGB", (8, 8), color) for color in ("red", "blue")]
     doctest_namespace.update(
         torch=torch,
         nn=nn,
@@ -42,9 +47,15 @@ def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: di
         robustvit=robustvit,
         vit=vit,
         model=model,
+        lip=model,
         images=images,
         labels=labels,
+        os=os,
+        datasets=datasets,
         test_set=test_set,
+        train_set=train_set,
+        pil_images=pil_images,
+        hf_dataset=datasets.Dataset.from_dict({"image": pil_images, "label": [0, 1]}),
         loader=loader,
         accelerator=Accelerator(cpu=True),
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),

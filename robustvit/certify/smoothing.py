@@ -9,8 +9,9 @@ distribution the certificate is derived for. The radius is therefore in the same
 certificates of this package (l2 over pixels in ``[0, 1]``).
 
 Example:
-    >>> result = certify_smoothing(model, images, sigma=0.25, n=10_000)
-    >>> result.certified_accuracy(36 / 255, labels)
+    >>> result = certify_smoothing(model, images, sigma=0.25, n0=10, n=100, progress=False)
+    >>> result.radii.shape, 0.0 <= result.certified_accuracy(36 / 255, labels) <= 1.0
+    (torch.Size([8]), True)
 """
 
 from __future__ import annotations
@@ -193,7 +194,13 @@ class SmoothingResult:
         ``labels`` are given, its prediction is correct.
 
         Example:
-            >>> result.certified(0.5, labels).sum()
+            >>> f64 = torch.float64
+            >>> result = SmoothingResult(
+            ...     predictions=torch.tensor([3, -1, 5]), radii=torch.tensor([0.8, 0.0, 0.2], dtype=f64),
+            ...     p_lower=torch.tensor([0.99, 0.4, 0.8], dtype=f64), counts=torch.tensor([99, 40, 80]),
+            ...     sigma=0.25, n=100, alpha=0.001)
+            >>> result.certified(0.5, torch.tensor([3, 1, 5]))
+            tensor([ True, False, False])
         """
         eps = float(eps)
         if not (math.isfinite(eps) and eps >= 0):
@@ -209,8 +216,13 @@ class SmoothingResult:
         """Fraction of images predicted correctly with a certified radius larger than ``eps``.
 
         Example:
-            >>> result.certified_accuracy(36 / 255, labels)
-            0.61
+            >>> f64 = torch.float64
+            >>> result = SmoothingResult(
+            ...     predictions=torch.tensor([3, -1, 5]), radii=torch.tensor([0.8, 0.0, 0.2], dtype=f64),
+            ...     p_lower=torch.tensor([0.99, 0.4, 0.8], dtype=f64), counts=torch.tensor([99, 40, 80]),
+            ...     sigma=0.25, n=100, alpha=0.001)
+            >>> result.certified_accuracy(36 / 255, torch.tensor([3, 1, 5]))
+            0.666...
         """
         return float(self.certified(eps, labels).double().mean())
 
@@ -375,8 +387,9 @@ def certify_smoothing(
         A :class:`SmoothingResult` with per-image predictions, radii, bounds and counts.
 
     Example:
-        >>> result = certify_smoothing(model, images, sigma=0.25, n0=100, n=10_000, alpha=0.001)
-        >>> result.radii, result.certified_accuracy(0.5, labels)
+        >>> result = certify_smoothing(model, images, sigma=0.25, n0=10, n=100, alpha=0.001, progress=False)
+        >>> result.radii.dtype, bool((result.radii[result.predictions == -1] == 0).all())
+        (torch.float64, True)
     """
     check_inputs(model, images)
     sigma, alpha = _check_sigma(sigma), _check_alpha(alpha)

@@ -27,9 +27,10 @@ def resolve(model: nn.Module) -> tuple[nn.Module, Tensor | None]:
     """The supported model inside ``model`` and the per-channel std ``(C,)`` pixel wrappers divide inputs by.
 
     Example:
-        >>> inner, std = resolve(PixelModel(vit))  # doctest: +SKIP
-        >>> inner is vit
-        True
+        >>> from robustvit.training import PixelModel
+        >>> inner, std = resolve(PixelModel(vit, mean=(0.5,) * 3, std=(0.25,) * 3))
+        >>> inner is vit, std
+        (True, tensor([0.2500, 0.2500, 0.2500], dtype=torch.float64))
     """
     scale: Tensor | None = None
     model = extract_model_from_parallel(model)

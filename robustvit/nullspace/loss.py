@@ -29,8 +29,12 @@ def nullspace_finetuning_loss(model: nn.Module, images: Tensor, labels: Tensor, 
         The scalar loss.
 
     Example:
+        >>> from robustvit.nullspace import synthesize_noise
+        >>> result = synthesize_noise(model, loader, max_batches=2, progress=False)
         >>> loss = nullspace_finetuning_loss(model, images, labels, result.noise)
         >>> accelerator.backward(loss)
+        >>> loss.ndim, all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        (0, True)
     """
     batch = images.shape[0]
     noise = noise.detach()

@@ -38,7 +38,10 @@ class NullspaceNoise:
             keeps it near constant.
 
     Example:
+        >>> from robustvit.nullspace import synthesize_noise
+        >>> result = synthesize_noise(model, loader, max_batches=2, progress=False)
         >>> result.save("noise.safetensors")
+        PosixPath('noise.safetensors')
         >>> NullspaceNoise.load("noise.safetensors").l2_norm == result.l2_norm
         True
     """
@@ -86,6 +89,8 @@ def permuted(noise: Tensor, generator: torch.Generator | None = None) -> Tensor:
     model's input space is not isotropic and the noise found a genuine near-nullspace direction.
 
     Example:
+        >>> from robustvit.nullspace import synthesize_noise
+        >>> result = synthesize_noise(model, loader, max_batches=2, progress=False)
         >>> control = permuted(result.noise, torch.Generator().manual_seed(0))
         >>> torch.isclose(control.norm(), result.noise.norm())
         tensor(True)

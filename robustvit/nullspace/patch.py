@@ -11,7 +11,7 @@ subspace of it). For a model that normalizes pixels itself (a converted model's
 the matrix is ``W S^{-1}`` with ``S`` the per-pixel std, so the nullspace is in pixel space.
 
 Example:
-    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1)
+    >>> vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=64, depth=1, num_heads=2)
     >>> patch_embedding_nullspace(vit).shape  # 3 * 8 * 8 = 192 inputs, rank 64
     torch.Size([192, 128])
     >>> images = torch.rand(2, 3, 32, 32)
@@ -97,9 +97,10 @@ def approximate_patch_nullspace(model: nn.Module, k: int) -> tuple[Tensor, Tenso
         ascending order (exact nullspace directions first, with singular value 0).
 
     Example:
-        >>> basis, sigma = approximate_patch_nullspace(vit_b16, k=16)  # doctest: +SKIP
-        >>> sigma[0] <= sigma[-1]
-        tensor(True)
+        >>> basis, sigma = approximate_patch_nullspace(vit, k=16)  # 3 * 8 * 8 = 192 inputs, rank 48
+        >>> orthonormal = torch.allclose(basis.T @ basis, torch.eye(16, dtype=basis.dtype))
+        >>> basis.shape, bool(sigma[0] <= sigma[-1]), orthonormal
+        (torch.Size([192, 16]), True, True)
     """
     matrix = patch_map(model).matrix
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= matrix.shape[1]:

@@ -124,9 +124,9 @@ def synthesize_noise(
         UnsupportedModuleError: ``model`` has no supported patch embedding.
 
     Example:
-        >>> result = synthesize_noise(model, loader, eps=0.03, max_batches=10)
-        >>> result.reached_eps, result.l2_norm
-        (True, 412.3)
+        >>> result = synthesize_noise(model, loader, eps=0.03, max_batches=2, progress=False)
+        >>> result.reached_eps, result.noise.shape  # one row per patch token (4 x 4 patches)
+        (True, torch.Size([1, 16, 48]))
         >>> control = synthesize_noise(model, loader, eps=0.03, kind="random")
         >>> with token_noise(model, result.noise):
         ...     noisy_logits = model(images)
