@@ -262,7 +262,7 @@ def robust_accuracy(
         labels: True classes, shape ``(N,)``.
         eps: Attack radius in ``norm``.
         norm: ``"l2"`` or ``"linf"``.
-        attack: ``"pgd"`` or ``"fgsm"``.
+        attack: A name in :data:`ATTACKS` (``"fgsm"``, ``"pgd"``).
         batch_size: Images per attack call.
         **attack_kwargs: Passed to the attack (e.g. ``steps``, ``restarts``, ``generator`` for PGD).
 
