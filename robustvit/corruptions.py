@@ -25,13 +25,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from robustvit._utils import check_images
+from robustvit.registry import Registry
 
 __all__ = ["CORRUPTIONS", "MAX_SEVERITY", "corrupt", "corruption_names", "register_corruption"]
 
 Corruption = Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor]
 
 MAX_SEVERITY = 5
-CORRUPTIONS: dict[str, Corruption] = {}
+CORRUPTIONS: Registry[Corruption] = Registry("corruption")
 
 _PIL_MODES: dict[int, str] = {1: "L", 3: "RGB"}
 
@@ -44,14 +45,7 @@ def register_corruption(name: str) -> Callable[[Corruption], Corruption]:
         ... def invert(images, severity, generator=None):
         ...     return 1 - images
     """
-
-    def decorator(fn: Corruption) -> Corruption:
-        if name in CORRUPTIONS:
-            raise ValueError(f"corruption {name!r} is already registered")
-        CORRUPTIONS[name] = fn
-        return fn
-
-    return decorator
+    return CORRUPTIONS.register(name)
 
 
 def corruption_names() -> list[str]:
@@ -61,7 +55,7 @@ def corruption_names() -> list[str]:
         >>> "jpeg" in corruption_names()
         True
     """
-    return list(CORRUPTIONS)
+    return CORRUPTIONS.list()
 
 
 def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -77,21 +71,21 @@ def corrupt(images: torch.Tensor, name: str, severity: int, generator: torch.Gen
         The corrupted batch, same shape, dtype and device, clipped to ``[0, 1]``.
 
     Raises:
-        ValueError: Unknown name, severity outside ``1..5``, or images not a finite ``(B, C, H, W)`` batch.
+        KeyError: Unknown name (the message lists the registered ones).
+        ValueError: Severity outside ``1..5``, or images not a finite ``(B, C, H, W)`` batch.
         TypeError: Images are not a floating-point tensor.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> out = corrupt(torch.rand(2, 3, 32, 32), "shot_noise", 5, generator=g)
     """
-    if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; available: {', '.join(CORRUPTIONS)}")
+    corruption = CORRUPTIONS[name]
     if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= MAX_SEVERITY:
         raise ValueError(f"severity must be an int from 1 to {MAX_SEVERITY}, got {severity!r}")
     check_images(images)
     if not images.is_floating_point():
         raise TypeError(f"images must be a floating-point tensor in [0, 1], got dtype {images.dtype}")
-    return CORRUPTIONS[name](images, severity, generator)
+    return corruption(images, severity, generator)
 
 
 def _randn(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

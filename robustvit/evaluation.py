@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from robustvit._utils import check_images, eval_mode, model_logits
-from robustvit.certify.attacks import fgsm, pgd
+from robustvit.certify.attacks import ATTACKS
 from robustvit.certify.plot import eps_label
 from robustvit.corruptions import MAX_SEVERITY, corrupt, corruption_names
 from robustvit.data import stratified_subset
@@ -53,8 +53,6 @@ __all__ = [
     "summary_rows",
     "within_spread",
 ]
-
-_ATTACKS = {"fgsm": fgsm, "pgd": pgd}
 
 
 def _check_item(dataset: Dataset) -> None:
@@ -189,7 +187,7 @@ def evaluate_robustness(
         (f"{attack}_{norm}@{eps_label(eps)}", attack, norm, eps)
         for norm, radii in (("linf", eps_linf), ("l2", eps_l2))
         for eps in radii
-        for attack in _ATTACKS
+        for attack in ATTACKS
     ]
     correct: dict[str, list[Tensor]] = {}
 
@@ -215,7 +213,7 @@ def evaluate_robustness(
                 kwargs = (
                     {"steps": pgd_steps, "restarts": pgd_restarts, "generator": generator} if attack == "pgd" else {}
                 )
-                adversarial = _ATTACKS[attack](model, images, labels, eps, norm=norm, **kwargs)
+                adversarial = ATTACKS[attack](model, images, labels, eps, norm=norm, **kwargs)
                 with torch.no_grad():
                     record(key, clean_ok & (model_logits(model, adversarial).argmax(-1) == labels))
             for name in corruptions:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import linear_head
 from robustvit.lipschitz.engine import bound_tensor
+from robustvit.registry import Registry
 
 __all__ = [
     "LOSSES",
@@ -92,15 +93,13 @@ def _cross_entropy(logits: Tensor, labels: Tensor, *, eps: float, margins: HeadM
     return F.cross_entropy(logits, labels)
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {}
+LOSSES: Registry[Callable[..., Tensor]] = Registry("loss")
+"""Training losses ``fn(logits, labels, *, eps, margins) -> Tensor`` by name."""
 
 
-def register_loss(name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """Register ``fn(logits, labels, *, eps, margins) -> Tensor`` under ``name``."""
-    if name in LOSSES:
-        raise ValueError(f"loss {name!r} is already registered")
-    LOSSES[name] = fn
-    return fn
+def register_loss(name: str, fn: Callable[..., Tensor] | None = None) -> Callable[..., Tensor]:
+    """Register ``fn(logits, labels, *, eps, margins) -> Tensor`` under ``name``; without ``fn``, a decorator."""
+    return LOSSES.register(name, fn)
 
 
 register_loss("ce", _cross_entropy)

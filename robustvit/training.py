@@ -36,11 +36,14 @@ from transformers import AutoModelForImageClassification
 
 from robustvit.families import get_family
 from robustvit.layers import NormalizedConv2d
+from robustvit.registry import Registry
 
 __all__ = [
     "CHECKPOINTS_DIR",
     "add_recipe_arguments",
     "DEFAULT_MODEL",
+    "MODEL_SOURCES",
+    "ModelSource",
     "TRAINING_STATE_FILE",
     "PixelModel",
     "SamplerGenerator",
@@ -71,20 +74,22 @@ TRAINING_STATE_FILE = "training_state.json"
 
 
 @dataclass(frozen=True)
-class _ModelSource:
-    name: str
+class ModelSource:
+    """A way of building models: ``load(spec, num_classes, image_size, channels)`` for the specs it ``matches``."""
+
     matches: Callable[[str | None], bool]
     load: Callable[[str | None, int, int, int], tuple[nn.Module, dict[str, Any]]]
 
 
-_MODEL_SOURCES: list[_ModelSource] = []
+MODEL_SOURCES: Registry[ModelSource] = Registry("model source")
+"""Model sources by name; :func:`load_model` uses the first registered one whose ``matches(spec)`` holds."""
 
 
 def _model_source(name: str, matches: Callable[[str | None], bool]) -> Callable:
-    """Register a way of building models; the first source whose ``matches(spec)`` holds is used."""
+    """Decorator registering ``load`` as the model source ``name`` for the specs ``matches`` accepts."""
 
     def decorator(load: Callable) -> Callable:
-        _MODEL_SOURCES.append(_ModelSource(name, matches, load))
+        MODEL_SOURCES.register(name, ModelSource(matches, load))
         return load
 
     return decorator
@@ -175,7 +180,7 @@ def load_model(
     for name, value in (("num_classes", num_classes), ("image_size", image_size), ("channels", channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
-    source = next(source for source in _MODEL_SOURCES if source.matches(spec))
+    source = next(source for _, source in MODEL_SOURCES.items() if source.matches(spec))
     model, description = source.load(spec, num_classes, image_size, channels)
     input_spec = get_family(model).input_spec(model)
     description["input"] = {

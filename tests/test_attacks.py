@@ -187,7 +187,7 @@ def test_bad_arguments_raise() -> None:
         pgd(model, images, labels, 0.1, step_size=-1.0)
     with pytest.raises(ValueError, match=r"\(3,\)"):
         pgd(model, images, labels[:3], 0.1)
-    with pytest.raises(ValueError, match="'cw'"):
+    with pytest.raises(KeyError, match="unknown attack 'cw'; known: fgsm, pgd"):
         robust_accuracy(model, images, labels, 0.1, attack="cw")
 
 

@@ -6,6 +6,7 @@ import torch
 
 from robustvit import corruptions
 from robustvit.corruptions import CORRUPTIONS, MAX_SEVERITY, corrupt, corruption_names, register_corruption
+from robustvit.registry import Registry
 
 SEVERITIES = range(1, MAX_SEVERITY + 1)
 MONOTONE = ["gaussian_noise", "shot_noise", "impulse_noise", "contrast", "brightness", "gaussian_blur"]
@@ -131,7 +132,7 @@ def test_jpeg_is_a_lossy_round_trip_and_rejects_other_channel_counts():
 
 
 def test_unknown_name_lists_available():
-    with pytest.raises(ValueError, match=r"unknown corruption 'fog'.*gaussian_noise"):
+    with pytest.raises(KeyError, match=r"unknown corruption 'fog'; known: gaussian_noise, shot_noise"):
         corrupt(_images(), "fog", 1)
 
 
@@ -153,7 +154,7 @@ def test_bad_images():
 
 
 def test_register_corruption_dispatches_and_rejects_duplicates(monkeypatch):
-    monkeypatch.setattr(corruptions, "CORRUPTIONS", {})
+    monkeypatch.setattr(corruptions, "CORRUPTIONS", Registry("corruption"))
 
     @register_corruption("invert")
     def invert(images, severity, generator=None):

@@ -13,6 +13,7 @@ from timm.layers import DropPath
 from torch import nn
 
 import robustvit
+import robustvit.families  # noqa: F401  (registers the bound rules of timm layers such as DropPath)
 from robustvit.errors import UnsupportedModuleError
 from robustvit.layers import CenterNorm
 from robustvit.lipschitz import (
@@ -25,6 +26,7 @@ from robustvit.lipschitz import (
 )
 from robustvit.lipschitz import engine as engine_module
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
+from robustvit.registry import Registry
 
 
 def svd_norm(linear: nn.Linear) -> float:
@@ -189,13 +191,18 @@ class Scale(nn.Module):
 
 
 @pytest.fixture
-def scale_rule():
+def scale_rule(monkeypatch):
+    """Registers a rule for Scale in a copy of the bound rules, so that the test leaves the real ones as they were."""
+    rules = Registry("bound rule", keys=type)
+    for module_type, rule in engine_module.BOUND_RULES.items():
+        rules.register(module_type, rule)
+    monkeypatch.setattr(engine_module, "BOUND_RULES", rules)
+
     @register_bound(Scale)
     def _scale(module, bound_of):
         return torch.tensor(abs(module.factor), dtype=torch.float64)
 
-    yield _scale
-    engine_module._RULES.pop(Scale, None)
+    return _scale
 
 
 def test_registered_rule_is_used(scale_rule):
@@ -444,13 +451,22 @@ def test_class_patch_of_an_unvisited_hf_backbone_is_refused(converted_hf, monkey
         robustvit.lipschitz_bound(converted_hf)
 
 
-def test_registering_again_accepts_the_class_as_it_is(scale_rule, monkeypatch):
-    net = nn.Sequential(Scale(2.0))
+def test_registering_a_type_twice_is_refused_and_keeps_the_first_rule(scale_rule, monkeypatch):
+    with pytest.raises(ValueError, match=r"bound rule '[\w.]*\.Scale' is already registered"):
+        register_bound(Scale)(lambda module, bound_of: torch.tensor(0.0, dtype=torch.float64))
+    assert lipschitz_bound(nn.Sequential(Scale(-2.0))) == 2.0
     monkeypatch.setattr(Scale, "forward", lambda self, x: 5 * x)
-    with pytest.raises(UnsupportedModuleError, match="Scale.forward"):
-        lipschitz_bound(net)
-    register_bound(Scale)(lambda module, bound_of: torch.tensor(5.0, dtype=torch.float64))
-    assert lipschitz_bound(net) == 5.0
+    with pytest.raises(UnsupportedModuleError, match="Scale.forward"):  # and a patched class stays refused
+        lipschitz_bound(nn.Sequential(Scale(2.0)))
+
+
+def test_every_robustvit_module_imports_without_registering_a_name_twice():
+    import importlib
+    import pkgutil
+
+    for module in pkgutil.walk_packages(robustvit.__path__, "robustvit."):  # a duplicate raises on import
+        importlib.import_module(module.name)
+    assert "torch.nn.modules.container.Sequential" in engine_module.BOUND_RULES.list("torch.*")
 
 
 class GradModeScale(nn.Module):

@@ -11,6 +11,7 @@ from conftest import IMG, NUM_CLASSES, build_model
 from torch import nn
 
 import robustvit
+from robustvit import losses
 from robustvit.certify.lipschitz import lipschitz_head
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import get_family
@@ -25,6 +26,7 @@ from robustvit.losses import (
     margin_cross_entropy,
     register_loss,
 )
+from robustvit.registry import Registry
 
 
 def _batch(seed: int = 0, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,18 +208,20 @@ def test_distillation_loss_is_zero_on_identical_logits_and_positive_otherwise() 
     assert student_logits.grad.abs().sum() > 0 and teacher_logits.grad is None
 
 
-def test_registry_refuses_duplicate_names_and_registers_new_ones() -> None:
-    assert {"ce", "margin", "emma"} <= set(LOSSES)
-    with pytest.raises(ValueError, match="already registered"):
+def test_registry_refuses_duplicate_names_and_registers_new_ones(monkeypatch) -> None:
+    assert LOSSES.list() == ["ce", "margin", "emma"]
+    with pytest.raises(ValueError, match="loss 'emma' is already registered"):
         register_loss("emma", margin_cross_entropy)
     assert LOSSES["emma"] is emma_loss  # unchanged by the refused registration
+    with pytest.raises(KeyError, match="unknown loss 'hinge'; known: ce, margin, emma"):
+        LOSSES["hinge"]
 
+    monkeypatch.setattr(losses, "LOSSES", Registry("loss"))  # the real registry stays as it is
+
+    @register_loss("hinge")
     def hinge(logits, labels, *, eps, margins):
         return (logits.amax(dim=1) - logits.gather(1, labels[:, None])[:, 0]).mean()
 
-    try:
-        assert register_loss("test-hinge", hinge) is hinge and LOSSES["test-hinge"] is hinge
-        with pytest.raises(ValueError, match="already registered"):
-            register_loss("test-hinge", hinge)
-    finally:
-        LOSSES.pop("test-hinge", None)
+    assert losses.LOSSES["hinge"] is hinge and register_loss("hinge2", hinge) is hinge
+    with pytest.raises(ValueError, match="already registered"):
+        register_loss("hinge", hinge)

@@ -54,3 +54,30 @@ def test_list_filters_with_shell_patterns():
     assert registry.list("*vit") == ["timm_vit", "hf_vit"]
     assert registry.list("none*") == []
     assert repr(registry) == "Registry('model source', ['timm_vit', 'hf_vit', 'hf_deit'])"
+
+
+def test_type_keyed_registry_matches_classes_by_identity_and_shows_qualified_names():
+    rules = Registry("bound rule", keys=type)
+
+    class Scale:
+        pass
+
+    first = Scale
+
+    class Scale:  # noqa: F811  (same qualified name, another class: it must not share the rule)
+        pass
+
+    rules.register(first, "rule")
+    assert rules[first] == "rule" and Scale not in rules and rules.get(Scale) is None
+    label = f"{__name__}.test_type_keyed_registry_matches_classes_by_identity_and_shows_qualified_names.<locals>.Scale"
+    assert rules.list() == [label] and rules.list("*.Scale") == [label]
+    with pytest.raises(ValueError, match=r"bound rule '.*<locals>\.Scale' is already registered"):
+        rules.register(first, "another rule")
+    with pytest.raises(KeyError, match=r"unknown bound rule '.*<locals>\.Scale'; known: .*<locals>\.Scale"):
+        rules[Scale]
+    with pytest.raises(ValueError, match="registered for a class"):
+        rules.register("Scale", "rule")
+    with pytest.raises(ValueError, match="non-empty string"):
+        Registry("loss").register(Scale, "rule")
+    with pytest.raises(ValueError, match="keyed by str or type"):
+        Registry("loss", keys=int)

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -22,11 +23,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustvit._utils import check_inputs, eval_mode, model_logits
+from robustvit.registry import Registry
 
-__all__ = ["fgsm", "pgd", "robust_accuracy"]
+__all__ = ["ATTACKS", "fgsm", "pgd", "robust_accuracy"]
 
 _NORMS = ("l2", "linf")
-_ATTACKS = ("pgd", "fgsm")
 
 
 def _check_norm(norm: str) -> str:
@@ -235,6 +236,12 @@ def fgsm(
     return (images + eps * _ascent_direction(grad, norm)).clamp(0.0, 1.0)
 
 
+ATTACKS: Registry[Callable[..., torch.Tensor]] = Registry("attack")
+"""``attack(model, images, labels, eps, *, norm, **kwargs) -> adversarial images`` by name (weakest first)."""
+ATTACKS.register("fgsm", fgsm)
+ATTACKS.register("pgd", pgd)
+
+
 def robust_accuracy(
     model: nn.Module,
     images: torch.Tensor,
@@ -257,7 +264,7 @@ def robust_accuracy(
         labels: True classes, shape ``(N,)``.
         eps: Attack radius in ``norm``.
         norm: ``"l2"`` or ``"linf"``.
-        attack: ``"pgd"`` or ``"fgsm"``.
+        attack: A name in :data:`ATTACKS` (``"fgsm"``, ``"pgd"``).
         batch_size: Images per attack call.
         **attack_kwargs: Passed to the attack (e.g. ``steps``, ``restarts``, ``generator`` for PGD).
 
@@ -269,15 +276,13 @@ def robust_accuracy(
         >>> robust_accuracy(model, images, labels, eps=36 / 255, norm="l2", steps=5, restarts=2) <= clean
         True
     """
-    if attack not in _ATTACKS:
-        raise ValueError(f"attack must be one of {_ATTACKS}, got {attack!r}")
+    attack_fn = ATTACKS[attack]
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     check_inputs(model, images, labels, eps=eps)
     labels = _check_labels(labels, images)
     if images.shape[0] == 0:
         raise ValueError("robust_accuracy needs at least one image, got an empty batch")
-    attack_fn = pgd if attack == "pgd" else fgsm
     correct = 0
     with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):

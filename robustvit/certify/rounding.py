@@ -43,6 +43,7 @@ from robustvit.errors import UnsupportedModuleError
 from robustvit.layers import CenterNorm, LipBlock, LipResidual, MinMax, NormalizedConv2d, PrefixPool, TokenShift
 from robustvit.lipschitz import is_spectrally_rescaled, lipschitz_bound
 from robustvit.lipschitz.spectral import conv_spectral_norm
+from robustvit.registry import Registry
 
 __all__ = ["PRECISIONS", "Rounding", "forward_error_bound", "unit_roundoff"]
 
@@ -83,13 +84,16 @@ class State:
 
 
 Rule = Callable[[nn.Module, State, "Analysis"], State]
-_RULES: dict[type, Rule] = {}
+ROUNDING_RULES: Registry[Rule] = Registry("rounding rule", keys=type)
+"""The floating-point error analysis of each exact module type; fill it with :func:`register_rounding`."""
 
 
 def register_rounding(*types: type) -> Callable[[Rule], Rule]:
+    """Register ``rule(module, state, analysis) -> State`` for modules of exactly these types (once per type)."""
+
     def decorator(rule: Rule) -> Rule:
         for module_type in types:
-            _RULES[module_type] = rule
+            ROUNDING_RULES.register(module_type, rule)
         return rule
 
     return decorator
@@ -111,7 +115,7 @@ class Analysis:
 
     def visit(self, module: nn.Module, state: State) -> State:
         module_type = parametrize.type_before_parametrizations(module)
-        rule = _RULES.get(module_type)
+        rule = ROUNDING_RULES.get(module_type)
         if rule is None:
             raise UnsupportedModuleError(
                 f"no floating-point error analysis for {module_type.__name__}: certify(..., precision=...) cannot "

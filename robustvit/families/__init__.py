@@ -2,6 +2,7 @@
 
 from robustvit.families import hf_vit, timm_vit  # noqa: F401  (registration)
 from robustvit.families.base import (
+    FAMILIES,
     NATIVE_RECORD_KEY,
     BlockParts,
     Family,
@@ -17,6 +18,7 @@ from robustvit.families.base import (
 )
 
 __all__ = [
+    "FAMILIES",
     "NATIVE_RECORD_KEY",
     "BlockParts",
     "Family",

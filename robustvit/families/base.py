@@ -17,8 +17,10 @@ from torch.nn.utils import parametrize
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn, compose_bound
 from robustvit.lipschitz.spectral import gram_spectral_norm
+from robustvit.registry import Registry
 
 __all__ = [
+    "FAMILIES",
     "BlockParts",
     "Family",
     "InputSpec",
@@ -186,26 +188,23 @@ def native_record(model: nn.Module) -> dict:
     }
 
 
-_FAMILIES: dict[str, Family] = {}
+FAMILIES: Registry[Family] = Registry("family")
+"""Family adapters by name, in registration order: :func:`get_family` tries them in that order."""
 
 
 def register_family(cls: type[Family]) -> type[Family]:
-    """Class decorator: register a family adapter (first registered match wins)."""
-    if not cls.name or cls.name in _FAMILIES:
-        raise ValueError(f"family name {cls.name!r} is empty or already registered")
-    _FAMILIES[cls.name] = cls()
+    """Class decorator: register a family adapter under ``cls.name`` (first registered match wins)."""
+    FAMILIES.register(cls.name, cls())
     return cls
 
 
 def registered_families() -> list[str]:
-    return list(_FAMILIES)
+    return FAMILIES.list()
 
 
 def family_by_name(name: str) -> Family:
-    """The registered adapter called ``name`` (as stored in saved configs)."""
-    if name not in _FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; registered: {sorted(_FAMILIES)}")
-    return _FAMILIES[name]
+    """The registered adapter called ``name`` (as stored in saved configs); ``KeyError`` listing them otherwise."""
+    return FAMILIES[name]
 
 
 def get_family(model: nn.Module) -> Family:
@@ -213,12 +212,12 @@ def get_family(model: nn.Module) -> Family:
     from robustvit._utils import unwrap
 
     model = unwrap(model)
-    for family in _FAMILIES.values():
+    for _, family in FAMILIES.items():
         if family.matches(model):
             return family
     raise UnsupportedModuleError(
         f"{type(model).__module__}.{type(model).__name__} is not a supported model; robustvit supports "
-        f"{', '.join(_FAMILIES)}"
+        f"{', '.join(FAMILIES.list())}"
     )
 
 

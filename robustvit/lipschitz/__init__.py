@@ -1,6 +1,7 @@
 """The Lipschitz core: guaranteed spectral bounds, spectral rescaling and the bound engine."""
 
 from robustvit.lipschitz.engine import (
+    BOUND_RULES,
     GELU_LIPSCHITZ,
     BoundEntry,
     BoundFn,
@@ -24,6 +25,7 @@ from robustvit.lipschitz.spectral import (
 )
 
 __all__ = [
+    "BOUND_RULES",
     "GELU_LIPSCHITZ",
     "BoundEntry",
     "BoundFn",

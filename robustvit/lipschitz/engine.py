@@ -40,8 +40,10 @@ from robustvit._utils import unwrap
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.rescale import is_spectrally_rescaled
 from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm, gram_spectral_norm
+from robustvit.registry import Registry
 
 __all__ = [
+    "BOUND_RULES",
     "BoundFn",
     "BoundEntry",
     "BoundReport",
@@ -62,7 +64,8 @@ GELU_LIPSCHITZ = 1.129
 """Max slope of GELU, ``Phi(x) + x phi(x)`` at ``x = sqrt(2)``: 1.128904 (exact) and 1.128993 (tanh form), rounded
 up. (Some public code uses 1.12, which is below the true value.)"""
 
-_RULES: dict[type, Callable[[nn.Module, BoundFn], Tensor]] = {}
+BOUND_RULES: Registry[Callable[[nn.Module, BoundFn], Tensor]] = Registry("bound rule", keys=type)
+"""``rule(module, bound_of) -> Tensor`` per exact module type; fill it with :func:`register_bound`."""
 
 _CALL_PATH = ("__call__", "_wrapped_call_impl", "_call_impl")
 _MODULE_CALL_PATH = {name: getattr(nn.Module, name) for name in _CALL_PATH}
@@ -103,18 +106,23 @@ def record_methods(*module_types: type) -> None:
 def register_bound(*module_types: type) -> Callable:
     """Register ``rule(module, bound_of) -> Tensor`` as the bound of modules of exactly these types.
 
-    The types' methods are recorded now (see :func:`record_methods`): a later class-level patch is refused.
+    A type that already has a rule is refused (``ValueError``): which rule bounds a module must not depend on
+    import order. The types' methods are recorded now (see :func:`record_methods`): a later class-level patch is
+    refused.
 
     Example:
-        >>> @register_bound(nn.Hardtanh)
-        ... def _hardtanh(module, bound_of):
-        ...     return torch.ones((), dtype=torch.float64)
+        >>> class Double(nn.Module):
+        ...     def forward(self, x):
+        ...         return 2 * x
+        >>> @register_bound(Double)
+        ... def _double(module, bound_of):
+        ...     return torch.full((), 2.0, dtype=torch.float64)
     """
 
     def decorator(rule: Callable[[nn.Module, BoundFn], Tensor]) -> Callable[[nn.Module, BoundFn], Tensor]:
         for module_type in module_types:
-            _RULES[module_type] = rule
-            _METHODS[module_type] = _method_table(module_type)  # re-registering accepts the class as it is now
+            BOUND_RULES.register(module_type, rule)
+            _METHODS[module_type] = _method_table(module_type)
         return rule
 
     return decorator
@@ -224,7 +232,7 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
         return (lambda m, bound_of: own(bound_of)) if takes_bound_of else (lambda m, bound_of: own())
     if module_type is nn.Linear:
         return lambda m, bound_of: walker.linear_bounds[id(m)]
-    rule = _RULES.get(module_type)
+    rule = BOUND_RULES.get(module_type)
     if rule is None:
         raise UnsupportedModuleError(
             f"no Lipschitz bound is known for module {where}. Convert the model with robustvit.convert, "
