@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 
 import robustvit
 import robustvit.peft
+from robustvit.convert import ACTIVATIONS, MIXERS, MLPS
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule, distillation_loss, head_margins
 from robustvit.training import (
@@ -225,14 +226,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     hyper.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     hyper.add_argument("--weight_decay", type=float, default=0.0)
     hyper.add_argument("--batch_size", type=int, default=64, help="per process")
-    hyper.add_argument("--loss", default="emma", choices=sorted(LOSSES))
+    hyper.add_argument("--loss", default="emma", choices=LOSSES.list())
     hyper.add_argument("--eps", type=float, default=36 / 255, help="target l2 radius (pixels in [0, 1])")
     hyper.add_argument("--eps_start", type=float, default=0.1, help="training radius at the start, times --eps")
     hyper.add_argument("--eps_end", type=float, default=2.0, help="training radius after the ramp, times --eps")
     hyper.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the source model")
-    hyper.add_argument("--mixer", default="shift", choices=("shift", "l2"))
-    hyper.add_argument("--activation", default="minmax", choices=("gelu", "minmax"), help="MLP activation (--mlp keep)")
-    hyper.add_argument("--mlp", default="keep", choices=("keep", "sll", "cpl"), help="see robustvit.ConvertConfig")
+    hyper.add_argument("--mixer", default="shift", choices=MIXERS.list())
+    hyper.add_argument("--activation", default="minmax", choices=ACTIVATIONS.list(), help="MLP activation (--mlp keep)")
+    hyper.add_argument("--mlp", default="keep", choices=MLPS.list(), help="see robustvit.ConvertConfig")
     hyper.add_argument("--lora_r", type=int, default=0, help="LoRA rank (robustvit.peft); 0 trains all parameters")
     hyper.add_argument(
         "--singular_value_power",

@@ -98,6 +98,7 @@ def _convert(args: argparse.Namespace) -> int:
     options = {
         "mixer": args.mixer,
         "activation": args.activation,
+        "mlp": args.mlp,
         "shift_div": args.shift_div,
         "residual_alpha": args.residual_alpha,
         "mean": args.mean,
@@ -280,8 +281,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra constructor / config arguments, e.g. depth=6 embed_dim=192 (values parsed as JSON)",
     )
-    p.add_argument("--mixer", choices=("shift", "l2"))
-    p.add_argument("--activation", choices=("gelu", "minmax"))
+    # Choices are the registries' (robustvit.convert.MIXERS, ...); ConvertConfig lists them when a name is unknown.
+    # Not as argparse choices: that would import torch for --help.
+    p.add_argument("--mixer", help="token mixer (default: shift)")
+    p.add_argument("--activation", help="MLP activation (default: gelu)")
+    p.add_argument("--mlp", help="MLP form (default: keep)")
     p.add_argument("--shift_div", type=int)
     p.add_argument("--residual_alpha", type=float)
     p.add_argument("--mean", type=float, nargs="+", help="input normalization mean (default: the source's)")

@@ -48,8 +48,9 @@ from robustvit.layers import (
     TokenShift,
 )
 from robustvit.lipschitz.rescale import is_spectrally_rescaled, spectral_rescale
+from robustvit.registry import Registry
 
-__all__ = ["ConvertConfig", "convert", "export", "is_converted"]
+__all__ = ["ACTIVATIONS", "MIXERS", "MLPS", "ConvertConfig", "convert", "export", "is_converted"]
 
 
 @dataclass
@@ -97,12 +98,9 @@ class ConvertConfig:
     std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        if self.mixer not in _MIXERS:
-            raise ValueError(f"mixer must be one of {sorted(_MIXERS)}, got {self.mixer!r}")
-        if self.activation not in _ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
-        if self.mlp not in _MLPS:
-            raise ValueError(f"mlp must be one of {sorted(_MLPS)}, got {self.mlp!r}")
+        for field, registry in (("mixer", MIXERS), ("activation", ACTIVATIONS), ("mlp", MLPS)):
+            if getattr(self, field) not in registry:
+                raise ValueError(f"{field} must be one of {registry.list()}, got {getattr(self, field)!r}")
         if self.shift_div < 4:
             raise ValueError(f"shift_div must be at least 4, got {self.shift_div}")
         if not self.residual_alpha > 0:
@@ -156,11 +154,21 @@ def _copy_linear(weight: Tensor, bias: Tensor | None, target: nn.Linear) -> None
             target.bias.copy_(bias if bias is not None else torch.zeros_like(target.bias))
 
 
+# Conversion choices: ConvertConfig.mixer / activation / mlp name an entry of these registries.
+MIXERS: Registry[Callable[..., nn.Module]] = Registry("mixer")
+ACTIVATIONS: Registry[Callable[[], nn.Module] | None] = Registry("activation")
+MLPS: Registry[Callable[..., nn.Module]] = Registry("mlp")
+ACTIVATIONS.register("gelu", None)  # kept as the source has it (bound 1.129)
+ACTIVATIONS.register("minmax", MinMax)
+
+
+@MIXERS.register("shift")
 def _shift_mixer(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
     # ShiftViT/LipShiFT: the shift replaces the whole attention sub-block, residual included.
     return TokenShift(parts.grid_size, config.shift_div, parts.num_prefix_tokens)
 
 
+@MIXERS.register("l2")
 def _l2_mixer(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
     tokens = parts.num_prefix_tokens + parts.grid_size[0] * parts.grid_size[1]
     attn = L2Attention(parts.embed_dim, block.num_heads, tokens).to(block.out.weight.device, block.out.weight.dtype)
@@ -174,12 +182,9 @@ def _l2_mixer(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: C
     return LipResidual(branch, parts.embed_dim, alpha)
 
 
-_MIXERS: dict[str, Callable[..., nn.Module]] = {"shift": _shift_mixer, "l2": _l2_mixer}
-_ACTIVATIONS: dict[str, Callable[[], nn.Module] | None] = {"gelu": None, "minmax": MinMax}
-
-
+@MLPS.register("keep")
 def _kept_mlp(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
-    make_activation = _ACTIVATIONS[config.activation]
+    make_activation = ACTIVATIONS[config.activation]
     if make_activation is not None:
         setattr(block.mlp, block.mlp_activation, make_activation())
     branch = nn.Sequential(OrderedDict(norm=norm(block.norm2), mlp=block.mlp, drop=block.drop2))
@@ -205,16 +210,13 @@ def _residual_layer(layer_type: type[nn.Module]) -> Callable[..., nn.Module]:
     return build
 
 
-_MLPS: dict[str, Callable[..., nn.Module]] = {
-    "keep": _kept_mlp,
-    "sll": _residual_layer(SLL),
-    "cpl": _residual_layer(CPL),
-}
+MLPS.register("sll", _residual_layer(SLL))
+MLPS.register("cpl", _residual_layer(CPL))
 
 
 def _build_block(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> LipBlock:
-    mixer = _MIXERS[config.mixer](block, parts, config, norm)
-    mlp = _MLPS[config.mlp](block, parts, config, norm)
+    mixer = MIXERS[config.mixer](block, parts, config, norm)
+    mlp = MLPS[config.mlp](block, parts, config, norm)
     return LipBlock(mixer, mlp).to(parts.patch_conv.weight.dtype)
 
 

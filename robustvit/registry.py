@@ -14,6 +14,7 @@ from typing import Generic, TypeVar
 __all__ = ["Registry"]
 
 T = TypeVar("T")
+_DECORATE = object()  # register(name) without an object returns a decorator (None is a valid entry)
 
 
 class Registry(Generic[T]):
@@ -52,9 +53,9 @@ class Registry(Generic[T]):
     def _label(self, key: str | type) -> str:
         return key if isinstance(key, str) else f"{key.__module__}.{key.__qualname__}"
 
-    def register(self, name: str | type, obj: T | None = None) -> T | Callable[[T], T]:
+    def register(self, name: str | type, obj: T | object = _DECORATE) -> T | Callable[[T], T]:
         """Register ``obj`` under ``name``; without ``obj``, return a decorator that registers what it decorates."""
-        if obj is None:
+        if obj is _DECORATE:
             return lambda decorated: self.register(name, decorated)
         if self.keys is str and (not isinstance(name, str) or not name):
             raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")

@@ -24,6 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Docstring examples under robustvit/ run with a user's namespace (tests/doctest_env.py)."""
     config.pluginmanager.import_plugin("doctest_env")
 
+
 IMG = 32
 NUM_CLASSES = 10
 

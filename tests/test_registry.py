@@ -20,6 +20,8 @@ def test_register_by_call_and_decorator_keeps_order():
     assert "a" in registry and "c" not in registry and len(registry) == 2
     assert list(registry) == ["b", "a"] and registry.items() == [("b", b), ("a", "value-a")]
     assert registry.get("c") is None and registry.get("c", 1) == 1
+    registry.register("none", None)  # None is an entry (e.g. "keep the source's activation"), not "decorate"
+    assert "none" in registry and registry["none"] is None
 
 
 def test_duplicate_names_are_refused():
