@@ -191,7 +191,9 @@ def bench_rescale_training(repeats: int) -> list[dict]:
                 torch.nn.functional.cross_entropy(model(x), y).backward()
                 times[key].append(time.perf_counter() - start)
         med = {k: statistics.median(v[1:]) for k, v in times.items()}
-        rows.append({"config": label, **{f"{k}_s": v for k, v in med.items()}, "ratio": med["converted"] / med["exported"]})
+        rows.append(
+            {"config": label, **{f"{k}_s": v for k, v in med.items()}, "ratio": med["converted"] / med["exported"]}
+        )
     return rows
 
 
@@ -215,12 +217,16 @@ def main() -> None:
         )
     for name in args.models:
         med = {r["method"]: r["median_s"] for r in rows if r["model"] == name}
-        print(f"\n{name}: robustvit Gram / paper Gram at {GRAM_STEPS} steps: {med[OUR_GRAM] / med[PAPER_GRAM]:.2f}x time")
+        print(
+            f"\n{name}: robustvit Gram / paper Gram at {GRAM_STEPS} steps: {med[OUR_GRAM] / med[PAPER_GRAM]:.2f}x time"
+        )
     print(f"\n{conv['layer']}:")
     for key, m in conv["methods"].items():
         print(f"- {key}: {m['median_s'] * 1e3:.1f} ms, bound {m['bound']:.6f}, gap to exact {m['rel_gap']:.1e}")
-    print(f"  time ratio robustvit / circular 4 steps: {conv['time_ratio_vs_4_steps']:.2f}x, "
-          f"/ 6 steps: {conv['time_ratio_vs_6_steps']:.2f}x")
+    print(
+        f"  time ratio robustvit / circular 4 steps: {conv['time_ratio_vs_4_steps']:.2f}x, "
+        f"/ 6 steps: {conv['time_ratio_vs_6_steps']:.2f}x"
+    )
     print("\n| train step | converted (s) | exported (s) | ratio |\n|---|---|---|---|")
     for t in training:
         print(f"| {t['config']} | {t['converted_s']:.3f} | {t['exported_s']:.3f} | {t['ratio']:.2f}x |")

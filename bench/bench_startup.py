@@ -20,7 +20,12 @@ from pathlib import Path
 
 COMMANDS = {
     "import torch": [sys.executable, "-c", "import torch"],
-    "robustvit --help": [sys.executable, "-c", "import sys; from robustvit.cli import main; sys.argv[0] = 'robustvit'; main()", "--help"],
+    "robustvit --help": [
+        sys.executable,
+        "-c",
+        "import sys; from robustvit.cli import main; sys.argv[0] = 'robustvit'; main()",
+        "--help",
+    ],
 }
 
 

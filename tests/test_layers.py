@@ -432,8 +432,9 @@ def test_certify_after_a_data_write_describes_the_held_model():
     """A write through ``weight.data`` after an eval forward (old-style optimizers, EMA code) must not split the
     held model from what ``certify`` and ``lipschitz_bound`` describe: no prediction of the held model flips inside
     its certified radius, and its empirical Lipschitz ratio stays under the bound."""
-    import robustvit
     from conftest import build_model
+
+    import robustvit
 
     model = robustvit.convert(build_model("timm_avg_ls_reg")).eval()
     images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))

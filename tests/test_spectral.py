@@ -129,7 +129,8 @@ def test_matrix_bound_extreme_float64_scales(name, scale):
 def _known_norm_matrices(c: float) -> list[tuple[torch.Tensor, Fraction]]:
     """4 x 9 matrices with entries that are exact multiples of ``c`` and an exactly known spectral norm: all ``c``
     (rank one, norm ``6 c``: the Gram bound is tight after one step, so only the rounding slack keeps it above),
-    a diagonal ``c (1, 1/2, 1/4, 1/8)`` (norm ``c``), and a +-c Hadamard block (all four singular values ``2 c``: the slowest case)."""
+    a diagonal ``c (1, 1/2, 1/4, 1/8)`` (norm ``c``), and a +-c Hadamard block (all four singular values ``2 c``: the
+    slowest case)."""
     ones = torch.full((4, 9), c, dtype=torch.float64)
     diagonal = torch.zeros(4, 9, dtype=torch.float64)
     diagonal[range(4), range(4)] = torch.tensor([c, c / 2, c / 4, c / 8], dtype=torch.float64)
@@ -152,7 +153,7 @@ def test_matrix_bound_never_below_an_exactly_known_norm_at_any_scale(name, scale
     """Compared in exact rational arithmetic, with no tolerance: the rounding slack must cover the log-space scale,
     the exponentials and the final power-of-two rescaling at every representable scale, subnormals included."""
     for w, exact in _known_norm_matrices(scale):
-        if not torch.isfinite(w).all() or not bool((w.abs().amax() > 0)):
+        if not torch.isfinite(w).all() or not bool(w.abs().amax() > 0):
             continue
         bound = MATRIX_BOUNDS[name](w)
         assert Fraction(float(bound)) >= exact, f"{name} at {scale:g}: bound {float(bound)!r} < exact {float(exact)!r}"
@@ -181,7 +182,7 @@ def test_matrix_bound_on_a_batch_of_mixed_scales(name):
     scales = [1e300, 1e-300, 2.0**-1070, 1.0, 0.0, 2.0**1000]
     cases = [_known_norm_matrices(c)[0] for c in scales]
     bound = MATRIX_BOUNDS[name](torch.stack([w for w, _ in cases]))
-    for (w, exact), value in zip(cases, bound.tolist(), strict=True):
+    for (_, exact), value in zip(cases, bound.tolist(), strict=True):
         assert Fraction(value) >= exact, (value, float(exact))
         assert value <= float(exact) * (1 + 1e-4) + 2.0**-1070
 

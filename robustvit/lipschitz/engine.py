@@ -199,7 +199,8 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
 def _batched_linear_bounds(root: nn.Module) -> dict[int, Tensor]:
     """Bounds of every ``nn.Linear`` weight in ``root``: verified and batched by shape, or Gram iteration with a
     graph for plain weights that require grad (``bound_tensor`` in a loss). A spectrally rescaled weight's bound stays
-    at most 1 by construction, so it enters a loss as a constant, which keeps margin training cheap."""
+    about 1 by construction (its divisor tracks its norm), so it enters a loss as a constant, which keeps margin
+    training cheap; the value is still the guaranteed bound of the effective weight."""
     with parametrize.cached():
         linears = [m for m in root.modules() if parametrize.type_before_parametrizations(m) is nn.Linear]
         differentiable = torch.is_grad_enabled()

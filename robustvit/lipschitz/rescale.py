@@ -3,8 +3,9 @@
 The divisor is a Schatten norm of the layer's map restricted to a stored orthonormal set of top input directions,
 kept up to date by one warm-started subspace-iteration step per training forward (the block form of what
 ``torch.nn.utils.parametrizations.spectral_norm`` does with one vector). It costs a few matrix-vector products instead
-of a guaranteed bound at every step, so constrained training runs at about the speed of plain training. Certificates never rely on it: the bound engine proves a guaranteed bound of the effective weight
-``W / divisor`` that the layer computes with, whatever the divisor is.
+of a guaranteed bound at every step, so constrained training runs at about the speed of plain training.
+Certificates never rely on it: the bound engine proves a guaranteed bound of the effective weight ``W / divisor``
+that the layer computes with, whatever the divisor is.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ and, like the Gram-iteration bound it replaces (6 steps: ``p = 2^7``), it also w
 percent of the top one, so training spreads its gradient over the whole top cluster, not one wandering vector."""
 
 EXPLICIT_MATRIX_MAX_INPUTS = 4096
-"""Operators with at most this many inputs get an exact starting direction from a dense eigensolver on their explicit
-matrix; larger (non-patchify) convolutions start from :data:`INITIAL_POWER_STEPS` power-iteration steps."""
+"""Operators with at most this many inputs get exact starting directions from a dense eigensolver on their explicit
+matrix; larger (non-patchify) convolutions start from :data:`INITIAL_POWER_STEPS` subspace-iteration steps."""
 
 INITIAL_POWER_STEPS = 200
 

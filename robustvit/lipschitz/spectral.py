@@ -308,7 +308,11 @@ def batched_spectral_norms(weights: Sequence[Tensor]) -> list[Tensor]:
 
 @torch.no_grad()
 def _converged(
-    w: tuple[Tensor, Tensor | None], g: tuple[Tensor, Tensor | None], log_s: Tensor, exponent: Tensor, steps: int,
+    w: tuple[Tensor, Tensor | None],
+    g: tuple[Tensor, Tensor | None],
+    log_s: Tensor,
+    exponent: Tensor,
+    steps: int,
     rtol: float,
 ) -> bool:
     """Whether the current Gram bound (of ``2^-e W``) is within ``rtol`` of a lower estimate for every matrix.
