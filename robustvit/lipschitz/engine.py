@@ -26,7 +26,7 @@ from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.lipschitz.rescale import is_spectrally_rescaled
+from robustvit.lipschitz.rescale import frozen_directions, is_spectrally_rescaled
 from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm, gram_spectral_norm
 
 __all__ = [
@@ -201,7 +201,7 @@ def _batched_linear_bounds(root: nn.Module) -> dict[int, Tensor]:
     graph for plain weights that require grad (``bound_tensor`` in a loss). A spectrally rescaled weight's bound stays
     about 1 by construction (its divisor tracks its norm), so it enters a loss as a constant, which keeps margin
     training cheap; the value is still the guaranteed bound of the effective weight."""
-    with parametrize.cached():
+    with parametrize.cached(), frozen_directions():
         linears = [m for m in root.modules() if parametrize.type_before_parametrizations(m) is nn.Linear]
         differentiable = torch.is_grad_enabled()
         graph = [m for m in linears if differentiable and m.weight.requires_grad and not is_spectrally_rescaled(m)]
@@ -235,7 +235,7 @@ def _check_tree(root: nn.Module) -> None:
 def _walk(module: nn.Module) -> tuple[Tensor, list[BoundEntry]]:
     _check_tree(module)
     walker = _Walker(module)
-    with parametrize.cached():
+    with parametrize.cached(), frozen_directions():
         total = walker.visit("", module, 0)
     return total, walker.entries
 
@@ -247,7 +247,7 @@ def compose_bound(root: nn.Module, compose: Callable[[BoundFn], Tensor]) -> Tens
     ``compose_bound(model, lambda bound_of: bound_of("backbone", model.backbone))``.
     """
     walker = _Walker(root)
-    with parametrize.cached():
+    with parametrize.cached(), frozen_directions():
         return compose(lambda name, child: walker.visit(name, child, 0))
 
 

@@ -11,7 +11,8 @@ that the layer computes with, whatever the divisor is.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -22,7 +23,20 @@ from torch.nn.utils import parametrize
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.spectral import conv_operator_bound, is_patchify
 
-__all__ = ["SpectralRescale", "spectral_rescale", "is_spectrally_rescaled"]
+__all__ = ["SpectralRescale", "frozen_directions", "spectral_rescale", "is_spectrally_rescaled"]
+
+_FROZEN = [False]
+
+
+@contextmanager
+def frozen_directions() -> Iterator[None]:
+    """Within this context no forward moves the tracked directions: the bound engine reads weights under it, so
+    bounding a model (even in train mode with autograd on) never changes the function it bounds."""
+    previous, _FROZEN[0] = _FROZEN[0], True
+    try:
+        yield
+    finally:
+        _FROZEN[0] = previous
 
 POWER_STEPS_PER_FORWARD = 1
 """Subspace-iteration steps per training forward: the weights move little per optimizer step, so one warm-started
@@ -81,7 +95,7 @@ class SpectralRescale(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         directions = self.directions
-        if self.training and torch.is_grad_enabled():
+        if self.training and torch.is_grad_enabled() and not _FROZEN[0]:
             with torch.no_grad():
                 for _ in range(POWER_STEPS_PER_FORWARD):
                     self.directions.copy_(_subspace_step(self.operator, weight.detach(), self.directions))
