@@ -247,7 +247,7 @@ def _rescale(module: nn.Module) -> Tensor:
     spectral_rescale(module)
     rescaler = module.parametrizations.weight[0]
     with torch.no_grad():
-        return rescaler.bound_fn(module.parametrizations.weight.original).to(module.parametrizations.weight.original)
+        return rescaler.divisor(module.parametrizations.weight.original)
 
 
 @torch.no_grad()

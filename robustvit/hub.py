@@ -72,6 +72,7 @@ from robustvit.convert import is_converted
 from robustvit.errors import CertificateError
 from robustvit.families import NATIVE_RECORD_KEY, get_family, rebuild_converted, registered_families
 from robustvit.lipschitz import mark_lipschitz_neutral
+from robustvit.lipschitz.rescale import frozen_directions
 
 __all__ = [
     "BOUND_RTOL",
@@ -140,6 +141,7 @@ def _input_spec(model: nn.Module) -> dict[str, Any]:
     }
 
 
+@frozen_directions()  # reading the head's weight in train mode must not move the rescaling's directions
 def _config(model: nn.Module) -> dict[str, Any]:
     from robustvit import __version__  # late: robustvit/__init__.py imports this module
 
@@ -673,9 +675,8 @@ def from_pretrained(
             f"has digest {claim_digest(certificate)!r}: the certificate was edited or belongs to other weights"
         )
 
-    model = _build(config)
+    model = _build(config).eval()
     _load_weights(model, weights, metadata, config)
-    model.eval()
     if certificate is not None:
         _check_description(model, certificate)
         _check_bounds(model, certificate)

@@ -49,7 +49,7 @@ def head_margins(model: nn.Module) -> HeadMargins:
     """``K_ij = L_features * ||w_i - w_j||`` for a supported family's linear head, else ``sqrt(2) * L``.
 
     Differentiable in the CenterNorm gammas, residual alphas and head weights; the spectrally rescaled layers enter
-    through their (verified, constant) bounds, which stay at most 1 by construction.
+    through their (verified, constant) bounds, which stay about 1 by construction.
     """
     head = linear_head(model)
     if head is None:

@@ -68,13 +68,10 @@ class LipschitzLoraLinear(LoraLinear):
             return base.weight
         weight = self._raw_weight()
         if parametrize.is_parametrized(base, "weight"):
+            # The rescaling applied to the adapted weight, in the layer's own mode: training forwards move its tracked
+            # directions toward this weight's top singular subspace, eval forwards leave them (and the function) fixed.
             for parametrization in base.parametrizations.weight:
-                # Training mode: the parametrization recomputes from this (new) weight, never from a cached one.
-                mode, parametrization.training = parametrization.training, True
-                try:
-                    weight = parametrization(weight)
-                finally:
-                    parametrization.training = mode
+                weight = parametrization(weight)
         return weight
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:

@@ -7,10 +7,12 @@ bounds directly.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.optimize import minimize_scalar
 from scipy.stats import norm as normal
 from torch import nn
@@ -344,48 +346,125 @@ def test_spectral_rescale_effective_norm_at_most_one(case):
         assert lipschitz_bound(layer) <= 1 + 2e-5
 
 
-def test_spectral_rescale_eval_cache_and_invalidation():
+def _effective_norm(layer: nn.Linear) -> float:
+    return float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
+
+
+def test_spectral_rescale_eval_is_a_function_of_weight_and_directions():
+    """Eval forwards recompute ``W / ||W V||_{S_p}`` every time: no cache, so no write to ``W`` (in place, through
+    ``.data``, by ``load_state_dict`` or by assignment) can leave the layer computing with a stale divisor."""
+    from robustvit.lipschitz.rescale import SCHATTEN_P
+
     torch.manual_seed(0)
     layer = spectral_rescale(nn.Linear(10, 6)).eval()
-    rescaler = layer.parametrizations.weight[0]
-    calls = []
-    original_fn = rescaler.bound_fn
-    rescaler.bound_fn = lambda w: calls.append(1) or original_fn(w)
-    first = layer.weight
-    second = layer.weight
-    assert torch.equal(first, second) and len(calls) <= 1  # cached: no recomputation in eval
     raw = layer.parametrizations.weight.original
+    directions = layer.parametrizations.weight[0].directions
+    x = torch.randn(5, 10)
 
-    def effective_norm() -> float:
-        return float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
+    def expected() -> torch.Tensor:
+        sigma = torch.linalg.svdvals(raw.detach() @ directions.T)
+        divisor = sigma.max() * ((sigma / sigma.max()) ** SCHATTEN_P).sum() ** (1 / SCHATTEN_P)
+        return F.linear(x, raw.detach() / divisor, layer.bias)
 
-    # an in-place change (like an optimizer step) invalidates the cache
+    assert 0.95 <= _effective_norm(layer) <= 1 + 1e-6  # the initial directions are the top ones
+    first = layer(x)
+    assert torch.equal(first, layer(x)) and torch.allclose(first, expected(), atol=1e-6)
     with torch.no_grad():
-        raw.mul_(7.0)
-    assert effective_norm() <= 1 + 1e-6
-    # load_state_dict invalidates it too
+        raw.mul_(7.0)  # same top directions: the function does not change
+    assert torch.allclose(layer(x), first, atol=1e-6)
+    raw.data.copy_(torch.randn(6, 10) * 3)  # no version bump, and other top directions
+    assert torch.allclose(layer(x), expected(), atol=1e-6)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
-    state["parametrizations.weight.original"] = state["parametrizations.weight.original"] * 13.0
+    assert "parametrizations.weight.0.directions" in state  # saved with the weights
+    state["parametrizations.weight.original"] = torch.randn(6, 10) * 13
     layer.load_state_dict(state)
-    assert effective_norm() <= 1 + 1e-6
-    assert torch.equal(layer.parametrizations.weight.original, state["parametrizations.weight.original"])
-    # and so does an assignment to the weight
+    assert torch.allclose(layer(x), expected(), atol=1e-6)
     with torch.no_grad():
         layer.weight = torch.randn(6, 10) * 50
-    assert effective_norm() <= 1 + 1e-6
+    assert torch.allclose(layer(x), expected(), atol=1e-6)
+    assert torch.equal(directions, layer.parametrizations.weight[0].directions)  # eval never moves them
+    # Whatever the divisor is (here the directions are stale, so it may be below the norm), the bound covers the layer.
+    assert lipschitz_bound(layer) >= _effective_norm(layer) * (1 - 1e-12)
 
 
-def test_spectral_rescale_cache_refreshes_on_mode_switch_after_data_writes():
-    """``param.data.mul_()`` (old-style optimizers, EMA code) does not bump the version counter: the documented
-    remedy is switching modes (train, then eval), which refreshes the cache. Certificates never depend on it."""
+def test_spectral_rescale_training_forwards_track_the_norm():
+    """Each training forward moves the directions one subspace-iteration step: after the weight jumps, the effective
+    norm converges back to (just below) 1. Forwards without autograd (and in eval mode) do not move them."""
     torch.manual_seed(0)
-    layer = spectral_rescale(nn.Linear(10, 6)).eval()
-    _ = layer.weight  # fill the cache
-    layer.parametrizations.weight.original.data.mul_(7.0)
-    assert lipschitz_bound(layer) >= float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
-    layer.train().eval()
-    norm = float(torch.linalg.matrix_norm(layer.weight.detach().double(), ord=2))
-    assert norm <= 1 + 1e-6, f"stale eval cache: effective norm {norm} after a mode switch"
+    layer = spectral_rescale(nn.Linear(12, 8))
+    rescaler = layer.parametrizations.weight[0]
+    raw = layer.parametrizations.weight.original
+    with torch.no_grad():
+        raw.copy_(torch.randn(8, 12) * torch.linspace(0.2, 3.0, 12))  # a clear top singular value
+    x = torch.randn(3, 12)
+    before = rescaler.directions.clone()
+    with torch.no_grad():
+        layer(x)
+    assert torch.equal(rescaler.directions, before)
+    gaps = []
+    for _ in range(30):
+        layer(x).sum().backward()
+        gaps.append(abs(_effective_norm(layer) - 1))
+    assert not torch.equal(rescaler.directions, before)
+    assert gaps[0] > gaps[-1] and _effective_norm(layer) <= 1 + 1e-6 and gaps[-1] < 0.03, gaps
+
+
+def test_spectral_rescale_copies_and_saved_weights_compute_the_same_function(tmp_path):
+    from safetensors.torch import load_model, save_model
+
+    torch.manual_seed(0)
+    layer = spectral_rescale(nn.Conv2d(3, 4, 3, padding=1), input_size=(6, 6))
+    for _ in range(3):  # move the directions away from their initial values
+        with torch.no_grad():
+            layer.parametrizations.weight.original.add_(0.3 * torch.randn_like(layer.weight))
+        layer(torch.rand(2, 3, 6, 6)).sum().backward()
+    layer.eval()
+    x = torch.rand(2, 3, 6, 6)
+    copied = copy.deepcopy(layer)
+    save_model(layer, str(tmp_path / "layer.safetensors"))
+    loaded = spectral_rescale(nn.Conv2d(3, 4, 3, padding=1), input_size=(6, 6)).eval()
+    load_model(loaded, str(tmp_path / "layer.safetensors"))
+    assert torch.equal(layer(x), copied(x)) and torch.equal(layer(x), loaded(x))
+    assert torch.allclose(copied.to(torch.float64)(x.double()), layer(x).double(), atol=1e-6)
+
+
+def test_certify_after_a_data_write_describes_the_held_model():
+    """A write through ``weight.data`` after an eval forward (old-style optimizers, EMA code) must not split the
+    held model from what ``certify`` and ``lipschitz_bound`` describe: no prediction of the held model flips inside
+    its certified radius, and its empirical Lipschitz ratio stays under the bound."""
+    from conftest import build_model
+
+    import robustvit
+
+    model = robustvit.convert(build_model("timm_avg_ls_reg")).eval()
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model(images)  # an eval forward first: where a cached divisor would have been filled
+    rescaled = [m for m in model.modules() if parametrize.is_parametrized(m, "weight")]
+    generator = torch.Generator().manual_seed(1)
+    for module in rescaled[1:3]:  # raw weights with other top directions and 20x the norm, written behind autograd
+        raw = module.parametrizations.weight.original
+        raw.data.copy_(20 * torch.randn(raw.shape, generator=generator) * raw.detach().norm() / raw.numel() ** 0.5)
+    result = robustvit.certify(model, images)
+    with torch.no_grad():
+        held = model(images)
+    assert torch.equal(held.argmax(1), result.predictions)
+    ok = result.radii > 1e-6
+    assert int(ok.sum()) >= 4
+    # PGD on max_{j != p} z_j - z_p within 0.99 of each image's radius, on the float32 model as held.
+    x, target, eps = images[ok], result.predictions[ok], 0.99 * result.radii[ok].float().view(-1, 1, 1, 1)
+    adv = x.clone()
+    for _ in range(40):
+        adv.requires_grad_(True)
+        logits = model(adv)
+        assert not (logits.detach().argmax(1) != target).any(), "a prediction flipped inside its certified radius"
+        gap = logits.scatter(1, target[:, None], -math.inf).amax(1) - logits.gather(1, target[:, None])[:, 0]
+        (grad,) = torch.autograd.grad(gap.sum(), adv)
+        with torch.no_grad():
+            delta = adv + 2.5 * eps / 40 * grad / grad.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1) - x
+            delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(1e-30).view(-1, 1, 1, 1)).clamp(max=1)
+            adv = (x + delta).clamp(0, 1)
+    lower = estimate_lipschitz_lower_bound(model, images[:4], steps=50, restarts=2)
+    assert lower <= robustvit.lipschitz_bound(model)
 
 
 def test_spectral_rescale_refusals():

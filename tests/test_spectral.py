@@ -6,6 +6,9 @@ matrix of a convolution, built by applying the convolution to every basis image 
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import pytest
 import timm
 import torch
@@ -121,6 +124,67 @@ def test_matrix_bound_extreme_float64_scales(name, scale):
         return
     assert torch.isfinite(bound), f"{name} returned {bound} for a finite matrix with entries ~{scale:g}"
     assert_upper_bound(bound, w)
+
+
+def _known_norm_matrices(c: float) -> list[tuple[torch.Tensor, Fraction]]:
+    """4 x 9 matrices with entries that are exact multiples of ``c`` and an exactly known spectral norm: all ``c``
+    (rank one, norm ``6 c``: the Gram bound is tight after one step, so only the rounding slack keeps it above),
+    a diagonal ``c (1, 1/2, 1/4, 1/8)`` (norm ``c``), and a +-c Hadamard block (all four singular values ``2 c``: the
+    slowest case)."""
+    ones = torch.full((4, 9), c, dtype=torch.float64)
+    diagonal = torch.zeros(4, 9, dtype=torch.float64)
+    diagonal[range(4), range(4)] = torch.tensor([c, c / 2, c / 4, c / 8], dtype=torch.float64)
+    signs = torch.zeros(4, 9, dtype=torch.float64)
+    signs[:, :4] = torch.tensor([[1, 1, 1, 1], [1, -1, 1, -1], [1, 1, -1, -1], [1, -1, -1, 1]], dtype=torch.float64)
+    exact_c = Fraction(c)
+    return [
+        (ones, 6 * exact_c),
+        (diagonal, Fraction(float(diagonal[0, 0]))),
+        (signs * c, 2 * exact_c),
+    ]
+
+
+EXTREME_SCALES = [2.0**-1074, 3 * 2.0**-1074, 1e-310, 1e-300, 2.0**-1000, 1e-30, 1.0, 1e30, 2.0**1000, 1e300, 1e306]
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX_BOUNDS))
+@pytest.mark.parametrize("scale", EXTREME_SCALES)
+def test_matrix_bound_never_below_an_exactly_known_norm_at_any_scale(name, scale):
+    """Compared in exact rational arithmetic, with no tolerance: the rounding slack must cover the log-space scale,
+    the exponentials and the final power-of-two rescaling at every representable scale, subnormals included."""
+    for w, exact in _known_norm_matrices(scale):
+        if not torch.isfinite(w).all() or not bool(w.abs().amax() > 0):
+            continue
+        bound = MATRIX_BOUNDS[name](w)
+        assert Fraction(float(bound)) >= exact, f"{name} at {scale:g}: bound {float(bound)!r} < exact {float(exact)!r}"
+        assert float(bound) <= float(exact) * (1 + 1e-4) + 2.0**-1070, (float(bound), float(exact))
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX_BOUNDS))
+@pytest.mark.parametrize("exponent", [-1074, -1070, -1000, -700, -300, 0, 300, 700, 1000, 1019])
+def test_rank_one_bound_never_below_its_exact_norm_across_scales(name, exponent):
+    """Constant matrices ``c * ones(m, n)`` have norm ``c sqrt(mn)``, compared exactly through squares in rationals.
+    Rank one is the tightest case for the Gram iteration, so nothing but the slack keeps the bound above; 24 values of
+    ``c`` per binary exponent vary the roundings of the log-space scale and of the final rescaling."""
+    for k in range(24):
+        c = (1 + k / 25) * 2.0**exponent
+        for shape in [(1, 1), (1, 5), (4, 9), (30, 7)]:
+            w = torch.full(shape, c, dtype=torch.float64)
+            bound = float(MATRIX_BOUNDS[name](w))
+            exact_squared = Fraction(c) ** 2 * shape[0] * shape[1]
+            assert bound == math.inf or Fraction(bound) ** 2 >= exact_squared, (c, shape, bound)
+            assert bound <= c * math.sqrt(shape[0] * shape[1]) * (1 + 1e-4) + 2.0**-1070, (c, shape, bound)
+
+
+@pytest.mark.parametrize("name", sorted(MATRIX_BOUNDS))
+def test_matrix_bound_on_a_batch_of_mixed_scales(name):
+    """One batch mixing huge, tiny, subnormal and zero matrices: each is bounded at its own scale."""
+    scales = [1e300, 1e-300, 2.0**-1070, 1.0, 0.0, 2.0**1000]
+    cases = [_known_norm_matrices(c)[0] for c in scales]
+    bound = MATRIX_BOUNDS[name](torch.stack([w for w, _ in cases]))
+    for (_, exact), value in zip(cases, bound.tolist(), strict=True):
+        assert Fraction(value) >= exact, (value, float(exact))
+        assert value <= float(exact) * (1 + 1e-4) + 2.0**-1070
 
 
 def test_gram_batched_shapes_and_empty():

@@ -33,6 +33,7 @@ from robustvit._utils import check_inputs, eval_mode, model_logits
 from robustvit.families import linear_head
 from robustvit.lipschitz import lipschitz_report
 from robustvit.lipschitz.engine import BoundReport
+from robustvit.lipschitz.rescale import frozen_directions
 
 __all__ = ["MARGIN_SLACK", "CertifyResult", "LipschitzHead", "certify", "lipschitz_head"]
 
@@ -135,6 +136,7 @@ def _radii(logits: Tensor, head: LipschitzHead, logit_error: float | None = None
     return pred, radii
 
 
+@frozen_directions()  # certifying never moves the rescaling's tracked directions (train-mode weight reads)
 def certify(
     model: nn.Module,
     images: Tensor,

@@ -38,7 +38,7 @@ from torch.nn.utils import parametrize
 
 from robustvit._utils import unwrap
 from robustvit.errors import UnsupportedModuleError
-from robustvit.lipschitz.rescale import is_spectrally_rescaled
+from robustvit.lipschitz.rescale import frozen_directions, is_spectrally_rescaled
 from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm, gram_spectral_norm
 from robustvit.registry import Registry
 
@@ -252,8 +252,9 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
 def _batched_linear_bounds(root: nn.Module) -> dict[int, Tensor]:
     """Bounds of every ``nn.Linear`` weight in ``root``: verified and batched by shape, or Gram iteration with a
     graph for plain weights that require grad (``bound_tensor`` in a loss). A spectrally rescaled weight's bound stays
-    at most 1 by construction, so it enters a loss as a constant, which keeps margin training cheap."""
-    with parametrize.cached():
+    about 1 by construction (its divisor tracks its norm), so it enters a loss as a constant, which keeps margin
+    training cheap; the value is still the guaranteed bound of the effective weight."""
+    with parametrize.cached(), frozen_directions():
         linears = [m for m in root.modules() if parametrize.type_before_parametrizations(m) is nn.Linear]
         differentiable = torch.is_grad_enabled()
         graph = [m for m in linears if differentiable and m.weight.requires_grad and not is_spectrally_rescaled(m)]
@@ -367,10 +368,11 @@ def _check_tree(root: nn.Module, *, parametrizations: bool = False) -> None:
 
 
 def _walk(module: nn.Module, *, deployed: bool = False) -> tuple[Tensor, list[BoundEntry]]:
-    _check_tree(module, parametrizations=deployed)
-    walker = _Walker(module)
-    with parametrize.cached():
-        total = walker.visit("", module, 0)
+    with frozen_directions():  # checking and bounding never move the rescaling's tracked directions
+        _check_tree(module, parametrizations=deployed)
+        walker = _Walker(module)
+        with parametrize.cached():
+            total = walker.visit("", module, 0)
     return total, walker.entries
 
 
@@ -381,7 +383,7 @@ def compose_bound(root: nn.Module, compose: Callable[[BoundFn], Tensor]) -> Tens
     ``compose_bound(model, lambda bound_of: bound_of("backbone", model.backbone))``.
     """
     walker = _Walker(unwrap(root))
-    with parametrize.cached():
+    with parametrize.cached(), frozen_directions():
         return compose(lambda name, child: walker.visit(name, child, 0))
 
 

@@ -36,16 +36,18 @@ def _rounding_slack(m: int, n: int, n_iter: int) -> float:
     """Relative slack that covers float64 rounding in the Gram iteration of an ``m x n`` matrix (``m >= n``).
 
     A floating-point product with inner dimension ``k`` errs by at most ``gamma_k |A| |B|`` entrywise
-    (Higham, Accuracy and Stability of Numerical Algorithms, Thm 3.5), ``gamma_k = k u / (1 - k u)``.
-    Each iterate is normalised to unit Frobenius norm, so the error of one Gram step is at most ``gamma_k`` in
-    Frobenius norm while its top eigenvalue is at least ``1 / n``: a relative error of at most ``n gamma_k``
-    per step, which enters the final bound raised to ``2^-(t+1)``. Summing over steps (at most twice the first
-    one), adding the normalisations, the final Frobenius norm and the log/exp steps gives the factor below.
-    It is about 1e-9 for ViT-B matrices, five orders of magnitude below the 1e-4 tightness target.
+    (Higham, Accuracy and Stability of Numerical Algorithms, Thm 3.5), ``gamma_k = k u / (1 - k u)``, so by at most
+    ``gamma_k ||A||_F^2`` in Frobenius norm for ``A^H A``, while its top eigenvalue is at least ``||A||_F^2 / n``: a
+    relative error of at most ``n gamma_k`` per step, which enters the final bound raised to ``2^-(t+1)`` (at most
+    twice the first step's in total). Dividing an iterate by its trace errs by ``u`` per entry (``n u`` relative,
+    inside ``n^2 u``). The log-space scale is a sum of ``O(2^t log(mn))`` terms divided by ``2^T``: its rounding,
+    with ``log`` and ``exp`` (a few ulps each), stays below ``16 (T + 1) (log(mn) + 2) u`` of the exponent. The exact
+    power-of-two scale ``2^e`` is applied outside the exponential, so entries near 1e300 or 1e-300 cost nothing more.
+    The total is about 1e-9 for ViT-B matrices, five orders of magnitude below the 1e-4 tightness target.
     """
     k = max(m, n)
     gamma = k * _UNIT_ROUNDOFF / (1 - k * _UNIT_ROUNDOFF)
-    return 4.0 * n * gamma + (n * n + 64 * (n_iter + 1)) * _UNIT_ROUNDOFF
+    return 4.0 * n * gamma + (n * n + 16 * (n_iter + 1) * (math.log(m * n) + 2)) * _UNIT_ROUNDOFF
 
 
 def _check_finite(weight: Tensor, what: str) -> None:
@@ -53,13 +55,50 @@ def _check_finite(weight: Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or infinite values; no finite Lipschitz bound exists")
 
 
+def _split_power_of_two(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(w', e, applied, zero)`` per matrix: ``w = 2^(e + applied) w'`` with ``max |2^-e w'|`` in ``[0.5, 1)``.
+
+    ``w`` is scaled (exactly, by ``2^-applied``) only where products could overflow or underflow; elsewhere
+    ``applied = 0`` and the callers apply ``2^-e`` to scalars, which saves two passes over the matrix. ``zero`` marks
+    all-zero matrices. Raises on NaN or infinite entries.
+    """
+    amax = torch.linalg.vector_norm(w.detach(), ord=math.inf, dim=(-2, -1))
+    if not bool(torch.isfinite(amax).all()):
+        raise ValueError("weight contains NaN or infinite values; no finite Lipschitz bound exists")
+    exponent = torch.frexp(amax)[1].to(torch.float64)
+    applied = torch.zeros_like(exponent)
+    extreme = (amax > 2.0**300) | ((amax < 2.0**-300) & (amax > 0))
+    if bool(extreme.any()):
+        applied = torch.where(extreme, exponent, applied)
+        w = _times_power_of_two(w, -applied)
+    return w, exponent - applied, applied, amax == 0
+
+
+def _times_power_of_two(x: Tensor, exponent: Tensor) -> Tensor:
+    """``x * 2^exponent`` (per leading index), in two exact halves: ``2^1074`` alone would overflow."""
+    half = torch.div(exponent, 2, rounding_mode="floor")
+    shape = exponent.shape + (1,) * (x.dim() - exponent.dim())
+    return x * torch.exp2(half).reshape(shape).to(x.dtype) * torch.exp2(exponent - half).reshape(shape).to(x.dtype)
+
+
+def _scale_up(value: Tensor, exponent: Tensor) -> Tensor:
+    """``value * 2^exponent`` rounded up: exact unless the result is subnormal, where one ulp up covers the rounding."""
+    scaled = _times_power_of_two(value, exponent)
+    subnormal = scaled < torch.finfo(torch.float64).tiny
+    return torch.where(subnormal & (value > 0), torch.nextafter(scaled, torch.full_like(scaled, math.inf)), scaled)
+
+
 def gram_spectral_norm(weight: Tensor, n_iter: int = DEFAULT_MAX_ITER, *, rtol: float = DEFAULT_RTOL) -> Tensor:
     """Guaranteed upper bound on the largest singular value of a matrix or a batch of matrices.
 
-    Runs at most ``n_iter`` Gram steps in float64 (complex128 for complex input) and stops early, per call,
+    Runs at most ``n_iter`` Gram steps in float64 (complex input as real and imaginary parts) and stops early, per call,
     once the bound is certified to be within ``rtol`` of a lower estimate (the norm of ``W v`` for the
-    strongest column ``v`` of the current iterate). The lower estimate only decides when to stop; the value
-    returned is always the Gram bound, inflated by a rounding slack (see ``_rounding_slack``).
+    strongest column ``v`` of the current iterate); ``rtol=0`` runs exactly ``n_iter`` steps. The lower estimate
+    only decides when to stop; the value returned is always the Gram bound, inflated by a rounding slack (see
+    ``_rounding_slack``). Pass a batch of same-shaped matrices in one call: the steps run as one ``bmm``.
+
+    Each step is one product and one division: ``A_{t+1} = A_t^H A_t / tr(A_t^H A_t)``, the trace being the squared
+    Frobenius norm of ``A_t`` (read off the product's diagonal, no extra pass), with the scale kept in log space.
 
     Args:
         weight: tensor of shape ``(..., m, n)``; leading dims are batch dims.
@@ -79,67 +118,99 @@ def gram_spectral_norm(weight: Tensor, n_iter: int = DEFAULT_MAX_ITER, *, rtol: 
         raise ValueError(f"expected a matrix or a batch of matrices, got shape {tuple(weight.shape)}")
     if n_iter < 1:
         raise ValueError(f"n_iter must be at least 1, got {n_iter}")
-    _check_finite(weight, "weight")
     w = weight.to(torch.complex128 if weight.is_complex() else torch.float64)
     if w.shape[-2] < w.shape[-1]:
         w = w.mH  # Gram matrix on the smaller side: sigma(W) = sigma(W^H)
-    batch_shape, (m, n) = w.shape[:-2], w.shape[-2:]
-    w = w.reshape(-1, m, n)
+    batch_shape = w.shape[:-2]
+    w = w.reshape(-1, *w.shape[-2:])
     if w.numel() == 0:
         return torch.zeros(batch_shape, dtype=torch.float64, device=weight.device)
+    m, n = w.shape[-2:]
+    # W = 2^e W' with max |W'| in [0.5, 1): the log-space scale tracks W', and 2^e is applied exactly at the end.
+    w, exponent, applied, zero = _split_power_of_two(w)
+    if bool(zero.any()):  # keeps logs finite (and gradients NaN-free); the result is zeroed below
+        w = torch.where(zero[:, None, None], torch.ones_like(w), w)
+    # Complex iterates as (real, imaginary) parts: real products run on the BLAS, complex batched ones do not.
+    pair = (w.real.contiguous(), w.imag.contiguous()) if w.is_complex() else (w, None)
 
-    # Exact power-of-two prescale: max |entry| in [0.5, 1), so the first Frobenius norm cannot overflow.
-    with torch.no_grad():
-        _, exponent = torch.frexp(w.abs().amax(dim=(-2, -1)))
-    half = torch.div(-exponent, 2, rounding_mode="floor").to(torch.float64)
-    w = w * torch.exp2(half)[:, None, None] * torch.exp2(-exponent.to(torch.float64) - half)[:, None, None]
-    log_scale = exponent.to(torch.float64) * math.log(2.0)
-
-    zero = (w.abs().amax(dim=(-2, -1)) == 0).detach()
-    w = torch.where(zero[:, None, None], torch.ones_like(w), w)  # keeps logs finite; result is zeroed below
-
-    log_s = torch.zeros_like(log_scale)  # A_t = exp(log_s) * g
-    g = w
+    log_s = torch.zeros(len(w), dtype=torch.float64, device=w.device)  # A_t = exp(log_s) * g_t
+    g = pair
     steps = 0
     for steps in range(1, n_iter + 1):
-        c = torch.linalg.matrix_norm(g, ord="fro")
-        g = g / c[:, None, None].to(g.dtype)
-        log_s = 2.0 * (log_s + torch.log(c))
-        g = g.mH @ g
-        if steps >= 2 and _converged(w, g, log_s, steps, rtol):
+        product = _gram_product(*g)
+        trace = torch.diagonal(product[0], dim1=-2, dim2=-1).sum(dim=-1)
+        if steps == 1:  # trace of W'^H W' = trace * 4^-e, scaled exactly before the log
+            log_s = torch.log(_times_power_of_two(trace, -2 * exponent))
+        else:
+            log_s = 2.0 * log_s + torch.log(trace)
+        g = tuple(part / trace[:, None, None] if part is not None else None for part in product)
+        if rtol > 0 and steps >= 2 and _converged(pair, g, log_s, exponent, steps, rtol):
             break
-    bound = torch.exp((log_s + torch.log(torch.linalg.matrix_norm(g, ord="fro"))) / 2.0**steps + log_scale)
-    bound = bound * (1.0 + _rounding_slack(m, n, steps))
+    log_bound = (log_s + 0.5 * torch.log(_squared_frobenius(*g))) / 2.0**steps
+    # A complex product is bounded as its real embedding [[Re, -Im], [Im, Re]] (twice the sizes).
+    dims = (2 * m, 2 * n) if w.is_complex() else (m, n)
+    bound = _scale_up(torch.exp(log_bound) * (1.0 + _rounding_slack(*dims, steps)), exponent + applied)
     bound = torch.where(zero, torch.zeros_like(bound), bound)
     return bound.reshape(batch_shape)
 
 
-def _lanczos_top_eigenvalue(gram: Tensor, steps: int, generator: torch.Generator) -> Tensor:
-    """Largest Ritz value of batched symmetric PSD matrices after ``steps`` Lanczos steps.
+def _gram_product(real: Tensor, imag: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``A^H A`` of ``A = real + i imag`` as (real, imaginary) parts, in two real products: the real part is
+    ``[Re; Im]^T [Re; Im]`` and the imaginary part, antisymmetric, is ``C - C^T`` with ``C = Re^T Im``. Each entry is
+    one inner product of the real embedding's (length ``2m``), so its rounding is bounded as for the embedding."""
+    if imag is None:
+        return real.mT @ real, None
+    stacked = torch.cat([real, imag], dim=-2)
+    cross = real.mT @ imag
+    return stacked.mT @ stacked, cross - cross.mT
 
-    Only a *candidate* for the verification in :func:`verified_spectral_norm`, never a bound by itself; the plain
-    three-term recurrence suffices for the top value (loss of orthogonality only duplicates converged values).
+
+def _squared_frobenius(real: Tensor, imag: Tensor | None) -> Tensor:
+    total = (real * real).sum(dim=(-2, -1))
+    return total if imag is None else total + (imag * imag).sum(dim=(-2, -1))
+
+
+def _lanczos_top_eigenvalue(gram: Tensor, steps: int, rtol: float, generator: torch.Generator) -> Tensor:
+    """Estimate of the largest eigenvalue of batched symmetric PSD matrices (float64 ``gram``).
+
+    Only a *candidate* for the verification in :func:`verified_spectral_norm`, never a bound by itself. Lanczos
+    runs in float32 (half the memory traffic of its matrix-vector products), stopping once every top Ritz pair's
+    residual is below ``rtol / 8`` of its value; the estimate is the float64 Rayleigh quotient of the top Ritz vector,
+    accurate to its squared error. The plain three-term recurrence suffices for the top value.
     """
     batch, n, _ = gram.shape
-    v = torch.randn(batch, n, 1, dtype=gram.dtype, generator=generator).to(gram.device)
-    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
-    v_prev, beta = torch.zeros_like(v), torch.zeros(batch, dtype=gram.dtype, device=gram.device)
-    alphas, betas = [], []
-    for _ in range(min(steps, n)):
-        w = gram @ v
+    a = gram.to(torch.float32)
+    # Row vectors: ``v^T A`` (= ``(A v)^T``, A symmetric) runs about twice as fast as ``A v`` as a batched product.
+    v = torch.randn(batch, 1, n, dtype=torch.float32, generator=generator).to(gram.device)
+    v = v / torch.linalg.vector_norm(v, dim=2, keepdim=True)
+    v_prev, beta = torch.zeros_like(v), torch.zeros(batch, dtype=a.dtype, device=a.device)
+    basis, alphas, betas = [], [], []
+    for step in range(min(steps, n)):
+        basis.append(v)
+        w = v @ a
         alpha = (v * w).sum(dim=(1, 2))
         w = w - alpha[:, None, None] * v - beta[:, None, None] * v_prev
         beta = torch.linalg.vector_norm(w, dim=(1, 2))
         alphas.append(alpha)
         betas.append(beta)
-        if bool((beta <= 1e-12 * alpha.abs()).all()):  # an invariant subspace: the Ritz values are exact
+        if bool((beta <= 1e-6 * alpha.abs()).all()):  # an invariant subspace: the Ritz values are exact
             break
-        v_prev, v = v, w / beta.clamp_min(1e-300)[:, None, None]
+        if step >= 11 and step % 4 == 3:
+            values, vectors = _ritz(alphas, betas)
+            if bool((beta * vectors[:, -1, -1].abs() <= rtol / 8 * values[:, -1]).all()):
+                break
+        v_prev, v = v, w / beta.clamp_min(1e-30)[:, None, None]
+    _, vectors = _ritz(alphas, betas)
+    ritz = (vectors[:, None, :, -1] @ torch.cat(basis, dim=1)).to(torch.float64)  # (batch, 1, n)
+    return ((ritz * (ritz @ gram)).sum(dim=(1, 2)) / (ritz * ritz).sum(dim=(1, 2))).clamp_min(0.0)
+
+
+def _ritz(alphas: list[Tensor], betas: list[Tensor]) -> tuple[Tensor, Tensor]:
     tri = torch.diag_embed(torch.stack(alphas, dim=1))
     if len(alphas) > 1:
         off = torch.stack(betas[:-1], dim=1)
         tri = tri + torch.diag_embed(off, offset=1) + torch.diag_embed(off, offset=-1)
-    return torch.linalg.eigvalsh(tri)[:, -1]
+    return torch.linalg.eigh(tri)
 
 
 @torch.no_grad()
@@ -170,19 +241,11 @@ def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps:
     if w.shape[-2] < w.shape[-1]:
         w = w.mT
     batch_shape, (m, n) = w.shape[:-2], w.shape[-2:]
-    w = w.reshape(-1, m, n).contiguous()
+    w = w.reshape(-1, m, n)
     if w.numel() == 0:
         return torch.zeros(batch_shape, dtype=torch.float64, device=weight.device)
-    amax = torch.linalg.vector_norm(w, ord=math.inf, dim=(-2, -1))
-    if not bool(torch.isfinite(amax).all()):
-        raise ValueError("weight contains NaN or infinite values; no finite Lipschitz bound exists")
-    # Rescale by an exact power of two only where products could overflow or underflow (one pass fewer otherwise).
-    exponent = torch.zeros_like(amax, dtype=torch.int32)
-    extreme = (amax > 2.0**300) | ((amax < 2.0**-300) & (amax > 0))
-    if bool(extreme.any()):
-        exponent = torch.where(extreme, torch.frexp(amax)[1], exponent)
-        half = torch.div(-exponent, 2, rounding_mode="floor").to(torch.float64)  # 2^1074 alone would overflow
-        w = w * torch.exp2(half)[:, None, None] * torch.exp2(-exponent.to(torch.float64) - half)[:, None, None]
+    # An exact power-of-two rescaling only where products could overflow or underflow (one pass fewer otherwise).
+    w, _, applied, _ = _split_power_of_two(w)
     gram = w.mT @ w
     u = _UNIT_ROUNDOFF
     gamma_m, gamma_n = m * u / (1 - m * u), (n + 1) * u / (1 - (n + 1) * u)
@@ -192,7 +255,7 @@ def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps:
     if n <= 128:  # small: a dense eigensolver is cheaper than the Lanczos loop
         theta = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
     else:
-        theta = _lanczos_top_eigenvalue(gram, lanczos_steps, torch.Generator().manual_seed(0)).clamp_min(0.0)
+        theta = _lanczos_top_eigenvalue(gram, lanczos_steps, rtol, torch.Generator().manual_seed(0))
     eye = torch.eye(n, dtype=torch.float64, device=w.device)
     tau = torch.full_like(theta, rtol)
     ok = torch.zeros_like(theta, dtype=torch.bool)
@@ -214,9 +277,9 @@ def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps:
     e_diagonal = u * (shift[:, None] - diag).abs().amax(dim=-1)
     e_cholesky = gamma_n * trace_up / (1 - gamma_n)
     lam = (shift + e_forming_a + e_diagonal + e_cholesky + n * n * 2.0**-1022) * (1 + 8 * u)
-    bound = torch.sqrt(lam) * (1 + 2 * u) * torch.exp2(exponent.to(torch.float64))
+    bound = _scale_up(torch.sqrt(lam) * (1 + 2 * u), applied)
     if not bool(ok.all()):
-        bound[~ok] = gram_spectral_norm(w[~ok]) * torch.exp2(exponent[~ok].to(torch.float64))
+        bound[~ok] = _scale_up(gram_spectral_norm(w[~ok]), applied[~ok])
     bound = torch.where(fro2 == 0, torch.zeros_like(bound), bound)
     return bound.reshape(batch_shape)
 
@@ -244,14 +307,33 @@ def batched_spectral_norms(weights: Sequence[Tensor]) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _converged(w: Tensor, g: Tensor, log_s: Tensor, steps: int, rtol: float) -> bool:
-    """Whether the current Gram bound is within ``rtol`` of a lower estimate for every matrix of the batch."""
-    upper = (log_s + torch.log(torch.linalg.matrix_norm(g, ord="fro"))) / 2.0**steps
-    idx = torch.linalg.vector_norm(g, dim=-2).argmax(dim=-1)
-    v = torch.gather(g, 2, idx[:, None, None].expand(-1, g.shape[-2], 1))
-    lower = torch.log(torch.linalg.vector_norm(w @ v, dim=(-2, -1))) - torch.log(
-        torch.linalg.vector_norm(v, dim=(-2, -1))
-    )
+def _converged(
+    w: tuple[Tensor, Tensor | None],
+    g: tuple[Tensor, Tensor | None],
+    log_s: Tensor,
+    exponent: Tensor,
+    steps: int,
+    rtol: float,
+) -> bool:
+    """Whether the current Gram bound (of ``2^-e W``) is within ``rtol`` of a lower estimate for every matrix.
+
+    The lower estimate is ``||W v|| / ||v||`` for the column ``v`` of the PSD iterate with the largest diagonal
+    entry (the iterate is dominated by the top singular directions, so its columns point along them). Matrices are
+    (real, imaginary) pairs."""
+    upper = (log_s + 0.5 * torch.log(_squared_frobenius(*g))) / 2.0**steps
+    index = torch.diagonal(g[0], dim1=-2, dim2=-1).argmax(dim=-1)[:, None, None].expand(-1, g[0].shape[-2], 1)
+    v_re = torch.gather(g[0], 2, index).mT  # (batch, 1, n): W v by broadcasting (batched matrix-vector is slow)
+    w_re, w_im = w
+    if w_im is None:
+        gain = torch.linalg.vector_norm((w_re * v_re).sum(dim=-1), dim=-1)
+        length = torch.linalg.vector_norm(v_re, dim=(-2, -1))
+    else:
+        v_im = torch.gather(g[1], 2, index).mT
+        out_re = (w_re * v_re).sum(dim=-1) - (w_im * v_im).sum(dim=-1)
+        out_im = (w_re * v_im).sum(dim=-1) + (w_im * v_re).sum(dim=-1)
+        gain = torch.linalg.vector_norm(torch.cat([out_re, out_im], dim=-1), dim=-1)
+        length = torch.linalg.vector_norm(torch.cat([v_re, v_im], dim=-1), dim=(-2, -1))
+    lower = torch.log(gain) - torch.log(length) - exponent * math.log(2.0)
     return bool((upper - lower <= math.log1p(rtol)).all())
 
 
