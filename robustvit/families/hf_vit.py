@@ -216,8 +216,19 @@ def _converted_layer_types(config) -> None:
         raise ValueError(f"layer_types of a robustvit-converted model must be robustvit_* entries, got {entries}")
 
 
+class _ConvertedConfig:
+    """What the configs of converted models add to their family's config (listed first in their bases)."""
+
+    def validate_layer_type(self) -> None:
+        _converted_layer_types(self)
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        _processor_for(self).save_pretrained(save_directory)
+
+
 @strict
-class RobustViTConfig(ViTConfig):
+class RobustViTConfig(_ConvertedConfig, ViTConfig):
     """``ViTConfig`` of a robustvit-converted ``ViTForImageClassification`` (``model_type="robustvit_vit"``).
 
     ``robustvit`` holds the family, source architecture and :class:`~robustvit.ConvertConfig`; saving also writes
@@ -227,28 +238,14 @@ class RobustViTConfig(ViTConfig):
     model_type = "robustvit_vit"
     robustvit: dict | None = None
 
-    def validate_layer_type(self) -> None:
-        _converted_layer_types(self)
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        super().save_pretrained(save_directory, *args, **kwargs)
-        _processor_for(self).save_pretrained(save_directory)
-
 
 @strict
-class RobustDeiTConfig(DeiTConfig):
+class RobustDeiTConfig(_ConvertedConfig, DeiTConfig):
     """``DeiTConfig`` of a robustvit-converted ``DeiTForImageClassification`` (``model_type="robustvit_deit"``);
     see :class:`RobustViTConfig`."""
 
     model_type = "robustvit_deit"
     robustvit: dict | None = None
-
-    def validate_layer_type(self) -> None:
-        _converted_layer_types(self)
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        super().save_pretrained(save_directory, *args, **kwargs)
-        _processor_for(self).save_pretrained(save_directory)
 
 
 def _processor_for(config):
