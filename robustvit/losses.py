@@ -99,7 +99,7 @@ LOSSES: Registry[Callable[..., Tensor]] = Registry("loss")
 
 def register_loss(name: str, fn: Callable[..., Tensor] | None = None) -> Callable[..., Tensor]:
     """Register ``fn(logits, labels, *, eps, margins) -> Tensor`` under ``name``; without ``fn``, a decorator."""
-    return LOSSES.register(name, fn)
+    return LOSSES.register(name) if fn is None else LOSSES.register(name, fn)
 
 
 register_loss("ce", _cross_entropy)

@@ -23,6 +23,7 @@ import robustvit
 from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule
+from robustvit.registry import Registry
 from robustvit.training import load_model as build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,7 +254,9 @@ def _two_process_runs(root: Path) -> None:
         current["eps"] = eps
         return LOSSES["emma"](logits, labels, eps=eps, margins=margins)
 
-    module.LOSSES = {**LOSSES, "emma": logged_loss}
+    module.LOSSES = Registry("loss")
+    for name, fn in LOSSES.items():
+        module.LOSSES.register(name, logged_loss if name == "emma" else fn)
     train_epoch, save_checkpoint = module.train_epoch, module.save_checkpoint
 
     def logged_epoch(accelerator, model, loader, optimizer, loss_fn, **kwargs):

@@ -104,6 +104,7 @@ class CertifyResult:
         correct = self.predictions == self.labels
         return plot_certified_accuracy({"Lipschitz certificate": (self.radii, correct)}, path, title=title)
 
+    @frozen_directions()  # its PGD column runs the model: it must not move the tracked directions
     def to_certificate(self, model: nn.Module, *, dataset: str, split: str, **kwargs):
         """A :class:`~robustvit.certify.certificate.Certificate` for ``model`` from this result (see
         :meth:`Certificate.from_result`)."""

@@ -84,6 +84,7 @@ class SpectralRescale(nn.Module):
         self.operator = operator
         self.input_shape = tuple(input_shape)
         self.register_buffer("directions", _top_input_directions(operator, self.input_shape, weight.detach()))
+        self._stepped_for: tuple[int, int] | None = None  # the weight (storage, version) the directions last moved for
 
     def divisor(self, weight: Tensor, directions: Tensor | None = None) -> Tensor:
         """``||A_W V||_{S_p}``, computed outside autocast so that low-precision contexts do not change the divisor."""
@@ -92,13 +93,19 @@ class SpectralRescale(nn.Module):
             images = self.operator(weight, v.to(weight.dtype)).reshape(len(v), -1)
             # The singular values of A V (V orthonormal), through the full SVD in every grad mode: svdvals takes
             # another LAPACK path without grad, and the weight that runs must be the bounded one, bit for bit.
-            sigma = torch.linalg.svd(images, full_matrices=False).S
+            # (LAPACK has no half-precision SVD: bf16 / fp16 weights are decomposed in float32.)
+            sigma = torch.linalg.svd(images.to(torch.promote_types(images.dtype, torch.float32)), full_matrices=False).S
+            sigma = sigma.to(images.dtype)
         top = sigma.amax().clamp_min(torch.finfo(weight.dtype).tiny)
         return top * ((sigma / top) ** SCHATTEN_P).sum() ** (1.0 / SCHATTEN_P)
 
     def forward(self, weight: Tensor) -> Tensor:
         directions = self.directions
-        if self.training and torch.is_grad_enabled() and not _FROZEN[0]:
+        # One step per new weight (an optimizer step bumps its version): more reads of an unchanged weight in train
+        # mode (a second forward, a margin loss, an analysis) leave the directions, and so the function, as they are.
+        seen = (weight.data_ptr(), weight._version)
+        if self.training and torch.is_grad_enabled() and not _FROZEN[0] and seen != self._stepped_for:
+            self._stepped_for = seen
             with torch.no_grad():
                 for _ in range(POWER_STEPS_PER_FORWARD):
                     self.directions.copy_(_subspace_step(self.operator, weight.detach(), self.directions))
