@@ -102,7 +102,7 @@ def test_training_changes_the_function_and_merge_keeps_it(family):
         optimizer.step()
     model.eval()
     for layer in _lora_layers(model):  # about 1: the tracked directions lag the last optimizer step (rescale.py)
-        assert float(torch.linalg.matrix_norm(layer.effective_weight().detach().double(), ord=2)) <= 1.05
+        assert float(torch.linalg.matrix_norm(layer.effective_weight().detach().double(), ord=2)) <= 1.1
     with torch.no_grad():
         adapted = logits_of(model(images))
         before = logits_of(base(images))

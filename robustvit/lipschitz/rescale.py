@@ -103,13 +103,15 @@ class SpectralRescale(nn.Module):
         directions = self.directions
         # One step per new weight (an optimizer step bumps its version): more reads of an unchanged weight in train
         # mode (a second forward, a margin loss, an analysis) leave the directions, and so the function, as they are.
-        seen = (weight.data_ptr(), weight._version)
-        if self.training and torch.is_grad_enabled() and not _FROZEN[0] and seen != self._stepped_for:
-            self._stepped_for = seen
-            with torch.no_grad():
-                for _ in range(POWER_STEPS_PER_FORWARD):
-                    self.directions.copy_(_subspace_step(self.operator, weight.detach(), self.directions))
-            # A clone: the next training forward updates the buffer in place while this graph may still need it.
+        if self.training and torch.is_grad_enabled() and not _FROZEN[0]:
+            seen = (weight.data_ptr(), weight._version)
+            if seen != self._stepped_for:
+                self._stepped_for = seen
+                with torch.no_grad():
+                    for _ in range(POWER_STEPS_PER_FORWARD):
+                        self.directions.copy_(_subspace_step(self.operator, weight.detach(), self.directions))
+            # A clone: the next training forward updates the buffer in place while this graph may still need it
+            # (and a checkpointed block's recomputation then sees the same values as its first forward).
             directions = self.directions.clone()
         return weight / self.divisor(weight, directions)
 
@@ -127,10 +129,20 @@ def _orthonormal(vectors: Tensor) -> tuple[Tensor, Tensor]:
     return (q * signs).T.reshape(vectors.shape), diagonal.abs()
 
 
+def _as_is(tensor: Tensor) -> Tensor:
+    return tensor
+
+
 def _subspace_step(operator: Operator, weight: Tensor, directions: Tensor) -> Tensor:
     """``orth(A^T A V)`` (the adjoint by autograd). Where ``A^T A V`` loses rank (a weight of low rank, such as a
     large low-rank LoRA update, or ``W = 0``), the directions it does find are kept and completed from ``V``."""
-    with torch.enable_grad(), torch.autocast(weight.device.type, enabled=False):
+    # A small graph of its own: identity saved-tensor hooks keep it out of a checkpointed block's bookkeeping (the
+    # block's recomputation, on an unchanged weight, takes no step).
+    with (
+        torch.enable_grad(),
+        torch.autocast(weight.device.type, enabled=False),
+        torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is),
+    ):
         x = directions.detach().to(weight.dtype).requires_grad_()
         y = operator(weight, x)
         (gram_v,) = torch.autograd.grad(y, x, grad_outputs=y)
