@@ -104,8 +104,10 @@ class SpectralRescale(nn.Module):
         # One step per new weight (an optimizer step bumps its version): more reads of an unchanged weight in train
         # mode (a second forward, a margin loss, an analysis) leave the directions, and so the function, as they are.
         if self.training and torch.is_grad_enabled() and not _FROZEN[0]:
-            seen = (weight.data_ptr(), weight._version)
-            if seen != self._stepped_for:
+            # A computed weight (LoRA's W + sBA) is new at every call: it always steps. A stored one steps once per
+            # version (an optimizer step bumps it).
+            seen = (weight.data_ptr(), weight._version) if weight.is_leaf else None
+            if seen is None or seen != self._stepped_for:
                 self._stepped_for = seen
                 with torch.no_grad():
                     for _ in range(POWER_STEPS_PER_FORWARD):
