@@ -175,6 +175,19 @@ def test_augmentation_and_budget_flags(recipe: ModuleType, tmp_path: Path) -> No
     assert report["methods"]["nullspace"]["seeds"][0]["history"][0]["noise"]["lr_range"][0] == pytest.approx(0.05)
 
 
+def test_split_radius_and_lora_flags(recipe: ModuleType, tmp_path: Path) -> None:
+    flags = [
+        "--train_split", "train", "--eval_split", "test", "--linf_radii", "1", "--l2_radii", "36",
+        "--methods", "ce", "--seeds", "1", "--epochs", "1",
+    ]  # fmt: skip
+    report = recipe.main([*TINY, *flags, "--output_dir", str(tmp_path)])
+    assert list(report["methods"]) == ["ce"]
+    text = json.dumps(report)
+    assert "linf@1/255" in text and "l2@36/255" in text and "linf@2/255" not in text and "l2@72/255" not in text
+    with pytest.raises(NotImplementedError, match="--lora_r is not supported by finetune_nullspace.py yet"):
+        recipe.parse_args(["--lora_r", "2"])
+
+
 def test_config_file_sets_defaults_and_flags_override_it(recipe: ModuleType, tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
     path.write_text("epochs: 7\nmethods: ce,random\nmixup: 0.2\npgd_steps: 60\n")
