@@ -17,7 +17,7 @@ SCRIPT = """
 import json, sys, torch
 from accelerate import Accelerator
 import robustvit
-from tests.conftest import build_model
+from conftest import build_model
 
 accelerator = Accelerator(cpu=True, mixed_precision=sys.argv[1])
 model = robustvit.convert(build_model("timm_token").eval())

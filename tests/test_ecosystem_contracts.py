@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_CONFIGS, build_model, logits_of
 
 import robustvit
-from tests.conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_CONFIGS, build_model, logits_of
 
 TIMM_FAMILIES = tuple(TIMM_CONFIGS)
 
@@ -124,9 +124,8 @@ def test_greyscale_sources_convert_without_mean_and_std_by_hand():
     assert model.pretrained_cfg["input_size"] == (1, IMG, IMG) and model.pretrained_cfg["mean"] == (0.0,)
     with torch.no_grad():
         assert model(torch.rand(2, 1, IMG, IMG)).shape == (2, NUM_CLASSES)
+    from conftest import HF_KWARGS
     from transformers import ViTConfig, ViTForImageClassification
-
-    from tests.conftest import HF_KWARGS
 
     hf = robustvit.convert(ViTForImageClassification(ViTConfig(**HF_KWARGS, num_channels=1)))
     assert robustvit.lipschitz_bound(hf) > 0

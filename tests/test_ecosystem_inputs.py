@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import IMG, NUM_CLASSES, build_model
 
 import robustvit
 from robustvit.certify import attacks
-from tests.conftest import IMG, NUM_CLASSES, build_model
 
 ENTRY_POINTS = {
     "certify": lambda m, x, y, eps: robustvit.certify(m, x, y),

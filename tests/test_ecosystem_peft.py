@@ -8,13 +8,13 @@ import copy
 import peft
 import pytest
 import torch
+from conftest import IMG, build_model, logits_of
 from torch import nn
 
 import robustvit
 import robustvit.peft
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
-from tests.conftest import IMG, build_model, logits_of
 from tests.test_certify import margin_pgd
 
 FAMILIES = ("timm_token", "hf_vit", "timm_distilled")
