@@ -9,13 +9,13 @@ import peft
 import pytest
 import torch
 from conftest import IMG, build_model, logits_of
+from test_certify import margin_pgd
 from torch import nn
 
 import robustvit
 import robustvit.peft
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
-from tests.test_certify import margin_pgd
 
 FAMILIES = ("timm_token", "hf_vit", "timm_distilled")
 
@@ -142,7 +142,7 @@ def test_other_tuners_are_not_implemented():
 
 
 def test_train_lipschitz_recipe_takes_lora_r(tmp_path):
-    from tests.test_train_recipe import TINY, _recipe, _run
+    from test_train_recipe import TINY, _recipe, _run
 
     recipe = _recipe()
     with pytest.raises(SystemExit):
