@@ -49,7 +49,8 @@ print(json.dumps({
 # wrapper is what used to break the bound (train_lipschitz crashed after its first epoch under bf16).
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_prepared_mixed_precision_model_is_bounded_and_certified(precision):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HOME": "/nonexistent-hf-home"}
+    tests_and_root = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])  # the script imports conftest
+    env = {**os.environ, "PYTHONPATH": tests_and_root, "OMP_NUM_THREADS": "1", "HF_HOME": "/nonexistent-hf-home"}
     result = subprocess.run(
         [sys.executable, "-c", SCRIPT, precision], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300
     )
