@@ -14,8 +14,18 @@ import os
 import pytest
 
 
+@pytest.fixture(scope="session")
+def _digits() -> tuple:
+    """The embedded digits at 32x32 (train, test), loaded once: examples only read them."""
+    from robustvit.data import load_image_dataset
+
+    return load_image_dataset(split="train", image_size=32), load_image_dataset(split="test", image_size=32)
+
+
 @pytest.fixture(autouse=True)
-def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: dict) -> None:
+def _doctest_env(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path, doctest_namespace: dict
+) -> None:
     if not isinstance(request.node, pytest.DoctestItem):  # ordinary tests build their own models
         return
     import datasets
@@ -27,7 +37,6 @@ def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: di
     from torch import nn
 
     import robustvit
-    from robustvit.data import load_image_dataset
 
     torch.manual_seed(0)
     vit = timm.create_model(
@@ -35,8 +44,7 @@ def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: di
     )
     model = robustvit.convert(vit)
     images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    test_set = load_image_dataset(split="test", image_size=32)
-    train_set = load_image_dataset(split="train", image_size=32)
+    train_set, test_set = request.getfixturevalue("_digits")
     loader = torch.utils.data.DataLoader(train_set, batch_size=32)
     pil_images = [PIL.Image.new("RGB", (8, 8), color) for color in ("red", "blue")]
     doctest_namespace.update(
@@ -60,6 +68,4 @@ def _doctest_env(request: pytest.FixtureRequest, tmp_path, doctest_namespace: di
         accelerator=Accelerator(cpu=True),
         optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
     )
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    request.addfinalizer(lambda: os.chdir(cwd))
+    monkeypatch.chdir(tmp_path)
