@@ -1,15 +1,25 @@
-"""PEFT LoRA inside the Lipschitz constraint: parameter-efficient certified finetuning of converted models.
+"""PEFT tuners inside the Lipschitz constraint: parameter-efficient certified finetuning of converted models.
 
-Plain ``peft.get_peft_model`` wraps a spectrally rescaled ``nn.Linear`` and adds ``B A x`` *outside* its
+Plain ``peft.get_peft_model`` wraps a spectrally rescaled ``nn.Linear`` and adds its update *outside* the layer's
 parametrization, so the layer is no longer 1-Lipschitz during training, and ``merge_and_unload()`` writes the update
-through the parametrization's computed weight, where it is lost. Here the update goes *inside* the constraint:
+through the parametrization's computed weight, where it is lost. Here the update goes *inside* the constraint. Every
+supported tuner changes a linear layer's weight (and, for (IA)^3, its bias) by a differentiable map of its adapter
+parameters; its layers become :class:`ConstrainedTunerLayer` subclasses that compute with
 
-* :class:`LipschitzLoraLinear` computes ``x -> x @ rescale(W + s B A).T + b``: the spectral rescaling is applied to
-  the adapted raw weight, so the layer stays at most 1-Lipschitz at every step, whatever LoRA learns;
-* its ``merge`` writes ``W + s B A`` into the raw weight (``parametrizations.weight.original``), so
-  ``merge_and_unload()`` returns the converted model computing exactly what the adapted one computed;
-* its ``lipschitz_bound`` is a guaranteed bound of the effective weight, so ``robustvit.lipschitz_bound`` and
+    ``x -> x @ rescale(update(W)).T + b'``
+
+(``W`` the raw weight ``parametrizations.weight.original``, ``rescale`` the layer's own spectral rescaling), so
+
+* the layer stays at most 1-Lipschitz at every step, whatever the adapters learn;
+* ``merge`` writes ``update(W)`` into the raw weight, so ``merge_and_unload()`` returns the converted model computing
+  exactly what the adapted one computed;
+* ``lipschitz_bound`` is a guaranteed bound of the effective weight, so ``robustvit.lipschitz_bound`` and
   ``robustvit.certify`` take the PEFT-wrapped model as it is.
+
+Supported (the :data:`TUNERS` registry, one :class:`TunerRule` per PEFT ``Linear`` class): LoRA (DoRA included:
+``W' = m / ||W + sBA||_row * (W + sBA)``), LoHa and LoKr (``W + delta``), (IA)^3 (a row or column scaling) and
+OFT (``W R^T``, an input rotation). Options that are not a change of the weight (adapter dropout, LoRA bias...) and
+other tuners raise a clear error.
 
 Example:
     >>> import robustvit, robustvit.peft
@@ -23,12 +33,15 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import peft
 import torch
 import torch.nn.functional as F
-from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners import ia3, loha, lokr, lora, oft
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -36,81 +49,128 @@ from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn, register_bound
 from robustvit.lipschitz.rescale import is_spectrally_rescaled
 from robustvit.lipschitz.spectral import gram_spectral_norm
+from robustvit.registry import Registry
 
-__all__ = ["LipschitzLoraLinear", "get_peft_model", "lora_config", "merged", "with_lora"]
+__all__ = [
+    "TUNERS",
+    "ConstrainedTunerLayer",
+    "LipschitzLoraLinear",
+    "TunerRule",
+    "constrain",
+    "get_peft_model",
+    "lora_config",
+    "merged",
+    "register_tuner",
+    "target_modules",
+    "with_lora",
+]
+
+Update = Callable[[nn.Module, str, Tensor, "Tensor | None"], "tuple[Tensor, Tensor | None]"]
 
 
-class LipschitzLoraLinear(LoraLinear):
-    """A PEFT LoRA ``Linear`` whose update lives inside the base layer's weight parametrization.
+@dataclass(frozen=True)
+class TunerRule:
+    """How one PEFT tuner's ``Linear`` layer changes its base layer.
 
-    For a base layer with a weight parametrization (robustvit's spectral rescaling) the effective weight is the
-    parametrization applied to ``original + sum_a s_a B_a A_a`` over the active adapters; for a plain ``nn.Linear``
-    it is ``W + sum_a s_a B_a A_a``. LoRA variants whose update is not a weight delta computed from the input alone
-    (dropout on the adapter input, DoRA, LoRA biases...) are refused.
+    Attributes:
+        name: the tuner, for messages (``"LoRA"``).
+        config: its PEFT config class.
+        adapters: the layer attribute whose keys are the layer's adapters (``"lora_A"``).
+        update: ``update(layer, adapter, weight, bias) -> (weight, bias)``, differentiable in the adapter's
+            parameters: the weight and bias the layer computes with once ``adapter`` is applied (before rescaling).
+        refused: ``refused(layer, adapter) -> [problem, ...]``: the adapter's options that are not a change of the
+            weight (dropout on the adapter path...), which the constrained forward could not honour.
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: peft.LoraConfig, **kwargs: Any) -> None:
-        _check_config(config)
-        super().__init__(base_layer, adapter_name, config=config, **kwargs)
+    name: str
+    config: type[peft.PeftConfig]
+    adapters: str
+    update: Update
+    refused: Callable[[nn.Module, str], list[str]]
 
-    def _raw_weight(self) -> Tensor:
+
+class ConstrainedTunerLayer(nn.Module):
+    """Base of the constrained layers: put in front of a PEFT tuner ``Linear`` class by :func:`register_tuner`.
+
+    For a base layer with a weight parametrization (robustvit's spectral rescaling) the effective weight is the
+    parametrization applied to the raw weight after every active adapter's :attr:`TunerRule.update`; for a plain
+    ``nn.Linear`` it is the updated weight itself.
+    """
+
+    tuner: TunerRule
+
+    def _adapters(self, names: list[str]) -> list[str]:
+        return [name for name in names if name in getattr(self, self.tuner.adapters)]
+
+    def _raw(self) -> tuple[Tensor, Tensor | None]:
         base = self.get_base_layer()
         raw = base.parametrizations.weight.original if parametrize.is_parametrized(base, "weight") else base.weight
-        for adapter in self.active_adapters:
-            if adapter in self.lora_A:
-                raw = raw + self.get_delta_weight(adapter).to(raw.dtype)
-        return raw
+        return raw, base.bias
 
-    def effective_weight(self) -> Tensor:
-        """The weight this layer computes with (differentiable in the base weight and the adapters)."""
+    def _updated(self, adapters: list[str]) -> tuple[Tensor, Tensor | None]:
+        weight, bias = self._raw()
+        for adapter in adapters:
+            new_weight, new_bias = self.tuner.update(self, adapter, weight, bias)
+            weight, bias = new_weight.to(weight.dtype), None if new_bias is None else new_bias.to(bias.dtype)
+        return weight, bias
+
+    def effective_weight_and_bias(self) -> tuple[Tensor, Tensor | None]:
+        """The weight and bias this layer computes with (differentiable in the base weight and the adapters)."""
         base = self.get_base_layer()
-        if self.disable_adapters or self.merged or not any(a in self.lora_A for a in self.active_adapters):
-            return base.weight
-        weight = self._raw_weight()
+        adapters = self._adapters(self.active_adapters)
+        if self.disable_adapters or self.merged or not adapters:
+            return base.weight, base.bias
+        weight, bias = self._updated(adapters)
         if parametrize.is_parametrized(base, "weight"):
             # The rescaling applied to the adapted weight, in the layer's own mode: training forwards move its tracked
             # directions toward this weight's top singular subspace, eval forwards leave them (and the function) fixed.
             for parametrization in base.parametrizations.weight:
                 weight = parametrization(weight)
-        return weight
+        return weight, bias
+
+    def effective_weight(self) -> Tensor:
+        return self.effective_weight_and_bias()[0]
+
+    def effective_bias(self) -> Tensor | None:
+        return self.effective_weight_and_bias()[1]
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        self._check_forward_args(x, *args, **kwargs)
         if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError(
-                "mixed-adapter batches (adapter_names=...) are not supported under the constraint"
-            )
+            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported under the constraint")
+        if args or kwargs:
+            raise TypeError(f"{type(self).__name__} takes only the input, got {len(args)} more and {sorted(kwargs)}")
         if self.disable_adapters and self.merged:
             self.unmerge()
-        base = self.get_base_layer()
-        weight = self.effective_weight()
-        return F.linear(x, weight.to(x.dtype), base.bias.to(x.dtype) if base.bias is not None else None)
+        weight, bias = self.effective_weight_and_bias()
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Write the adapters into the base layer's *raw* weight, so the merged layer computes what this one did."""
-        from peft.tuners.tuners_utils import check_adapters_to_merge
-
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        base = self.get_base_layer()
-        raw = base.parametrizations.weight.original if parametrize.is_parametrized(base, "weight") else base.weight
-        for adapter in adapter_names:
-            if adapter not in self.lora_A:
-                continue
-            merged = raw.detach() + self.get_delta_weight(adapter).detach().to(raw.dtype)
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights of adapter {adapter!r}")
-            with torch.no_grad():
-                raw.copy_(merged)
-            self.merged_adapters.append(adapter)
+        """Write the adapters into the base layer's *raw* weight (and bias), so the merged layer computes what this
+        one did. The weights before the merge are kept for :meth:`unmerge`, which restores them exactly."""
+        adapters = self._adapters(check_adapters_to_merge(self, adapter_names))
+        if not adapters:
+            return
+        raw, bias = self._raw()
+        with torch.no_grad():
+            weight, new_bias = self._updated(adapters)
+        if safe_merge and not (torch.isfinite(weight).all() and (new_bias is None or torch.isfinite(new_bias).all())):
+            raise ValueError(f"NaNs detected in the merged weights of adapters {adapters}")
+        self._before_merge.append((adapters, raw.detach().clone(), None if bias is None else bias.detach().clone()))
+        with torch.no_grad():
+            raw.copy_(weight)
+            if bias is not None:
+                bias.copy_(new_bias)
+        self.merged_adapters.extend(adapters)
 
     def unmerge(self) -> None:
-        base = self.get_base_layer()
-        raw = base.parametrizations.weight.original if parametrize.is_parametrized(base, "weight") else base.weight
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            if adapter in self.lora_A:
-                with torch.no_grad():
-                    raw.sub_(self.get_delta_weight(adapter).detach().to(raw.dtype))
+        raw, bias = self._raw()
+        while self._before_merge:
+            adapters, old_weight, old_bias = self._before_merge.pop()
+            with torch.no_grad():
+                raw.copy_(old_weight)
+                if bias is not None:
+                    bias.copy_(old_bias)
+            self.merged_adapters = [name for name in self.merged_adapters if name not in adapters]
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
         # A guaranteed bound of the exact effective weight (a rescaled one is at most 1 up to the Gram slack).
@@ -120,29 +180,173 @@ class LipschitzLoraLinear(LoraLinear):
         return "lipschitz_" + super().__repr__()
 
 
-def _check_config(config: peft.LoraConfig) -> None:
-    problems = []
-    if config.lora_dropout:
-        problems.append(f"lora_dropout={config.lora_dropout} (dropout on the adapter input is not a weight update)")
-    for flag in ("use_dora", "lora_bias"):
-        if getattr(config, flag, False):
-            problems.append(f"{flag}=True")
-    if config.fan_in_fan_out:
+def _plain_tuner_layer(module: BaseTunerLayer, bound_of: BoundFn) -> Tensor:
+    """A PEFT tuner layer left as PEFT built it: bounded only while it computes its base layer."""
+    base = module.get_base_layer()
+    adapters = getattr(module, TUNERS[type(module)].tuner.adapters)
+    if module.disable_adapters or module.merged or not any(a in adapters for a in module.active_adapters):
+        return bound_of("base_layer", base)
+    if is_spectrally_rescaled(base):
+        raise UnsupportedModuleError(
+            "peft.get_peft_model put an adapter update outside the spectral rescaling of this layer, so the layer is "
+            "no longer constrained; use robustvit.peft.get_peft_model(model, config), or robustvit.peft.constrain("
+            "model) for a model PEFT built or loaded, to train it inside the constraint"
+        )
+    raise UnsupportedModuleError(
+        "a plain PEFT tuner layer has no robustvit bound; use robustvit.peft.get_peft_model(model, config) or "
+        "robustvit.peft.constrain(model)"
+    )
+
+
+TUNERS: Registry[type[ConstrainedTunerLayer]] = Registry("PEFT tuner layer", keys=type)
+"""PEFT tuner ``Linear`` class -> its constrained subclass; fill it with :func:`register_tuner`."""
+
+
+def register_tuner(layer_class: type[BaseTunerLayer], rule: TunerRule) -> type[ConstrainedTunerLayer]:
+    """Register how ``layer_class`` (a PEFT tuner's ``Linear``) changes its base layer, and return its constrained
+    subclass (named ``Lipschitz<Name>Linear``, in this module). The plain ``layer_class`` is then refused by the bound
+    engine with the fix named."""
+    name = f"Lipschitz{rule.name}Linear"
+    constrained = type(name, (ConstrainedTunerLayer, layer_class), {"tuner": rule, "__module__": __name__})
+    constrained.__qualname__ = name
+    TUNERS.register(layer_class, constrained)
+    register_bound(layer_class)(_plain_tuner_layer)
+    return constrained
+
+
+def _dropout_problem(dropouts: nn.ModuleDict, adapter: str, option: str) -> list[str]:
+    return [] if isinstance(dropouts[adapter], nn.Identity) else [f"{option}>0 (dropout is not a weight update)"]
+
+
+def _lora_update(layer: nn.Module, adapter: str, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    adapted = weight + layer.get_delta_weight(adapter)
+    if adapter in layer.lora_variant:  # DoRA (the only variant let through): row magnitudes over detached row norms
+        magnitude = layer.lora_magnitude_vector[adapter].weight
+        adapted = (magnitude / torch.linalg.vector_norm(adapted, dim=1).detach()).unsqueeze(1) * adapted
+    return adapted, bias
+
+
+def _lora_refused(layer: nn.Module, adapter: str) -> list[str]:
+    problems = _dropout_problem(layer.lora_dropout, adapter, "lora_dropout")
+    variant = layer.lora_variant.get(adapter)
+    if variant is not None and not isinstance(variant, lora.variants.DoraLinearVariant):
+        problems.append(f"the LoRA variant {type(variant).__name__}")
+    if layer.lora_bias[adapter]:
+        problems.append("lora_bias=True")
+    if layer.fan_in_fan_out:
         problems.append("fan_in_fan_out=True (nn.Linear stores (out, in))")
-    if problems:
-        raise ValueError("LoRA inside the Lipschitz constraint does not support " + "; ".join(problems))
+    return problems
 
 
-def lora_config(model: nn.Module, r: int, *, lora_alpha: float | None = None, **kwargs: Any) -> peft.LoraConfig:
-    """A ``LoraConfig`` targeting every spectrally rescaled ``nn.Linear`` of a converted model (MLPs, head, L2
-    attention projections), or every ``nn.Linear`` of an unconverted one, with ``lora_alpha = r`` (scaling 1) unless
-    given. ``kwargs`` go to ``LoraConfig``.
+def _lycoris_update(layer: nn.Module, adapter: str, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor]:
+    return weight + layer.get_delta_weight(adapter), bias
+
+
+def _lycoris_refused(layer: nn.Module, adapter: str) -> list[str]:
+    options = ("rank_dropout", "module_dropout")
+    return [f"{option}={getattr(layer, option)[adapter]}" for option in options if getattr(layer, option)[adapter]]
+
+
+def _ia3_update(layer: nn.Module, adapter: str, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    # (IA)^3 scales the input features of a feedforward layer, else the output features (bias included).
+    scale = layer.ia3_l[adapter]  # (1, in) or (out, 1)
+    if layer.is_feedforward or bias is None:
+        return weight * scale, bias
+    return weight * scale, bias * scale.flatten()
+
+
+def _ia3_refused(layer: nn.Module, adapter: str) -> list[str]:
+    return ["fan_in_fan_out=True (nn.Linear stores (out, in))"] if layer.fan_in_fan_out else []
+
+
+def _oft_update(layer: nn.Module, adapter: str, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    return weight @ layer.get_delta_weight(adapter).T, bias  # PEFT's forward rotates the input: x R^T... = (W R^T) x
+
+
+def _oft_refused(layer: nn.Module, adapter: str) -> list[str]:
+    return _dropout_problem(layer.oft_dropout, adapter, "module_dropout")
+
+
+LipschitzLoraLinear = register_tuner(lora.Linear, TunerRule("Lora", peft.LoraConfig, "lora_A", _lora_update, _lora_refused))
+LipschitzLoHaLinear = register_tuner(
+    loha.Linear, TunerRule("LoHa", peft.LoHaConfig, "_available_adapters", _lycoris_update, _lycoris_refused)
+)
+LipschitzLoKrLinear = register_tuner(
+    lokr.Linear, TunerRule("LoKr", peft.LoKrConfig, "_available_adapters", _lycoris_update, _lycoris_refused)
+)
+LipschitzIA3Linear = register_tuner(ia3.Linear, TunerRule("IA3", peft.IA3Config, "ia3_l", _ia3_update, _ia3_refused))
+LipschitzOFTLinear = register_tuner(oft.Linear, TunerRule("OFT", peft.OFTConfig, "oft_R", _oft_update, _oft_refused))
+
+
+def _supported() -> str:
+    return ", ".join(sorted({constrained.tuner.config.__name__ for _, constrained in TUNERS.items()}))
+
+
+def constrain(model: nn.Module) -> nn.Module:
+    """Put every PEFT tuner layer of ``model`` inside the Lipschitz constraint, in place, and return ``model``: for
+    a model PEFT built or loaded itself (``peft.PeftModel.from_pretrained(converted, adapter_dir)``).
+
+    Raises ``NotImplementedError`` for a tuner layer without a :class:`TunerRule` (another tuner, or a tuner on a
+    layer other than ``nn.Linear``) and ``ValueError`` for adapter options that are not a change of the weight;
+    nothing is changed then.
 
     Example:
-        >>> config = lora_config(lip, r=8)
+        >>> adapted = constrain(peft.get_peft_model(copy.deepcopy(lip), lora_config(lip, r=2)))
     """
-    if r < 1:
-        raise ValueError(f"r must be a positive rank, got {r}")
+    layers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and not isinstance(module, ConstrainedTunerLayer)
+    ]
+    for name, layer in layers:
+        layer_type = type(layer)
+        if layer_type not in TUNERS:
+            raise NotImplementedError(
+                f"{name} ({layer_type.__module__}.{layer_type.__qualname__}): this PEFT tuner layer has no rule inside "
+                f"the Lipschitz constraint; supported: {_supported()} on nn.Linear (robustvit.peft.register_tuner)"
+            )
+        rule = TUNERS[layer_type].tuner
+        problems = [p for adapter in getattr(layer, rule.adapters) for p in rule.refused(layer, adapter)]
+        if problems:
+            raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {'; '.join(problems)}")
+    for _, layer in layers:
+        layer.__class__ = TUNERS[type(layer)]
+        layer._before_merge = []
+    return model
+
+
+def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> peft.PeftModel:
+    """``peft.get_peft_model`` with every tuner layer inside the Lipschitz constraint (:func:`constrain`).
+
+    Supported configs: LoRA (DoRA included), LoHa, LoKr, (IA)^3 and OFT on ``nn.Linear``; others raise
+    ``NotImplementedError``, options that are not a weight update ``ValueError``, and ``model`` is then left as it
+    was. ``kwargs`` go to ``peft.get_peft_model``.
+
+    Example:
+        >>> model = get_peft_model(lip, lora_config(lip, r=8))
+        >>> model.print_trainable_parameters()
+        trainable params: ... || all params: ... || trainable%: ...
+    """
+    if type(config) not in {constrained.tuner.config for _, constrained in TUNERS.items()}:
+        raise NotImplementedError(
+            f"{type(config).__name__}: not implemented inside the Lipschitz constraint (robustvit.peft); supported: "
+            f"{_supported()}"
+        )
+    adapted = peft.get_peft_model(model, config, **kwargs)
+    try:
+        return constrain(adapted)
+    except (NotImplementedError, ValueError):
+        adapted.unload()  # peft injected its layers into model in place: take them out again
+        raise
+
+
+def target_modules(model: nn.Module) -> list[str]:
+    """Every spectrally rescaled ``nn.Linear`` of a converted model (MLPs, head, L2 attention projections), or every
+    ``nn.Linear`` of an unconverted one: ``target_modules`` for any PEFT config.
+
+    Example:
+        >>> config = peft.LoHaConfig(r=2, target_modules=target_modules(lip))
+    """
     linears = {
         name: module
         for name, module in model.named_modules()
@@ -152,8 +356,20 @@ def lora_config(model: nn.Module, r: int, *, lora_alpha: float | None = None, **
     targets = rescaled or sorted(linears)
     if not targets:
         raise ValueError("the model has no nn.Linear to adapt")
+    return targets
+
+
+def lora_config(model: nn.Module, r: int, *, lora_alpha: float | None = None, **kwargs: Any) -> peft.LoraConfig:
+    """A ``LoraConfig`` on :func:`target_modules` with ``lora_alpha = r`` (scaling 1) unless given. ``kwargs`` go to
+    ``LoraConfig``.
+
+    Example:
+        >>> config = lora_config(lip, r=8)
+    """
+    if r < 1:
+        raise ValueError(f"r must be a positive rank, got {r}")
     alpha = lora_alpha if lora_alpha is not None else r
-    return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, **kwargs)
+    return peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules(model), **kwargs)
 
 
 def with_lora(model: nn.Module, r: int) -> nn.Module:
@@ -166,7 +382,7 @@ def with_lora(model: nn.Module, r: int) -> nn.Module:
 
 
 def merged(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with its LoRA adapters merged (``merge_and_unload``); ``model`` itself when it has none.
+    """A copy of ``model`` with its adapters merged (``merge_and_unload``); ``model`` itself when it has none.
     The adapted model is left as it is, so training can go on.
 
     Example:
@@ -175,37 +391,3 @@ def merged(model: nn.Module) -> nn.Module:
     if not isinstance(model, peft.PeftModel):
         return model
     return copy.deepcopy(model).merge_and_unload()
-
-
-def get_peft_model(model: nn.Module, config: peft.LoraConfig, **kwargs: Any) -> peft.PeftModel:
-    """``peft.get_peft_model`` with every LoRA ``nn.Linear`` a :class:`LipschitzLoraLinear` (inside the constraint).
-
-    Only LoRA is supported; other tuners raise ``NotImplementedError``. ``kwargs`` go to ``peft.get_peft_model``.
-
-    Example:
-        >>> model = get_peft_model(lip, lora_config(lip, r=8))
-        >>> model.print_trainable_parameters()
-        trainable params: ... || all params: ... || trainable%: ...
-    """
-    if not isinstance(config, peft.LoraConfig):
-        raise NotImplementedError(
-            f"{type(config).__name__}: only LoRA is implemented inside the Lipschitz constraint (robustvit.peft)"
-        )
-    _check_config(config)
-    config._register_custom_module({nn.Linear: LipschitzLoraLinear})
-    return peft.get_peft_model(model, config, **kwargs)
-
-
-@register_bound(LoraLinear)
-def _plain_lora(module: LoraLinear, bound_of: BoundFn) -> Tensor:
-    base = module.get_base_layer()
-    if not (module.disable_adapters or module.merged) and is_spectrally_rescaled(base):
-        raise UnsupportedModuleError(
-            "peft.get_peft_model put a LoRA update outside the spectral rescaling of this layer, so the layer is no "
-            "longer constrained; use robustvit.peft.get_peft_model(model, config) to train LoRA inside the constraint"
-        )
-    if module.disable_adapters or module.merged or not any(a in module.lora_A for a in module.active_adapters):
-        return bound_of("base_layer", base)
-    raise UnsupportedModuleError(
-        "a plain peft LoRA layer has no robustvit bound; use robustvit.peft.get_peft_model(model, config)"
-    )

@@ -1,4 +1,4 @@
-"""PEFT LoRA on converted models trains inside the Lipschitz constraint, its bound is attacked, and
+"""PEFT tuners (LoRA, DoRA, LoHa, LoKr, (IA)^3, OFT) on converted models train inside the Lipschitz constraint, its bound is attacked, and
 merge_and_unload() keeps both the finetune and the bound."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 from conftest import IMG, build_model, logits_of
+from peft.tuners.tuners_utils import BaseTunerLayer
 from test_certify import margin_pgd
 from torch import nn
 
@@ -16,6 +17,7 @@ import robustvit
 import robustvit.peft
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
+from robustvit.lipschitz.rescale import is_spectrally_rescaled
 
 FAMILIES = ("timm_token", "hf_vit", "timm_distilled")
 
@@ -122,23 +124,145 @@ def test_plain_peft_on_a_converted_model_is_refused_by_the_bound():
         robustvit.lipschitz_bound(plain)
 
 
+def _tuner_configs(targets: list[str]) -> dict[str, peft.PeftConfig]:
+    """One config per supported tuner; IA3 scales fc2's input (feedforward) and the other layers' outputs."""
+    return {
+        "lora": peft.LoraConfig(r=2, target_modules=targets),
+        "dora": peft.LoraConfig(r=2, target_modules=targets, use_dora=True),
+        "loha": peft.LoHaConfig(r=2, target_modules=targets),
+        "lokr": peft.LoKrConfig(r=2, target_modules=targets),
+        "ia3": peft.IA3Config(target_modules=targets, feedforward_modules=[t for t in targets if t.endswith("fc2")]),
+        "oft": peft.OFTConfig(r=0, oft_block_size=4, target_modules=targets),
+    }
+
+
+TUNER_NAMES = tuple(_tuner_configs(["x"]))
+
+
+def _perturb_adapters(model: nn.Module, scale: float, seed: int = 0) -> None:
+    """Move every trainable (adapter) parameter off PEFT's identity initialization."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+
+
+def _constrained_layers(model: nn.Module) -> list[robustvit.peft.ConstrainedTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, robustvit.peft.ConstrainedTunerLayer)]
+
+
+@pytest.mark.parametrize("tuner", TUNER_NAMES)
+def test_each_tuner_computes_what_peft_computes(tuner):
+    """On a plain nn.Linear stack (no rescaling) the constrained layer is the tuner's own function, and so is the
+    merged layer: the weight update is the tuner's, not an approximation of it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    model = peft.get_peft_model(net, _tuner_configs(["0", "2"])[tuner])
+    _perturb_adapters(model, 0.3)
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        reference = model(x)
+        assert robustvit.peft.constrain(model) is model and len(_constrained_layers(model)) == 2
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+        layer = _constrained_layers(model)[0]
+        layer.merge()
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+        layer.unmerge()  # restores the weights before the merge exactly
+        assert not layer.merged
+        torch.testing.assert_close(model(x), reference, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model.merge_and_unload()(x), reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tuner", TUNER_NAMES)
+def test_every_tuner_trains_inside_the_constraint_and_merges(tuner):
+    source = robustvit.convert(build_model("timm_token").eval())
+    base = copy.deepcopy(source).eval()
+    model = robustvit.peft.get_peft_model(source, _tuner_configs(robustvit.peft.target_modules(source))[tuner])
+    layers = _constrained_layers(model)
+    assert layers and all(is_spectrally_rescaled(layer.get_base_layer()) for layer in layers)
+    _perturb_adapters(model, 0.05)  # off the identity init (LoRA's B = 0 ...), so every adapter gets a gradient
+    before = [layer.effective_weight().detach().clone() for layer in layers]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    images, labels = _pixels(8, 3), torch.arange(8) % 10
+    model.train()
+    for _ in range(3):
+        loss = nn.functional.cross_entropy(logits_of(model(images)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for _ in range(3):  # the rescalings' tracked directions catch up with the last optimizer step (rescale.py)
+        model(images)
+    model.eval()
+    for layer, old in zip(layers, before, strict=True):
+        weight = layer.effective_weight().detach()
+        assert (weight - old).abs().max() > 1e-4  # training moved the effective weight
+        exact = float(torch.linalg.matrix_norm(weight.double(), ord=2))
+        assert exact <= 1.05  # about 1 (the directions converge over training forwards); certified: the exact bound
+        assert float(layer.lipschitz_bound()) >= exact * (1 - 1e-9)
+    bound = robustvit.lipschitz_bound(model)
+    estimate = estimate_lipschitz_lower_bound(
+        model, _pixels(2, 1), steps=15, restarts=1, generator=torch.Generator().manual_seed(0)
+    )
+    assert 0 < estimate <= bound
+    with torch.no_grad():
+        adapted = logits_of(model(images))
+        assert (adapted - logits_of(base(images))).abs().max() > 1e-3
+    merged = model.merge_and_unload()
+    assert type(merged) is type(base) and robustvit.is_converted(merged) and not _constrained_layers(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(merged(images)), adapted, atol=1e-5, rtol=1e-5)
+    assert robustvit.lipschitz_bound(merged) == pytest.approx(bound, rel=1e-4)
+
+
+def test_adapters_saved_by_peft_load_inside_the_constraint(tmp_path):
+    lip = robustvit.convert(build_model("timm_token").eval())
+    fresh = copy.deepcopy(lip)
+    model = robustvit.peft.get_peft_model(lip, peft.LoHaConfig(r=2, target_modules=robustvit.peft.target_modules(lip)))
+    _perturb_adapters(model, 0.3)
+    model.eval().save_pretrained(tmp_path)
+    loaded = robustvit.peft.constrain(peft.PeftModel.from_pretrained(fresh, tmp_path).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_pixels(2, 0)), model(_pixels(2, 0)))
+    assert robustvit.lipschitz_bound(loaded) == pytest.approx(robustvit.lipschitz_bound(model), rel=1e-9)
+
+
 @pytest.mark.parametrize(
-    ("config", "error"),
+    "config",
     [
-        (dict(lora_dropout=0.1), ValueError),
-        (dict(use_dora=True), ValueError),
+        dict(kind=peft.LoraConfig, lora_dropout=0.1),
+        dict(kind=peft.LoraConfig, lora_bias=True),
+        dict(kind=peft.LoHaConfig, rank_dropout=0.1),
+        dict(kind=peft.LoKrConfig, module_dropout=0.1),
+        dict(kind=peft.OFTConfig, r=0, oft_block_size=4, module_dropout=0.1),
     ],
+    ids=lambda config: "-".join(f"{k}" for k in config if k != "kind") + "-" + config["kind"].__name__,
 )
-def test_lora_options_outside_the_constraint_are_refused(config, error):
+def test_options_outside_the_constraint_are_refused_and_the_model_is_left_alone(config):
     lip = robustvit.convert(build_model("timm_token").eval())
-    with pytest.raises(error, match="does not support"):
-        robustvit.peft.get_peft_model(lip, robustvit.peft.lora_config(lip, r=2, **config))
+    reference = copy.deepcopy(lip.state_dict())
+    kind = config.pop("kind")
+    with pytest.raises(ValueError, match="inside the Lipschitz constraint does not support"):
+        robustvit.peft.get_peft_model(lip, kind(target_modules=robustvit.peft.target_modules(lip), **config))
+    assert not any(isinstance(m, BaseTunerLayer) for m in lip.modules())
+    assert lip.state_dict().keys() == reference.keys()
 
 
-def test_other_tuners_are_not_implemented():
+def test_other_tuners_and_layers_are_not_implemented():
     lip = robustvit.convert(build_model("timm_token").eval())
-    with pytest.raises(NotImplementedError, match="only LoRA"):
-        robustvit.peft.get_peft_model(lip, peft.IA3Config(target_modules=["fc1"], feedforward_modules=["fc1"]))
+    for config in (peft.BOFTConfig(boft_block_size=4, target_modules=["fc1"]), peft.VeraConfig(target_modules=["fc1"])):
+        with pytest.raises(NotImplementedError, match=r"Config: .*supported: IA3Config, LoHaConfig, LoKrConfig"):
+            robustvit.peft.get_peft_model(lip, config)
+    plain = peft.get_peft_model(lip, peft.LoHaConfig(r=2, target_modules=["fc1"]))
+    _perturb_adapters(plain, 0.1)
+    with pytest.raises(UnsupportedModuleError, match=r"robustvit\.peft\.constrain\(model\)"):
+        robustvit.lipschitz_bound(plain)
+    # A supported tuner on another layer type: refused once PEFT built it, and its layers are taken out again.
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(NotImplementedError, match=r"0 \(peft\.tuners\.lora\.layer\.Conv2d\)"):
+        robustvit.peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0", "2"]))
+    assert type(net[0]) is nn.Conv2d and type(net[2]) is nn.Linear
 
 
 def test_train_lipschitz_recipe_takes_lora_r(tmp_path):

@@ -262,13 +262,18 @@ def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (parametrized or not), or a LoRA-adapted one (:class:`robustvit.peft.LipschitzLoraLinear`)."""
+    """An ``nn.Linear`` (parametrized or not), or a PEFT-adapted one (:class:`robustvit.peft.ConstrainedTunerLayer`)."""
     return parametrize.type_before_parametrizations(module) is nn.Linear or hasattr(module, "effective_weight")
 
 
 def linear_weight(module: nn.Module) -> Tensor:
-    """The weight a linear layer computes with, LoRA updates included."""
+    """The weight a linear layer computes with, PEFT updates included."""
     return module.effective_weight() if hasattr(module, "effective_weight") else module.weight
+
+
+def linear_bias(module: nn.Module) -> Tensor | None:
+    """The bias a linear layer computes with, PEFT updates included ((IA)^3 scales it)."""
+    return module.effective_bias() if hasattr(module, "effective_bias") else module.bias
 
 
 def one(device: torch.device | None = None) -> Tensor:

@@ -44,6 +44,7 @@ from robustvit.families.base import (
     InputSpec,
     ViTParts,
     blocks_bound,
+    linear_bias,
     linear_weight,
     native_record,
     one,
@@ -151,7 +152,7 @@ class HFViT(Family):
         return [("classifier", model.classifier)]
 
     def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        return linear_weight(model.classifier), model.classifier.bias
+        return linear_weight(model.classifier), linear_bias(model.classifier)
 
     def source_spec(self, model: nn.Module) -> dict:
         return {"library": "transformers", "class": type(model).__name__, "config": model.config.to_dict()}

@@ -23,6 +23,7 @@ from robustvit.families.base import (
     InputSpec,
     ViTParts,
     blocks_bound,
+    linear_bias,
     linear_weight,
     native_record,
     one,
@@ -198,8 +199,8 @@ class TimmViT(Family):
     def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
         if isinstance(model, VisionTransformerDistilled):  # (head(x0) + head_dist(x1)) / 2 on the pair (x0, x1)
             weight = torch.cat((linear_weight(model.head), linear_weight(model.head_dist)), dim=1) / 2
-            return weight, (model.head.bias + model.head_dist.bias) / 2
-        return linear_weight(model.head), model.head.bias
+            return weight, (linear_bias(model.head) + linear_bias(model.head_dist)) / 2
+        return linear_weight(model.head), linear_bias(model.head)
 
     def source_spec(self, model: nn.Module) -> dict:
         self._check(model, source=True)
