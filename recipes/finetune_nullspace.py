@@ -43,7 +43,6 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from safetensors.torch import load_model as load_weights
 from safetensors.torch import save_model
 from torch.utils.data import DataLoader
 
@@ -177,6 +176,8 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     if config["drop_path"]:
         set_drop_path(model, config["drop_path"])
     model = robustvit.peft.with_lora(model, config["lora_r"])  # --lora_r: LoRA (inside the constraint if converted)
+    # --lora_r: every run restarts from the baseline with these adapters (None: the whole model is finetuned)
+    fresh_adapters = robustvit.peft.adapter_state(model) if config["lora_r"] else None
     net = PixelModel(model)
     augmentation = Augmentation(
         **{name: config[name] for name in Augmentation.__dataclass_fields__}  # type: ignore[attr-defined]
@@ -346,7 +347,9 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
             accelerator.print(f"{label}: resumed from epoch {state['epoch']}")
         else:
             state = {"history": [], "epoch": -1}
-            load_weights(accelerator.unwrap_model(net).model, str(output_dir / BASELINE_WEIGHTS))
+            robustvit.peft.load_base_weights(
+                accelerator.unwrap_model(net).model, output_dir / BASELINE_WEIGHTS, adapters=fresh_adapters
+            )
             optimizer.load_state_dict(copy.deepcopy(fresh_optimizer))
             schedule.load_state_dict(copy.deepcopy(fresh_schedule))
             set_seed(config["seed"] + seed_index)
@@ -554,7 +557,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora_r",
         type=int,
         default=0,
-        help="LoRA rank (robustvit.peft); 0 trains all parameters. Not yet supported with the controlled comparison",
+        help="LoRA rank (robustvit.peft): every method finetunes fresh adapters on the baseline; 0 trains all "
+        "parameters",
     )
     hyper.add_argument(
         "--unconverged_noise",
@@ -627,11 +631,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:
         args.pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if args.model is None else 0
-    if args.lora_r:
-        # Every method restarts from the saved (plain) baseline; loading it into fresh adapters is not written yet.
-        raise NotImplementedError(
-            "--lora_r is not supported by finetune_nullspace.py yet (each method reloads the plain baseline weights); "
-            "use recipes/train_lipschitz.py --lora_r, or robustvit.peft.get_peft_model in your own loop"
+    if args.lora_r and args.pretrain_epochs:
+        parser.error(
+            "--lora_r finetunes a pretrained baseline with LoRA; it would pretrain only the adapters. Pass "
+            "--pretrain_epochs 0 (the default with --model)"
         )
     for name in ("epochs", "pretrain_epochs", "noise_retries", "num_workers", "lora_r"):
         if getattr(args, name) < 0:

@@ -35,9 +35,11 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import peft
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from peft.tuners import ia3, loha, lokr, lora, oft
@@ -56,8 +58,10 @@ __all__ = [
     "ConstrainedTunerLayer",
     "LipschitzLoraLinear",
     "TunerRule",
+    "adapter_state",
     "constrain",
     "get_peft_model",
+    "load_base_weights",
     "lora_config",
     "merged",
     "register_tuner",
@@ -178,6 +182,54 @@ class ConstrainedTunerLayer(nn.Module):
 
     def __repr__(self) -> str:
         return "lipschitz_" + super().__repr__()
+
+
+def adapter_state(model: peft.PeftModel) -> dict[str, Tensor]:
+    """A copy of the adapters' weights as they are now (``peft.get_peft_model_state_dict`` returns the live tensors),
+    for :func:`load_base_weights`.
+
+    Example:
+        >>> fresh = adapter_state(with_lora(lip, r=2))
+    """
+    return {key: value.detach().clone() for key, value in peft.get_peft_model_state_dict(model).items()}
+
+
+def load_base_weights(model: nn.Module, path: str | Path, adapters: dict[str, Tensor] | None = None) -> None:
+    """Load a plain model's safetensors weights (``path``) into ``model``; for a PEFT model, into the base layers of
+    its tuner layers (``fc1.weight`` -> ``fc1.base_layer.weight``), with its adapters set to ``adapters`` (an
+    :func:`adapter_state` taken while they were fresh), so that every run restarts from the same point. Every
+    weight of the model must be in the file, and nothing else.
+
+    Example:
+        >>> adapted = get_peft_model(lip, lora_config(lip, r=2))
+        >>> fresh = adapter_state(adapted)
+        >>> safetensors.torch.save_model(merged(adapted), "plain.safetensors")  # a baseline, saved plain
+        >>> load_base_weights(adapted, "plain.safetensors", adapters=fresh)
+    """
+    if not isinstance(model, peft.PeftModel):
+        if adapters is not None:
+            raise ValueError("adapters given for a model without PEFT adapters")
+        safetensors.torch.load_model(model, str(path))
+        return
+    if adapters is None:
+        raise ValueError("a PEFT model restarts from fresh adapters: pass adapters=adapter_state(model) taken then")
+    inner = model.get_base_model()
+    tuners = [name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)]
+
+    def owner(key: str) -> str | None:
+        return next((name for name in tuners if key.startswith(name + ".")), None)
+
+    mapped = {}
+    for key, value in safetensors.torch.load_file(str(path)).items():
+        name = owner(key)
+        mapped[key if name is None else f"{name}.base_layer.{key[len(name) + 1 :]}"] = value
+    missing, unexpected = inner.load_state_dict(mapped, strict=False)
+    missing = [key for key in missing if owner(key) is None or ".base_layer." in key]  # adapters come next
+    if missing or unexpected:
+        raise KeyError(f"{path} does not fit the model's base weights: missing {missing}, unexpected {unexpected}")
+    result = peft.set_peft_model_state_dict(model, adapters)
+    if result.unexpected_keys:
+        raise KeyError(f"adapters that the model does not have: {result.unexpected_keys}")
 
 
 def _plain_tuner_layer(module: BaseTunerLayer, bound_of: BoundFn) -> Tensor:

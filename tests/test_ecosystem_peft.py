@@ -265,6 +265,31 @@ def test_other_tuners_and_layers_are_not_implemented():
     assert type(net[0]) is nn.Conv2d and type(net[2]) is nn.Linear
 
 
+def test_load_base_weights_restarts_from_a_plain_baseline_with_fresh_adapters(tmp_path):
+    from safetensors.torch import save_model
+
+    lip = robustvit.convert(build_model("timm_token").eval())
+    model = robustvit.peft.with_lora(lip, 2)
+    fresh = robustvit.peft.adapter_state(model)
+    save_model(robustvit.peft.merged(model), str(tmp_path / "baseline.safetensors"))
+    model.eval()
+    with torch.no_grad():
+        start = model(_pixels(2, 0))
+    _perturb_adapters(model, 0.5)  # a run trains the adapters (and could have written to the base)
+    with torch.no_grad():
+        for layer in _constrained_layers(model):
+            layer.base_layer.parametrizations.weight.original.mul_(2)
+        assert not torch.allclose(model(_pixels(2, 0)), start)
+    robustvit.peft.load_base_weights(model, tmp_path / "baseline.safetensors", adapters=fresh)
+    with torch.no_grad():
+        assert torch.equal(model(_pixels(2, 0)), start)
+    other = robustvit.peft.with_lora(robustvit.convert(build_model("hf_vit").eval()), 2)
+    with pytest.raises(KeyError, match="does not fit the model's base weights"):
+        robustvit.peft.load_base_weights(other, tmp_path / "baseline.safetensors", adapters=fresh)
+    with pytest.raises(ValueError, match="fresh adapters"):
+        robustvit.peft.load_base_weights(model, tmp_path / "baseline.safetensors")
+
+
 def test_train_lipschitz_recipe_takes_lora_r(tmp_path):
     from test_train_recipe import TINY, _recipe, _run
 

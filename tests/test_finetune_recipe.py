@@ -184,8 +184,30 @@ def test_split_radius_and_lora_flags(recipe: ModuleType, tmp_path: Path) -> None
     assert list(report["methods"]) == ["ce"]
     text = json.dumps(report)
     assert "linf@1/255" in text and "l2@36/255" in text and "linf@2/255" not in text and "l2@72/255" not in text
-    with pytest.raises(NotImplementedError, match="--lora_r is not supported by finetune_nullspace.py yet"):
-        recipe.parse_args(["--lora_r", "2"])
+
+
+def test_lora_runs_restart_from_the_baseline_with_fresh_adapters(recipe: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):  # LoRA would pretrain only the adapters
+        recipe.parse_args(["--lora_r", "2", "--pretrain_epochs", "1"])
+    flags = ["--pretrain_epochs", "0", "--lora_r", "2", "--epochs", "1", "--methods", "ce,nullspace"]
+    report = recipe.main([*TINY, *flags, "--output_dir", str(tmp_path)])
+    assert report["config"]["lora_r"] == 2 and list(report["methods"]) == ["ce", "nullspace"]
+    baseline = build_model(None, num_classes=10, image_size=16, channels=3)[0]
+    load_model(baseline, str(tmp_path / "baseline.safetensors"))  # plain keys: the adapters are merged
+    for method in ("ce", "nullspace"):
+        finetuned = build_model(None, num_classes=10, image_size=16, channels=3)[0]
+        load_model(finetuned, str(tmp_path / "runs" / method / "seed_0" / "model.safetensors"))
+        changed = {
+            name
+            for (name, before), after in zip(baseline.state_dict().items(), finetuned.state_dict().values())
+            if not torch.equal(before, after)
+        }
+        # Only the LoRA targets (the Linear weights) moved, each by a low-rank update from the baseline.
+        assert changed and all(name.endswith(".weight") for name in changed), method
+        name = next(iter(sorted(changed)))
+        delta = finetuned.state_dict()[name] - baseline.state_dict()[name]
+        singular = torch.linalg.svdvals(delta.double())
+        assert singular[2] < 1e-2 * singular[0]  # rank 2 up to the float32 rounding of the merge
 
 
 def test_config_file_sets_defaults_and_flags_override_it(recipe: ModuleType, tmp_path: Path) -> None:
