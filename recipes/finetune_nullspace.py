@@ -631,14 +631,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argpa
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:
         args.pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if args.model is None else 0
+    for name in ("epochs", "pretrain_epochs", "noise_retries", "num_workers", "lora_r"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be >= 0")
     if args.lora_r and args.pretrain_epochs:
         parser.error(
             "--lora_r finetunes a pretrained baseline with LoRA; it would pretrain only the adapters. Pass "
             "--pretrain_epochs 0 (the default with --model)"
         )
-    for name in ("epochs", "pretrain_epochs", "noise_retries", "num_workers", "lora_r"):
-        if getattr(args, name) < 0:
-            parser.error(f"--{name} must be >= 0")
     for name in ("seeds", "pgd_steps", "pgd_restarts", "noise_rounds"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
