@@ -140,7 +140,7 @@ class ConstrainedTunerLayer(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if kwargs.pop("adapter_names", None) is not None:
-            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported under the constraint")
+            raise NotImplementedError("mixed-adapter batches (adapter_names=...) are not supported in the constraint")
         if args or kwargs:
             raise TypeError(f"{type(self).__name__} takes only the input, got {len(args)} more and {sorted(kwargs)}")
         if self.disable_adapters and self.merged:
@@ -319,7 +319,9 @@ def _oft_refused(layer: nn.Module, adapter: str) -> list[str]:
     return _dropout_problem(layer.oft_dropout, adapter, "module_dropout")
 
 
-LipschitzLoraLinear = register_tuner(lora.Linear, TunerRule("Lora", peft.LoraConfig, "lora_A", _lora_update, _lora_refused))
+LipschitzLoraLinear = register_tuner(
+    lora.Linear, TunerRule("Lora", peft.LoraConfig, "lora_A", _lora_update, _lora_refused)
+)
 LipschitzLoHaLinear = register_tuner(
     loha.Linear, TunerRule("LoHa", peft.LoHaConfig, "_available_adapters", _lycoris_update, _lycoris_refused)
 )
@@ -360,7 +362,8 @@ def constrain(model: nn.Module) -> nn.Module:
         rule = TUNERS[layer_type].tuner
         problems = [p for adapter in getattr(layer, rule.adapters) for p in rule.refused(layer, adapter)]
         if problems:
-            raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {'; '.join(problems)}")
+            problems = "; ".join(problems)
+            raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {problems}")
     for _, layer in layers:
         layer.__class__ = TUNERS[type(layer)]
         layer._before_merge = []

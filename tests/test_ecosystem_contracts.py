@@ -154,3 +154,76 @@ def test_torch_export_of_the_exported_model():
     model = robustvit.export(robustvit.convert(build_model("timm_token")).eval())
     program = torch.export.export(model, (_pixels(),))
     torch.testing.assert_close(program.module()(_pixels()), model(_pixels()))
+
+
+def test_every_registered_family_is_covered_by_these_checks():
+    from robustvit.families import get_family, registered_families
+
+    covered = {get_family(build_model(family)).name for family in ALL_FAMILIES}
+    assert covered == set(registered_families())
+
+
+@pytest.mark.parametrize("family", HF_FAMILIES)
+def test_transformers_output_hidden_states(family):
+    """ModelTesterMixin test_hidden_states_output: the embeddings, then one hidden state per layer."""
+    for kind, model in _pair(family):
+        model.eval()
+        backbone = model.base_model
+        with torch.no_grad():
+            out = model(pixel_values=_pixels(), output_hidden_states=True)
+            states = [backbone.embeddings(_pixels())]
+            for layer in backbone.layers:
+                states.append(layer(states[-1]))
+            selected = model(pixel_values=_pixels(), output_hidden_states=[-1]).hidden_states
+        assert len(out.hidden_states) == model.config.num_hidden_layers + 1, kind
+        for recorded, expected in zip(out.hidden_states, states, strict=True):
+            torch.testing.assert_close(recorded, expected, rtol=0, atol=0)
+        assert selected[:-1] == (None,) * model.config.num_hidden_layers and selected[-1] is not None, kind
+        if kind == "converted":  # the recording hooks leave the function, and the bound, as they were
+            assert robustvit.lipschitz_bound(model) > 0
+            assert model(pixel_values=_pixels(), output_attentions=True).attentions == ()  # README: no attention map
+
+
+@pytest.mark.parametrize("family", ["timm_avg_ls_reg", "timm_distilled", "hf_deit"])  # each family's widest form
+def test_torch_export_of_the_converted_model(family):
+    """timm / transformers export tests, on the parametrized model itself (transformers builds an attention mask
+    that hides nothing when traced: the blocks accept it and the program asserts it at run time)."""
+    model = robustvit.convert(build_model(family)).eval()
+    program = torch.export.export(model, (_pixels(),))
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(program.module()(_pixels())), logits_of(model(_pixels())))
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_fx_symbolic_trace_of_the_converted_model(family):
+    """timm test_model_forward_fx: the whole model traces with the concrete arguments its source needs too."""
+    concrete = {"attn_mask": None, "is_causal": False}
+    for kind, model in _pair(family):
+        model.eval()
+        traced = torch.fx.symbolic_trace(model, concrete_args=concrete)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(_pixels()), model(_pixels()), msg=kind)
+    # The rescaled layers stay modules of the graph: it computes with the current weights, rescaling included.
+    linear = traced.get_submodule("head")
+    with torch.no_grad():
+        linear.parametrizations.weight.original.mul_(3)
+        torch.testing.assert_close(traced(_pixels()), model(_pixels()))
+
+
+def test_attention_masks_that_hide_something_and_causal_attention_are_refused():
+    model = robustvit.convert(build_model("timm_token")).eval()
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    visible = torch.ones(2, 1, tokens, tokens, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.forward_features(_pixels(), attn_mask=visible), model.forward_features(_pixels())
+        )
+        additive = torch.zeros(2, 1, tokens, tokens)
+        torch.testing.assert_close(
+            model.forward_features(_pixels(), attn_mask=additive), model.forward_features(_pixels())
+        )
+        hiding = visible.clone()
+        hiding[..., -1] = False
+        for kwargs in (dict(attn_mask=hiding), dict(attn_mask=additive - 1e9 * ~hiding), dict(is_causal=True)):
+            with pytest.raises(ValueError, match="do not support"):
+                model.forward_features(_pixels(), **kwargs)

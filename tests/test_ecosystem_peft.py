@@ -1,5 +1,5 @@
-"""PEFT tuners (LoRA, DoRA, LoHa, LoKr, (IA)^3, OFT) on converted models train inside the Lipschitz constraint, its bound is attacked, and
-merge_and_unload() keeps both the finetune and the bound."""
+"""PEFT tuners (LoRA, DoRA, LoHa, LoKr, (IA)^3, OFT) on converted models train inside the Lipschitz constraint,
+their bound is attacked, and merge_and_unload() keeps both the finetune and the bound."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ from transformers.models.vit.modeling_vit import (
     ViTModel,
     ViTPatchEmbeddings,
 )
+from transformers.utils import output_capturing
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families.base import (
@@ -51,7 +52,7 @@ from robustvit.families.base import (
     per_channel,
     register_family,
 )
-from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
+from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, mark_lipschitz_neutral, record_methods, register_bound
 
 # The processors' defaults (ViTImageProcessor: "standard" 0.5; DeiTImageProcessor: ImageNet statistics).
 _DEFAULT_NORMALIZATION = {
@@ -135,6 +136,7 @@ class HFViT(Family):
         backbone.layers = nn.ModuleList(blocks)
         backbone.layernorm = modules["final_norm"]
         backbone.embeddings.patch_embeddings.projection = modules["patch_conv"]
+        _record_hidden_states(backbone)
 
     def patch_embedding(self, model: nn.Module) -> nn.Module:
         return self._backbone(model).embeddings.patch_embeddings
@@ -215,6 +217,19 @@ def _converted_layer_types(config) -> None:
     entries = getattr(config, "layer_types", None) or []
     if not all(isinstance(entry, str) and entry.startswith("robustvit_") for entry in entries):
         raise ValueError(f"layer_types of a robustvit-converted model must be robustvit_* entries, got {entries}")
+
+
+def _record_hidden_states(backbone: nn.Module) -> None:
+    """``output_hidden_states=True`` for the converted blocks. transformers records hidden states with a forward hook
+    on each of its own layers (``ViTLayer``), installed once per model; the converted blocks get the same hook. It only
+    appends the block's input (the first block's: the embeddings) and output to the requested record and returns
+    ``None``, so it leaves the output unchanged: marked Lipschitz-neutral for the bound engine."""
+    for block in backbone.layers:
+        before = set(block._forward_hooks)
+        output_capturing.install_output_capuring_hook(block, "hidden_states", 0)
+        for key in set(block._forward_hooks) - before:
+            mark_lipschitz_neutral(block._forward_hooks[key])
+    backbone._output_capturing_hooks_installed = True  # transformers installs no hooks of its own on it any more
 
 
 class _ConvertedConfig:

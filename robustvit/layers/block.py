@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -21,9 +22,10 @@ class LipBlock(GradientCheckpointingLayer):
     ``output_hidden_states`` and ``features_only`` keep their meaning). The bound is the product.
 
     It accepts and ignores the extra arguments timm and transformers pass to blocks, but refuses an attention
-    mask, which no converted mixer can honour. It is a transformers ``GradientCheckpointingLayer`` (a plain
-    ``nn.Module`` until ``gradient_checkpointing_enable()``), so transformers' gradient checkpointing works; timm's
-    ``set_grad_checkpointing`` checkpoints ``blocks`` itself.
+    mask that hides anything, and causal attention, which no converted mixer can honour (a mask that hides nothing
+    is what transformers builds when it is traced, for ``torch.export``). It is a transformers
+    ``GradientCheckpointingLayer`` (a plain ``nn.Module`` until ``gradient_checkpointing_enable()``), so
+    transformers' gradient checkpointing works; timm's ``set_grad_checkpointing`` checkpoints ``blocks`` itself.
     """
 
     def __init__(self, mixer: nn.Module, mlp: nn.Module, pool: nn.Module | None = None):
@@ -34,8 +36,10 @@ class LipBlock(GradientCheckpointingLayer):
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         mask = attention_mask if attention_mask is not None else kwargs.get("attn_mask")
+        if kwargs.get("is_causal"):
+            raise ValueError("converted robustvit blocks do not support causal attention (is_causal=True)")
         if mask is not None:
-            raise ValueError("converted robustvit blocks do not support attention masks")
+            _check_masks_nothing(mask)
         x = self.mlp(self.mixer(x))
         return self.pool(x) if self.pool is not None else x
 
@@ -44,3 +48,17 @@ class LipBlock(GradientCheckpointingLayer):
             return bound_tensor(self)
         bound = bound_of("mixer", self.mixer) * bound_of("mlp", self.mlp)
         return bound * bound_of("pool", self.pool) if self.pool is not None else bound
+
+
+def _check_masks_nothing(mask: object) -> None:
+    """Refuse an attention mask unless it hides nothing (a boolean mask all True, an additive one all 0): in eager
+    mode with ``ValueError``; traced (``torch.export`` / ``torch.compile``, where transformers always builds a mask),
+    with an assertion that the exported program checks at run time."""
+    message = "converted robustvit blocks do not support attention masks"
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"{message} (got {type(mask).__name__})")
+    hides_nothing = mask.all() if mask.dtype == torch.bool else (mask == 0).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(hides_nothing, message)
+    elif not hides_nothing:
+        raise ValueError(message)
