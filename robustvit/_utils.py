@@ -114,7 +114,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     every submodule and parameter.
     """
     if "peft" in sys.modules:  # a model can hold PEFT layers only once peft is imported
-        import robustvit.peft  # noqa: F401  (bound rules for LoRA layers; plain LoRA is refused with the fix named)
+        import robustvit.peft  # noqa: F401  (bound rules for PEFT tuner layers; plain ones are refused with the fix named)
     while True:
         if _class_forward_on_instance(model):
             view = copy.copy(model)  # shares _modules / _parameters / _buffers with the model

@@ -103,6 +103,17 @@ class ConstrainedTunerLayer(nn.Module):
 
     tuner: TunerRule
 
+    def update_layer(self, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's ``update_layer`` (``add_adapter`` on an adapted layer), refusing options the constrained forward
+        could not honour."""
+        super().update_layer(adapter_name, *args, **kwargs)
+        problems = self.tuner.refused(self, adapter_name)
+        if problems:
+            self.delete_adapter(adapter_name)
+            raise ValueError(
+                f"{self.tuner.name} inside the Lipschitz constraint does not support {'; '.join(problems)}"
+            )
+
     def _adapters(self, names: list[str]) -> list[str]:
         return [name for name in names if name in getattr(self, self.tuner.adapters)]
 
@@ -159,7 +170,8 @@ class ConstrainedTunerLayer(nn.Module):
             weight, new_bias = self._updated(adapters)
         if safe_merge and not (torch.isfinite(weight).all() and (new_bias is None or torch.isfinite(new_bias).all())):
             raise ValueError(f"NaNs detected in the merged weights of adapters {adapters}")
-        self._before_merge.append((adapters, raw.detach().clone(), None if bias is None else bias.detach().clone()))
+        before = (adapters, raw.detach().clone(), None if bias is None else bias.detach().clone())
+        self.__dict__.setdefault("_before_merge", []).append(before)
         with torch.no_grad():
             raw.copy_(weight)
             if bias is not None:
@@ -168,8 +180,9 @@ class ConstrainedTunerLayer(nn.Module):
 
     def unmerge(self) -> None:
         raw, bias = self._raw()
-        while self._before_merge:
-            adapters, old_weight, old_bias = self._before_merge.pop()
+        stack = self.__dict__.setdefault("_before_merge", [])
+        while stack:
+            adapters, old_weight, old_bias = stack.pop()
             with torch.no_grad():
                 raw.copy_(old_weight)
                 if bias is not None:
@@ -342,7 +355,8 @@ def constrain(model: nn.Module) -> nn.Module:
 
     Raises ``NotImplementedError`` for a tuner layer without a :class:`TunerRule` (another tuner, or a tuner on a
     layer other than ``nn.Linear``) and ``ValueError`` for adapter options that are not a change of the weight;
-    nothing is changed then.
+    nothing is changed then. After ``model.add_adapter(...)`` call it again: layers PEFT adds are plain PEFT layers
+    (the bound engine refuses them until then), adapters added to constrained layers are checked as they are added.
 
     Example:
         >>> adapted = constrain(peft.get_peft_model(copy.deepcopy(lip), lora_config(lip, r=2)))
@@ -366,7 +380,6 @@ def constrain(model: nn.Module) -> nn.Module:
             raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {problems}")
     for _, layer in layers:
         layer.__class__ = TUNERS[type(layer)]
-        layer._before_merge = []
     return model
 
 

@@ -249,6 +249,21 @@ def test_options_outside_the_constraint_are_refused_and_the_model_is_left_alone(
     assert lip.state_dict().keys() == reference.keys()
 
 
+def test_adapters_added_later_are_checked_or_constrained_again():
+    lip = robustvit.convert(build_model("timm_token").eval())
+    model = robustvit.peft.get_peft_model(lip, peft.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="does not support lora_dropout"):
+        model.add_adapter("dropped", peft.LoraConfig(r=2, target_modules=["fc1"], lora_dropout=0.1))
+    assert all("dropped" not in layer.lora_A for layer in _constrained_layers(model))
+    model.add_adapter("wider", peft.LoraConfig(r=2, target_modules=["fc1", "fc2"]))  # fc2: a new, plain PEFT layer
+    model.set_adapter("wider")
+    _perturb_adapters(model, 0.1)
+    with pytest.raises(UnsupportedModuleError, match="outside the spectral rescaling"):
+        robustvit.lipschitz_bound(model)
+    robustvit.peft.constrain(model)
+    assert len(_constrained_layers(model)) == 4 and robustvit.lipschitz_bound(model) > 0
+
+
 def test_other_tuners_and_layers_are_not_implemented():
     lip = robustvit.convert(build_model("timm_token").eval())
     for config in (peft.BOFTConfig(boft_block_size=4, target_modules=["fc1"]), peft.VeraConfig(target_modules=["fc1"])):
