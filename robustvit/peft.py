@@ -77,7 +77,7 @@ class TunerRule:
     """How one PEFT tuner's ``Linear`` layer changes its base layer.
 
     Attributes:
-        name: the tuner, for messages (``"LoRA"``).
+        name: the tuner, for messages and the class name (``"Lora"``: ``LipschitzLoraLinear``).
         config: its PEFT config class.
         adapters: the layer attribute whose keys are the layer's adapters (``"lora_A"``).
         update: ``update(layer, adapter, weight, bias) -> (weight, bias)``, differentiable in the adapter's
