@@ -163,7 +163,8 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
         )
 
     with accelerator.main_process_first():  # a Hub dataset is downloaded once
-        train_set, test_set = dataset(args.train_split), dataset(args.eval_split)
+        train_set = dataset(args.train_split)
+        test_set = dataset(args.eval_split).align_labels(train_set.class_names)  # labels by class name
         eval_sets = [load_eval_set(spec, args, train_set) for spec in args.eval_sets]
     model, description = load_model(
         args.model, num_classes=train_set.num_classes, image_size=config["image_size"], channels=config["channels"]

@@ -129,11 +129,22 @@ def test_greyscale_sources_convert_without_mean_and_std_by_hand():
 
     hf = robustvit.convert(ViTForImageClassification(ViTConfig(**HF_KWARGS, num_channels=1)))
     assert robustvit.lipschitz_bound(hf) > 0
-    # Different RGB statistics (DeiT: ImageNet's) have no single greyscale value: asked for, with the fix named.
+    # Different RGB statistics (DeiT: ImageNet's) become their luma, as PIL's "L" mode makes greyscale data; the
+    # pixel wrapper of the recipes and the conversion agree on it, and an explicit mean / std still wins.
+    from robustvit.families import get_family
+    from robustvit.training import PixelModel
+
     deit_arch, deit_kwargs = TIMM_CONFIGS["timm_distilled"]
-    deit = timm.create_model(deit_arch, pretrained=False, in_chans=1, **deit_kwargs)
-    with pytest.raises(ValueError, match=r"pass convert\(model, mean=\.\.\., std=\.\.\.\) with 1 value"):
-        robustvit.convert(deit)
+    deit = timm.create_model(deit_arch, pretrained=False, in_chans=1, **deit_kwargs).eval()
+    spec = get_family(deit).input_spec(deit)
+    luma = (0.299, 0.587, 0.114)
+    assert spec.mean == pytest.approx((sum(w * m for w, m in zip(luma, (0.485, 0.456, 0.406), strict=True)),))
+    assert spec.std == pytest.approx((sum(w * s for w, s in zip(luma, (0.229, 0.224, 0.225), strict=True)),))
+    pixels = torch.rand(2, 1, IMG, IMG)
+    with torch.no_grad():
+        expected = logits_of(deit((pixels - spec.mean[0]) / spec.std[0]))
+        torch.testing.assert_close(PixelModel(deit)(pixels), expected)
+    assert robustvit.convert(deit).pretrained_cfg["input_size"] == (1, IMG, IMG)
     robustvit.convert(deit, mean=(0.45,), std=(0.225,))
 
 

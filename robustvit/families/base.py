@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+GREYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
+"""ITU-R 601-2 luma weights of R, G, B: PIL's ``"L"`` conversion (and torchvision's ``rgb_to_grayscale``)."""
+
+
 @dataclass
 class InputSpec:
     """The images a model takes: channels, size and the normalization its source expects."""
@@ -252,12 +256,16 @@ def rebuild_converted(record: dict) -> nn.Module:
 
 
 def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    """The source's normalization for ``channels`` channels: as given, or one value repeated when the library's
-    default lists the same value for each RGB channel (a greyscale model built from a 3-channel config). Different
-    RGB values stay as they are (convert then asks for ``mean`` / ``std`` for each channel)."""
+    """The source's normalization for ``channels`` channels: as given; one value repeated when the library's default
+    lists the same value for each RGB channel (a greyscale model built from a 3-channel config); and for a greyscale
+    model whose source lists different RGB values (ImageNet's), their ITU-R 601-2 luma, the weights of PIL's ``"L"``
+    conversion that greyscale data goes through (the mean of the greyscale images of RGB data with those channel
+    means; for the std, the std of perfectly correlated channels, an upper bound of the true one)."""
     values = tuple(float(v) for v in values)
     if len(values) != channels and len(set(values)) == 1:
         return values[:1] * channels
+    if channels == 1 and len(values) == len(GREYSCALE_WEIGHTS):
+        return (sum(w * v for w, v in zip(GREYSCALE_WEIGHTS, values, strict=True)),)
     return values
 
 
