@@ -327,6 +327,10 @@ def test_certified_and_accuracies_on_a_hand_made_result() -> None:
         unlabelled.certified_accuracy(0.1)
     with pytest.raises(ValueError, match="needs labels"):
         unlabelled.clean_accuracy  # noqa: B018
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["radii"] == [0.5, 0.1, 0.0, 0.3] and record["labels"] == [0, 1, 1, 2]
+    assert record["predictions"] == [0, 1, 2, 1] and record["report"] is None and record["precision"] is None
+    assert "images" not in record and unlabelled.to_dict()["labels"] is None
 
 
 def test_certified_accuracy_on_a_trained_model_is_a_decreasing_curve(trained, digits) -> None:
