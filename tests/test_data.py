@@ -121,6 +121,7 @@ def test_imagefolder_missing_split_names_available(tmp_path):
         load_image_dataset(str(root), split="test", cache_dir=str(tmp_path / "cache"))
 
 
+@pytest.mark.hub
 def test_uncached_hub_dataset_offline_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match=r"could not load dataset 'nobody/.*offline.*train/<class>"):

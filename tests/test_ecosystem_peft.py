@@ -8,7 +8,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import IMG, build_model, logits_of
+from conftest import IMG, REPRESENTATIVES, build_model, logits_of
 from test_certify import margin_pgd
 from torch import nn
 
@@ -17,7 +17,7 @@ import robustvit.peft
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
 
-FAMILIES = ("timm_token", "hf_vit", "timm_distilled")
+FAMILIES = (*REPRESENTATIVES, "timm_distilled")  # one per family, and two heads
 
 
 def _lora_layers(model: nn.Module) -> list[robustvit.peft.LipschitzLoraLinear]:

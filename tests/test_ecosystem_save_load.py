@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import HF_FAMILIES, IMG, TIMM_CONFIGS, build_model
+from conftest import HF_FAMILIES, IMG, TIMM_FAMILIES, build_model
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification, pipeline
 
 import robustvit
 from robustvit.errors import CertificateError
-
-TIMM_FAMILIES = tuple(TIMM_CONFIGS)
 
 
 def _converted(family: str) -> torch.nn.Module:

@@ -164,6 +164,7 @@ def _two_process_evaluation(expected: RobustnessResult) -> None:
     accelerator.end_training()
 
 
+@pytest.mark.distributed
 def test_results_are_gathered_across_processes() -> None:
     expected = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, **FAST)
     debug_launcher(_two_process_evaluation, args=(expected,), num_processes=2)

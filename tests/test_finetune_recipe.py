@@ -270,6 +270,7 @@ def _single_threaded(main: Callable[[list[str]], dict], *argvs: list[str]) -> No
         AcceleratorState._reset_state(reset_partial_state=True)  # the next run initialises its own process group
 
 
+@pytest.mark.distributed
 def test_recipe_gives_the_same_report_on_two_cpu_processes(recipe: ModuleType, tmp_path: Path) -> None:
     # Two forked gloo processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` starts
     # (`--cpu --num_processes 2` would start one); forking skips the 2 x ~8 s of imports a launch costs.

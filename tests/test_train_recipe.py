@@ -307,6 +307,7 @@ def _steps(root: Path, run: str, rank: int) -> list[dict]:
     return [json.loads(line) for line in (root / run / f"steps_rank{rank}.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.distributed
 def test_two_processes_train_in_sync(two_processes: Path) -> None:
     metrics = json.loads((two_processes / "A" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
@@ -330,6 +331,7 @@ def test_two_processes_train_in_sync(two_processes: Path) -> None:
     assert steps[0] == steps[1]  # same LR and eps on both ranks
 
 
+@pytest.mark.distributed
 def test_two_processes_ramp_eps_over_each_processs_own_steps(two_processes: Path) -> None:
     config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]
     schedule = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
@@ -339,6 +341,7 @@ def test_two_processes_ramp_eps_over_each_processs_own_steps(two_processes: Path
     assert eps[-1] == pytest.approx(config["eps"] * config["eps_end"])  # the ramp ends within the run
 
 
+@pytest.mark.distributed
 def test_two_processes_follow_the_lr_schedules_to_their_end(two_processes: Path) -> None:
     config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]
     steps = _steps(two_processes, "A", 0)
@@ -354,6 +357,7 @@ def test_two_processes_follow_the_lr_schedules_to_their_end(two_processes: Path)
     assert margin[LOCAL_STEPS:] == sorted(margin[LOCAL_STEPS:], reverse=True) and all(lr > 0 for lr in margin)
 
 
+@pytest.mark.distributed
 def test_two_processes_resume_to_the_same_weights(two_processes: Path) -> None:
     expected = _tensors(two_processes / "A" / "model" / "model.safetensors")
     actual = _tensors(two_processes / "B" / "model" / "model.safetensors")

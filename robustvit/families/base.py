@@ -8,6 +8,7 @@ math itself is shared (``robustvit.convert``), so every family is converted the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,18 +22,24 @@ from robustvit.registry import Registry
 
 __all__ = [
     "FAMILIES",
+    "GREYSCALE_WEIGHTS",
+    "TINY_MODELS",
     "BlockParts",
     "Family",
     "InputSpec",
+    "TinyModel",
     "ViTParts",
     "NATIVE_RECORD_KEY",
+    "create_tiny_model",
     "family_by_name",
     "get_family",
     "native_record",
     "per_channel",
     "rebuild_converted",
     "register_family",
+    "register_tiny_model",
     "registered_families",
+    "tiny_models",
 ]
 
 
@@ -204,6 +211,56 @@ def register_family(cls: type[Family]) -> type[Family]:
 
 def registered_families() -> list[str]:
     return FAMILIES.list()
+
+
+TinyModelBuilder = Callable[[int, int, int], nn.Module]
+"""``build(image_size, num_classes, channels)`` -> a freshly initialised model."""
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny, randomly initialised configuration of one family, built in milliseconds without a download.
+
+    Each family file registers a few (timm registers its ``test_vit*`` models the same way); the conversion,
+    soundness and ecosystem tests parametrize over them, so a new family is tested once it registers one.
+    """
+
+    family: str  # the registered Family.name
+    build: TinyModelBuilder
+    description: str
+
+
+TINY_MODELS: Registry[TinyModel] = Registry("tiny model")
+"""Tiny test configurations by name (e.g. ``"timm_token"``), in registration order."""
+
+
+def register_tiny_model(name: str, family: str, build: TinyModelBuilder, description: str) -> TinyModel:
+    """Register ``build`` as the tiny model ``name`` of the registered family ``family``."""
+    family_by_name(family)  # a tiny model of an unregistered family would test nothing
+    return TINY_MODELS.register(name, TinyModel(family, build, description))
+
+
+def tiny_models(family: str | None = None) -> list[str]:
+    """Names of the registered tiny models, of one family or of all of them.
+
+    Example:
+        >>> tiny_models("transformers-vit")
+        ['hf_vit', 'hf_deit']
+    """
+    if family is not None:
+        family_by_name(family)
+    return [name for name, tiny in TINY_MODELS.items() if family in (None, tiny.family)]
+
+
+def create_tiny_model(name: str, *, image_size: int = 32, num_classes: int = 10, channels: int = 3) -> nn.Module:
+    """A fresh tiny model (random weights: seed torch first for a reproducible one), in train mode like a new model.
+
+    Example:
+        >>> model = create_tiny_model("timm_token", channels=1)
+        >>> model(torch.rand(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return TINY_MODELS[name].build(image_size, num_classes, channels)
 
 
 def family_by_name(name: str) -> Family:
