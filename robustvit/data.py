@@ -25,6 +25,7 @@ import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets.data_files import SPLIT_KEYWORDS
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -54,6 +55,7 @@ _DIGITS_SEED = 0
 _DIGITS_MAX_VALUE = 16.0
 _SAVED_DICT_MARKER = "dataset_dict.json"  # what DatasetDict.save_to_disk writes at the folder's root
 _SAVED_SPLIT_MARKER = "state.json"  # what Dataset.save_to_disk writes
+_SPLIT_NAMES = {keyword: str(split) for split, keywords in SPLIT_KEYWORDS.items() for keyword in keywords}
 
 
 class ImageDataset(Dataset, ABC):
@@ -307,7 +309,8 @@ def load_image_dataset(
         source: ``None`` for the embedded scikit-learn digits (1797 8x8 images, 10 classes, a fixed stratified
             80/20 train/test split); a folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict``: any
             split names; a single ``Dataset``: its one split, named ``"train"`` unless it records another); a
-            directory in ``imagefolder`` layout, either ``root/<split>/<class>/*.png`` with any split names or
+            directory in ``imagefolder`` layout, either ``root/<split>/<class>/*.png`` with any split names
+            (``val/``, ``dev/`` are ``"validation"`` and ``eval/`` is ``"test"``, as ``datasets`` names them) or
             ``root/<class>/*.png`` (one ``"train"`` split); otherwise a Hugging Face datasets id, which must
             already be cached when offline.
         split: Split to load. For digits: ``"train"`` or ``"test"`` (``"validation"`` and ``"eval"`` alias
@@ -403,7 +406,10 @@ def _load_saved(source: str, split: str, image_size: int, channels: int) -> HFIm
 def _load_imagefolder(source: str, split: str, image_size: int, channels: int, cache_dir: str | None) -> HFImageDataset:
     split_dirs = _split_directories(source)
     if split_dirs:  # one split per sub-folder, whatever its name (data_dir alone keeps only train/test/validation)
-        data_files = {name: os.path.join(source, name, "**") for name in split_dirs}
+        data_files: dict[str, list[str]] = {}
+        for folder in split_dirs:  # named as datasets names them: val/ and dev/ are "validation", eval/ is "test"
+            split_name = _SPLIT_NAMES.get(folder.lower(), folder)
+            data_files.setdefault(split_name, []).append(os.path.join(source, folder, "**"))
         # drop_labels=False: by default datasets labels a split only once it has seen two class folders in it or
         # the splits before it, so a first split holding one class would come back unlabelled.
         splits = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False, cache_dir=cache_dir)

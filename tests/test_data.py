@@ -247,10 +247,10 @@ def test_save_to_disk_folders_load_with_any_split_names(tmp_path):
 
 
 def test_imagefolder_splits_are_its_sub_folders_whatever_their_names(tmp_path):
-    root = _write_imagefolder(tmp_path / "images", splits=("train", "ood", "corrupted"), per_class=1)
+    root = _write_imagefolder(tmp_path / "images", splits=("train", "val", "ood", "corrupted"), per_class=1)
     _write_imagefolder(root, splits=("a_dogs_only",), classes=("dog",), per_class=1)  # first, and one class
     cache = str(tmp_path / "cache")
-    for split in ("train", "ood", "corrupted"):
+    for split in ("train", "validation", "ood", "corrupted"):  # val/ is "validation", as datasets names it
         ds = load_image_dataset(str(root), split=split, image_size=8, cache_dir=cache)
         assert (len(ds), ds.class_names, ds.split) == (2, ["cat", "dog"], split)
     dogs = load_image_dataset(str(root), split="a_dogs_only", image_size=8, cache_dir=cache)
