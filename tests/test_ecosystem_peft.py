@@ -141,6 +141,7 @@ def test_other_tuners_are_not_implemented():
         robustvit.peft.get_peft_model(lip, peft.IA3Config(target_modules=["fc1"], feedforward_modules=["fc1"]))
 
 
+@pytest.mark.slow
 def test_train_lipschitz_recipe_takes_lora_r(tmp_path):
     from test_train_recipe import TINY, _recipe, _run
 

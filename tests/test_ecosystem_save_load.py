@@ -144,6 +144,7 @@ def test_timm_save_for_hf_round_trips_through_local_dir(family, tmp_path, images
         timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=5)
 
 
+@pytest.mark.slow
 def test_libraries_without_robustvit_refuse_converted_folders(tmp_path):
     timm_dir, hf_dir = tmp_path / "timm", tmp_path / "hf"
     timm.models.save_for_hf(_converted("timm_token"), timm_dir, safe_serialization=True)

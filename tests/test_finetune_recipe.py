@@ -209,6 +209,7 @@ def _write_imagefolder(root: Path, splits: dict[str, list[str]], per_class: int 
                 Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / name / f"{item}.png")
 
 
+@pytest.mark.slow
 def test_paper_configuration_smoke_test_offline(recipe: ModuleType, tmp_path: Path, monkeypatch) -> None:
     # The ViT-S/16 ImageNet configuration with a tiny stand-in: an ImageFolder of 3 wnid classes with train/ and
     # val/, an "ImageNet-R"-like set of 2 of those classes, 32-pixel images; the real 22M-parameter ViT-S/16, so
