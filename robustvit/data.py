@@ -3,7 +3,7 @@
 Images are float32 tensors ``(C, H, W)`` in ``[0, 1]`` and labels are ints, whatever the source:
 the embedded scikit-learn digits (default, works offline), a local ``imagefolder`` directory, a folder written by
 ``datasets`` ``save_to_disk``, or a Hugging Face datasets id. Labels are class indices; an evaluation split is read in
-the training split's label space by passing ``class_names=train.class_names`` (classes matched by name).
+the training split's label space with ``test.align_labels(train.class_names)`` (classes matched by name).
 
 Example:
     >>> from robustvit.data import load_image_dataset
@@ -301,7 +301,6 @@ def load_image_dataset(
     image_size: int = 32,
     channels: int = 3,
     cache_dir: str | None = None,
-    class_names: Sequence[str] | None = None,
 ) -> ImageDataset:
     """Load one split of an image classification dataset.
 
@@ -319,16 +318,14 @@ def load_image_dataset(
         channels: 3 for RGB, 1 for greyscale (digits are replicated across channels; other images are converted
             with PIL's ``"L"`` mode, ITU-R 601-2 luma).
         cache_dir: Hugging Face datasets cache directory; unused for digits and ``save_to_disk`` folders.
-        class_names: The training split's class names, for an evaluation split: labels are then mapped by class
-            name into them (see :meth:`ImageDataset.align_labels`), so a split holding some of the classes keeps
-            their training labels. ``None`` keeps the split's own labels.
 
     Returns:
-        The dataset; items are ``(float32 image (channels, image_size, image_size) in [0, 1], int label)``.
+        The dataset; items are ``(float32 image (channels, image_size, image_size) in [0, 1], int label)``, labels
+        indexing this split's own ``class_names``: read an evaluation split through the training split's classes
+        with :meth:`ImageDataset.align_labels`.
 
     Raises:
-        ValueError: Unknown split, unsupported ``image_size``/``channels``, a dataset without labels, or a class
-            missing from ``class_names``.
+        ValueError: Unknown split, unsupported ``image_size``/``channels``, or a dataset without labels.
         ConnectionError: A Hugging Face id that is neither cached nor reachable.
 
     Example:
@@ -344,20 +341,18 @@ def load_image_dataset(
         (4, ['cat', 'dog'])
         >>> os.makedirs("images/test/dog")  # a test split holding only one of the classes
         >>> Image.new("RGB", (8, 8)).save("images/test/dog/0.png")
-        >>> dogs = load_image_dataset("images", split="test", image_size=16, class_names=folder.class_names)
+        >>> dogs = load_image_dataset("images", split="test", image_size=16).align_labels(folder.class_names)
         >>> dogs[0][1], dogs.class_names
         (1, ['cat', 'dog'])
     """
     _check_image_format(image_size, channels)
     if source is None:
-        dataset = _load_digits(split, image_size, channels)
-    elif _is_saved_dataset(source):
-        dataset = _load_saved(source, split, image_size, channels)
-    elif os.path.isdir(source):
-        dataset = _load_imagefolder(source, split, image_size, channels, cache_dir)
-    else:
-        dataset = _load_hub(source, split, image_size, channels, cache_dir)
-    return dataset if class_names is None else dataset.align_labels(class_names)
+        return _load_digits(split, image_size, channels)
+    if _is_saved_dataset(source):
+        return _load_saved(source, split, image_size, channels)
+    if os.path.isdir(source):
+        return _load_imagefolder(source, split, image_size, channels, cache_dir)
+    return _load_hub(source, split, image_size, channels, cache_dir)
 
 
 def _load_digits(split: str, image_size: int, channels: int) -> TensorImageDataset:

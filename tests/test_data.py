@@ -272,7 +272,7 @@ def test_test_split_labels_map_by_class_name_from_the_training_split(tmp_path):
     alone = load_image_dataset(source, split="test", image_size=8, cache_dir=cache)
     assert sorted(label for _, label in alone) == [0, 0, 1, 1]  # the folder's own labels: not the model's
     train = load_image_dataset(split="train", image_size=8)
-    aligned = load_image_dataset(source, split="test", image_size=8, cache_dir=cache, class_names=train.class_names)
+    aligned = load_image_dataset(source, split="test", image_size=8, cache_dir=cache).align_labels(train.class_names)
     assert sorted(label for _, label in aligned) == [8, 8, 9, 9]
     assert aligned.class_names == train.class_names and aligned.num_classes == 10
     from robustvit.data import dataset_labels
@@ -281,10 +281,10 @@ def test_test_split_labels_map_by_class_name_from_the_training_split(tmp_path):
     # Aligning again composes the maps; the digits (tensors) are mapped too.
     reversed_names = train.class_names[::-1]
     assert sorted(label for _, label in aligned.align_labels(reversed_names)) == [0, 0, 1, 1]
-    assert load_image_dataset(split="test", image_size=8, class_names=reversed_names)[0][1] == 9 - digits[0][1]
+    assert load_image_dataset(split="test", image_size=8).align_labels(reversed_names)[0][1] == 9 - digits[0][1]
     with pytest.raises(
         ValueError,
         match=r"classes the training split does not: \['8', '9'\].*"
         r"Its classes: \['8', '9'\]; the training split's: \['cat', 'dog'\]",
     ):
-        load_image_dataset(source, split="test", image_size=8, cache_dir=cache, class_names=["cat", "dog"])
+        alone.align_labels(["cat", "dog"])
