@@ -17,7 +17,7 @@ import json
 import statistics
 from pathlib import Path
 
-from robustvit.evaluation import format_methods
+from robustvit.evaluation import RobustnessResult, SeedSummary, format_methods
 
 DEFAULT_REPORT = Path(__file__).parent / "results" / "finetune_nullspace.json"
 HEADLINE = ("clean accuracy", "noise agreement", "fgsm", "pgd", "corruption accuracy (mean)")
@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("report", nargs="?", type=Path, default=DEFAULT_REPORT)
     args = parser.parse_args()
     report = json.loads(args.report.read_text())
-    table = format_methods(report["baseline"]["evaluation"], report["methods"], reference="ce")
+    methods = {name: SeedSummary.from_dict(method) for name, method in report["methods"].items()}
+    table = format_methods(RobustnessResult.from_dict(report["baseline"]["evaluation"]), methods, reference="ce")
     config, timings = report["config"], report["timings"]
     print(
         f"{len(report['methods'])} methods x {config['seeds']} seeds, {config['epochs']} epochs each, "

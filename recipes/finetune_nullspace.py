@@ -49,7 +49,14 @@ from torch.utils.data import DataLoader
 import robustvit.peft
 from robustvit.corruptions import corruption_names
 from robustvit.data import Augmentation, AugmentedDataset, ImageDataset, load_image_dataset
-from robustvit.evaluation import aggregate_seeds, evaluate_accuracy, evaluate_robustness, format_methods, plot_methods
+from robustvit.evaluation import (
+    RobustnessResult,
+    aggregate_seeds,
+    evaluate_accuracy,
+    evaluate_robustness,
+    format_methods,
+    plot_methods,
+)
 from robustvit.nullspace import NullspaceNoise, nullspace_finetuning_loss, synthesize_noise
 from robustvit.training import (
     CHECKPOINTS_DIR,
@@ -162,7 +169,8 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
         )
 
     with accelerator.main_process_first():  # a Hub dataset is downloaded once
-        train_set, test_set = dataset(args.train_split), dataset(args.eval_split)
+        train_set = dataset(args.train_split)
+        test_set = dataset(args.eval_split).align_labels(train_set.class_names)  # labels by class name
         eval_sets = [load_eval_set(spec, args, train_set) for spec in args.eval_sets]
     model, description = load_model(
         args.model, num_classes=train_set.num_classes, image_size=config["image_size"], channels=config["channels"]
@@ -223,7 +231,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     fresh_optimizer, fresh_schedule = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(schedule.state_dict())
     batch_transform = augmentation.batch_transform(train_set.num_classes)
 
-    def evaluate(noise: torch.Tensor) -> dict[str, Any]:
+    def evaluate(noise: torch.Tensor) -> dict[str, Any]:  # the JSON record (RobustnessResult.to_dict())
         result = evaluate_robustness(
             net,
             test_set,
@@ -241,7 +249,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
             progress=True,
         )
         if eval_sets:
-            result["eval_sets"] = {
+            result.eval_sets = {
                 name: evaluate_accuracy(
                     net,
                     data,
@@ -253,7 +261,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
                 )
                 for name, data, indices in eval_sets
             }
-        return result
+        return result.to_dict()
 
     def synthesize(kind: str, init: torch.Tensor | None = None, seed: int | None = None) -> NullspaceNoise:
         return synthesize_noise(
@@ -418,10 +426,12 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
             else:
                 results[method_name].append(finetune(method_name, seed_index, run_dir))
 
-    methods = {
-        name: {"seeds": runs, **aggregate_seeds([run["evaluation"] for run in runs])} for name, runs in results.items()
+    summaries = {
+        name: aggregate_seeds([RobustnessResult.from_dict(run["evaluation"]) for run in runs])
+        for name, runs in results.items()
     }
-    table = format_methods(baseline["evaluation"], methods, reference="ce")
+    methods = {name: {"seeds": results[name], **summary.to_dict()} for name, summary in summaries.items()}
+    table = format_methods(RobustnessResult.from_dict(baseline["evaluation"]), summaries, reference="ce")
     accelerator.print(table)
     for name, summary in methods.items():
         reached = [run["noise_reached_eps"] for run in summary["seeds"] if METHODS[name].noise_kind]
@@ -445,7 +455,7 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     if accelerator.is_main_process:
         (output_dir / "config.json").write_text(json.dumps(description, indent=2))
         (output_dir / "report.json").write_text(json.dumps(report, indent=2))
-        plot_methods(baseline["evaluation"], methods, output_dir / "robustness.png")
+        plot_methods(RobustnessResult.from_dict(baseline["evaluation"]), summaries, output_dir / "robustness.png")
     finish(accelerator)
     return report
 

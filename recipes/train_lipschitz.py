@@ -84,7 +84,9 @@ def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[
     size, channels = config["image_size"], config["channels"]
     with accelerator.main_process_first():
         train_set = load_image_dataset(args.dataset, split="train", image_size=size, channels=channels)
-        test_set = load_image_dataset(args.dataset, split="test", image_size=size, channels=channels)
+        test_set = load_image_dataset(args.dataset, split="test", image_size=size, channels=channels).align_labels(
+            train_set.class_names
+        )
     source, description = load_source_model(
         args.model, num_classes=train_set.num_classes, image_size=size, channels=channels
     )

@@ -1,8 +1,9 @@
 """Image classification datasets yielding ``(image, label)`` pairs.
 
 Images are float32 tensors ``(C, H, W)`` in ``[0, 1]`` and labels are ints, whatever the source:
-the embedded scikit-learn digits (default, works offline), a local ``imagefolder`` directory,
-or a Hugging Face datasets id.
+the embedded scikit-learn digits (default, works offline), a local ``imagefolder`` directory, a folder written by
+``datasets`` ``save_to_disk``, or a Hugging Face datasets id. Labels are class indices; an evaluation split is read in
+the training split's label space with ``test.align_labels(train.class_names)`` (classes matched by name).
 
 Example:
     >>> from robustvit.data import load_image_dataset
@@ -17,13 +18,14 @@ from __future__ import annotations
 import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import datasets
 import numpy as np
 import torch
 import torch.nn.functional as F
+from datasets.data_files import SPLIT_KEYWORDS
 from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -51,6 +53,9 @@ _DIGITS_SPLITS: dict[str, str] = {"train": "train", "test": "test", "validation"
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SEED = 0
 _DIGITS_MAX_VALUE = 16.0
+_SAVED_DICT_MARKER = "dataset_dict.json"  # what DatasetDict.save_to_disk writes at the folder's root
+_SAVED_SPLIT_MARKER = "state.json"  # what Dataset.save_to_disk writes
+_SPLIT_NAMES = {keyword: str(split) for split, keywords in SPLIT_KEYWORDS.items() for keyword in keywords}
 
 
 class ImageDataset(Dataset, ABC):
@@ -89,6 +94,37 @@ class ImageDataset(Dataset, ABC):
             f"{type(self).__name__}(name={self.name!r}, split={self.split!r}, "
             f"len={len(self)}, num_classes={self.num_classes})"
         )
+
+    def align_labels(self, class_names: Sequence[str]) -> ImageDataset:
+        """This split with its labels mapped by class name into ``class_names`` (the training split's).
+
+        A test split holding only some of the classes keeps each class's training label; one holding a class the
+        training split lacks is refused, since no label of the model means it.
+
+        Raises:
+            ValueError: a class of this split is not in ``class_names``; the message names both sets.
+
+        Example:
+            >>> test = TensorImageDataset(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]), class_names=["8", "9"],
+            ...                           name="toy", split="test")
+            >>> aligned = test.align_labels([str(d) for d in range(10)])
+            >>> [label for _, label in aligned], aligned.num_classes
+            ([8, 9], 10)
+        """
+        target = [str(c) for c in class_names]
+        if len(set(target)) != len(target):
+            raise ValueError(f"class names must be distinct, got {target}")
+        unknown = [c for c in self.class_names if c not in target]
+        if unknown:
+            raise ValueError(
+                f"split {self.split!r} of {self.name!r} has classes the training split does not: {unknown}. "
+                f"Its classes: {self.class_names}; the training split's: {target}"
+            )
+        return self._relabelled([target.index(c) for c in self.class_names], target)
+
+    @abstractmethod
+    def _relabelled(self, label_map: list[int], class_names: list[str]) -> ImageDataset:
+        """A copy whose label ``i`` reads ``label_map[i]``, with ``class_names``."""
 
     @classmethod
     def from_hf(
@@ -188,6 +224,10 @@ class TensorImageDataset(ImageDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.labels[index])
 
+    def _relabelled(self, label_map: list[int], class_names: list[str]) -> TensorImageDataset:
+        labels = torch.as_tensor(label_map, dtype=torch.int64)[self.labels]
+        return TensorImageDataset(self.images, labels, class_names=class_names, name=self.name, split=self.split)
+
 
 class HFImageDataset(ImageDataset):
     """A Hugging Face dataset whose images are converted lazily, one item at a time.
@@ -213,6 +253,7 @@ class HFImageDataset(ImageDataset):
         split: str,
         image_size: int = 32,
         channels: int = 3,
+        label_map: Sequence[int] | None = None,
     ) -> None:
         super().__init__(class_names=class_names, name=name, split=split)
         _check_image_format(image_size, channels)
@@ -221,6 +262,7 @@ class HFImageDataset(ImageDataset):
         self.label_column = label_column
         self.image_size = image_size
         self.channels = channels
+        self.label_map = None if label_map is None else [int(label) for label in label_map]
 
     def __len__(self) -> int:
         return len(self.hf_dataset)
@@ -228,7 +270,28 @@ class HFImageDataset(ImageDataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         row = self.hf_dataset[index]
         image = _pil_to_tensor(row[self.image_column], self.image_size, self.channels)
-        return image, int(row[self.label_column])
+        label = int(row[self.label_column])
+        return image, label if self.label_map is None else self.label_map[label]
+
+    def labels(self) -> torch.Tensor:
+        """Every item's label, read from the label column without decoding images."""
+        labels = torch.as_tensor(self.hf_dataset[self.label_column], dtype=torch.int64)
+        return labels if self.label_map is None else torch.as_tensor(self.label_map, dtype=torch.int64)[labels]
+
+    def _relabelled(self, label_map: list[int], class_names: list[str]) -> HFImageDataset:
+        if self.label_map is not None:
+            label_map = [label_map[label] for label in self.label_map]
+        return HFImageDataset(
+            self.hf_dataset,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            class_names=class_names,
+            name=self.name,
+            split=self.split,
+            image_size=self.image_size,
+            channels=self.channels,
+            label_map=label_map,
+        )
 
 
 def load_image_dataset(
@@ -243,17 +306,23 @@ def load_image_dataset(
 
     Args:
         source: ``None`` for the embedded scikit-learn digits (1797 8x8 images, 10 classes, a fixed stratified
-            80/20 train/test split); an existing directory in ``imagefolder`` layout
-            (``root/train/<class>/*.png``, optionally ``root/test/<class>/...``); otherwise a Hugging Face
-            datasets id, which must already be cached when offline.
+            80/20 train/test split); a folder written by ``datasets``' ``save_to_disk`` (a ``DatasetDict``: any
+            split names; a single ``Dataset``: its one split, named ``"train"`` unless it records another); a
+            directory in ``imagefolder`` layout, either ``root/<split>/<class>/*.png`` with any split names
+            (``val/``, ``dev/`` are ``"validation"`` and ``eval/`` is ``"test"``, as ``datasets`` names them) or
+            ``root/<class>/*.png`` (one ``"train"`` split); otherwise a Hugging Face datasets id, which must
+            already be cached when offline.
         split: Split to load. For digits: ``"train"`` or ``"test"`` (``"validation"`` and ``"eval"`` alias
             ``"test"``).
         image_size: Side length images are resized to.
-        channels: 3 for RGB, 1 for grayscale (digits are replicated across channels).
-        cache_dir: Hugging Face datasets cache directory; unused for digits.
+        channels: 3 for RGB, 1 for greyscale (digits are replicated across channels; other images are converted
+            with PIL's ``"L"`` mode, ITU-R 601-2 luma).
+        cache_dir: Hugging Face datasets cache directory; unused for digits and ``save_to_disk`` folders.
 
     Returns:
-        The dataset; items are ``(float32 image (channels, image_size, image_size) in [0, 1], int label)``.
+        The dataset; items are ``(float32 image (channels, image_size, image_size) in [0, 1], int label)``, labels
+        indexing this split's own ``class_names``: read an evaluation split through the training split's classes
+        with :meth:`ImageDataset.align_labels`.
 
     Raises:
         ValueError: Unknown split, unsupported ``image_size``/``channels``, or a dataset without labels.
@@ -270,10 +339,17 @@ def load_image_dataset(
         >>> folder = load_image_dataset("images", split="train", image_size=16)
         >>> len(folder), folder.class_names
         (4, ['cat', 'dog'])
+        >>> os.makedirs("images/test/dog")  # a test split holding only one of the classes
+        >>> Image.new("RGB", (8, 8)).save("images/test/dog/0.png")
+        >>> dogs = load_image_dataset("images", split="test", image_size=16).align_labels(folder.class_names)
+        >>> dogs[0][1], dogs.class_names
+        (1, ['cat', 'dog'])
     """
     _check_image_format(image_size, channels)
     if source is None:
         return _load_digits(split, image_size, channels)
+    if _is_saved_dataset(source):
+        return _load_saved(source, split, image_size, channels)
     if os.path.isdir(source):
         return _load_imagefolder(source, split, image_size, channels, cache_dir)
     return _load_hub(source, split, image_size, channels, cache_dir)
@@ -304,14 +380,54 @@ def _load_digits(split: str, image_size: int, channels: int) -> TensorImageDatas
     )
 
 
+def _is_saved_dataset(source: str) -> bool:
+    """A folder ``save_to_disk`` wrote: a ``DatasetDict`` (``dataset_dict.json``) or a ``Dataset`` (``state.json``)."""
+    return any(os.path.isfile(os.path.join(source, marker)) for marker in (_SAVED_DICT_MARKER, _SAVED_SPLIT_MARKER))
+
+
+def _load_saved(source: str, split: str, image_size: int, channels: int) -> HFImageDataset:
+    saved = datasets.load_from_disk(source)
+    # A lone Dataset is one split: the name it was saved with, or "train" (Dataset.from_dict records none).
+    splits = saved if isinstance(saved, datasets.DatasetDict) else {str(saved.split or "train"): saved}
+    return ImageDataset.from_hf(
+        _pick_split(splits, split, source, "a save_to_disk folder"),
+        name=source,
+        split=split,
+        image_size=image_size,
+        channels=channels,
+    )
+
+
 def _load_imagefolder(source: str, split: str, image_size: int, channels: int, cache_dir: str | None) -> HFImageDataset:
-    splits = datasets.load_dataset("imagefolder", data_dir=source, cache_dir=cache_dir)
+    split_dirs = _split_directories(source)
+    if split_dirs:  # one split per sub-folder, whatever its name (data_dir alone keeps only train/test/validation)
+        data_files: dict[str, list[str]] = {}
+        for folder in split_dirs:  # named as datasets names them: val/ and dev/ are "validation", eval/ is "test"
+            split_name = _SPLIT_NAMES.get(folder.lower(), folder)
+            data_files.setdefault(split_name, []).append(os.path.join(source, folder, "**"))
+        # drop_labels=False: by default datasets labels a split only once it has seen two class folders in it or
+        # the splits before it, so a first split holding one class would come back unlabelled.
+        splits = datasets.load_dataset("imagefolder", data_files=data_files, drop_labels=False, cache_dir=cache_dir)
+    else:  # root/<class>/*.png: datasets makes it one "train" split
+        splits = datasets.load_dataset("imagefolder", data_dir=source, cache_dir=cache_dir)
+    hf_split = _pick_split(splits, split, source, "image folder (splits are its sub-folders root/<split>/<class>/)")
+    return ImageDataset.from_hf(hf_split, name=source, split=split, image_size=image_size, channels=channels)
+
+
+def _split_directories(source: str) -> list[str]:
+    """The sub-folders of an ``imagefolder`` root that are splits (they hold class folders), else ``[]``."""
+    entries = [entry for entry in os.scandir(source) if not entry.name.startswith(".")]
+    folders = [entry for entry in entries if entry.is_dir()]
+    if not folders or len(folders) != len(entries):
+        return []
+    holds_folders = [any(child.is_dir() for child in os.scandir(folder.path)) for folder in folders]
+    return sorted(folder.name for folder in folders) if all(holds_folders) else []
+
+
+def _pick_split(splits: Mapping[str, datasets.Dataset], split: str, source: str, kind: str) -> datasets.Dataset:
     if split not in splits:
-        raise ValueError(
-            f"split {split!r} not found in image folder {source!r}; available splits are {sorted(splits)} "
-            f"(imagefolder infers them from sub-folders named train/, test/, validation/)"
-        )
-    return ImageDataset.from_hf(splits[split], name=source, split=split, image_size=image_size, channels=channels)
+        raise ValueError(f"split {split!r} not found in {kind} {source!r}; available splits are {sorted(splits)}")
+    return splits[split]
 
 
 def _load_hub(source: str, split: str, image_size: int, channels: int, cache_dir: str | None) -> HFImageDataset:
@@ -376,7 +492,7 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     if isinstance(dataset, TensorImageDataset):
         return dataset.labels.clone()
     if isinstance(dataset, HFImageDataset):
-        return torch.as_tensor(dataset.hf_dataset[dataset.label_column], dtype=torch.int64)
+        return dataset.labels()
     if isinstance(dataset, Subset):
         return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
     return torch.tensor([int(dataset[index][1]) for index in range(len(dataset))], dtype=torch.int64)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,8 @@ from robustvit.data import stratified_subset
 from robustvit.nullspace import token_noise
 
 __all__ = [
+    "RobustnessResult",
+    "SeedSummary",
     "aggregate_seeds",
     "evaluate_accuracy",
     "evaluate_robustness",
@@ -53,6 +56,98 @@ __all__ = [
     "summary_rows",
     "within_spread",
 ]
+
+
+@dataclass
+class RobustnessResult:
+    """What :func:`evaluate_robustness` measured on one image set; every accuracy is a fraction in ``[0, 1]``.
+
+    Attributes:
+        num_images: Images scored (each once, whatever the number of processes).
+        clean_accuracy: Top-1 accuracy on the clean images.
+        adversarial: Robust accuracy per attack, keyed ``"<attack>_<norm>@<eps>"`` (``"pgd_l2@72/255"``): an image
+            counts when it is classified correctly both clean and attacked.
+        pgd_weaker_than_fgsm: The radii (``"l2@72/255"``) where PGD did worse than FGSM, a gradient-masking sign.
+        corruptions: Accuracy per corruption and severity, ``{name: {"1": ..., "3": ..., "mean": ...}}``.
+        seconds: Wall time of the evaluation.
+        settings: The arguments it ran with (radii, corruptions, severities, PGD steps and restarts, ``max_images``,
+            ``dataset_images``: the size of the set sampled from, ``seed``).
+        noise_agreement: With a token noise: fraction of images whose top-1 the noise leaves unchanged.
+        noise_accuracy: With a token noise: accuracy under it.
+        corruption_accuracy: Mean over every corruption and severity (``None`` without corruptions).
+        eval_sets: Accuracy on extra test sets by name (:func:`evaluate_accuracy`), set by the caller.
+
+    Example:
+        >>> result = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+        >>> import json
+        >>> RobustnessResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+        True
+    """
+
+    num_images: int
+    clean_accuracy: float
+    adversarial: dict[str, float]
+    pgd_weaker_than_fgsm: list[str]
+    corruptions: dict[str, dict[str, float]]
+    seconds: float
+    settings: dict[str, Any]
+    noise_agreement: float | None = None
+    noise_accuracy: float | None = None
+    corruption_accuracy: float | None = None
+    eval_sets: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON record (reports' ``"evaluation"``): optional numbers appear only when measured."""
+        data: dict[str, Any] = {"num_images": self.num_images, "clean_accuracy": self.clean_accuracy}
+        if self.noise_agreement is not None:
+            data["noise_agreement"] = self.noise_agreement
+        if self.noise_accuracy is not None:
+            data["noise_accuracy"] = self.noise_accuracy
+        data["adversarial"] = dict(self.adversarial)
+        data["pgd_weaker_than_fgsm"] = list(self.pgd_weaker_than_fgsm)
+        data["corruptions"] = {name: dict(values) for name, values in self.corruptions.items()}
+        if self.corruption_accuracy is not None:
+            data["corruption_accuracy"] = self.corruption_accuracy
+        data["seconds"] = self.seconds
+        data["settings"] = dict(self.settings)
+        if self.eval_sets:
+            data["eval_sets"] = dict(self.eval_sets)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RobustnessResult:
+        """Read back what :meth:`to_dict` wrote (e.g. a report's ``"evaluation"``)."""
+        return cls(**{key: data[key] for key in data if key in cls.__dataclass_fields__})
+
+
+@dataclass
+class SeedSummary:
+    """Mean and sample standard deviation over seeds of every headline number (:func:`aggregate_seeds`).
+
+    Attributes:
+        mean: Mean per row of :func:`summary_rows`.
+        std: Sample standard deviation per row (0 for one seed).
+        num_seeds: Number of results aggregated.
+        num_images: Images each result scored.
+    """
+
+    mean: dict[str, float]
+    std: dict[str, float]
+    num_seeds: int
+    num_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": dict(self.mean),
+            "std": dict(self.std),
+            "num_seeds": self.num_seeds,
+            "num_images": self.num_images,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SeedSummary:
+        """Read back what :meth:`to_dict` wrote; other keys (a report's ``"seeds"``) are ignored."""
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
 
 
 def _check_item(dataset: Dataset) -> None:
@@ -137,7 +232,7 @@ def evaluate_robustness(
     accelerator: Accelerator | None = None,
     seed: int = 0,
     progress: bool = False,
-) -> dict[str, Any]:
+) -> RobustnessResult:
     """Clean accuracy, token-noise agreement, FGSM/PGD robust accuracy and corruption accuracy on one image set.
 
     Args:
@@ -153,7 +248,7 @@ def evaluate_robustness(
         pgd_steps: PGD steps per restart (step size ``2.5 * eps / steps``).
         pgd_restarts: PGD random restarts; the strongest candidate per image counts. FGSM runs alongside as a
             check for gradient masking: PGD should never do worse than FGSM at the same radius, and the radii
-            where it does are listed under ``"pgd_weaker_than_fgsm"``.
+            where it does are listed in ``pgd_weaker_than_fgsm``.
         batch_size: Images per batch (unless a DataLoader gives its own).
         max_images: Evaluate a stratified random subset of ``max_images`` images (drawn with ``seed``, the same
             for every model evaluated with that seed), never the first ones of a possibly class-sorted split.
@@ -163,18 +258,16 @@ def evaluate_robustness(
         progress: Show a progress bar (on the local main process only).
 
     Returns:
-        ``{"num_images", "clean_accuracy", ["noise_agreement", "noise_accuracy",] "adversarial": {"fgsm_linf@1/255":
-        ..., "pgd_l2@36/255": ...}, "pgd_weaker_than_fgsm": [radii], "corruptions": {name: {"1": ..., "3": ...,
-        "mean": ...}}, "corruption_accuracy" (mean over every corruption and severity), "seconds", "settings"}``.
+        A :class:`RobustnessResult` (``to_dict()`` for JSON).
 
     Raises:
         ValueError: An empty dataset, items without labels, or invalid settings.
 
     Example:
         >>> result = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
-        >>> result["num_images"], sorted(result["adversarial"])[:2]
+        >>> result.num_images, sorted(result.adversarial)[:2]
         (16, ['fgsm_l2@36/255', 'fgsm_l2@72/255'])
-        >>> result["adversarial"]["pgd_linf@2/255"] <= result["clean_accuracy"]
+        >>> result.adversarial["pgd_linf@2/255"] <= result.clean_accuracy
         True
     """
     corruptions = corruption_names() if corruptions is None else list(corruptions)
@@ -225,40 +318,40 @@ def evaluate_robustness(
     def accuracy(key: str) -> float:
         return float(torch.cat(correct[key]).float().mean())
 
-    result: dict[str, Any] = {
-        "num_images": int(torch.cat(correct["clean"]).numel()),
-        "clean_accuracy": accuracy("clean"),
-    }
-    if noise is not None:
-        result["noise_agreement"] = accuracy("noise_agreement")
-        result["noise_accuracy"] = accuracy("noise_accuracy")
-    result["adversarial"] = {key: accuracy(key) for key, *_ in attacks}
-    result["pgd_weaker_than_fgsm"] = [
-        key.removeprefix("pgd_")
-        for key, attack, *_ in attacks
-        if attack == "pgd" and result["adversarial"][key] > result["adversarial"]["fgsm_" + key.removeprefix("pgd_")]
-    ]
+    adversarial = {key: accuracy(key) for key, *_ in attacks}
     per_corruption = {
         name: {str(severity): accuracy(f"{name}/{severity}") for severity in severities} for name in corruptions
     }
     for values in per_corruption.values():
         values["mean"] = sum(values.values()) / len(values)
-    result["corruptions"] = per_corruption
-    if corruptions:
-        result["corruption_accuracy"] = sum(v["mean"] for v in per_corruption.values()) / len(per_corruption)
-    result["seconds"] = time.perf_counter() - start
-    result["settings"] = {
-        "eps_linf": list(eps_linf),
-        "eps_l2": list(eps_l2),
-        "corruptions": corruptions,
-        "severities": list(severities),
-        "pgd_steps": pgd_steps,
-        "pgd_restarts": pgd_restarts,
-        "max_images": max_images,
-        "dataset_images": num_images,
-        "seed": seed,
-    }
-    return result
+    return RobustnessResult(
+        num_images=int(torch.cat(correct["clean"]).numel()),
+        clean_accuracy=accuracy("clean"),
+        adversarial=adversarial,
+        pgd_weaker_than_fgsm=[
+            key.removeprefix("pgd_")
+            for key, attack, *_ in attacks
+            if attack == "pgd" and adversarial[key] > adversarial["fgsm_" + key.removeprefix("pgd_")]
+        ],
+        corruptions=per_corruption,
+        seconds=time.perf_counter() - start,
+        settings={
+            "eps_linf": list(eps_linf),
+            "eps_l2": list(eps_l2),
+            "corruptions": corruptions,
+            "severities": list(severities),
+            "pgd_steps": pgd_steps,
+            "pgd_restarts": pgd_restarts,
+            "max_images": max_images,
+            "dataset_images": num_images,
+            "seed": seed,
+        },
+        noise_agreement=None if noise is None else accuracy("noise_agreement"),
+        noise_accuracy=None if noise is None else accuracy("noise_accuracy"),
+        corruption_accuracy=(
+            sum(v["mean"] for v in per_corruption.values()) / len(per_corruption) if corruptions else None
+        ),
+    )
 
 
 def evaluate_accuracy(
@@ -302,7 +395,7 @@ def evaluate_accuracy(
     return float(torch.cat(correct).float().mean())
 
 
-def summary_rows(result: dict[str, Any]) -> dict[str, float]:
+def summary_rows(result: RobustnessResult) -> dict[str, float]:
     """The headline numbers of an :func:`evaluate_robustness` result, one row each, in table order.
 
     Example:
@@ -310,45 +403,43 @@ def summary_rows(result: dict[str, Any]) -> dict[str, float]:
         >>> list(summary_rows(result))[:2]
         ['clean accuracy', 'fgsm linf@1/255']
     """
-    rows = {"clean accuracy": result["clean_accuracy"]}
-    for key in ("noise_agreement", "noise_accuracy"):
-        if key in result:
-            rows[key.replace("_", " ")] = result[key]
-    rows.update({key.replace("_", " "): value for key, value in result["adversarial"].items()})
-    rows.update({f"{name} (mean)": values["mean"] for name, values in result["corruptions"].items()})
-    if "corruption_accuracy" in result:
-        rows["corruption accuracy (mean)"] = result["corruption_accuracy"]
-    rows.update({f"{name} accuracy": value for name, value in result.get("eval_sets", {}).items()})
+    rows = {"clean accuracy": result.clean_accuracy}
+    if result.noise_agreement is not None:
+        rows["noise agreement"] = result.noise_agreement
+    if result.noise_accuracy is not None:
+        rows["noise accuracy"] = result.noise_accuracy
+    rows.update({key.replace("_", " "): value for key, value in result.adversarial.items()})
+    rows.update({f"{name} (mean)": values["mean"] for name, values in result.corruptions.items()})
+    if result.corruption_accuracy is not None:
+        rows["corruption accuracy (mean)"] = result.corruption_accuracy
+    rows.update({f"{name} accuracy": value for name, value in result.eval_sets.items()})
     return rows
 
 
-def aggregate_seeds(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def aggregate_seeds(results: Sequence[RobustnessResult]) -> SeedSummary:
     """Mean and sample standard deviation over seeds of every headline number (:func:`summary_rows`).
 
     Args:
         results: One :func:`evaluate_robustness` result per seed (all over the same images).
 
-    Returns:
-        ``{"mean": {row: value}, "std": {row: value}, "num_seeds": n, "num_images": images}``; ``std`` is 0 for
-        one seed.
-
     Example:
-        >>> run_a, run_b = ({"num_images": 16, "clean_accuracy": acc, "adversarial": {}, "corruptions": {}}
-        ...                 for acc in (0.5, 0.75))
-        >>> aggregate_seeds([run_a, run_b])["mean"]["clean accuracy"]
-        0.625
+        >>> run_a, run_b = (evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=[])
+        ...                 for _ in range(2))
+        >>> summary = aggregate_seeds([run_a, run_b])
+        >>> summary.num_seeds, summary.std["clean accuracy"]
+        (2, 0.0)
     """
     if not results:
         raise ValueError("aggregate_seeds needs at least one result")
     rows = [summary_rows(result) for result in results]
     keys = list(dict.fromkeys(key for row in rows for key in row))
     values = {key: torch.tensor([row[key] for row in rows if key in row], dtype=torch.float64) for key in keys}
-    return {
-        "mean": {key: float(v.mean()) for key, v in values.items()},
-        "std": {key: float(v.std()) if v.numel() > 1 else 0.0 for key, v in values.items()},
-        "num_seeds": len(results),
-        "num_images": results[0]["num_images"],
-    }
+    return SeedSummary(
+        mean={key: float(v.mean()) for key, v in values.items()},
+        std={key: float(v.std()) if v.numel() > 1 else 0.0 for key, v in values.items()},
+        num_seeds=len(results),
+        num_images=results[0].num_images,
+    )
 
 
 def within_spread(a: float, a_std: float, b: float, b_std: float, num_images: int) -> bool:
@@ -363,14 +454,14 @@ def within_spread(a: float, a_std: float, b: float, b_std: float, num_images: in
 
 
 def format_methods(
-    baseline: dict[str, Any], methods: dict[str, dict[str, Any]], *, reference: str | None = "ce"
+    baseline: RobustnessResult, methods: Mapping[str, SeedSummary], *, reference: str | None = "ce"
 ) -> str:
     """A markdown table (in %) of the baseline and every method's mean +- std over seeds, with each method's
     difference to ``reference`` labelled ``noise`` when it is within the spread (:func:`within_spread`).
 
     Args:
         baseline: The :func:`evaluate_robustness` result of the model every method started from.
-        methods: ``{name: aggregate_seeds(...)}``.
+        methods: ``{name: aggregate_seeds(...)}`` (``SeedSummary.from_dict`` reads one back from a report).
         reference: The method the others are compared with (the plain finetune); ``None`` or absent for no
             comparison column.
 
@@ -384,24 +475,24 @@ def format_methods(
         ...
     """
     base = summary_rows(baseline)
-    num_images = baseline["num_images"]
+    num_images = baseline.num_images
     compared = [name for name in methods if reference in methods and name != reference]
-    header = ["metric", "baseline", *(f"{name} ({methods[name]['num_seeds']} seeds)" for name in methods)]
+    header = ["metric", "baseline", *(f"{name} ({methods[name].num_seeds} seeds)" for name in methods)]
     header += [f"{name} - {reference}" for name in compared]
     lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    keys = list(dict.fromkeys([*base, *(key for m in methods.values() for key in m["mean"])]))
+    keys = list(dict.fromkeys([*base, *(key for m in methods.values() for key in m.mean)]))
     for key in keys:
         cells = [key, _percent(base.get(key))]
         for method in methods.values():
-            mean, std = method["mean"].get(key), method["std"].get(key)
+            mean, std = method.mean.get(key), method.std.get(key)
             cells.append("-" if mean is None else f"{100 * mean:.2f} +- {100 * std:.2f}")
         for name in compared:
             a, b = methods[name], methods[reference]
-            if key not in a["mean"] or key not in b["mean"]:
+            if key not in a.mean or key not in b.mean:
                 cells.append("-")
                 continue
-            difference = round(100 * (a["mean"][key] - b["mean"][key]), 2) + 0.0  # no "-0.00"
-            noise = within_spread(a["mean"][key], a["std"][key], b["mean"][key], b["std"][key], num_images)
+            difference = round(100 * (a.mean[key] - b.mean[key]), 2) + 0.0  # no "-0.00"
+            noise = within_spread(a.mean[key], a.std[key], b.mean[key], b.std[key], num_images)
             cells.append(f"{difference:+.2f}" + (" (noise)" if noise else ""))
         lines.append("| " + " | ".join(cells) + " |")
     lines.append(
@@ -415,7 +506,7 @@ def _percent(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
-def plot_methods(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], path: str | Path) -> Path:
+def plot_methods(baseline: RobustnessResult, methods: Mapping[str, SeedSummary], path: str | Path) -> Path:
     """Write a horizontal grouped bar chart (PNG): the baseline and every method's mean, with +- std error bars.
 
     Drawn with matplotlib's Agg canvas directly, so no display is needed and pyplot's global state is left alone.
@@ -428,7 +519,7 @@ def plot_methods(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], p
     """
     base = summary_rows(baseline)
     series = [("baseline", base, {})] + [
-        (f"{name} ({m['num_seeds']} seeds)", m["mean"], m["std"]) for name, m in methods.items()
+        (f"{name} ({m.num_seeds} seeds)", m.mean, m.std) for name, m in methods.items()
     ]
     keys = list(dict.fromkeys(key for _, rows, _ in series for key in rows))
     figure = Figure(figsize=(8, 1.2 + 0.18 * len(keys) * len(series)), layout="constrained")
@@ -446,7 +537,7 @@ def plot_methods(baseline: dict[str, Any], methods: dict[str, dict[str, Any]], p
     axes.set_xlabel("accuracy / agreement (%), mean +- std over seeds")
     axes.grid(axis="x", alpha=0.3)
     axes.legend(loc="lower right", fontsize="small")
-    num_images = baseline["num_images"]
+    num_images = baseline.num_images
     axes.set_title(f"Robustness, {num_images} test images (one image = {100 / num_images:.2f} points)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny, randomly initialised timm and transformers ViTs (no downloads), built in milliseconds.
+"""Shared fixtures: the tiny, randomly initialised models the family adapters register (no downloads, milliseconds).
 
 Every factory takes a seed, so two calls with the same seed give bit-identical models (the state-dict round-trip
 tests rely on that only through ``load_state_dict``; the seed just keeps failures reproducible).
@@ -11,9 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import nn
+
+from robustvit.families import create_tiny_model, registered_families, tiny_models
 
 # Many tiny ops: with two busy shared cores, intra-op threads mostly spin and wait for each other (a 200-step
 # attack on a Linear(16, 8) took 7 s with 2 threads and 0.2 s with 1). One thread keeps the suite fast.
@@ -28,52 +29,12 @@ def pytest_configure(config: pytest.Config) -> None:
 IMG = 32
 NUM_CLASSES = 10
 
-# Small configurations of each supported family (random init, no downloads).
-TIMM_CONFIGS: dict[str, tuple[str, dict]] = {
-    # class-token pooling, the plain ViT
-    "timm_token": (
-        "vit_tiny_patch16_224",
-        dict(img_size=IMG, patch_size=8, depth=2, embed_dim=48, num_heads=3),
-    ),
-    # average pooling + fc_norm + LayerScale + register tokens
-    "timm_avg_ls_reg": (
-        "vit_tiny_patch16_224",
-        dict(
-            img_size=IMG,
-            patch_size=8,
-            depth=2,
-            embed_dim=48,
-            num_heads=4,
-            global_pool="avg",
-            fc_norm=True,
-            init_values=0.3,
-            reg_tokens=2,
-        ),
-    ),
-    # DeiT with a distillation token and head
-    "timm_distilled": (
-        "deit_tiny_distilled_patch16_224",
-        dict(img_size=IMG, patch_size=8, depth=2, embed_dim=48, num_heads=3),
-    ),
-    # more tokens (8x8 grid of 4-pixel patches), one block
-    "timm_patch4": (
-        "vit_tiny_patch16_224",
-        dict(img_size=IMG, patch_size=4, depth=1, embed_dim=64, num_heads=2),
-    ),
-}
-
-HF_KWARGS = dict(
-    image_size=IMG,
-    patch_size=8,
-    hidden_size=48,
-    num_hidden_layers=2,
-    num_attention_heads=3,
-    intermediate_size=96,
-    num_labels=NUM_CLASSES,
-)
-
-HF_FAMILIES = ("hf_vit", "hf_deit")
-ALL_FAMILIES = (*TIMM_CONFIGS, *HF_FAMILIES)
+# The tiny configurations every family adapter registers (robustvit/families/*.py, register_tiny_model): adding a
+# family and its tiny models puts it in every test parametrized over these.
+ALL_FAMILIES = tuple(tiny_models())
+REPRESENTATIVES = tuple(tiny_models(family)[0] for family in registered_families())  # one per family
+TIMM_FAMILIES = tuple(tiny_models("timm-vit"))  # the library-specific contracts (timm's, transformers')
+HF_FAMILIES = tuple(tiny_models("transformers-vit"))
 
 
 def _perturb_norms(model: nn.Module, generator: torch.Generator) -> None:
@@ -85,22 +46,11 @@ def _perturb_norms(model: nn.Module, generator: torch.Generator) -> None:
                 module.bias.copy_(0.1 * torch.randn(module.bias.shape, generator=generator))
 
 
-def build_model(name: str, seed: int = 0) -> nn.Module:
-    """A fresh, randomly initialised source model of one of :data:`ALL_FAMILIES` (train mode, like a new model)."""
+def build_model(name: str, seed: int = 0, *, channels: int = 3, num_classes: int = NUM_CLASSES) -> nn.Module:
+    """A fresh, randomly initialised tiny model of :data:`ALL_FAMILIES` (train mode, like a new model), with random
+    LayerNorm affine parameters."""
     torch.manual_seed(seed)
-    if name in TIMM_CONFIGS:
-        arch, kwargs = TIMM_CONFIGS[name]
-        model = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, **kwargs)
-    elif name == "hf_vit":
-        from transformers import ViTConfig, ViTForImageClassification
-
-        model = ViTForImageClassification(ViTConfig(**HF_KWARGS))
-    elif name == "hf_deit":
-        from transformers import DeiTConfig, DeiTForImageClassification
-
-        model = DeiTForImageClassification(DeiTConfig(**HF_KWARGS))
-    else:
-        raise KeyError(name)
+    model = create_tiny_model(name, image_size=IMG, num_classes=num_classes, channels=channels)
     _perturb_norms(model, torch.Generator().manual_seed(seed + 1))
     return model
 

@@ -162,6 +162,7 @@ def _attackable(result: CertifyResult) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------- soundness
 
 
+@pytest.mark.slow
 def test_trained_models_certify_a_good_fraction(trained) -> None:
     kind, model, result = trained
     assert result.clean_accuracy >= 0.25, kind  # ~40% after 100 steps (10 classes)
@@ -170,6 +171,7 @@ def test_trained_models_certify_a_good_fraction(trained) -> None:
     assert int(_attackable(result).sum()) >= TEST_IMAGES // 2
 
 
+@pytest.mark.slow
 def test_margin_pgd_never_changes_a_prediction_inside_its_radius(trained, digits) -> None:
     kind, model, result = trained
     test_x = digits[2]
@@ -182,6 +184,7 @@ def test_margin_pgd_never_changes_a_prediction_inside_its_radius(trained, digits
     assert not margin_pgd(model, test_x[ok], result.predictions[ok], eps32, steps=50, restarts=1).any()
 
 
+@pytest.mark.slow
 def test_margin_pgd_with_three_times_the_radius_breaks_most_predictions(trained, digits) -> None:
     # The attack has teeth: the bound is within a small factor of the distance PGD needs.
     kind, model, result = trained
@@ -192,6 +195,7 @@ def test_margin_pgd_with_three_times_the_radius_breaks_most_predictions(trained,
     assert flipped.double().mean() >= 0.3, kind
 
 
+@pytest.mark.slow
 def test_label_pgd_cannot_break_certified_correct_images(trained, digits) -> None:
     # The library's own PGD (cross-entropy on the label), as the certificate's PGD column uses it.
     kind, model, result = trained
@@ -212,6 +216,7 @@ def test_label_pgd_cannot_break_certified_correct_images(trained, digits) -> Non
         assert robust >= result.certified_accuracy(eps), (kind, eps)
 
 
+@pytest.mark.slow
 def test_l2_attention_certificates_survive_pgd(l2_model, digits) -> None:
     model, result = l2_model
     test_x = digits[2][:16]
@@ -327,6 +332,10 @@ def test_certified_and_accuracies_on_a_hand_made_result() -> None:
         unlabelled.certified_accuracy(0.1)
     with pytest.raises(ValueError, match="needs labels"):
         unlabelled.clean_accuracy  # noqa: B018
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["radii"] == [0.5, 0.1, 0.0, 0.3] and record["labels"] == [0, 1, 1, 2]
+    assert record["predictions"] == [0, 1, 2, 1] and record["report"] is None and record["precision"] is None
+    assert "images" not in record and unlabelled.to_dict()["labels"] is None
 
 
 def test_certified_accuracy_on_a_trained_model_is_a_decreasing_curve(trained, digits) -> None:
@@ -598,6 +607,7 @@ def test_margin_pgd_helper_finds_the_exact_boundary_of_a_linear_model() -> None:
 # --------------------------------------------------------------------------------------------------- SLL / CPL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mlp", ["sll", "cpl"])
 def test_sll_and_cpl_models_certify_and_survive_pgd(mlp: str, digits) -> None:
     train_x, train_y, test_x, _ = digits

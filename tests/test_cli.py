@@ -140,6 +140,7 @@ def test_verify_fails_when_recertification_falls_short_of_the_claims(
     assert "not compared" in capsys.readouterr().out
 
 
+@pytest.mark.hub
 def test_publish_dry_run_writes_a_verified_repository(
     certified_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -166,6 +167,7 @@ def test_publish_dry_run_writes_a_verified_repository(
     assert not (tmp_path / "never").exists()
 
 
+@pytest.mark.hub
 def test_push_refuses_a_folder_that_does_not_verify(
     certified_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -165,3 +165,11 @@ def test_register_corruption_dispatches_and_rejects_duplicates(monkeypatch):
     assert torch.equal(corruptions.corrupt(images, "invert", 1), 1 - images)
     with pytest.raises(ValueError, match="already registered"):
         register_corruption("invert")(invert)
+
+
+def test_readme_says_why_each_corruption_is_not_a_torchvision_op():
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    reasons = {line.split("`")[1] for line in readme.splitlines() if line.startswith("- `")}
+    assert set(corruption_names()) <= reasons

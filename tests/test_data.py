@@ -121,6 +121,7 @@ def test_imagefolder_missing_split_names_available(tmp_path):
         load_image_dataset(str(root), split="test", cache_dir=str(tmp_path / "cache"))
 
 
+@pytest.mark.hub
 def test_uncached_hub_dataset_offline_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(ConnectionError, match=r"could not load dataset 'nobody/.*offline.*train/<class>"):
@@ -213,3 +214,77 @@ def test_drop_path_is_set_per_block_and_refused_where_absent():
         set_drop_path(nn.Linear(2, 2), 0.1)
     with pytest.raises(ValueError, match="rate"):
         set_drop_path(model, 1.0)
+
+
+def _rows(labels, size=8):
+    rng = np.random.default_rng(len(labels))
+    images = [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in labels]
+    return {"image": images, "label": list(labels)}
+
+
+def test_save_to_disk_folders_load_with_any_split_names(tmp_path):
+    names = datasets.ClassLabel(names=["ant", "bee", "cow"])
+    features = datasets.Features({"image": datasets.Image(), "label": names})
+    splits = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_dict(_rows([0, 1, 2, 1]), features=features),
+            "holdout": datasets.Dataset.from_dict(_rows([2, 0]), features=features),
+        }
+    )
+    splits.save_to_disk(tmp_path / "dict")
+    holdout = load_image_dataset(str(tmp_path / "dict"), split="holdout", image_size=8, channels=1)
+    assert (len(holdout), holdout.class_names, holdout.split) == (2, ["ant", "bee", "cow"], "holdout")
+    assert [label for _, label in holdout] == [2, 0] and holdout[0][0].shape == (1, 8, 8)
+    expected = np.asarray(splits["holdout"][0]["image"].convert("L"), dtype=np.float32) / 255
+    torch.testing.assert_close(holdout[0][0][0], torch.from_numpy(expected))
+    with pytest.raises(ValueError, match=r"split 'test' not found in a save_to_disk folder.*\['holdout', 'train'\]"):
+        load_image_dataset(str(tmp_path / "dict"), split="test")
+    # A lone Dataset is one split, named "train" when it records no name.
+    splits["holdout"].save_to_disk(tmp_path / "one")
+    assert len(load_image_dataset(str(tmp_path / "one"), split="train", image_size=8)) == 2
+    with pytest.raises(ValueError, match=r"available splits are \['train'\]"):
+        load_image_dataset(str(tmp_path / "one"), split="test")
+
+
+def test_imagefolder_splits_are_its_sub_folders_whatever_their_names(tmp_path):
+    root = _write_imagefolder(tmp_path / "images", splits=("train", "val", "ood", "corrupted"), per_class=1)
+    _write_imagefolder(root, splits=("a_dogs_only",), classes=("dog",), per_class=1)  # first, and one class
+    cache = str(tmp_path / "cache")
+    for split in ("train", "validation", "ood", "corrupted"):  # val/ is "validation", as datasets names it
+        ds = load_image_dataset(str(root), split=split, image_size=8, cache_dir=cache)
+        assert (len(ds), ds.class_names, ds.split) == (2, ["cat", "dog"], split)
+    dogs = load_image_dataset(str(root), split="a_dogs_only", image_size=8, cache_dir=cache)
+    assert (dogs.class_names, dogs[0][1]) == (["cat", "dog"], 1)
+    flat = _write_imagefolder(tmp_path / "flat", splits=("",), per_class=1)  # root/<class>/*.png: one train split
+    assert load_image_dataset(str(flat), image_size=8, cache_dir=cache).class_names == ["cat", "dog"]
+
+
+def test_test_split_labels_map_by_class_name_from_the_training_split(tmp_path):
+    """An ImageFolder whose test split holds only "8" and "9": labels 8 and 9, not 0 and 1."""
+    digits = load_image_dataset(split="test", image_size=8)
+    root = tmp_path / "eights_and_nines" / "test"
+    for index in range(len(digits)):
+        image, label = digits[index]
+        if label in (8, 9) and len(list(root.glob(f"{label}/*.png"))) < 2:
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(root / f"{label}/{index}.png")
+    source, cache = str(root.parent), str(tmp_path / "cache")
+    alone = load_image_dataset(source, split="test", image_size=8, cache_dir=cache)
+    assert sorted(label for _, label in alone) == [0, 0, 1, 1]  # the folder's own labels: not the model's
+    train = load_image_dataset(split="train", image_size=8)
+    aligned = load_image_dataset(source, split="test", image_size=8, cache_dir=cache).align_labels(train.class_names)
+    assert sorted(label for _, label in aligned) == [8, 8, 9, 9]
+    assert aligned.class_names == train.class_names and aligned.num_classes == 10
+    from robustvit.data import dataset_labels
+
+    assert sorted(dataset_labels(aligned).tolist()) == [8, 8, 9, 9]  # read without decoding, mapped the same
+    # Aligning again composes the maps; the digits (tensors) are mapped too.
+    reversed_names = train.class_names[::-1]
+    assert sorted(label for _, label in aligned.align_labels(reversed_names)) == [0, 0, 1, 1]
+    assert load_image_dataset(split="test", image_size=8).align_labels(reversed_names)[0][1] == 9 - digits[0][1]
+    with pytest.raises(
+        ValueError,
+        match=r"classes the training split does not: \['8', '9'\].*"
+        r"Its classes: \['8', '9'\]; the training split's: \['cat', 'dog'\]",
+    ):
+        alone.align_labels(["cat", "dog"])

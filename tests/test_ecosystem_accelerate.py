@@ -47,6 +47,7 @@ print(json.dumps({
 
 # bf16 only: on CPU, Accelerate wraps forward in autocast for bf16 (fp16 autocast needs an accelerator), and the
 # wrapper is what used to break the bound (train_lipschitz crashed after its first epoch under bf16).
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16"])
 def test_prepared_mixed_precision_model_is_bounded_and_certified(precision):
     tests_and_root = os.pathsep.join([str(ROOT / "tests"), str(ROOT)])  # the script imports conftest

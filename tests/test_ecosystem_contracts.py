@@ -4,13 +4,10 @@ every registered family's source and converted copy. What cannot hold is listed 
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
-from conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_CONFIGS, build_model, logits_of
+from conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_FAMILIES, build_model, logits_of
 
 import robustvit
-
-TIMM_FAMILIES = tuple(TIMM_CONFIGS)
 
 
 def _pair(family: str) -> list[tuple[str, torch.nn.Module]]:
@@ -57,7 +54,7 @@ def test_timm_forward_intermediates_and_grad_checkpointing(family):
         x = _pixels()
         with torch.no_grad():
             final, intermediates = model.forward_intermediates(x)
-            assert len(intermediates) == len(model.blocks) == TIMM_CONFIGS[family][1]["depth"], kind
+            assert len(intermediates) == len(model.blocks) == len(build_model(family).blocks), kind
             assert torch.allclose(final, model.forward_features(x), atol=1e-6), kind
             indices = model.prune_intermediate_layers(indices=1, prune_head=False)
             assert indices == [len(model.blocks) - 1], kind
@@ -79,11 +76,10 @@ def test_timm_pretrained_cfg_describes_the_converted_model(family):
 
 def test_timm_feature_extractor_num_classes_0_converts():
     """timm test_model_default_cfgs_non_std / reset_classifier(0): a headless model converts and is bounded."""
-    arch, kwargs = TIMM_CONFIGS["timm_token"]
-    model = robustvit.convert(timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)).eval()
+    model = robustvit.convert(build_model("timm_token", num_classes=0)).eval()
     with torch.no_grad():
         features = model(_pixels())
-    assert features.shape == (2, kwargs["embed_dim"])
+    assert features.shape == (2, model.embed_dim)
     bound = robustvit.lipschitz_bound(model)
     from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
 
@@ -118,22 +114,28 @@ def test_transformers_gradient_checkpointing(family):
 
 
 def test_greyscale_sources_convert_without_mean_and_std_by_hand():
-    arch, kwargs = TIMM_CONFIGS["timm_token"]  # vit_tiny: mean = std = 0.5 on every RGB channel
-    grey = timm.create_model(arch, pretrained=False, num_classes=NUM_CLASSES, in_chans=1, **kwargs)
+    grey = build_model("timm_token", channels=1)  # vit_tiny: mean = std = 0.5 on every RGB channel
     model = robustvit.convert(grey).eval()
     assert model.pretrained_cfg["input_size"] == (1, IMG, IMG) and model.pretrained_cfg["mean"] == (0.0,)
     with torch.no_grad():
         assert model(torch.rand(2, 1, IMG, IMG)).shape == (2, NUM_CLASSES)
-    from conftest import HF_KWARGS
-    from transformers import ViTConfig, ViTForImageClassification
-
-    hf = robustvit.convert(ViTForImageClassification(ViTConfig(**HF_KWARGS, num_channels=1)))
+    hf = robustvit.convert(build_model("hf_vit", channels=1))
     assert robustvit.lipschitz_bound(hf) > 0
-    # Different RGB statistics (DeiT: ImageNet's) have no single greyscale value: asked for, with the fix named.
-    deit_arch, deit_kwargs = TIMM_CONFIGS["timm_distilled"]
-    deit = timm.create_model(deit_arch, pretrained=False, in_chans=1, **deit_kwargs)
-    with pytest.raises(ValueError, match=r"pass convert\(model, mean=\.\.\., std=\.\.\.\) with 1 value"):
-        robustvit.convert(deit)
+    # Different RGB statistics (DeiT: ImageNet's) become their luma, as PIL's "L" mode makes greyscale data; the
+    # pixel wrapper of the recipes and the conversion agree on it, and an explicit mean / std still wins.
+    from robustvit.families import get_family
+    from robustvit.training import PixelModel
+
+    deit = build_model("timm_distilled", channels=1).eval()
+    spec = get_family(deit).input_spec(deit)
+    luma = (0.299, 0.587, 0.114)
+    assert spec.mean == pytest.approx((sum(w * m for w, m in zip(luma, (0.485, 0.456, 0.406), strict=True)),))
+    assert spec.std == pytest.approx((sum(w * s for w, s in zip(luma, (0.229, 0.224, 0.225), strict=True)),))
+    pixels = torch.rand(2, 1, IMG, IMG)
+    with torch.no_grad():
+        expected = logits_of(deit((pixels - spec.mean[0]) / spec.std[0]))
+        torch.testing.assert_close(PixelModel(deit)(pixels), expected)
+    assert robustvit.convert(deit).pretrained_cfg["input_size"] == (1, IMG, IMG)
     robustvit.convert(deit, mean=(0.45,), std=(0.225,))
 
 
@@ -227,3 +229,18 @@ def test_attention_masks_that_hide_something_and_causal_attention_are_refused():
         for kwargs in (dict(attn_mask=hiding), dict(attn_mask=additive - 1e9 * ~hiding), dict(is_causal=True)):
             with pytest.raises(ValueError, match="do not support"):
                 model.forward_features(_pixels(), **kwargs)
+
+
+def test_every_family_registers_tiny_models_of_its_own_family():
+    """What the parametrized tests rely on: a family without a tiny model would go untested."""
+    from robustvit.families import TINY_MODELS, create_tiny_model, get_family, register_tiny_model, tiny_models
+
+    assert all(tiny_models(family) for family in robustvit.families.registered_families())
+    for name in ALL_FAMILIES:
+        model = create_tiny_model(name, image_size=16, num_classes=3, channels=1)
+        assert get_family(model).name == TINY_MODELS[name].family
+        assert logits_of(model(torch.rand(1, 1, 16, 16))).shape == (1, 3)
+    with pytest.raises(KeyError, match="unknown family 'no-such-family'"):
+        register_tiny_model("nothing", "no-such-family", lambda *_: None, "")
+    with pytest.raises(ValueError, match="already registered"):
+        register_tiny_model("timm_token", "timm-vit", lambda *_: None, "")

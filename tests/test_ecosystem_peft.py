@@ -8,7 +8,7 @@ import copy
 import peft
 import pytest
 import torch
-from conftest import IMG, build_model, logits_of
+from conftest import IMG, REPRESENTATIVES, build_model, logits_of
 from peft.tuners.tuners_utils import BaseTunerLayer
 from test_certify import margin_pgd
 from torch import nn
@@ -19,7 +19,7 @@ from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
 from robustvit.lipschitz.rescale import is_spectrally_rescaled
 
-FAMILIES = ("timm_token", "hf_vit", "timm_distilled")
+FAMILIES = (*REPRESENTATIVES, "timm_distilled")  # one per family, and two heads
 
 
 def _lora_layers(model: nn.Module) -> list[robustvit.peft.LipschitzLoraLinear]:
@@ -305,6 +305,7 @@ def test_load_base_weights_restarts_from_a_plain_baseline_with_fresh_adapters(tm
         robustvit.peft.load_base_weights(model, tmp_path / "baseline.safetensors")
 
 
+@pytest.mark.slow
 def test_train_lipschitz_recipe_takes_lora_r(tmp_path):
     from test_train_recipe import TINY, _recipe, _run
 

@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import timm
 import torch
-from conftest import HF_FAMILIES, IMG, TIMM_CONFIGS, build_model
+from conftest import HF_FAMILIES, IMG, TIMM_FAMILIES, build_model
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ViTForImageClassification, pipeline
 
 import robustvit
 from robustvit.errors import CertificateError
-
-TIMM_FAMILIES = tuple(TIMM_CONFIGS)
 
 
 def _converted(family: str) -> torch.nn.Module:
@@ -146,6 +144,7 @@ def test_timm_save_for_hf_round_trips_through_local_dir(family, tmp_path, images
         timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=5)
 
 
+@pytest.mark.slow
 def test_libraries_without_robustvit_refuse_converted_folders(tmp_path):
     timm_dir, hf_dir = tmp_path / "timm", tmp_path / "hf"
     timm.models.save_for_hf(_converted("timm_token"), timm_dir, safe_serialization=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 
 import pytest
@@ -13,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from robustvit.data import TensorImageDataset, dataset_labels
 from robustvit.evaluation import (
+    RobustnessResult,
+    SeedSummary,
     aggregate_seeds,
     evaluate_accuracy,
     evaluate_robustness,
@@ -70,15 +74,15 @@ def _vit() -> PixelModel:
 def test_constant_classifier_is_exactly_as_robust_as_it_is_accurate() -> None:
     result = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, **FAST)
     share_of_class_0 = 0.5
-    assert result["num_images"] == 10
-    assert result["clean_accuracy"] == pytest.approx(share_of_class_0)
-    assert set(result["adversarial"]) == {"fgsm_linf@2/255", "pgd_linf@2/255", "fgsm_l2@0.5", "pgd_l2@0.5"}
-    assert all(value == pytest.approx(share_of_class_0) for value in result["adversarial"].values())
-    assert result["corruptions"]["jpeg"] == pytest.approx({"1": 0.5, "5": 0.5, "mean": 0.5})
-    assert result["corruption_accuracy"] == pytest.approx(share_of_class_0)
-    assert "noise_agreement" not in result
-    assert result["pgd_weaker_than_fgsm"] == []  # the masking check: equal accuracies are fine
-    assert result["settings"]["pgd_steps"] == 3 and result["settings"]["pgd_restarts"] == 2
+    assert result.num_images == 10
+    assert result.clean_accuracy == pytest.approx(share_of_class_0)
+    assert set(result.adversarial) == {"fgsm_linf@2/255", "pgd_linf@2/255", "fgsm_l2@0.5", "pgd_l2@0.5"}
+    assert all(value == pytest.approx(share_of_class_0) for value in result.adversarial.values())
+    assert result.corruptions["jpeg"] == pytest.approx({"1": 0.5, "5": 0.5, "mean": 0.5})
+    assert result.corruption_accuracy == pytest.approx(share_of_class_0)
+    assert result.noise_agreement is None and "noise_agreement" not in result.to_dict()
+    assert result.pgd_weaker_than_fgsm == []  # the masking check: equal accuracies are fine
+    assert result.settings["pgd_steps"] == 3 and result.settings["pgd_restarts"] == 2
 
 
 def test_max_images_is_a_stratified_random_subset_not_the_first_images() -> None:
@@ -87,8 +91,8 @@ def test_max_images_is_a_stratified_random_subset_not_the_first_images() -> None
     images = torch.rand(18, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     data = TensorImageDataset(images, labels, class_names=["a", "b", "c"], name="sorted", split="test")
     result = evaluate_robustness(ConstantClassifier(), data, max_images=6, corruptions=[], eps_linf=(), eps_l2=())
-    assert result["num_images"] == 6
-    assert result["clean_accuracy"] == pytest.approx(1 / 3)  # 2 images of each class; the constant says class 0
+    assert result.num_images == 6
+    assert result.clean_accuracy == pytest.approx(1 / 3)  # 2 images of each class; the constant says class 0
     from robustvit.data import stratified_subset
 
     subset = stratified_subset(data, 6, seed=1)
@@ -102,24 +106,23 @@ def test_vit_results_are_consistent_and_respect_max_images() -> None:
     zero_noise = torch.zeros(1, 4, 32)
     result = evaluate_robustness(model, _dataset(), noise=zero_noise, max_images=7, batch_size=3, **FAST)
     assert model.training  # modes restored
-    assert result["num_images"] == 7
-    assert result["noise_agreement"] == 1.0 and result["noise_accuracy"] == result["clean_accuracy"]
+    assert result.num_images == 7
+    assert result.noise_agreement == 1.0 and result.noise_accuracy == result.clean_accuracy
     # Attacks only count images that were also correct clean.
-    assert all(value <= result["clean_accuracy"] for value in result["adversarial"].values())
+    assert all(value <= result.clean_accuracy for value in result.adversarial.values())
     # A DataLoader contributes its dataset and batch size; results are identical.
     from_loader = evaluate_robustness(
         model, DataLoader(_dataset(), batch_size=3), noise=zero_noise, max_images=7, **FAST
     )
-    assert {k: v for k, v in from_loader.items() if k != "seconds"} == {
-        k: v for k, v in result.items() if k != "seconds"
-    }
+    assert dataclasses.replace(from_loader, seconds=0.0) == dataclasses.replace(result, seconds=0.0)
 
 
 def test_token_noise_lowers_agreement() -> None:
     noise = 50 * torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0))
     result = evaluate_robustness(_vit(), _dataset(), noise=noise, corruptions=[], eps_linf=(), eps_l2=())
-    assert result["noise_agreement"] < 1.0
-    assert result["adversarial"] == {} and result["corruptions"] == {} and "corruption_accuracy" not in result
+    assert result.noise_agreement < 1.0
+    assert result.adversarial == {} and result.corruptions == {} and result.corruption_accuracy is None
+    assert "corruption_accuracy" not in result.to_dict()
 
 
 class _Unlabelled(Dataset):
@@ -147,7 +150,7 @@ def test_bad_input_gives_clear_errors() -> None:
         evaluate_robustness(model, _dataset(), eps_linf=(-1.0,))
 
 
-def _two_process_evaluation(expected: dict) -> None:
+def _two_process_evaluation(expected: RobustnessResult) -> None:
     # One thread per forked worker, or two processes oversubscribe the CPU (Accelerate reads the variable).
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
@@ -155,12 +158,13 @@ def _two_process_evaluation(expected: dict) -> None:
     # 10 images over 2 processes in batches of 4: the last batch is padded, gather_for_metrics drops the padding.
     result = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, accelerator=accelerator, **FAST)
     assert accelerator.num_processes == 2
-    assert result["num_images"] == 10
-    assert result["clean_accuracy"] == pytest.approx(expected["clean_accuracy"])
-    assert result["corruption_accuracy"] == pytest.approx(expected["corruption_accuracy"])
+    assert result.num_images == 10
+    assert result.clean_accuracy == pytest.approx(expected.clean_accuracy)
+    assert result.corruption_accuracy == pytest.approx(expected.corruption_accuracy)
     accelerator.end_training()
 
 
+@pytest.mark.distributed
 def test_results_are_gathered_across_processes() -> None:
     expected = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, **FAST)
     debug_launcher(_two_process_evaluation, args=(expected,), num_processes=2)
@@ -184,14 +188,17 @@ def test_accuracy_on_a_subset_of_the_classes_restricts_the_logits() -> None:
     assert evaluate_accuracy(Fixed(), full, batch_size=3) == pytest.approx(0.5)
 
 
-def _result(clean: float, pgd: float) -> dict:
-    return {
-        "num_images": 100,
-        "clean_accuracy": clean,
-        "adversarial": {"pgd_linf@2/255": pgd},
-        "corruptions": {"contrast": {"1": 0.5, "mean": 0.5}},
-        "corruption_accuracy": 0.5,
-    }
+def _result(clean: float, pgd: float) -> RobustnessResult:
+    return RobustnessResult(
+        num_images=100,
+        clean_accuracy=clean,
+        adversarial={"pgd_linf@2/255": pgd},
+        pgd_weaker_than_fgsm=[],
+        corruptions={"contrast": {"1": 0.5, "mean": 0.5}},
+        seconds=1.0,
+        settings={},
+        corruption_accuracy=0.5,
+    )
 
 
 def test_methods_table_marks_differences_within_the_spread_as_noise(tmp_path) -> None:
@@ -203,9 +210,9 @@ def test_methods_table_marks_differences_within_the_spread_as_noise(tmp_path) ->
         "corruption accuracy (mean)",
     ]
     ce = aggregate_seeds([_result(0.90, 0.50), _result(0.92, 0.52)])
-    assert ce["mean"]["clean accuracy"] == pytest.approx(0.91)
-    assert ce["std"]["clean accuracy"] == pytest.approx(0.02 / 2**0.5)  # sample std
-    assert ce["num_seeds"] == 2 and ce["num_images"] == 100
+    assert ce.mean["clean accuracy"] == pytest.approx(0.91)
+    assert ce.std["clean accuracy"] == pytest.approx(0.02 / 2**0.5)  # sample std
+    assert ce.num_seeds == 2 and ce.num_images == 100
     nullspace = aggregate_seeds([_result(0.905, 0.60), _result(0.915, 0.61)])
     table = format_methods(baseline, {"ce": ce, "nullspace": nullspace})
     assert "| metric | baseline | ce (2 seeds) | nullspace (2 seeds) | nullspace - ce |" in table
@@ -213,7 +220,7 @@ def test_methods_table_marks_differences_within_the_spread_as_noise(tmp_path) ->
     assert "| pgd linf@2/255 | 40.00 | 51.00 +- 1.41 | 60.50 +- 0.71 | +9.50 |" in table
     assert "one image is 1.00 points" in table
     assert "nullspace - ce" not in format_methods(baseline, {"nullspace": nullspace})  # no reference, no column
-    assert aggregate_seeds([_result(0.9, 0.4)])["std"]["clean accuracy"] == 0.0
+    assert aggregate_seeds([_result(0.9, 0.4)]).std["clean accuracy"] == 0.0
     path = plot_methods(baseline, {"ce": ce, "nullspace": nullspace}, tmp_path / "sub" / "chart.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -222,3 +229,19 @@ def test_within_spread() -> None:
     assert within_spread(0.50, 0.01, 0.515, 0.01, num_images=1000)  # intervals overlap
     assert not within_spread(0.50, 0.01, 0.53, 0.01, num_images=1000)
     assert within_spread(0.50, 0.0, 0.505, 0.0, num_images=100)  # under one image
+
+
+def test_results_are_dataclasses_whose_dicts_are_the_report_records() -> None:
+    result = evaluate_robustness(ConstantClassifier(), _dataset(), noise=None, batch_size=4, **FAST)
+    result.eval_sets = {"imagenet_r": 0.25}
+    record = json.loads(json.dumps(result.to_dict()))  # JSON-ready
+    assert list(record) == [
+        "num_images", "clean_accuracy", "adversarial", "pgd_weaker_than_fgsm", "corruptions", "corruption_accuracy",
+        "seconds", "settings", "eval_sets",
+    ]  # fmt: skip
+    assert record["adversarial"]["pgd_l2@0.5"] == result.adversarial["pgd_l2@0.5"]
+    assert RobustnessResult.from_dict(record) == result
+    assert summary_rows(result)["imagenet_r accuracy"] == 0.25
+    summary = aggregate_seeds([result, result])
+    report_entry = {"seeds": [record, record], **summary.to_dict()}  # how the recipe's report.json holds a method
+    assert SeedSummary.from_dict(json.loads(json.dumps(report_entry))) == summary

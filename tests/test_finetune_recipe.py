@@ -228,6 +228,7 @@ def _write_imagefolder(root: Path, splits: dict[str, list[str]], per_class: int 
                 Image.fromarray(pixels.to(torch.uint8).numpy()).save(root / split / name / f"{item}.png")
 
 
+@pytest.mark.slow
 def test_paper_configuration_smoke_test_offline(recipe: ModuleType, tmp_path: Path, monkeypatch) -> None:
     # The ViT-S/16 ImageNet configuration with a tiny stand-in: an ImageFolder of 3 wnid classes with train/ and
     # val/, an "ImageNet-R"-like set of 2 of those classes, 32-pixel images; the real 22M-parameter ViT-S/16, so
@@ -289,6 +290,7 @@ def _single_threaded(main: Callable[[list[str]], dict], *argvs: list[str]) -> No
         AcceleratorState._reset_state(reset_partial_state=True)  # the next run initialises its own process group
 
 
+@pytest.mark.distributed
 def test_recipe_gives_the_same_report_on_two_cpu_processes(recipe: ModuleType, tmp_path: Path) -> None:
     # Two forked gloo processes, as `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` starts
     # (`--cpu --num_processes 2` would start one); forking skips the 2 x ~8 s of imports a launch costs.

@@ -12,39 +12,21 @@ from pathlib import Path
 import huggingface_hub
 import pytest
 import safetensors.torch
-import timm
 import torch
-from conftest import forge_certificate
+from conftest import REPRESENTATIVES, build_model, forge_certificate
 from huggingface_hub import ModelCard
 from safetensors import safe_open
-from transformers import ViTConfig, ViTForImageClassification
 
 import robustvit
 from robustvit import hub
 from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.errors import CertificateError
+from robustvit.families import TINY_MODELS
+
+pytestmark = pytest.mark.hub
 
 REPO_ID = "org/tiny-lipschitz"
 REPO_FILES = {"model.safetensors", "config.json", "certificate.json", "README.md"}
-
-
-def _tiny_timm() -> torch.nn.Module:
-    return timm.create_model(
-        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=3, num_classes=5
-    )
-
-
-def _tiny_hf() -> torch.nn.Module:
-    config = ViTConfig(
-        image_size=32,
-        patch_size=8,
-        hidden_size=48,
-        num_hidden_layers=1,
-        num_attention_heads=3,
-        intermediate_size=96,
-        num_labels=5,
-    )
-    return ViTForImageClassification(config)
 
 
 def _logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -60,9 +42,14 @@ class Certified:
     images: torch.Tensor
 
 
-def _certified(factory, tmp_path_factory: pytest.TempPathFactory, **convert_options) -> Certified:
+# Both mixers go through saving, loading and verification: the token shift on timm, L2 attention on transformers.
+_MIXERS = {"timm-vit": "shift", "transformers-vit": "l2"}
+
+
+def _certified(name: str, tmp_path_factory: pytest.TempPathFactory) -> Certified:
+    mixer = _MIXERS.get(TINY_MODELS[name].family, "shift")
+    model = robustvit.convert(build_model(name, num_classes=5), mixer=mixer).eval()
     torch.manual_seed(0)
-    model = robustvit.convert(factory(), **convert_options).eval()
     images, labels = torch.rand(8, 3, 32, 32), torch.randint(0, 5, (8,))
     result = robustvit.certify(model, images, labels)
     certificate = result.to_certificate(model, dataset="digits", split="test", pgd_steps=2, pgd_restarts=1)
@@ -73,18 +60,35 @@ def _certified(factory, tmp_path_factory: pytest.TempPathFactory, **convert_opti
 
 
 @pytest.fixture(scope="module")
-def timm_certified(tmp_path_factory: pytest.TempPathFactory) -> Certified:
-    return _certified(_tiny_timm, tmp_path_factory)
+def certified_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Certified]:
+    """One certified and saved model per tiny model asked for, built once per module."""
+    return _CertifiedCache(tmp_path_factory)
 
 
-@pytest.fixture(scope="module")
-def hf_certified(tmp_path_factory: pytest.TempPathFactory) -> Certified:
-    return _certified(_tiny_hf, tmp_path_factory, mixer="l2")
+class _CertifiedCache(dict):
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.tmp_path_factory = tmp_path_factory
+
+    def __missing__(self, name: str) -> Certified:
+        self[name] = _certified(name, self.tmp_path_factory)
+        return self[name]
 
 
-@pytest.fixture(params=["timm", "transformers"])
-def certified(request: pytest.FixtureRequest) -> Certified:
-    return request.getfixturevalue("timm_certified" if request.param == "timm" else "hf_certified")
+@pytest.fixture
+def timm_certified(certified_models: dict[str, Certified]) -> Certified:
+    return certified_models["timm_token"]
+
+
+@pytest.fixture
+def hf_certified(certified_models: dict[str, Certified]) -> Certified:
+    return certified_models["hf_vit"]
+
+
+@pytest.fixture(params=REPRESENTATIVES)
+def certified(request: pytest.FixtureRequest, certified_models: dict[str, Certified]) -> Certified:
+    """Each registered family's first tiny model, certified and saved."""
+    return certified_models[request.param]
 
 
 @pytest.fixture
@@ -241,7 +245,7 @@ def test_config_json_must_describe_the_loaded_weights(timm_certified: Certified,
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="config.json describes"):
         robustvit.from_pretrained(folder)
-    config["source"]["kwargs"]["depth"] = 2  # another architecture: strict loading fails
+    config["source"]["kwargs"]["depth"] += 1  # another architecture: strict loading fails
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="does not match the architecture"):
         robustvit.from_pretrained(folder)
@@ -312,10 +316,11 @@ def test_save_refuses_a_certificate_that_would_not_verify(timm_certified: Certif
         robustvit.save_pretrained(
             timm_certified.model, tmp_path / "b", dataclasses.replace(certificate, weights_sha256="0" * 64)
         )
+    source = build_model("timm_token", num_classes=5)
     with pytest.raises(CertificateError, match="describes"):
-        robustvit.save_pretrained(robustvit.convert(_tiny_timm(), mixer="l2"), tmp_path / "c", certificate)
+        robustvit.save_pretrained(robustvit.convert(source, mixer="l2"), tmp_path / "c", certificate)
     with pytest.raises(ValueError, match="convert"):
-        robustvit.save_pretrained(_tiny_timm(), tmp_path / "d")
+        robustvit.save_pretrained(source, tmp_path / "d")
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 

@@ -74,6 +74,7 @@ def test_lipshift_end_to_end_bound_survives_gradient_ascent(lipshift):
     lipshift.float()
 
 
+@pytest.mark.slow
 def test_trained_lipshift_certificates_survive_pgd(lipshift):
     train_x, train_y = stack_examples(load_image_dataset(split="train", image_size=IMG), 256)
     test_x, test_y = stack_examples(load_image_dataset(split="test", image_size=IMG), 32)

@@ -350,5 +350,6 @@ def _distributed_synthesis() -> None:
     accelerator.end_training()
 
 
+@pytest.mark.distributed
 def test_synthesis_agrees_across_processes() -> None:
     debug_launcher(_distributed_synthesis, num_processes=2)

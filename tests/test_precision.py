@@ -49,6 +49,7 @@ def _rounded_pair(model, precision):
     return deployed, copy.deepcopy(deployed).to(torch.float64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("accumulation", [None, torch.float32])
 def test_forward_error_bound_covers_the_deployed_error(trained, digits, precision, accumulation):
@@ -97,6 +98,7 @@ def _margin_pgd(model, images, target, eps, dtype, steps=40, restarts=2):
     return flipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_attacks_in_each_precision_never_flip_a_certified_prediction(trained, digits, precision):
     images = digits[2]

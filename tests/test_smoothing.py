@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -163,6 +164,10 @@ def test_certified_masks_and_accuracy() -> None:
         result.certified(0.1, labels[:3])
     with pytest.raises(ValueError, match="-1"):
         result.certified(-1.0)
+    record = json.loads(json.dumps(result.to_dict()))
+    assert record["predictions"] == [0, 1, -1, 2] and record["counts"] == [90, 60, 40, 99]
+    assert record["p_lower"] == [0.9, 0.6, 0.4, 0.99] and record["temperatures"] is None
+    assert (record["sigma"], record["n"], record["alpha"], record["method"]) == (0.25, 100, 0.001, "cohen")
 
 
 class _HFStyle(nn.Module):

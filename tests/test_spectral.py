@@ -250,6 +250,7 @@ def vit_small_weights() -> list[tuple[list[str], torch.Tensor, torch.Tensor]]:
     return groups
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MATRIX_BOUNDS))
 def test_matrix_bound_tight_on_every_vit_small_weight(name, vit_small_weights):
     """Within 1e-4 relative of the exact norm on every 2-D weight of a (random-init) ViT-S/16, never below."""

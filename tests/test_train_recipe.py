@@ -90,6 +90,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------- one process
 
 
+@pytest.mark.slow
 def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
     metrics, out = uninterrupted
     for name in ("certificate.json", "certified_accuracy.png", "metrics.json", "source.safetensors"):
@@ -134,6 +135,7 @@ def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
     load_model(source, str(out / "source.safetensors"), strict=True)
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_weights(recipe, uninterrupted, tmp_path: Path) -> None:
     metrics, out = uninterrupted
     argv = [*TINY, "--epochs", "2", "--output_dir", str(tmp_path)]
@@ -156,6 +158,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(recipe, uninterrupted, t
     assert resumed["certified_accuracy"] == metrics["certified_accuracy"]
 
 
+@pytest.mark.slow
 def test_resuming_with_more_epochs_continues_from_the_last_checkpoint(recipe, tmp_path: Path) -> None:
     # `--epochs 30 --resume` extends a finished run. (Its weights differ from an uninterrupted run of the longer
     # length, by design: the cosine LR and the eps ramp span --epochs.)
@@ -307,6 +310,7 @@ def _steps(root: Path, run: str, rank: int) -> list[dict]:
     return [json.loads(line) for line in (root / run / f"steps_rank{rank}.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.distributed
 def test_two_processes_train_in_sync(two_processes: Path) -> None:
     metrics = json.loads((two_processes / "A" / "metrics.json").read_text())
     assert metrics["num_processes"] == 2
@@ -330,6 +334,7 @@ def test_two_processes_train_in_sync(two_processes: Path) -> None:
     assert steps[0] == steps[1]  # same LR and eps on both ranks
 
 
+@pytest.mark.distributed
 def test_two_processes_ramp_eps_over_each_processs_own_steps(two_processes: Path) -> None:
     config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]
     schedule = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
@@ -339,6 +344,7 @@ def test_two_processes_ramp_eps_over_each_processs_own_steps(two_processes: Path
     assert eps[-1] == pytest.approx(config["eps"] * config["eps_end"])  # the ramp ends within the run
 
 
+@pytest.mark.distributed
 def test_two_processes_follow_the_lr_schedules_to_their_end(two_processes: Path) -> None:
     config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]
     steps = _steps(two_processes, "A", 0)
@@ -354,6 +360,7 @@ def test_two_processes_follow_the_lr_schedules_to_their_end(two_processes: Path)
     assert margin[LOCAL_STEPS:] == sorted(margin[LOCAL_STEPS:], reverse=True) and all(lr > 0 for lr in margin)
 
 
+@pytest.mark.distributed
 def test_two_processes_resume_to_the_same_weights(two_processes: Path) -> None:
     expected = _tensors(two_processes / "A" / "model" / "model.safetensors")
     actual = _tensors(two_processes / "B" / "model" / "model.safetensors")
@@ -363,6 +370,7 @@ def test_two_processes_resume_to_the_same_weights(two_processes: Path) -> None:
     assert _steps(two_processes, "B", 0) == _steps(two_processes, "A", 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mlp", ["sll"])
 def test_mlp_flag_trains_and_certifies_sll_blocks(recipe, mlp: str, tmp_path: Path) -> None:
     metrics = _run(recipe, [*TINY, "--epochs", "1", "--mlp", mlp, "--output_dir", str(tmp_path)])

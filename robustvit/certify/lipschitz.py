@@ -24,6 +24,7 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +95,27 @@ class CertifyResult:
         if self.labels is None:
             raise ValueError("clean accuracy needs labels: certify(model, images, labels)")
         return float((self.predictions == self.labels).double().mean())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: per-image lists (``radii`` may hold ``inf``: a prediction no input can change), the bounds,
+        the bound report and the precision; the images are left out.
+
+        Example:
+            >>> record = robustvit.certify(model, images, labels).to_dict()
+            >>> len(record["radii"]) == len(record["labels"]) == 8, record["report"]["total"] == record["lipschitz"]
+            (True, True)
+        """
+        return {
+            "predictions": self.predictions.tolist(),
+            "radii": self.radii.tolist(),
+            "labels": None if self.labels is None else self.labels.tolist(),
+            "lipschitz": self.lipschitz,
+            "features_lipschitz": self.features_lipschitz,
+            "report": None if self.report is None else self.report.to_dict(),
+            "precision": self.precision,
+            "accumulation": self.accumulation,
+            "logit_error": self.logit_error,
+        }
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
         """PNG of certified accuracy against the l2 radius."""

@@ -20,6 +20,7 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from scipy.special import erf
@@ -211,6 +212,27 @@ class SmoothingResult:
                 raise ValueError(f"expected labels shaped {tuple(self.predictions.shape)}, got {tuple(labels.shape)}")
             mask &= self.predictions == labels.to(self.predictions.device)
         return mask
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the per-image tensors as lists (``-1`` / ``0`` / ``nan`` where abstained) and the settings.
+
+        Example:
+            >>> result = certify_smoothing(model, images, sigma=0.25, n0=10, n=100, progress=False)
+            >>> record = result.to_dict()
+            >>> len(record["radii"]), record["n"], record["method"]
+            (8, 100, 'cohen')
+        """
+        return {
+            "predictions": self.predictions.tolist(),
+            "radii": self.radii.tolist(),
+            "p_lower": self.p_lower.tolist(),
+            "counts": self.counts.tolist(),
+            "sigma": self.sigma,
+            "n": self.n,
+            "alpha": self.alpha,
+            "method": self.method,
+            "temperatures": None if self.temperatures is None else self.temperatures.tolist(),
+        }
 
     def certified_accuracy(self, eps: float, labels: torch.Tensor) -> float:
         """Fraction of images predicted correctly with a certified radius larger than ``eps``.

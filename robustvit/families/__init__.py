@@ -1,34 +1,45 @@
-"""Per-family adapters: one small file per model family, registered with ``@register_family``."""
+"""Per-family adapters: one small file per model family, registered with ``@register_family``, with the tiny
+configurations the tests build (``register_tiny_model``)."""
 
 from robustvit.families import hf_vit, timm_vit  # noqa: F401  (registration)
 from robustvit.families.base import (
     FAMILIES,
     NATIVE_RECORD_KEY,
+    TINY_MODELS,
     BlockParts,
     Family,
     InputSpec,
+    TinyModel,
     ViTParts,
+    create_tiny_model,
     family_by_name,
     get_family,
     linear_head,
     native_record,
     rebuild_converted,
     register_family,
+    register_tiny_model,
     registered_families,
+    tiny_models,
 )
 
 __all__ = [
     "FAMILIES",
     "NATIVE_RECORD_KEY",
+    "TINY_MODELS",
     "BlockParts",
     "Family",
     "InputSpec",
+    "TinyModel",
     "ViTParts",
+    "create_tiny_model",
     "family_by_name",
     "get_family",
     "linear_head",
     "native_record",
     "rebuild_converted",
     "register_family",
+    "register_tiny_model",
     "registered_families",
+    "tiny_models",
 ]

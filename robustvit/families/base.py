@@ -8,6 +8,7 @@ math itself is shared (``robustvit.convert``), so every family is converted the 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -21,19 +22,29 @@ from robustvit.registry import Registry
 
 __all__ = [
     "FAMILIES",
+    "GREYSCALE_WEIGHTS",
+    "TINY_MODELS",
     "BlockParts",
     "Family",
     "InputSpec",
+    "TinyModel",
     "ViTParts",
     "NATIVE_RECORD_KEY",
+    "create_tiny_model",
     "family_by_name",
     "get_family",
     "native_record",
     "per_channel",
     "rebuild_converted",
     "register_family",
+    "register_tiny_model",
     "registered_families",
+    "tiny_models",
 ]
+
+
+GREYSCALE_WEIGHTS = (0.299, 0.587, 0.114)
+"""ITU-R 601-2 luma weights of R, G, B: PIL's ``"L"`` conversion (and torchvision's ``rgb_to_grayscale``)."""
 
 
 @dataclass
@@ -202,6 +213,56 @@ def registered_families() -> list[str]:
     return FAMILIES.list()
 
 
+TinyModelBuilder = Callable[[int, int, int], nn.Module]
+"""``build(image_size, num_classes, channels)`` -> a freshly initialised model."""
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny, randomly initialised configuration of one family, built in milliseconds without a download.
+
+    Each family file registers a few (timm registers its ``test_vit*`` models the same way); the conversion,
+    soundness and ecosystem tests parametrize over them, so a new family is tested once it registers one.
+    """
+
+    family: str  # the registered Family.name
+    build: TinyModelBuilder
+    description: str
+
+
+TINY_MODELS: Registry[TinyModel] = Registry("tiny model")
+"""Tiny test configurations by name (e.g. ``"timm_token"``), in registration order."""
+
+
+def register_tiny_model(name: str, family: str, build: TinyModelBuilder, description: str) -> TinyModel:
+    """Register ``build`` as the tiny model ``name`` of the registered family ``family``."""
+    family_by_name(family)  # a tiny model of an unregistered family would test nothing
+    return TINY_MODELS.register(name, TinyModel(family, build, description))
+
+
+def tiny_models(family: str | None = None) -> list[str]:
+    """Names of the registered tiny models, of one family or of all of them.
+
+    Example:
+        >>> tiny_models("transformers-vit")
+        ['hf_vit', 'hf_deit']
+    """
+    if family is not None:
+        family_by_name(family)
+    return [name for name, tiny in TINY_MODELS.items() if family in (None, tiny.family)]
+
+
+def create_tiny_model(name: str, *, image_size: int = 32, num_classes: int = 10, channels: int = 3) -> nn.Module:
+    """A fresh tiny model (random weights: seed torch first for a reproducible one), in train mode like a new model.
+
+    Example:
+        >>> model = create_tiny_model("timm_token", channels=1)
+        >>> model(torch.rand(2, 1, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return TINY_MODELS[name].build(image_size, num_classes, channels)
+
+
 def family_by_name(name: str) -> Family:
     """The registered adapter called ``name`` (as stored in saved configs); ``KeyError`` listing them otherwise."""
     return FAMILIES[name]
@@ -252,12 +313,16 @@ def rebuild_converted(record: dict) -> nn.Module:
 
 
 def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    """The source's normalization for ``channels`` channels: as given, or one value repeated when the library's
-    default lists the same value for each RGB channel (a greyscale model built from a 3-channel config). Different
-    RGB values stay as they are (convert then asks for ``mean`` / ``std`` for each channel)."""
+    """The source's normalization for ``channels`` channels: as given; one value repeated when the library's default
+    lists the same value for each RGB channel (a greyscale model built from a 3-channel config); and for a greyscale
+    model whose source lists different RGB values (ImageNet's), their ITU-R 601-2 luma, the weights of PIL's ``"L"``
+    conversion that greyscale data goes through (the mean of the greyscale images of RGB data with those channel
+    means; for the std, the std of perfectly correlated channels, an upper bound of the true one)."""
     values = tuple(float(v) for v in values)
     if len(values) != channels and len(set(values)) == 1:
         return values[:1] * channels
+    if channels == 1 and len(values) == len(GREYSCALE_WEIGHTS):
+        return (sum(w * v for w, v in zip(GREYSCALE_WEIGHTS, values, strict=True)),)
     return values
 
 

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import transformers
 from huggingface_hub.dataclasses import strict
@@ -51,6 +53,7 @@ from robustvit.families.base import (
     one,
     per_channel,
     register_family,
+    register_tiny_model,
 )
 from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, mark_lipschitz_neutral, record_methods, register_bound
 
@@ -356,3 +359,27 @@ def _gelu(module: GELUActivation, bound_of: BoundFn) -> Tensor:
     if module.act not in (torch.nn.functional.gelu, module._gelu_python):
         raise UnsupportedModuleError(f"GELUActivation with an unknown function {module.act!r}")
     return one() * GELU_LIPSCHITZ
+
+
+# ------------------------------------------------------------------------------------------------- tiny models
+
+
+def _tiny(config_class: type, model_class: type) -> Callable[[int, int, int], nn.Module]:
+    def build(image_size: int, num_classes: int, channels: int) -> nn.Module:
+        config = config_class(
+            image_size=image_size,
+            patch_size=8,
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            intermediate_size=96,
+            num_labels=num_classes,
+            num_channels=channels,
+        )
+        return model_class(config)
+
+    return build
+
+
+register_tiny_model("hf_vit", HFViT.name, _tiny(ViTConfig, ViTForImageClassification), "transformers ViT")
+register_tiny_model("hf_deit", HFViT.name, _tiny(DeiTConfig, DeiTForImageClassification), "transformers DeiT")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import safetensors.torch
@@ -30,6 +31,7 @@ from robustvit.families.base import (
     per_channel,
     rebuild_converted,
     register_family,
+    register_tiny_model,
 )
 from robustvit.lipschitz.engine import BoundFn, register_bound
 
@@ -347,3 +349,36 @@ def _model_bound(model: nn.Module, bound_of: BoundFn) -> Tensor:
 
 
 register_bound(VisionTransformer, VisionTransformerDistilled)(_model_bound)
+
+
+# ------------------------------------------------------------------------------------------------- tiny models
+
+_TINY_VIT = {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}
+
+
+def _tiny(architecture: str, **kwargs) -> Callable[[int, int, int], nn.Module]:
+    def build(image_size: int, num_classes: int, channels: int) -> nn.Module:
+        return timm.create_model(
+            architecture, pretrained=False, img_size=image_size, num_classes=num_classes, in_chans=channels, **kwargs
+        )
+
+    return build
+
+
+for _name, _architecture, _kwargs, _description in (
+    ("timm_token", "vit_tiny_patch16_224", _TINY_VIT, "class-token pooling, the plain ViT"),
+    (
+        "timm_avg_ls_reg",
+        "vit_tiny_patch16_224",
+        {**_TINY_VIT, "num_heads": 4, "global_pool": "avg", "fc_norm": True, "init_values": 0.3, "reg_tokens": 2},
+        "average pooling, fc_norm, LayerScale and register tokens",
+    ),
+    ("timm_distilled", "deit_tiny_distilled_patch16_224", _TINY_VIT, "DeiT with a distillation token and head"),
+    (
+        "timm_patch4",
+        "vit_tiny_patch16_224",
+        {"patch_size": 4, "depth": 1, "embed_dim": 64, "num_heads": 2},
+        "more tokens (4-pixel patches), one block",
+    ),
+):
+    register_tiny_model(_name, TimmViT.name, _tiny(_architecture, **_kwargs), _description)
