@@ -2,9 +2,11 @@
 
 * :mod:`~robustvit.training.models`: :func:`load_model` (a registry of model sources: the embedded default, timm,
   transformers), :class:`PixelModel` (pixels in ``[0, 1]``, normalization inside), :func:`set_drop_path`;
-* :mod:`~robustvit.training.loop`: :func:`train_epoch` (Accelerate's gradient accumulation, progress with totals);
+* :mod:`~robustvit.training.loop`: :func:`train_epoch` (Accelerate's gradient accumulation, progress with totals),
+  :func:`train_phase` (epochs, checkpoints, resume, trackers) and :func:`cosine_schedule` (transformers');
 * :mod:`~robustvit.training.checkpoint`: Accelerate's numbered checkpoints with a JSON training state, resume, and
-  output folders that are never silently overwritten.
+  output folders that are never silently overwritten;
+* :mod:`~robustvit.training.run`: :func:`build_accelerator`, the Accelerator of a recipe's ``RunConfig``.
 
 The recipes' settings are the dataclasses of :mod:`robustvit.configs`.
 
@@ -27,8 +29,25 @@ from robustvit.training.checkpoint import (
     save_checkpoint,
     use_project_dir,
 )
-from robustvit.training.loop import epoch_batches, progress_bar, train_epoch
-from robustvit.training.models import DEFAULT_MODEL, MODEL_SOURCES, ModelSource, PixelModel, load_model, set_drop_path
+from robustvit.training.loop import (
+    cosine_schedule,
+    epoch_batches,
+    progress_bar,
+    train_epoch,
+    train_phase,
+)
+from robustvit.training.models import (
+    DEFAULT_MODEL,
+    MODEL_SOURCES,
+    ModelSource,
+    PixelModel,
+    load_model,
+    set_drop_path,
+)
+from robustvit.training.run import (
+    build_accelerator,
+    flat_config,
+)
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -38,16 +57,20 @@ __all__ = [
     "PixelModel",
     "SamplerGenerator",
     "TRAINING_STATE_FILE",
+    "build_accelerator",
+    "cosine_schedule",
     "epoch_batches",
     "finish",
+    "flat_config",
     "latest_checkpoint",
     "load_model",
     "prepare_output_dir",
-    "project_configuration",
     "progress_bar",
+    "project_configuration",
     "resume_from_checkpoint",
     "save_checkpoint",
     "set_drop_path",
     "train_epoch",
+    "train_phase",
     "use_project_dir",
 ]

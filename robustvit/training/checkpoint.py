@@ -56,9 +56,7 @@ _INDEX = re.compile(r"checkpoint_(\d+)")
 def project_configuration(output_dir: str | Path, total_limit: int | None) -> ProjectConfiguration:
     """Accelerate's project configuration of a recipe: numbered checkpoints under ``output_dir``, newest
     ``total_limit`` kept (``None``: all)."""
-    return ProjectConfiguration(
-        project_dir=str(output_dir), automatic_checkpoint_naming=True, total_limit=total_limit
-    )
+    return ProjectConfiguration(project_dir=str(output_dir), automatic_checkpoint_naming=True, total_limit=total_limit)
 
 
 def _index(path: Path) -> int | None:
@@ -178,23 +176,55 @@ def prepare_output_dir(
 
 
 class SamplerGenerator:
-    """Checkpoints the generator that shuffles a DataLoader's sampler, once there is one.
+    """Checkpoints the generator that shuffles a DataLoader's sampler, and the state each epoch's order came from.
 
-    With several processes Accelerate gives the sampler its own generator (seeded at ``prepare``, broadcast from rank
-    0 at every epoch), which its ``random_states`` files do not hold; with one process the sampler draws from the
-    global RNG, which they do, and there is nothing to add. Register it with ``accelerator.register_for_checkpointing``.
+    Give the DataLoader a ``generator`` (with several processes Accelerate gives the sampler one, seeded at
+    ``prepare`` and broadcast from rank 0 at every epoch): Accelerate's ``random_states`` files do not hold it.
+    Register this object with ``accelerator.register_for_checkpointing``. :func:`~robustvit.training.train_epoch`
+    calls :meth:`start_epoch`, so that a run resumed from a checkpoint saved inside an epoch replays that epoch's
+    order while the other random states (augmentation, dropout) continue from the checkpoint.
+
+    Example:
+        >>> data = torch.utils.data.DataLoader(range(8), shuffle=True, generator=torch.Generator().manual_seed(0))
+        >>> order = SamplerGenerator(data.sampler)
+        >>> order.start_epoch(rewind=False)
+        >>> first = list(data)
+        >>> order.start_epoch(rewind=True)  # as a resume into this epoch does
+        >>> list(data) == first
+        True
     """
 
     def __init__(self, sampler: torch.utils.data.Sampler) -> None:
         self.sampler = sampler
+        self.epoch_start: torch.Tensor | None = None
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return getattr(self.sampler, "generator", None)
+
+    def start_epoch(self, *, rewind: bool) -> None:
+        """Note the generator state the epoch's order is drawn from; ``rewind``: go back to the noted one."""
+        if self.generator is None:
+            if rewind:
+                raise ValueError("replaying an epoch's order needs a DataLoader with its own generator")
+            return
+        if rewind:
+            if self.epoch_start is None:
+                raise ValueError("no epoch start was checkpointed to replay the epoch's order from")
+            self.generator.set_state(self.epoch_start)
+        else:
+            self.epoch_start = self.generator.get_state()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        generator = getattr(self.sampler, "generator", None)
-        return {} if generator is None else {"rng_state": generator.get_state()}
+        if self.generator is None:
+            return {}
+        state = {"rng_state": self.generator.get_state()}
+        return state if self.epoch_start is None else {**state, "epoch_start": self.epoch_start}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if state:
-            self.sampler.generator.set_state(state["rng_state"])
+            self.generator.set_state(state["rng_state"])
+            self.epoch_start = state.get("epoch_start")
 
 
 def finish(accelerator: Accelerator) -> None:
