@@ -168,9 +168,7 @@ def add_arguments(
         parser.add_argument(f"--{field.name}", **_flag(field, hints[field.name], default, resolve_choices))
 
 
-def parse_configs(
-    parser: argparse.ArgumentParser, argv: Sequence[str] | None, *configs: type
-) -> tuple[Any, ...]:
+def parse_configs(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *configs: type) -> tuple[Any, ...]:
     """Parse ``argv`` and build each dataclass of ``configs`` from the flags of its fields.
 
     A dataclass's ``ValueError`` (its validation) becomes a usage error (exit status 2), as a bad flag is.
@@ -179,21 +177,31 @@ def parse_configs(
     return build_configs(parser, args, *configs)
 
 
-def build_configs(parser: argparse.ArgumentParser, args: argparse.Namespace, *configs: type) -> tuple[Any, ...]:
-    """The dataclasses of :func:`parse_configs` from already parsed ``args``; a ``ValueError`` is a usage error."""
+def build_configs(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    *configs: type,
+    exclude: Mapping[type, Sequence[str]] | None = None,
+) -> tuple[Any, ...]:
+    """The dataclasses of :func:`parse_configs` from already parsed ``args``; a ``ValueError`` is a usage error.
+
+    ``exclude``: dataclass -> fields that had no flag of their own (another dataclass's flag of the same name).
+    """
     try:
-        return tuple(from_args(config, args) for config in configs)
+        return tuple(from_args(config, args, exclude=(exclude or {}).get(config, ())) for config in configs)
     except ValueError as err:
         parser.error(str(err))
 
 
-def from_args(config: type, args: argparse.Namespace) -> Any:
-    """The dataclass ``config`` from the attributes of ``args`` named like its fields (missing ones: defaults).
+def from_args(config: type, args: argparse.Namespace, *, exclude: Sequence[str] = ()) -> Any:
+    """The dataclass ``config`` from the attributes of ``args`` named like its fields (missing or excluded ones:
+    the defaults).
 
     Raises:
         ValueError: the dataclass's validation fails.
     """
-    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config) if hasattr(args, f.name)})
+    names = [f.name for f in dataclasses.fields(config) if hasattr(args, f.name) and f.name not in exclude]
+    return config(**{name: getattr(args, name) for name in names})
 
 
 def _check(condition: bool, message: str) -> None:
@@ -333,7 +341,7 @@ class RunConfig:
         2, "keep the newest N checkpoints of each training phase (Accelerate's total_limit; 'none': all)"
     )
     mixed_precision: str | None = arg(None, "Accelerate's mixed precision (default: accelerate config's)",
-                                      choices=("no", "fp16", "bf16", "fp8"))  # fmt: skip
+                                      choices=("no", "fp16", "bf16"))  # fmt: skip
     gradient_accumulation_steps: int = arg(1, "batches per optimizer step (accelerator.accumulate)")
     with_tracking: bool = arg(False, "log metrics to the trackers of --report_to (Accelerate trackers)")
     report_to: str = arg("all", "tracker for --with_tracking ('all': every installed one)",
