@@ -308,7 +308,9 @@ def training_function(configs: Configs) -> dict[str, Any]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Configs:
-    parser = argparse.ArgumentParser(description="Lipschitz-margin training and certification of a converted ViT.")
+    parser = argparse.ArgumentParser(
+        description="Lipschitz-margin training and certification of a converted ViT.", allow_abbrev=False
+    )
     add_arguments(
         parser.add_argument_group("training (LipschitzTrainingConfig)"),
         LipschitzTrainingConfig,

@@ -120,7 +120,7 @@ def _flag(field: dataclasses.Field, annotation: Any, default: Any, resolve: bool
         return kwargs
     if typing.get_origin(kind) in (list, tuple):
         kind = typing.get_args(kind)[0]
-        kwargs["nargs"] = "*" if optional or default == [] else "+"
+        kwargs["nargs"] = "*"  # an empty list may mean "none" (--l2_radii); the dataclass refuses where it does not
         optional = False
     if "parse" in field.metadata:
         kwargs["type"] = field.metadata["parse"]
@@ -166,6 +166,8 @@ def add_arguments(
         else:
             default = field.default
         parser.add_argument(f"--{field.name}", **_flag(field, hints[field.name], default, resolve_choices))
+        if field.metadata.get("negatable"):  # a YAML config may set it; the command line can unset it
+            parser.add_argument(f"--no_{field.name}", dest=field.name, action="store_false", help=argparse.SUPPRESS)
 
 
 def parse_configs(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *configs: type) -> tuple[Any, ...]:
@@ -349,7 +351,8 @@ class RunConfig:
     cpu: bool = arg(False, "run on CPU even if an accelerator is available")
     num_workers: int = arg(0, "DataLoader workers")
     max_train_batches: int | None = arg(None, "cap batches per epoch and process (smoke tests)")
-    require_pretrained: bool = arg(False, "refuse to start from random weights")
+    require_pretrained: bool = arg(False, "refuse to start from random weights (--no_require_pretrained: allow)",
+                                   negatable=True)  # fmt: skip
 
     def __post_init__(self) -> None:
         _positive(self, "image_size", "gradient_accumulation_steps")

@@ -36,7 +36,16 @@ def certified_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``robustvit convert`` then ``robustvit certify`` on 24 digits: a certified model folder."""
     root = tmp_path_factory.mktemp("cli")
     assert main(["convert", *TINY_TIMM, "--mixer", "l2", "--activation", "minmax", "--output", str(root / "conv")]) == 0
-    args = ["certify", str(root / "conv"), "--max_eval_images", "24", "--pgd_steps", "2", "--output", str(root / "cert")]
+    args = [
+        "certify",
+        str(root / "conv"),
+        "--max_eval_images",
+        "24",
+        "--pgd_steps",
+        "2",
+        "--output",
+        str(root / "cert"),
+    ]
     assert main(args) == 0
     return root / "cert"
 

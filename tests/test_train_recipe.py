@@ -24,8 +24,8 @@ from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule
 from robustvit.registry import Registry
-from robustvit.training import loop
 from robustvit.training import load_model as build_model
+from robustvit.training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_lipschitz.py"
