@@ -57,6 +57,7 @@ def main() -> None:
     report = json.loads(args.report.read_text())
     table = format_methods(report["baseline"]["evaluation"], report["methods"], reference="ce")
     config, timings = report["config"], report["timings"]
+    config = config.get("finetuning", config)  # reports before the typed configs were flat
     print(
         f"{len(report['methods'])} methods x {config['seeds']} seeds, {config['epochs']} epochs each, "
         f"{report['num_processes']} process(es), {timings['run_seconds'] / 60:.1f} min wall\n"

@@ -581,8 +581,6 @@ def parse_args(argv: Sequence[str] | None = None) -> Configs:
         unknown = sorted(set(defaults) - flags) if isinstance(defaults, dict) else ["(not a mapping)"]
         if unknown:
             parser.error(f"--config {known.config}: unknown settings {unknown}; use the flag names without '--'")
-        if isinstance(defaults.get("methods"), str):  # "nullspace,ce,random"
-            defaults["methods"] = [name.strip() for name in defaults["methods"].split(",") if name.strip()]
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:

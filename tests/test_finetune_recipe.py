@@ -208,7 +208,7 @@ def test_split_radius_and_lora_flags(recipe: ModuleType, tmp_path: Path) -> None
 
 def test_config_file_sets_defaults_and_flags_override_it(recipe: ModuleType, tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("epochs: 7\nmethods: ce,random\nmixup: 0.2\npgd_steps: 60\n")
+    path.write_text("epochs: 7\nmethods: [ce, random]\nmixup: 0.2\npgd_steps: 60\n")
     configs = recipe.parse_args(["--config", str(path), "--epochs", "3"])
     assert configs.finetuning.epochs == 3 and configs.finetuning.methods == ["ce", "random"]
     assert configs.augmentation.mixup == 0.2 and configs.evaluation.pgd_steps == 60
