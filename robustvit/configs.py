@@ -476,7 +476,9 @@ class NullspaceFinetuningConfig(TrainingConfig):
 @dataclass
 class _EvaluationBudget:
     pgd_steps: int = arg(50, "steps of each PGD attack")
-    max_eval_images: int | None = arg(None, "evaluate N images of the evaluation split (default: all)")
+    max_eval_images: int | None = arg(
+        None, "evaluate N images of the evaluation split (default: all; robustvit verify: the certificate's N)"
+    )
     eval_batch_size: int = arg(256, "evaluation batch size")
 
     def __post_init__(self) -> None:
