@@ -558,7 +558,8 @@ def write_report(
     return report
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Configs:
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's flags: ``--config`` and one per field of its configs."""
     parser = argparse.ArgumentParser(
         description="Approximate-nullspace augmented finetuning of a vision transformer (Liu et al., CPAL 2025), "
         "with its controls.",
@@ -574,6 +575,11 @@ def parse_args(argv: Sequence[str] | None = None) -> Configs:
     )
     add_arguments(parser.add_argument_group("evaluation (EvaluationConfig)"), EvaluationConfig)
     add_arguments(parser.add_argument_group("run"), RunConfig, defaults={"output_dir": "outputs/finetune_nullspace"})
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Configs:
+    parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config is not None:
         defaults = yaml.safe_load(Path(known.config).read_text()) or {}

@@ -307,7 +307,9 @@ def training_function(configs: Configs) -> dict[str, Any]:
     return metrics
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Configs:
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's flags: one per field of its configs (``--eps`` is the training radius; the certificate reports
+    REPORT_EPS)."""
     parser = argparse.ArgumentParser(
         description="Lipschitz-margin training and certification of a converted ViT.", allow_abbrev=False
     )
@@ -325,9 +327,13 @@ def parse_args(argv: Sequence[str] | None = None) -> Configs:
             "residual_budget": DEFAULT_RESIDUAL_BUDGET,
         },
     )
-    # --eps is the training radius; the certificate reports REPORT_EPS.
     add_arguments(parser.add_argument_group("certification"), CertificationConfig, exclude=("eps",))
     add_arguments(parser.add_argument_group("run"), RunConfig, defaults={"output_dir": "outputs/train_lipschitz"})
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Configs:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:
         args.pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if args.model is None else 0

@@ -38,7 +38,7 @@ def _recipe(name: str):
 
 
 def _flags(parser: argparse.ArgumentParser) -> list[str]:
-    return [option for action in parser._actions for option in action.option_strings if option != "--help"]
+    return [option for action in parser._actions for option in action.option_strings if option not in ("-h", "--help")]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.__name__)
@@ -109,3 +109,20 @@ def test_the_recipes_and_the_cli_share_one_spelling_and_meaning_per_flag() -> No
     with pytest.raises(SystemExit):
         finetune.parse_args(["--eps", "0.03"])
     assert finetune.parse_args(["--nullspace_tol", "0.01"]).finetuning.nullspace_tol == 0.01
+
+
+@pytest.mark.parametrize(
+    ("name", "configs", "extra"),
+    [
+        ("train_lipschitz", ["run", "training", "convert", "certification"], set()),
+        ("finetune_nullspace", ["run", "finetuning", "augmentation", "evaluation"], {"--config"}),
+    ],
+)
+def test_a_recipe_has_one_flag_per_field_of_its_configs(name: str, configs: list[str], extra: set[str]) -> None:
+    recipe = _recipe(name)
+    flags = [flag for flag in _flags(recipe.build_parser()) if not flag.startswith("--no_")]
+    assert len(flags) == len(set(flags))
+    parsed = recipe.parse_args([])
+    assert list(parsed._fields) == configs
+    fields = {f"--{field.name}" for config in parsed for field in dataclasses.fields(config)}
+    assert set(flags) == fields | extra  # train_lipschitz: its --eps (the training radius) and the certificate's
