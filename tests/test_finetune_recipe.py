@@ -15,17 +15,12 @@ import torch
 from accelerate import Accelerator, debug_launcher
 from accelerate.state import AcceleratorState
 from PIL import Image
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 from transformers import ViTConfig, ViTForImageClassification
 
 import robustvit
 from robustvit.nullspace import NullspaceNoise, patch_embedding_nullspace
-from robustvit.training import (
-    PixelModel,
-    cosine_schedule,
-    latest_checkpoint,
-    models,
-)
+from robustvit.training import PixelModel, cosine_schedule, latest_checkpoint, loop, models
 from robustvit.training import load_model as build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +143,44 @@ def test_resume_in_the_middle_of_the_controls(recipe: ModuleType, tmp_path: Path
     ce = report["methods"]["ce"]["seeds"][0]
     assert [entry["epoch"] for entry in ce["history"]] == [0, 1]
     assert ce["history"][0] == interrupted_state["history"][0]
+
+
+def test_a_run_resumed_inside_an_epoch_trains_with_that_epochs_noise(
+    recipe: ModuleType, tmp_path: Path, monkeypatch
+) -> None:
+    # --checkpointing_steps 1: a checkpoint after each step; crash after step 1 of the nullspace run's only epoch.
+    argv = [*TINY, "--methods", "nullspace", "--epochs", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit",
+            "none"]  # fmt: skip
+    recipe.main([*argv, "--output_dir", str(tmp_path / "A")])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    save = loop.save_checkpoint
+
+    def crash_inside_the_epoch(accelerator, state):
+        path = save(accelerator, state)
+        if "runs" in Path(accelerator.project_dir).parts and state.get("epoch_steps") == 1:
+            raise _Interrupted
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_inside_the_epoch)
+    with pytest.raises(_Interrupted):
+        recipe.main([*argv, "--output_dir", str(tmp_path / "B")])
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    searches = []
+    synthesize = recipe.training_noise
+    monkeypatch.setattr(recipe, "training_noise", lambda *a, **k: searches.append(a[3]) or synthesize(*a, **k))
+    recipe.main([*argv, "--resume", "--output_dir", str(tmp_path / "B")])
+    assert searches == []  # the epoch's noise came back with the checkpoint
+    run = Path("runs") / "nullspace" / "seed_0"
+    expected = load_file(str(tmp_path / "A" / run / "model.safetensors"))
+    actual = load_file(str(tmp_path / "B" / run / "model.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    first, again = (json.loads((tmp_path / d / run / "result.json").read_text()) for d in "AB")
+    strip = ("seconds", "noise_seconds")
+    assert [{k: v for k, v in e.items() if k not in strip} for e in again["history"]] == [
+        {k: v for k, v in e.items() if k not in strip} for e in first["history"]
+    ]
 
 
 def test_resume_without_a_baseline_is_a_clear_error(recipe: ModuleType, tmp_path: Path) -> None:
