@@ -517,7 +517,13 @@ class CertificationConfig(_EvaluationBudget):
 
 @dataclass
 class EvaluationConfig(_EvaluationBudget):
-    """Empirical robustness evaluation (``robustvit.evaluation.evaluate_robustness``) of finetuned models."""
+    """Empirical robustness evaluation (``robustvit.evaluation.evaluate_robustness``) of finetuned models: FGSM and
+    PGD radii in 1/255 per norm, corruptions and their severities, and extra test sets.
+
+    Example:
+        >>> EvaluationConfig(l2_radii=[], corruptions=["contrast"]).linf_radii
+        [2.0]
+    """
 
     eval_batch_size: int = arg(128, "evaluation batch size")
     pgd_restarts: int = arg(2, "random restarts of each PGD attack")
