@@ -231,14 +231,13 @@ def build(accelerator: Accelerator, configs: Configs) -> Setup:
     order, epoch_noise = SamplerGenerator(train_loader.sampler), EpochNoise()
     accelerator.register_for_checkpointing(order, SamplerGenerator(noise_loader.sampler), epoch_noise)
     # Batches per process and epoch: the fraction of the (unsharded) loader, dealt out over the processes, capped.
+    local_batches = -(-len(train_loader) // accelerator.num_processes)
     fraction = max(1, round(finetuning.train_data_fraction * len(train_loader)))
-    wanted = -(-fraction // accelerator.num_processes)
+    wanted = min(-(-fraction // accelerator.num_processes), run.max_train_batches or local_batches)
     accumulation = accelerator.gradient_accumulation_steps
-    if run.max_train_batches is not None:
-        wanted = min(wanted, run.max_train_batches)
-    elif wanted < -(-len(train_loader) // accelerator.num_processes):
-        wanted = max(accumulation, wanted // accumulation * accumulation)  # whole accumulations
-    train_batches = epoch_batches(range(-(-len(train_loader) // accelerator.num_processes)), wanted, accumulation)
+    if wanted < local_batches:  # whole accumulations
+        wanted = max(accumulation, wanted // accumulation * accumulation)
+    train_batches = epoch_batches(local_batches, wanted, accumulation)
     # The noise takes as many steps whatever the number of processes (more processes average its gradient over
     # more images): each process sees 1/num_processes of the batches per round, so it makes that many times the
     # rounds. Otherwise two processes would halve the steps and the noise would stop short of the eps-nullspace.

@@ -123,7 +123,7 @@ def build_data(accelerator: Accelerator, configs: Configs) -> Data:
     accelerator.register_for_checkpointing(order)
     # Batches per epoch of one process: Accelerate deals the batches out, padding the shards to equal length.
     local_batches = -(-len(train_loader) // accelerator.num_processes)
-    batches = epoch_batches(range(local_batches), run.max_train_batches, accelerator.gradient_accumulation_steps)
+    batches = epoch_batches(local_batches, run.max_train_batches, accelerator.gradient_accumulation_steps)
     return Data(train_set, test_set, train_loader, order, batches)
 
 

@@ -48,20 +48,20 @@ def progress_bar(iterable: Iterable | None, accelerator: Accelerator, **kwargs: 
     return tqdm(iterable, disable=not accelerator.is_local_main_process, **kwargs)
 
 
-def epoch_batches(dataloader: Iterable, max_batches: int | None, accumulation_steps: int = 1) -> int:
-    """Batches one process takes from ``dataloader`` in an epoch capped at ``max_batches``.
+def epoch_batches(num_batches: int, max_batches: int | None, accumulation_steps: int = 1) -> int:
+    """Batches one process takes in an epoch of ``num_batches`` (its share of the dataloader) capped at
+    ``max_batches``.
 
     Raises:
         ValueError: the cap cuts a gradient accumulation short (it must be a multiple of ``accumulation_steps``:
             Accelerate syncs an incomplete accumulation only at the end of the dataloader).
 
     Example:
-        >>> len(loader), epoch_batches(loader, 4), epoch_batches(loader, None)
+        >>> len(loader), epoch_batches(len(loader), 4), epoch_batches(len(loader), None)
         (45, 4, 45)
     """
-    total = len(dataloader)  # type: ignore[arg-type]
-    if max_batches is None or max_batches >= total:
-        return total
+    if max_batches is None or max_batches >= num_batches:
+        return num_batches
     if max_batches < 1 or max_batches % accumulation_steps:
         raise ValueError(
             f"a cap of {max_batches} batches per epoch must be a positive multiple of the "
@@ -118,7 +118,7 @@ def train_epoch(
     """
     start = time.perf_counter()
     accumulation = accelerator.gradient_accumulation_steps
-    total = epoch_batches(dataloader, max_batches, accumulation)
+    total = epoch_batches(len(dataloader), max_batches, accumulation)  # type: ignore[arg-type]
     if data_order is not None:
         data_order.start_epoch(rewind=skip_steps > 0)
     elif skip_steps:
