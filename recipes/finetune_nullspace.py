@@ -420,6 +420,7 @@ def finetune(
         setup.schedule.load_state_dict(copy.deepcopy(setup.fresh_schedule))
         set_seed(run.seed + seed_index)
         setup.order.generator.manual_seed(run.seed + seed_index)  # the same data order for every method
+        setup.epoch_noise.noise = None  # nothing carried over from the previous run
 
     def run_epoch(epoch: int, **resume_kwargs: Any) -> dict[str, Any]:
         noise_tick, loss_fn = time.perf_counter(), cross_entropy
