@@ -24,6 +24,7 @@ A new row is one entry of ``ROWS``, e.g. ``"converted, SLL MLP": Row("pretrained
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import platform
@@ -44,12 +45,13 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
 from train_lipschitz import DEFAULT_PRETRAIN_EPOCHS, REPORT_EPS, parse_args  # noqa: E402
+from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 import robustvit  # noqa: E402
 from robustvit.data import load_image_dataset, stack_examples  # noqa: E402
 from robustvit.lipshift import create_lipshift  # noqa: E402
 from robustvit.losses import LOSSES, EpsSchedule, head_margins  # noqa: E402
-from robustvit.training import PixelModel, cosine_schedule, load_model  # noqa: E402
+from robustvit.training import PixelModel, load_model  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,13 @@ ROWS: dict[str, Row] = {
 
 
 def recipe_defaults() -> dict[str, Any]:
-    config, _ = parse_args([])
-    return config
+    """The recipe's default run, conversion and training settings, one flat dict (``eps``: the training radius)."""
+    configs = parse_args([])
+    return {
+        k: v
+        for config in (configs.run, configs.convert, configs.training)
+        for k, v in dataclasses.asdict(config).items()
+    }
 
 
 def _datasets(config: dict[str, Any]):
@@ -96,7 +103,7 @@ def pretrain_source(seed: int, path: str, epochs: int) -> float:
     loader = DataLoader(train, batch_size=config["batch_size"], shuffle=True)
     net = PixelModel(source)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config["pretrain_lr"], weight_decay=0.05)
-    schedule = cosine_schedule(optimizer, total_steps=epochs * len(loader))
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=epochs * len(loader))
     start = time.perf_counter()
     for _ in range(epochs):
         for images, labels in loader:
@@ -138,7 +145,9 @@ def train_and_certify(name: str, seed: int, epochs: int, source_path: str) -> di
     loader = DataLoader(train, batch_size=config["batch_size"], shuffle=True, generator=generator)
     total = max(1, epochs * len(loader))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    schedule = cosine_schedule(optimizer, total_steps=total, warmup_steps=min(len(loader), total))
+    schedule = get_cosine_schedule_with_warmup(
+        optimizer, num_warmup_steps=min(len(loader), total), num_training_steps=total
+    )
     schedule_eps = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
     loss_fn = LOSSES[config["loss"]]
     step = 0

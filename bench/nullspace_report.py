@@ -58,6 +58,7 @@ def main() -> None:
     methods = {name: SeedSummary.from_dict(method) for name, method in report["methods"].items()}
     table = format_methods(RobustnessResult.from_dict(report["baseline"]["evaluation"]), methods, reference="ce")
     config, timings = report["config"], report["timings"]
+    config = config.get("finetuning", config)  # reports before the typed configs were flat
     print(
         f"{len(report['methods'])} methods x {config['seeds']} seeds, {config['epochs']} epochs each, "
         f"{report['num_processes']} process(es), {timings['run_seconds'] / 60:.1f} min wall\n"

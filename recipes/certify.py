@@ -16,19 +16,22 @@ import warnings
 from collections.abc import Sequence
 
 from robustvit.certify.dataset import certify_split
+from robustvit.configs import CertificationConfig, add_arguments, build_configs
 from robustvit.constants import DIGITS
 from robustvit.hub import UncertifiedModelWarning, from_pretrained
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Certify a saved robustvit model on a dataset split.")
+    parser = argparse.ArgumentParser(
+        description="Certify a saved robustvit model on a dataset split.", allow_abbrev=False
+    )
     parser.add_argument("--model", required=True, help="a robustvit model folder or Hub repository")
     parser.add_argument("--dataset", default=DIGITS, help=f"'{DIGITS}' (embedded), an imagefolder dir or a HF id")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--max_eval_images", type=int, default=None, help="certify the first N images")
-    parser.add_argument("--pgd_steps", type=int, default=50)
     parser.add_argument("--output_dir", default="outputs/certify")
+    add_arguments(parser.add_argument_group("certification (CertificationConfig)"), CertificationConfig)
     args = parser.parse_args(argv)
+    (certification,) = build_configs(parser, args, CertificationConfig)
 
     with warnings.catch_warnings():  # the model is about to be (re-)certified
         warnings.simplefilter("ignore", UncertifiedModelWarning)
@@ -38,8 +41,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.output_dir,
         dataset=args.dataset,
         split=args.split,
-        max_images=args.max_eval_images,
-        pgd_steps=args.pgd_steps,
+        max_images=certification.max_eval_images,
+        batch_size=certification.eval_batch_size,
+        eps=certification.eps,
+        pgd_steps=certification.pgd_steps,
         name=args.model,
     )
     print(certificate.accuracy_table())

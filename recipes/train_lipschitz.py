@@ -3,7 +3,7 @@
 # The source model is converted with robustvit.convert (token shift, CenterNorm, spectrally rescaled layers), then
 # trained with a Lipschitz-margin loss (EMMA by default) whose radius ramps up over training (EpsSchedule), with
 # optional distillation from the unconverted source. At the end the eval split is certified: certificate.json,
-# certified_accuracy.png, metrics.json, and a robustvit model folder ready for `python hub/publish.py`.
+# certified_accuracy.png, metrics.json, and a robustvit model folder ready for `robustvit push`.
 #
 # With no arguments it runs offline on the embedded default: scikit-learn digits and the small timm ViT of
 # robustvit.training.DEFAULT_MODEL, first trained from scratch for --pretrain_epochs as the source.
@@ -11,51 +11,68 @@
 #   python recipes/train_lipschitz.py                                      # default run, a few minutes on CPU
 #   python recipes/train_lipschitz.py --epochs 30 --resume                 # continue from the last checkpoint
 #   accelerate launch recipes/train_lipschitz.py --model vit_small_patch16_224 --dataset path/to/imagefolder \
-#       --image_size 224 --distill 1.0
+#       --image_size 224 --distill 1.0 --mixed_precision bf16 --gradient_accumulation_steps 4 --with_tracking
 #   ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 --main_process_port 29512 \
 #       recipes/train_lipschitz.py                                         # 2 CPU processes (gloo)
 #
-# Writes to --output_dir: source.safetensors (the source model), checkpoints/epoch_<e>/ (save_state +
-# training_state.json), model/ (robustvit.save_pretrained: weights, config, certificate, card), certificate.json,
-# certified_accuracy.png and metrics.json.
+# Phases: parse -> build (data, model) -> pretrain (the source) -> convert -> train (margin) -> certify -> save.
+# Writes to --output_dir: pretrain/checkpoints/ (while the source trains), source.safetensors (the source model),
+# checkpoints/checkpoint_<i>/ (Accelerate's save_state + training_state.json, newest --checkpoints_total_limit kept),
+# model/ (robustvit.save_pretrained: weights, config, certificate, card), certificate.json, certified_accuracy.png
+# and metrics.json (the configs as dataclasses.asdict, history, results).
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
+import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.logging import get_logger
 from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader
 
 import robustvit
 import robustvit.peft
-from robustvit.convert import ACTIVATIONS, MIXERS, MLPS
-from robustvit.data import load_image_dataset, stack_examples
+from robustvit.configs import (
+    CertificationConfig,
+    ConvertConfig,
+    LipschitzTrainingConfig,
+    RunConfig,
+    add_arguments,
+    build_configs,
+)
+from robustvit.data import ImageDataset, load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule, distillation_loss, head_margins
 from robustvit.training import (
     CHECKPOINTS_DIR,
     PixelModel,
     SamplerGenerator,
-    add_recipe_arguments,
+    build_accelerator,
     cosine_schedule,
+    epoch_batches,
     finish,
     latest_checkpoint,
-    resume_from_checkpoint,
-    save_checkpoint,
+    prepare_output_dir,
     train_epoch,
+    train_phase,
 )
 from robustvit.training import load_model as load_source_model
 
+logger = get_logger(__name__)
+
 SOURCE_WEIGHTS = "source.safetensors"
+PRETRAIN_DIR = "pretrain"  # the source pretraining's project folder: pretrain/checkpoints/checkpoint_<i>
+OUTPUTS = (PRETRAIN_DIR, SOURCE_WEIGHTS, CHECKPOINTS_DIR, "model", "certificate.json", "certified_accuracy.png",
+           "metrics.json")  # fmt: skip
 DEFAULT_PRETRAIN_EPOCHS = 15  # for the embedded default model, which starts from random weights
 DEFAULT_EPOCHS = 9  # of margin training (bench/bench_transfer.py runs it and a third of it, 3 seeds, on 2 cores)
 # Conversion defaults, measured in bench/bench_transfer.py: orthogonal weights (the source's singular vectors at full
@@ -66,242 +83,272 @@ DEFAULT_RESIDUAL_BUDGET = 3.0
 REPORT_EPS = (36 / 255, 72 / 255, 108 / 255)
 
 
+class Configs(NamedTuple):
+    """Everything a run is told; saved in metrics.json as ``{name: dataclasses.asdict(config)}``."""
+
+    run: RunConfig
+    training: LipschitzTrainingConfig
+    convert: ConvertConfig
+    certification: CertificationConfig
+
+
+class Data(NamedTuple):
+    train_set: ImageDataset
+    test_set: ImageDataset
+    train_loader: DataLoader
+    order: SamplerGenerator  # the shuffling generator, checkpointed with every phase
+    batches_per_epoch: int  # per process
+
+
 def cross_entropy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(images), labels)
 
 
-def training_function(config: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    accelerator = Accelerator(cpu=args.cpu)
-    set_seed(config["seed"])
-    output_dir = Path(args.output_dir)
-    if args.resume and latest_checkpoint(output_dir) is None:  # before source.safetensors is read
-        raise FileNotFoundError(
-            f"no complete checkpoint under {output_dir / CHECKPOINTS_DIR} to resume from; run without --resume"
-        )
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    size, channels = config["image_size"], config["channels"]
-    with accelerator.main_process_first():
-        train_set = load_image_dataset(args.dataset, split="train", image_size=size, channels=channels)
-        test_set = load_image_dataset(args.dataset, split="test", image_size=size, channels=channels).align_labels(
-            train_set.class_names
-        )
-    source, description = load_source_model(
-        args.model, num_classes=train_set.num_classes, image_size=size, channels=channels
-    )
-    train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True)
-    accelerator.register_for_checkpointing(SamplerGenerator(train_loader.sampler))
-    # Optimizer steps per epoch of one process (Accelerate deals the batches out, padding the shards to equal
-    # length). A prepared scheduler steps num_processes times per optimizer step, so the LR schedules count
-    # steps_per_epoch * num_processes; the eps schedule counts this process's own steps.
-    local_batches = math.ceil(len(train_loader) / accelerator.num_processes)
-    steps_per_epoch = min(local_batches, args.max_train_batches or local_batches)
-    scheduler_steps = accelerator.num_processes
+# --------------------------------------------------------------------------------------------------- build
 
-    # 1. The source: pretrained weights, or (embedded default) a short plain training run; saved for resumes.
-    source_weights = output_dir / SOURCE_WEIGHTS
-    if args.resume:
-        load_model(source, str(source_weights))
-    elif config["pretrain_epochs"] > 0:
+
+def build_data(accelerator: Accelerator, configs: Configs) -> Data:
+    run, training = configs.run, configs.training
+    with accelerator.main_process_first():  # a Hub dataset is downloaded once
+        train_set, test_set = (
+            load_image_dataset(run.dataset, split=split, image_size=run.image_size, channels=run.channels)
+            for split in (run.train_split, run.eval_split)
+        )
+    test_set = test_set.align_labels(train_set.class_names)  # labels by class name, from the training split
+    # The loader's own generator shuffles: a checkpoint inside an epoch replays that epoch's order (SamplerGenerator).
+    generator = torch.Generator().manual_seed(run.seed)
+    train_loader = DataLoader(
+        train_set, batch_size=training.batch_size, shuffle=True, num_workers=run.num_workers, generator=generator
+    )
+    order = SamplerGenerator(train_loader.sampler)
+    accelerator.register_for_checkpointing(order)
+    # Batches per epoch of one process: Accelerate deals the batches out, padding the shards to equal length.
+    local_batches = -(-len(train_loader) // accelerator.num_processes)
+    batches = epoch_batches(local_batches, run.max_train_batches, accelerator.gradient_accumulation_steps)
+    return Data(train_set, test_set, train_loader, order, batches)
+
+
+def build_source(configs: Configs, data: Data) -> tuple[torch.nn.Module, dict[str, Any]]:
+    run = configs.run
+    source, description = load_source_model(
+        run.model, num_classes=data.train_set.num_classes, image_size=run.image_size, channels=run.channels
+    )
+    if run.require_pretrained and not description.get("pretrained", True):
+        raise ValueError(f"--require_pretrained: no pretrained weights for {run.model!r} in the local cache")
+    return source, description
+
+
+# --------------------------------------------------------------------------------------------------- phases
+
+
+def pretrain_source(accelerator: Accelerator, configs: Configs, source: torch.nn.Module, data: Data) -> torch.nn.Module:
+    """The source: pretrained weights, or (embedded default) a short plain training run, resumable, saved once done."""
+    run, training = configs.run, configs.training
+    output_dir = Path(run.output_dir)
+    weights = output_dir / SOURCE_WEIGHTS
+    if run.resume and weights.is_file():
+        load_model(source, str(weights))
+        logger.info(f"source: read back from {weights}", main_process_only=True)
+        return source
+    if training.pretrain_epochs:
         net = PixelModel(source)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=config["pretrain_lr"], weight_decay=0.05)
-        schedule = cosine_schedule(optimizer, total_steps=config["pretrain_epochs"] * steps_per_epoch * scheduler_steps)
-        net, optimizer, schedule, loader = accelerator.prepare(net, optimizer, schedule, train_loader)
-        for epoch in range(config["pretrain_epochs"]):
+        optimizer = torch.optim.AdamW(net.parameters(), lr=training.pretrain_lr, weight_decay=0.05)
+        schedule = cosine_schedule(
+            optimizer, accelerator, epochs=training.pretrain_epochs, batches_per_epoch=data.batches_per_epoch
+        )
+        net, optimizer, schedule, loader = accelerator.prepare(net, optimizer, schedule, data.train_loader)
+
+        def run_epoch(epoch: int, **resume_kwargs: Any) -> dict[str, Any]:
             stats = train_epoch(
-                accelerator,
-                net,
-                loader,
-                optimizer,
-                cross_entropy,
-                scheduler=schedule,
-                max_batches=args.max_train_batches,
-                description=f"source {epoch}",
-            )
-            accelerator.print(f"source epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f} s)")
+                accelerator, net, loader, optimizer, cross_entropy, scheduler=schedule,
+                max_batches=data.batches_per_epoch, description=f"source {epoch}", data_order=data.order,
+                **resume_kwargs,
+            )  # fmt: skip
+            logger.info(f"source epoch {epoch}: loss {stats['loss']:.4f} ({stats['seconds']:.1f} s)")
+            return stats
+
+        train_phase(
+            accelerator, output_dir / PRETRAIN_DIR, run_epoch, epochs=training.pretrain_epochs, resume=run.resume,
+            checkpointing_steps=run.checkpointing_steps, name="pretrain",
+        )  # fmt: skip
         source = accelerator.unwrap_model(net).model
         accelerator.free_memory()
-    if accelerator.is_main_process and not args.resume:
-        save_model(source, str(source_weights), metadata={"format": "pt"})
+    if accelerator.is_main_process:
+        save_model(source, str(weights), metadata={"format": "pt"})
+        shutil.rmtree(output_dir / PRETRAIN_DIR, ignore_errors=True)  # source.safetensors holds what they led to
     accelerator.wait_for_everyone()
+    logger.info(f"source: saved to {weights}", main_process_only=True)
+    return source
 
-    # 2. Convert, calibrating each CenterNorm on training images, and train for margin.
-    calibration = stack_examples(train_set, 64)[0]
-    model = robustvit.convert(
-        source,
-        calibration_images=calibration,
-        mixer=config["mixer"],
-        activation=config["activation"],
-        mlp=config["mlp"],
-        singular_value_power=config["singular_value_power"],
-        residual_budget=config["residual_budget"] or None,
-    )
-    model = robustvit.peft.with_lora(model, config["lora_r"])  # --lora_r: LoRA inside the Lipschitz constraint
-    teacher = PixelModel(source).eval().requires_grad_(False) if config["distill"] > 0 else None
-    loss_fn = LOSSES[config["loss"]]
-    schedule_eps = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
-    total_steps = max(1, config["epochs"] * steps_per_epoch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
+
+def convert_source(configs: Configs, source: torch.nn.Module, data: Data) -> torch.nn.Module:
+    """Convert, calibrating each CenterNorm on training images; --lora_r puts LoRA inside the constraint."""
+    calibration = stack_examples(data.train_set, 64)[0]
+    model = robustvit.convert(source, configs.convert, calibration_images=calibration)
+    return robustvit.peft.with_lora(model, configs.training.lora_r)
+
+
+def train_margin(
+    accelerator: Accelerator, configs: Configs, model: torch.nn.Module, source: torch.nn.Module, data: Data
+) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
+    """Lipschitz-margin training, resumable; returns the unwrapped model and the per-epoch history."""
+    run, training = configs.run, configs.training
+    teacher = PixelModel(source).eval().requires_grad_(False) if training.distill > 0 else None
+    loss_fn = LOSSES[training.loss]
+    eps_schedule = EpsSchedule(training.eps, start=training.eps_start, end=training.eps_end)
+    total_batches = max(1, training.epochs * data.batches_per_epoch)  # the eps ramp counts this process's batches
+    optimizer = torch.optim.AdamW(model.parameters(), lr=training.lr, weight_decay=training.weight_decay)
     schedule = cosine_schedule(
-        optimizer,
-        total_steps=total_steps * scheduler_steps,
-        warmup_steps=min(steps_per_epoch, total_steps) * scheduler_steps,
+        optimizer, accelerator, epochs=training.epochs, batches_per_epoch=data.batches_per_epoch, warmup_epochs=1
     )
-    model, optimizer, schedule, train_loader = accelerator.prepare(model, optimizer, schedule, train_loader)
+    model, optimizer, schedule, loader = accelerator.prepare(model, optimizer, schedule, data.train_loader)
     if teacher is not None:
         teacher = teacher.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(model)
-    progress = {"step": 0}
+    progress = {"batch": 0}
 
     def margin_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        eps = schedule_eps(progress["step"] / total_steps)
-        progress["step"] += 1
+        eps = eps_schedule(progress["batch"] / total_batches)
+        progress["batch"] += 1
         logits = net(images)
         loss = loss_fn(logits, labels, eps=eps, margins=head_margins(unwrapped))
         if teacher is not None:
-            loss = loss + config["distill"] * distillation_loss(logits, teacher(images))
+            loss = loss + training.distill * distillation_loss(logits, teacher(images))
         return loss
 
-    state: dict[str, Any] = {"history": []}
-    start_epoch = 0
-    if args.resume:
-        state = resume_from_checkpoint(accelerator, output_dir)
-        start_epoch = state["epoch"] + 1
-        progress["step"] = start_epoch * steps_per_epoch
-        accelerator.print(f"resumed from epoch {state['epoch']}; continuing at epoch {start_epoch}")
-    for epoch in range(start_epoch, config["epochs"]):
+    def run_epoch(epoch: int, **resume_kwargs: Any) -> dict[str, Any]:
+        done = resume_kwargs.get("skip_steps", 0) * accelerator.gradient_accumulation_steps
+        progress["batch"] = epoch * data.batches_per_epoch + done
         stats = train_epoch(
-            accelerator,
-            model,
-            train_loader,
-            optimizer,
-            margin_loss,
-            scheduler=schedule,
-            max_batches=args.max_train_batches,
-            description=f"epoch {epoch}",
-        )
+            accelerator, model, loader, optimizer, margin_loss, scheduler=schedule, max_batches=data.batches_per_epoch,
+            description=f"epoch {epoch}", data_order=data.order, **resume_kwargs,
+        )  # fmt: skip
         stats["lipschitz"] = robustvit.lipschitz_bound(unwrapped)
-        state["history"].append({"epoch": epoch, **stats})
-        save_checkpoint(accelerator, output_dir, epoch, state)
-        accelerator.print(
+        logger.info(
             f"epoch {epoch}: loss {stats['loss']:.4f}, Lipschitz bound {stats['lipschitz']:.3f} "
-            f"({stats['seconds']:.1f} s)"
+            f"({stats['seconds']:.1f} s)",
+            main_process_only=True,
         )
+        return stats
 
-    # 3. Certify the eval split (main process: certificates are cheap; PGD checks them).
+    state = train_phase(
+        accelerator, run.output_dir, run_epoch, epochs=training.epochs, resume=run.resume,
+        checkpointing_steps=run.checkpointing_steps, name="train",
+    )  # fmt: skip
+    return unwrapped, state["history"]
+
+
+def certify_and_save(
+    accelerator: Accelerator, configs: Configs, model: torch.nn.Module, data: Data
+) -> tuple[robustvit.Certificate, Path]:
+    """Certify the eval split (main process: certificates are cheap; PGD checks them) and save the model folder."""
+    output_dir, certification = Path(configs.run.output_dir), configs.certification
+    images, labels = stack_examples(data.test_set, certification.max_eval_images)
+    model = robustvit.peft.merged(model)  # LoRA merged: the plain converted model is certified and saved
+    model.eval()
+    result = robustvit.certify(model, images, labels, batch_size=certification.eval_batch_size, progress=True)
+    certificate = result.to_certificate(
+        model, dataset=data.test_set.name, split=data.test_set.split, eps=certification.eps,
+        pgd_steps=certification.pgd_steps, progress=True,
+    )  # fmt: skip
+    curve = result.plot(output_dir / "certified_accuracy.png", title=f"{data.test_set.name} ({data.test_set.split})")
+    folder = robustvit.save_pretrained(model, output_dir / "model", certificate, curve=curve)
+    certificate = robustvit.Certificate.load(folder / "certificate.json")  # with the weights' sha256
+    certificate.save(output_dir / "certificate.json")
+    return certificate, folder
+
+
+# --------------------------------------------------------------------------------------------------- the run
+
+
+def training_function(configs: Configs) -> dict[str, Any]:
+    run = configs.run
+    accelerator = build_accelerator(run, "train_lipschitz", configs._asdict())
+    output_dir = Path(run.output_dir)
+    if (
+        run.resume
+        and latest_checkpoint(output_dir) is None
+        and not (output_dir / PRETRAIN_DIR).is_dir()
+        and not (output_dir / SOURCE_WEIGHTS).is_file()
+    ):
+        raise FileNotFoundError(
+            f"no complete checkpoint under {output_dir / CHECKPOINTS_DIR} (nor a source pretraining) to resume "
+            "from; run without --resume"
+        )
+    prepare_output_dir(accelerator, output_dir, resume=run.resume, overwrite=run.overwrite_output_dir, outputs=OUTPUTS)
+    started = time.perf_counter()
+    data = build_data(accelerator, configs)
+    source, description = build_source(configs, data)
+    source = pretrain_source(accelerator, configs, source, data)
+    model = convert_source(configs, source, data)
+    model, history = train_margin(accelerator, configs, model, source, data)
+
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
-        images, labels = stack_examples(test_set, args.max_eval_images)
-        unwrapped = robustvit.peft.merged(unwrapped)  # LoRA merged: the plain converted model is certified and saved
-        unwrapped.eval()
-        result = robustvit.certify(unwrapped, images, labels, progress=True)
-        certificate = result.to_certificate(
-            unwrapped, dataset=test_set.name, split=test_set.split, eps=REPORT_EPS, pgd_steps=args.pgd_steps
-        )
-        curve = result.plot(output_dir / "certified_accuracy.png", title=f"{test_set.name} ({test_set.split})")
-        folder = robustvit.save_pretrained(unwrapped, output_dir / "model", certificate, curve=curve)
-        certificate = robustvit.Certificate.load(folder / "certificate.json")  # with the weights' sha256
-        certificate.save(output_dir / "certificate.json")
+        certificate, folder = certify_and_save(accelerator, configs, model, data)
         metrics = {
-            "config": config,
+            "config": {name: dataclasses.asdict(config) for name, config in configs._asdict().items()},
             "model": description,
             "num_processes": accelerator.num_processes,
             "clean_accuracy": certificate.clean_accuracy,
             "certified_accuracy": {r.label: r.certified_accuracy for r in certificate.results},
             "pgd_accuracy": {r.label: r.pgd_accuracy for r in certificate.results},
             "lipschitz": certificate.lipschitz,
-            "history": state["history"],
+            "history": history,
             "run_seconds": time.perf_counter() - started,
         }
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         accelerator.print(certificate.accuracy_table())
-        accelerator.print(f"end-to-end Lipschitz bound {certificate.lipschitz:.4g}; wrote {output_dir}")
+        logger.info(
+            f"end-to-end Lipschitz bound {certificate.lipschitz:.4g}; wrote the certified model to {folder}, and "
+            f"certificate.json, certified_accuracy.png and metrics.json to {output_dir}",
+            main_process_only=True,
+        )
     finish(accelerator)
     return metrics
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], argparse.Namespace]:
-    parser = argparse.ArgumentParser(description="Lipschitz-margin training and certification of a converted ViT.")
-    hyper = parser.add_argument_group("hyper-parameters (saved in metrics.json as 'config')")
-    hyper.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    hyper.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    hyper.add_argument("--weight_decay", type=float, default=0.0)
-    hyper.add_argument("--batch_size", type=int, default=64, help="per process")
-    hyper.add_argument("--loss", default="emma", choices=LOSSES.list())
-    hyper.add_argument("--eps", type=float, default=36 / 255, help="target l2 radius (pixels in [0, 1])")
-    hyper.add_argument("--eps_start", type=float, default=0.1, help="training radius at the start, times --eps")
-    hyper.add_argument("--eps_end", type=float, default=2.0, help="training radius after the ramp, times --eps")
-    hyper.add_argument("--distill", type=float, default=0.0, help="weight of distillation from the source model")
-    hyper.add_argument("--mixer", default="shift", choices=MIXERS.list())
-    hyper.add_argument("--activation", default="minmax", choices=ACTIVATIONS.list(), help="MLP activation (--mlp keep)")
-    hyper.add_argument("--mlp", default="keep", choices=MLPS.list(), help="see robustvit.ConvertConfig")
-    hyper.add_argument("--lora_r", type=int, default=0, help="LoRA rank (robustvit.peft); 0 trains all parameters")
-    hyper.add_argument(
-        "--singular_value_power",
-        type=float,
-        default=DEFAULT_SINGULAR_VALUE_POWER,
-        help="ConvertConfig.singular_value_power: 1 keeps the source's weights, 0 keeps their singular vectors only",
+def build_parser() -> argparse.ArgumentParser:
+    """The recipe's flags: one per field of its configs (``--eps`` is the training radius; the certificate reports
+    REPORT_EPS)."""
+    parser = argparse.ArgumentParser(
+        description="Lipschitz-margin training and certification of a converted ViT.", allow_abbrev=False
     )
-    hyper.add_argument(
-        "--residual_budget",
-        type=float,
-        default=DEFAULT_RESIDUAL_BUDGET,
-        help="ConvertConfig.residual_budget: bound of the converted residual stack (0: keep the source's scales)",
+    add_arguments(
+        parser.add_argument_group("training (LipschitzTrainingConfig)"),
+        LipschitzTrainingConfig,
+        defaults={"epochs": DEFAULT_EPOCHS},
     )
-    hyper.add_argument(
-        "--pretrain_epochs",
-        type=int,
-        default=None,
-        help=f"plain training of the source (default {DEFAULT_PRETRAIN_EPOCHS} for the embedded model)",
+    add_arguments(
+        parser.add_argument_group("conversion (robustvit.ConvertConfig)"),
+        ConvertConfig,
+        defaults={
+            "activation": "minmax",
+            "singular_value_power": DEFAULT_SINGULAR_VALUE_POWER,
+            "residual_budget": DEFAULT_RESIDUAL_BUDGET,
+        },
     )
-    run = parser.add_argument_group("environment and evaluation")
-    add_recipe_arguments(hyper, run, output_dir="outputs/train_lipschitz")
-    run.add_argument("--max_eval_images", type=int, default=None, help="certify the first N test images")
-    run.add_argument("--pgd_steps", type=int, default=50, help="steps of the PGD column of the certificate")
+    add_arguments(parser.add_argument_group("certification"), CertificationConfig, exclude=("eps",))
+    add_arguments(parser.add_argument_group("run"), RunConfig, defaults={"output_dir": "outputs/train_lipschitz"})
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Configs:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:
         args.pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if args.model is None else 0
-    if args.epochs < 0 or args.pretrain_epochs < 0 or args.lora_r < 0:
-        parser.error("--epochs, --pretrain_epochs and --lora_r must be >= 0")
-    for name in ("batch_size", "max_train_batches", "max_eval_images", "pgd_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1, got {value}")
-    if not 0 <= args.singular_value_power <= 1:
-        parser.error(f"--singular_value_power must be in [0, 1], got {args.singular_value_power}")
-    if args.residual_budget != 0 and not args.residual_budget > 1:
-        parser.error(f"--residual_budget must be above 1, or 0 to keep the source's scales; got {args.residual_budget}")
-    if min(args.eps, args.eps_start, args.eps_end) < 0:
-        parser.error("--eps, --eps_start and --eps_end must be >= 0")
-    names = (
-        "epochs",
-        "lr",
-        "weight_decay",
-        "batch_size",
-        "loss",
-        "eps",
-        "eps_start",
-        "eps_end",
-        "distill",
-        "mixer",
-        "activation",
-        "mlp",
-        "lora_r",
-        "singular_value_power",
-        "residual_budget",
-        "pretrain_epochs",
-        "pretrain_lr",
-        "image_size",
-        "channels",
-        "seed",
-    )
-    return {name: getattr(args, name) for name in names}, args
+    configs = build_configs(
+        parser, args, RunConfig, LipschitzTrainingConfig, ConvertConfig, CertificationConfig,
+        exclude={CertificationConfig: ("eps",)},
+    )  # fmt: skip
+    run, training, convert, certification = configs
+    return Configs(run, training, convert, dataclasses.replace(certification, eps=list(REPORT_EPS)))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    config, args = parse_args(argv)
-    return training_function(config, args)
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    return training_function(parse_args(argv))
 
 
 if __name__ == "__main__":

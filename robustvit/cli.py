@@ -2,8 +2,8 @@
 
 Examples::
 
-    robustvit convert vit_tiny_patch16_224 --img-size 32 --patch-size 4 --num-classes 10 --output out/converted
-    robustvit certify out/converted --dataset cifar10 --split test --max-images 1000 --output out/certified
+    robustvit convert vit_tiny_patch16_224 --img_size 32 --patch_size 4 --num_classes 10 --output out/converted
+    robustvit certify out/converted --dataset cifar10 --split test --max_eval_images 1000 --output out/certified
     robustvit verify out/certified                            # integrity + recomputed bounds
     robustvit verify org/vit-tiny-lipschitz --split test      # ... and re-certify on the certificate's data
     robustvit push out/certified --repo_id org/vit-tiny-lipschitz --dry_run out/repo   # write only
@@ -20,11 +20,11 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
-from fractions import Fraction
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustvit.constants import CURVE_NAME, DEFAULT_EPS, DEFAULT_LICENSE, DIGITS
+from robustvit.configs import CertificationConfig, ConvertConfig, add_arguments, from_args
+from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE, DIGITS
 from robustvit.errors import CertificateError, UnsupportedModuleError
 
 # The library (torch, timm, transformers) is imported inside each command, so that `robustvit --help` is fast.
@@ -55,17 +55,6 @@ def _key_value(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _eps(text: str) -> float:
-    """``36/255`` or ``0.1412``."""
-    try:
-        value = float(Fraction(text))
-    except (ValueError, ZeroDivisionError) as err:
-        raise argparse.ArgumentTypeError(f"expected a radius like 36/255 or 0.14, got {text!r}") from err
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a radius must be >= 0, got {text!r}")
-    return value
-
-
 def _source_model(args: argparse.Namespace) -> nn.Module:
     """The model to convert: a timm name (``timm.create_model``) or a transformers id / folder (safetensors only)."""
     import timm
@@ -91,20 +80,11 @@ def _source_model(args: argparse.Namespace) -> nn.Module:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from robustvit.convert import ConvertConfig, convert
+    from robustvit.convert import convert
     from robustvit.hub import save_pretrained
     from robustvit.lipschitz import lipschitz_report
 
-    options = {
-        "mixer": args.mixer,
-        "activation": args.activation,
-        "mlp": args.mlp,
-        "shift_div": args.shift_div,
-        "residual_alpha": args.residual_alpha,
-        "mean": args.mean,
-        "std": args.std,
-    }
-    config = ConvertConfig(**{key: value for key, value in options.items() if value is not None})
+    config = from_args(ConvertConfig, args)
     model = convert(_source_model(args), config)
     print(lipschitz_report(model))
     if args.output is not None:
@@ -131,8 +111,8 @@ def _certify(args: argparse.Namespace) -> int:
         args.output,
         dataset=args.dataset,
         split=args.split,
-        max_images=args.max_images,
-        batch_size=args.batch_size,
+        max_images=args.max_eval_images,
+        batch_size=args.eval_batch_size,
         eps=args.eps,
         pgd_steps=args.pgd_steps,
         license=args.license,
@@ -181,8 +161,8 @@ def _verify(args: argparse.Namespace) -> int:
 
     dataset = args.dataset or certificate.dataset
     data = model_dataset(model, dataset, args.split or certificate.split)
-    images, labels = stack_examples(data, args.max_images or certificate.num_samples)
-    result = certify(model, images, labels, batch_size=args.batch_size)
+    images, labels = stack_examples(data, args.max_eval_images or certificate.num_samples)
+    result = certify(model, images, labels, batch_size=args.eval_batch_size)
     claimed_data = (certificate.dataset, certificate.split, certificate.num_samples)
     same_data = (data.name, data.split, len(labels)) == claimed_data
     print(f"\nre-certified on {len(labels)} images of {data.name} ({data.split}):")
@@ -281,15 +261,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="extra constructor / config arguments, e.g. depth=6 embed_dim=192 (values parsed as JSON)",
     )
-    # Choices are the registries' (robustvit.convert.MIXERS, ...); ConvertConfig lists them when a name is unknown.
-    # Not as argparse choices: that would import torch for --help.
-    p.add_argument("--mixer", help="token mixer (default: shift)")
-    p.add_argument("--activation", help="MLP activation (default: gelu)")
-    p.add_argument("--mlp", help="MLP form (default: keep)")
-    p.add_argument("--shift_div", type=int)
-    p.add_argument("--residual_alpha", type=float)
-    p.add_argument("--mean", type=float, nargs="+", help="input normalization mean (default: the source's)")
-    p.add_argument("--std", type=float, nargs="+", help="input normalization std (default: the source's)")
+    # The conversion flags are ConvertConfig's fields; their choices are named, not read: reading the registries
+    # would import torch for --help (ConvertConfig lists the known names when a name is unknown).
+    add_arguments(p.add_argument_group("conversion (robustvit.ConvertConfig)"), ConvertConfig, resolve_choices=False)
     p.add_argument("--output", help="save the converted model here (robustvit.save_pretrained, no certificate)")
     p.set_defaults(run=_convert)
 
@@ -301,23 +275,14 @@ def _parser() -> argparse.ArgumentParser:
         )
         split_help = f"default: {split_default}" if split_default else "default: the certificate's split"
         p.add_argument("--split", default=split_default, help=split_help)
-        p.add_argument(
-            "--max_images", type=int, help="certify the first N images (default: all; verify: the certificate's N)"
-        )
-        p.add_argument("--batch_size", type=int, default=256)
+        # Certification budget: the fields of robustvit.configs.CertificationConfig (eps and PGD: certify only).
+        add_arguments(p, CertificationConfig, only=("max_eval_images", "eval_batch_size"))
 
     p = commands.add_parser("certify", help="certify a saved model on a dataset; write a certified model folder")
     p.add_argument("model", help="a folder written by robustvit (convert --output) or a Hub repository")
     p.add_argument("--revision")
     add_data(p, dataset_default=DIGITS, split_default="test")
-    p.add_argument(
-        "--eps",
-        type=_eps,
-        nargs="+",
-        default=list(DEFAULT_EPS),
-        help="l2 radii to report (default 36/255 72/255 108/255)",
-    )
-    p.add_argument("--pgd_steps", type=int, default=50, help="steps of the empirical PGD column")
+    add_arguments(p, CertificationConfig, only=("eps", "pgd_steps"))
     p.add_argument("--license", default=DEFAULT_LICENSE, help="model card license")
     p.add_argument("--output", required=True, help="folder for the certified model, certificate.json and the curve")
     p.set_defaults(run=_certify)

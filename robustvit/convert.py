@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from robustvit.configs import ConvertConfig
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import BlockParts, ViTParts, get_family
 from robustvit.layers import (
@@ -51,84 +50,6 @@ from robustvit.lipschitz.rescale import is_spectrally_rescaled, spectral_rescale
 from robustvit.registry import Registry
 
 __all__ = ["ACTIVATIONS", "MIXERS", "MLPS", "ConvertConfig", "convert", "export", "is_converted"]
-
-
-@dataclass
-class ConvertConfig:
-    """Conversion choices; ``to_dict()`` / ``from_dict()`` round-trip through JSON.
-
-    Args:
-        mixer: ``"shift"`` (LipShiFT token shift, bound 1) or ``"l2"`` (tied L2 attention, Kim et al. 2021,
-            whose bound grows like ``sqrt(N) log N`` with the number of tokens N).
-        shift_div: ShiftViT's ``n_div``: four groups of ``dim // shift_div`` channels are shifted.
-        activation: the MLP activation when ``mlp="keep"``: ``"gelu"`` (kept; bound 1.129) or ``"minmax"``
-            (GroupSort-2; bound 1). Like ``shift_div`` for ``mixer="l2"``, it does not apply otherwise: SLL and CPL
-            layers use ReLU (their proofs need slopes in [0, 1]).
-        mlp: ``"keep"`` (the source MLP in a weighted residual, bound ``1 + alpha * L(mlp)``), ``"sll"``
-            (:class:`~robustvit.layers.SLL`, Araujo et al. 2023) or ``"cpl"`` (:class:`~robustvit.layers.CPL`,
-            Meunier et al. 2022): the whole residual MLP sub-block becomes one residual layer of the same hidden
-            width with bound 1. Its ``W`` and ``b`` start as the source's ``fc1`` applied after the LayerNorm's affine
-            (gamma folded into ``W``, beta into ``b``); its output map is ``W^T`` times a step fixed by ``W``, so it
-            cannot copy ``fc2``: the converted function departs from the source's there, and needs finetuning.
-        residual_alpha: initial residual weight (multiplied by any LayerScale and the moved scales); 1.0 keeps
-            the source's function.
-        singular_value_power: ``p`` in ``sigma_i -> sigma_max * (sigma_i / sigma_max) ** p`` for every spectrally
-            rescaled weight (singular vectors kept). ``1.0`` keeps the source's weights; ``0.0`` keeps only their
-            singular vectors (the polar factor: an orthogonal layer, as LipShiFT / LiResNet initialise), so every
-            direction the source learned passes at full gain instead of ``sigma_i / sigma_max``.
-        residual_budget: target bound of the residual stack, the product of the residual blocks' bounds
-            ``prod_r (1 + max|alpha_r| * bound(branch_r))``. ``None`` keeps the source's scales (for the embedded
-            default a stack bound of 41, end-to-end 27, against about 2 for a random init); a number ``> 1`` shrinks
-            every residual weight by one common factor until the stack meets it, so the blocks share the budget in
-            proportion to their source weights and margin training starts from a tight product bound instead of
-            having to unlearn a loose one. The layers outside the stack (patch embedding, norms, head) are left as
-            they are. ``robustvit.lipschitz_report`` shows where the budget goes.
-        mean, std: the normalization the source expects (per channel). ``None``: timm's ``pretrained_cfg``, or
-            the transformers image processor's defaults.
-    """
-
-    mixer: Literal["shift", "l2"] = "shift"
-    shift_div: int = 12
-    activation: Literal["gelu", "minmax"] = "gelu"
-    mlp: Literal["keep", "sll", "cpl"] = "keep"
-    residual_alpha: float = 1.0
-    singular_value_power: float = 1.0
-    residual_budget: float | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-
-    def __post_init__(self) -> None:
-        for field, registry in (("mixer", MIXERS), ("activation", ACTIVATIONS), ("mlp", MLPS)):
-            if getattr(self, field) not in registry:
-                raise ValueError(f"{field} must be one of {registry.list()}, got {getattr(self, field)!r}")
-        if self.shift_div < 4:
-            raise ValueError(f"shift_div must be at least 4, got {self.shift_div}")
-        if not self.residual_alpha > 0:
-            raise ValueError(f"residual_alpha must be positive, got {self.residual_alpha}")
-        if not 0 <= self.singular_value_power <= 1:
-            raise ValueError(f"singular_value_power must be in [0, 1], got {self.singular_value_power}")
-        if self.residual_budget is not None and not self.residual_budget > 1:
-            raise ValueError(f"residual_budget must be above 1 or None, got {self.residual_budget}")
-        self.mean = tuple(float(v) for v in self.mean) if self.mean is not None else None
-        self.std = tuple(float(v) for v in self.std) if self.std is not None else None
-        if (self.mean is None) != (self.std is None) or (self.mean is not None and len(self.mean) != len(self.std)):
-            raise ValueError(f"mean and std must be given together with one value per channel: {self.mean}, {self.std}")
-        if self.std is not None and min(self.std) <= 0:
-            raise ValueError(f"std must be positive, got {self.std}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ConvertConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown ConvertConfig fields {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**data)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
 
 
 def _center_norm(norm: nn.Module, input_std: float) -> CenterNorm:

@@ -34,6 +34,8 @@ from timm.data.mixup import mixup_target
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.functional import to_pil_image
 
+from robustvit.configs import arg
+
 __all__ = [
     "Augmentation",
     "AugmentedDataset",
@@ -557,14 +559,14 @@ class Augmentation:
         (torch.Size([8, 10]), True)
     """
 
-    rand_augment: str | None = None
-    color_jitter: float = 0.0
-    hflip: float = 0.0
-    crop_scale: float = 1.0
-    random_erasing: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    label_smoothing: float = 0.0
+    rand_augment: str | None = arg(None, "timm RandAugment spec (paper: rand-m9-mstd0.5-inc1)")
+    color_jitter: float = arg(0.0, "colour-jitter strength (paper: 0.4; unused with RandAugment)")
+    hflip: float = arg(0.0, "horizontal flip probability (paper: 0.5)")
+    crop_scale: float = arg(1.0, "smallest area fraction of the random resized crop (paper: 0.08; 1: no crop)")
+    random_erasing: float = arg(0.0, "random-erasing probability (paper: 0.25)")
+    mixup: float = arg(0.0, "mixup alpha (paper: 0.8)")
+    cutmix: float = arg(0.0, "cutmix alpha (paper: 1.0)")
+    label_smoothing: float = arg(0.0, "label smoothing (paper: 0.1)")
 
     def __post_init__(self) -> None:
         for name in ("color_jitter", "mixup", "cutmix"):

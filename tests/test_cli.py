@@ -36,7 +36,16 @@ def certified_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``robustvit convert`` then ``robustvit certify`` on 24 digits: a certified model folder."""
     root = tmp_path_factory.mktemp("cli")
     assert main(["convert", *TINY_TIMM, "--mixer", "l2", "--activation", "minmax", "--output", str(root / "conv")]) == 0
-    args = ["certify", str(root / "conv"), "--max_images", "24", "--pgd_steps", "2", "--output", str(root / "cert")]
+    args = [
+        "certify",
+        str(root / "conv"),
+        "--max_eval_images",
+        "24",
+        "--pgd_steps",
+        "2",
+        "--output",
+        str(root / "cert"),
+    ]
     assert main(args) == 0
     return root / "cert"
 
@@ -136,7 +145,7 @@ def test_verify_fails_when_recertification_falls_short_of_the_claims(
     assert main(["verify", str(folder), "--dataset", "digits", "--split", "test"]) == 1
     assert "re-certified accuracy below the claim" in capsys.readouterr().err
     # On other data the accuracies are only reported.
-    assert main(["verify", str(folder), "--split", "test", "--max_images", "8"]) == 0
+    assert main(["verify", str(folder), "--split", "test", "--max_eval_images", "8"]) == 0
     assert "not compared" in capsys.readouterr().out
 
 

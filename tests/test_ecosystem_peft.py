@@ -313,7 +313,7 @@ def test_train_lipschitz_recipe_takes_lora_r(tmp_path):
     with pytest.raises(SystemExit):
         recipe.parse_args(["--lora_r", "-1"])
     metrics = _run(recipe, [*TINY, "--epochs", "1", "--lora_r", "2", "--output_dir", str(tmp_path)])
-    assert metrics["config"]["lora_r"] == 2 and metrics["history"][0]["lipschitz"] > 0
+    assert metrics["config"]["training"]["lora_r"] == 2 and metrics["history"][0]["lipschitz"] > 0
     model = robustvit.from_pretrained(tmp_path / "model")  # merged, certified, verified on load
     assert not any("lora" in key for key in model.state_dict())
     assert robustvit.lipschitz_bound(model) == pytest.approx(model.certificate.lipschitz, rel=1e-6)

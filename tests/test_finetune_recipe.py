@@ -12,16 +12,15 @@ from types import ModuleType
 
 import pytest
 import torch
-from accelerate import debug_launcher
+from accelerate import Accelerator, debug_launcher
 from accelerate.state import AcceleratorState
 from PIL import Image
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 from transformers import ViTConfig, ViTForImageClassification
 
 import robustvit
-from robustvit import training
 from robustvit.nullspace import NullspaceNoise, patch_embedding_nullspace
-from robustvit.training import PixelModel, cosine_schedule, latest_checkpoint
+from robustvit.training import PixelModel, cosine_schedule, latest_checkpoint, loop, models
 from robustvit.training import load_model as build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +31,7 @@ TINY = [
     "--image_size", "16", "--batch_size", "16", "--max_train_batches", "2", "--pretrain_epochs", "1",
     "--noise_rounds", "1", "--noise_data_fraction", "0.05", "--max_eval_images", "8", "--eval_batch_size", "8",
     "--pgd_steps", "1", "--pgd_restarts", "2", "--corruptions", "contrast", "--severities", "1",
-    "--unconverged_noise", "train", "--methods", "nullspace,ce", "--seeds", "1",
+    "--unconverged_noise", "train", "--methods", "nullspace", "ce", "--seeds", "1",
 ]  # fmt: skip
 
 
@@ -60,7 +59,19 @@ def _structure(value: object) -> object:
 
 
 def test_recipe_runs_every_control_over_seeds_and_reports_the_spread(recipe: ModuleType, tmp_path: Path) -> None:
-    argv = [*TINY, "--methods", "nullspace,ce,random", "--seeds", "2", "--epochs", "1", "--output_dir", str(tmp_path)]
+    argv = [
+        *TINY,
+        "--methods",
+        "nullspace",
+        "ce",
+        "random",
+        "--seeds",
+        "2",
+        "--epochs",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+    ]
     recipe.main(argv)
     report = json.loads((tmp_path / "report.json").read_text())
     assert list(report["methods"]) == ["nullspace", "ce", "random"]
@@ -115,9 +126,10 @@ def test_resume_in_the_middle_of_the_controls(recipe: ModuleType, tmp_path: Path
         recipe.main(argv)
     assert calls[-1] == "ce seed 0 epoch 1"
     finished = (tmp_path / "runs" / "nullspace" / "seed_0" / "result.json").read_text()
-    checkpoint = tmp_path / "runs" / "ce" / "seed_0" / "checkpoints" / "epoch_0" / "training_state.json"
-    interrupted_state = json.loads(checkpoint.read_text())
-    assert [path.name for path in checkpoint.parents[1].iterdir()] == ["epoch_0"]  # only the latest is kept
+    state_file = tmp_path / "runs" / "ce" / "seed_0" / "checkpoints" / "checkpoint_0" / "training_state.json"
+    interrupted_state = json.loads(state_file.read_text())
+    assert [path.name for path in state_file.parents[1].iterdir()] == ["checkpoint_0"]
+    assert not (tmp_path / "pretrain").exists()  # the baseline pretraining's checkpoints go once it is saved
 
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.raises(ValueError, match=r"differ from the interrupted run: \['epochs'\]"):
@@ -131,6 +143,44 @@ def test_resume_in_the_middle_of_the_controls(recipe: ModuleType, tmp_path: Path
     ce = report["methods"]["ce"]["seeds"][0]
     assert [entry["epoch"] for entry in ce["history"]] == [0, 1]
     assert ce["history"][0] == interrupted_state["history"][0]
+
+
+def test_a_run_resumed_inside_an_epoch_trains_with_that_epochs_noise(
+    recipe: ModuleType, tmp_path: Path, monkeypatch
+) -> None:
+    # --checkpointing_steps 1: a checkpoint after each step; crash after step 1 of the nullspace run's only epoch.
+    argv = [*TINY, "--methods", "nullspace", "--epochs", "1", "--checkpointing_steps", "1", "--checkpoints_total_limit",
+            "none"]  # fmt: skip
+    recipe.main([*argv, "--output_dir", str(tmp_path / "A")])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    save = loop.save_checkpoint
+
+    def crash_inside_the_epoch(accelerator, state):
+        path = save(accelerator, state)
+        if "runs" in Path(accelerator.project_dir).parts and state.get("epoch_steps") == 1:
+            raise _Interrupted
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_inside_the_epoch)
+    with pytest.raises(_Interrupted):
+        recipe.main([*argv, "--output_dir", str(tmp_path / "B")])
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    searches = []
+    synthesize = recipe.training_noise
+    monkeypatch.setattr(recipe, "training_noise", lambda *a, **k: searches.append(a[3]) or synthesize(*a, **k))
+    recipe.main([*argv, "--resume", "--output_dir", str(tmp_path / "B")])
+    assert searches == []  # the epoch's noise came back with the checkpoint
+    run = Path("runs") / "nullspace" / "seed_0"
+    expected = load_file(str(tmp_path / "A" / run / "model.safetensors"))
+    actual = load_file(str(tmp_path / "B" / run / "model.safetensors"))
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    first, again = (json.loads((tmp_path / d / run / "result.json").read_text()) for d in "AB")
+    strip = ("seconds", "noise_seconds")
+    assert [{k: v for k, v in e.items() if k not in strip} for e in again["history"]] == [
+        {k: v for k, v in e.items() if k not in strip} for e in first["history"]
+    ]
 
 
 def test_resume_without_a_baseline_is_a_clear_error(recipe: ModuleType, tmp_path: Path) -> None:
@@ -155,7 +205,7 @@ def test_unconverged_noise_is_reported_and_the_user_chooses(recipe: ModuleType, 
     report = recipe.main([*strict, "--unconverged_noise", "train", "--output_dir", str(tmp_path / "b")])
     run = report["methods"]["nullspace"]["seeds"][0]
     assert run["noise_reached_eps"] == "0 of 1" and run["history"][0]["noise"]["reached_eps"] is False
-    assert report["config"]["nullspace_tol"] == 1e-12 and "eps" not in report["config"]
+    assert report["config"]["finetuning"]["nullspace_tol"] == 1e-12 and "eps" not in report["config"]["finetuning"]
 
 
 def test_augmentation_and_budget_flags(recipe: ModuleType, tmp_path: Path) -> None:
@@ -164,12 +214,13 @@ def test_augmentation_and_budget_flags(recipe: ModuleType, tmp_path: Path) -> No
         "--random_erasing", "0.25", "--mixup", "0.8", "--cutmix", "1.0", "--label_smoothing", "0.1",
         "--drop_path", "0.1", "--train_data_fraction", "0.5", "--lr", "3e-4", "--weight_decay", "0.01",
         "--noise_lr", "0.05", "--init_limit", "2.0", "--noise_retries", "0", "--pretrain_lr", "1e-3", "--seed", "3",
-        "--num_workers", "0", "--mixed_precision", "no", "--overwrite",
+        "--num_workers", "0", "--mixed_precision", "no", "--overwrite_output_dir",
     ]  # fmt: skip
     report = recipe.main([*TINY, *flags, "--epochs", "1", "--output_dir", str(tmp_path)])
     config = report["config"]
-    assert config["mixup"] == 0.8 and config["drop_path"] == 0.1 and config["rand_augment"] == "rand-m9-mstd0.5-inc1"
-    assert config["seed"] == 3 and config["lr"] == 3e-4
+    augmentation, finetuning = config["augmentation"], config["finetuning"]
+    assert augmentation["mixup"] == 0.8 and augmentation["rand_augment"] == "rand-m9-mstd0.5-inc1"
+    assert finetuning["drop_path"] == 0.1 and config["run"]["seed"] == 3 and finetuning["lr"] == 3e-4
     # min(2 capped batches, half of the 90 batches) of 16 images, even, so mixup keeps them all.
     assert report["methods"]["ce"]["seeds"][0]["history"][0]["images"] == 32
     assert report["methods"]["nullspace"]["seeds"][0]["history"][0]["noise"]["lr_range"][0] == pytest.approx(0.05)
@@ -189,9 +240,9 @@ def test_split_radius_and_lora_flags(recipe: ModuleType, tmp_path: Path) -> None
 def test_lora_runs_restart_from_the_baseline_with_fresh_adapters(recipe: ModuleType, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):  # LoRA would pretrain only the adapters
         recipe.parse_args(["--lora_r", "2", "--pretrain_epochs", "1"])
-    flags = ["--pretrain_epochs", "0", "--lora_r", "2", "--epochs", "1", "--methods", "ce,nullspace"]
+    flags = ["--pretrain_epochs", "0", "--lora_r", "2", "--epochs", "1", "--methods", "ce", "nullspace"]
     report = recipe.main([*TINY, *flags, "--output_dir", str(tmp_path)])
-    assert report["config"]["lora_r"] == 2 and list(report["methods"]) == ["ce", "nullspace"]
+    assert report["config"]["finetuning"]["lora_r"] == 2 and list(report["methods"]) == ["ce", "nullspace"]
     baseline = build_model(None, num_classes=10, image_size=16, channels=3)[0]
     load_model(baseline, str(tmp_path / "baseline.safetensors"))  # plain keys: the adapters are merged
     for method in ("ce", "nullspace"):
@@ -209,10 +260,10 @@ def test_lora_runs_restart_from_the_baseline_with_fresh_adapters(recipe: ModuleT
 
 def test_config_file_sets_defaults_and_flags_override_it(recipe: ModuleType, tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text("epochs: 7\nmethods: ce,random\nmixup: 0.2\npgd_steps: 60\n")
-    config, args = recipe.parse_args(["--config", str(path), "--epochs", "3"])
-    assert config["epochs"] == 3 and config["methods"] == ["ce", "random"] and config["mixup"] == 0.2
-    assert args.pgd_steps == 60
+    path.write_text("epochs: 7\nmethods: [ce, random]\nmixup: 0.2\npgd_steps: 60\n")
+    configs = recipe.parse_args(["--config", str(path), "--epochs", "3"])
+    assert configs.finetuning.epochs == 3 and configs.finetuning.methods == ["ce", "random"]
+    assert configs.augmentation.mixup == 0.2 and configs.evaluation.pgd_steps == 60
     path.write_text("eps: 0.03\n")  # the old, ambiguous name is refused
     with pytest.raises(SystemExit):
         recipe.parse_args(["--config", str(path)])
@@ -247,16 +298,17 @@ def test_paper_configuration_smoke_test_offline(recipe: ModuleType, tmp_path: Pa
         "--cpu", "--mixed_precision", "no",
     ]  # fmt: skip
     # bf16 as configured, but run in float32: CPU bf16 matmuls of this shape are ~100x slower here.
-    assert recipe.parse_args(["--config", config])[1].mixed_precision == "bf16"
-    monkeypatch.setattr(training, "try_to_load_from_cache", lambda repo_id, filename: None)  # weights not cached
+    assert recipe.parse_args(["--config", config]).run.mixed_precision == "bf16"
+    monkeypatch.setattr(models, "try_to_load_from_cache", lambda repo_id, filename: None)  # weights not cached
     with pytest.warns(UserWarning, match="not in the local cache"), pytest.raises(ValueError, match="pretrained"):
         recipe.main([*small, "--output_dir", str(tmp_path / "refused")])
     AcceleratorState._reset_state(reset_partial_state=True)
     with pytest.warns(UserWarning, match="not in the local cache"):
-        report = recipe.main([*small, "--no-require_pretrained", "--output_dir", str(tmp_path / "out")])
+        report = recipe.main([*small, "--no_require_pretrained", "--output_dir", str(tmp_path / "out")])
     assert report["model"]["model_name"] == "vit_small_patch16_224" and report["model"]["num_classes"] == 3
-    assert report["args"]["require_pretrained"] is False and report["config"]["drop_path"] == 0.25
-    assert report["config"]["mixup"] == 0.8 and report["config"]["nullspace_tol"] == 0.03
+    config = report["config"]
+    assert config["run"]["require_pretrained"] is False and config["finetuning"]["drop_path"] == 0.25
+    assert config["augmentation"]["mixup"] == 0.8 and config["finetuning"]["nullspace_tol"] == 0.03
     evaluation = report["methods"]["nullspace"]["seeds"][0]["evaluation"]
     assert evaluation["num_images"] == 6 and 0 <= evaluation["eval_sets"]["imagenet_r"] <= 1
     assert "imagenet_r accuracy" in report["methods"]["nullspace"]["mean"]
@@ -269,11 +321,12 @@ def test_bad_arguments_are_rejected(recipe: ModuleType) -> None:
         ["--epochs", "-1"],
         ["--seeds", "0"],
         ["--pgd_restarts", "0"],
-        ["--methods", "nullspace,adversarial"],
-        ["--methods", "ce,ce"],
+        ["--methods", "nullspace", "adversarial"],
+        ["--methods", "ce", "ce"],
         ["--nullspace_tol", "0"],
         ["--mixup", "-1"],
-        ["--resume", "--overwrite"],
+        ["--resume", "--overwrite_output_dir"],
+        ["--overwrite"],  # transformers' name: --overwrite_output_dir
         ["--eps", "0.03"],  # the tolerance has its own name; --eps is an l2 radius in train_lipschitz.py
     ):
         with pytest.raises(SystemExit):
@@ -317,7 +370,7 @@ def test_default_model_has_a_nontrivial_patch_nullspace() -> None:
 
 
 def test_timm_name_without_cached_weights_warns_and_uses_random_weights(monkeypatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(training, "try_to_load_from_cache", lambda repo_id, filename: None)
+    monkeypatch.setattr(models, "try_to_load_from_cache", lambda repo_id, filename: None)
     with pytest.warns(UserWarning, match="not in the local cache"):
         model, description = build_model("vit_tiny_patch16_224", num_classes=4, image_size=32, channels=1)
     assert description["pretrained"] is False
@@ -350,22 +403,21 @@ def test_pixel_model_of_a_converted_model_does_not_normalize_twice() -> None:
     torch.testing.assert_close(wrapper(pixels), converted(pixels))
 
 
-def test_cosine_schedule_warms_up_decays_and_never_raises() -> None:
+def test_cosine_schedule_spans_the_run_as_accelerate_steps_it() -> None:
+    # transformers' schedule; one process, 2 accumulated batches per optimizer step: 3 epochs of 4 batches are 6 steps.
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    schedule = cosine_schedule(optimizer, total_steps=10, warmup_steps=2)
-    rates = []
-    for _ in range(14):  # past the end, as a prepared scheduler on uneven shards does
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        schedule.step()
-    assert rates[:3] == pytest.approx([0.5, 1.0, 1.0]) and rates[-1] == 0.0
-    assert all(a >= b for a, b in zip(rates[2:], rates[3:], strict=False))
+    schedule = cosine_schedule(optimizer, accelerator, epochs=3, batches_per_epoch=4, warmup_epochs=1)
+    factors = [schedule.lr_lambdas[0](step) for step in range(7)]
+    assert factors[:3] == pytest.approx([0.0, 0.5, 1.0]) and factors[6] == pytest.approx(0.0)
+    assert factors[2:] == sorted(factors[2:], reverse=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path: Path) -> None:
     assert latest_checkpoint(tmp_path) is None
-    for epoch in (2, 10, 11):
-        (tmp_path / "checkpoints" / f"epoch_{epoch}").mkdir(parents=True)
-    for epoch in (2, 10):  # epoch 11 was interrupted before its training_state.json was written
-        (tmp_path / "checkpoints" / f"epoch_{epoch}" / "training_state.json").write_text("{}")
-    assert latest_checkpoint(tmp_path).name == "epoch_10"  # numeric, not lexicographic, order
+    for index in (2, 10, 11):
+        (tmp_path / "checkpoints" / f"checkpoint_{index}").mkdir(parents=True)
+    for index in (2, 10):  # checkpoint 11 was interrupted before its training_state.json was written
+        (tmp_path / "checkpoints" / f"checkpoint_{index}" / "training_state.json").write_text("{}")
+    assert latest_checkpoint(tmp_path).name == "checkpoint_10"  # numeric, not lexicographic, order

@@ -25,6 +25,7 @@ from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule
 from robustvit.registry import Registry
 from robustvit.training import load_model as build_model
+from robustvit.training import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_lipschitz.py"
@@ -58,13 +59,15 @@ class Interrupted(Exception):
     """Stands for a crash right after a checkpoint was written."""
 
 
-def _interrupt_after_epoch(save: Callable, stop_epoch: int) -> Callable:
-    """``save_checkpoint`` that crashes once the checkpoint of ``stop_epoch`` is complete."""
+def _interrupt_after_epoch(save: Callable, stop_epoch: int, phase: str = "train") -> Callable:
+    """``save_checkpoint`` that crashes once the end-of-epoch checkpoint of ``stop_epoch`` of ``phase`` ("pretrain"
+    or "train") is complete."""
 
-    def save_then_crash(accelerator, output_dir, epoch, state):
-        path = save(accelerator, output_dir, epoch, state)
-        if epoch == stop_epoch:
-            raise Interrupted(epoch)
+    def save_then_crash(accelerator, state):
+        path = save(accelerator, state)
+        in_phase = (Path(accelerator.project_dir).name == "pretrain") == (phase == "pretrain")
+        if in_phase and state["epoch"] == stop_epoch and not state.get("epoch_steps"):
+            raise Interrupted(stop_epoch)
         return path
 
     return save_then_crash
@@ -99,15 +102,18 @@ def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
         assert (out / "model" / name).is_file(), name
     assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
-    assert metrics["num_processes"] == 1 and metrics["config"]["epochs"] == 2 and metrics["config"]["loss"] == "emma"
+    config = metrics["config"]
+    assert metrics["num_processes"] == 1 and config["training"]["epochs"] == 2 and config["training"]["loss"] == "emma"
+    assert set(config) == {"run", "training", "convert", "certification"}
     # History: one record per epoch, 3 batches of 16 images each, a finite loss and the bound at that epoch.
     assert [entry["epoch"] for entry in metrics["history"]] == [0, 1]
     for entry in metrics["history"]:
         assert entry["images"] == BATCHES * 16 and torch.isfinite(torch.tensor(entry["loss"]))
         assert entry["lipschitz"] > 0
-    for epoch in (0, 1):
-        state = json.loads((out / "checkpoints" / f"epoch_{epoch}" / "training_state.json").read_text())
+    for epoch in (0, 1):  # Accelerate's numbered checkpoints, one per epoch
+        state = json.loads((out / "checkpoints" / f"checkpoint_{epoch}" / "training_state.json").read_text())
         assert state["epoch"] == epoch and len(state["history"]) == epoch + 1
+    assert not (out / "pretrain").exists()  # the source pretraining's checkpoints go once source.safetensors is saved
     # The certificate: written next to the model, with the weights' hash, and matching metrics.json.
     certificate = Certificate.load(out / "certificate.json")
     assert certificate == Certificate.load(out / "model" / "certificate.json")
@@ -136,15 +142,15 @@ def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
 
 
 @pytest.mark.slow
-def test_an_interrupted_run_resumes_to_the_same_weights(recipe, uninterrupted, tmp_path: Path) -> None:
+def test_an_interrupted_run_resumes_to_the_same_weights(recipe, uninterrupted, tmp_path: Path, monkeypatch) -> None:
     metrics, out = uninterrupted
     argv = [*TINY, "--epochs", "2", "--output_dir", str(tmp_path)]
-    save = recipe.save_checkpoint
-    recipe.save_checkpoint = _interrupt_after_epoch(save, 0)
+    save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", _interrupt_after_epoch(save, 0))
     with pytest.raises(Interrupted):
         _run(recipe, argv)
-    assert not (tmp_path / "model").exists() and (tmp_path / "checkpoints" / "epoch_0").is_dir()
-    recipe.save_checkpoint = save
+    assert not (tmp_path / "model").exists() and (tmp_path / "checkpoints" / "checkpoint_0").is_dir()
+    monkeypatch.setattr(loop, "save_checkpoint", save)
     resumed = _run(recipe, [*argv, "--resume"])
     # Same data order, LR and eps schedules after the restart: bit-identical weights.
     expected, actual = _tensors(out / "model" / "model.safetensors"), _tensors(tmp_path / "model" / "model.safetensors")
@@ -161,14 +167,67 @@ def test_an_interrupted_run_resumes_to_the_same_weights(recipe, uninterrupted, t
 @pytest.mark.slow
 def test_resuming_with_more_epochs_continues_from_the_last_checkpoint(recipe, tmp_path: Path) -> None:
     # `--epochs 30 --resume` extends a finished run. (Its weights differ from an uninterrupted run of the longer
-    # length, by design: the cosine LR and the eps ramp span --epochs.)
-    first = _run(recipe, [*TINY, "--epochs", "1", "--output_dir", str(tmp_path)])
-    extended = _run(recipe, [*TINY, "--epochs", "2", "--resume", "--output_dir", str(tmp_path)])
+    # length, by design: the cosine LR and the eps ramp span --epochs.) Trackers on (every installed one).
+    argv = [*TINY, "--checkpoints_total_limit", "1", "--with_tracking", "--output_dir", str(tmp_path)]
+    first = _run(recipe, [*argv, "--epochs", "1"])
+    extended = _run(recipe, [*argv, "--epochs", "2", "--resume"])
     assert [entry["epoch"] for entry in extended["history"]] == [0, 1]
     assert extended["history"][0] == first["history"][0]  # read back from the checkpoint, not redone
-    state = json.loads((tmp_path / "checkpoints" / "epoch_1" / "training_state.json").read_text())
+    # --checkpoints_total_limit 1: Accelerate kept the newest only, numbered after the resumed one.
+    assert [path.name for path in (tmp_path / "checkpoints").iterdir()] == ["checkpoint_1"]
+    state = json.loads((tmp_path / "checkpoints" / "checkpoint_1" / "training_state.json").read_text())
     assert state["epoch"] == 1 and state["history"] == extended["history"]
     robustvit.from_pretrained(tmp_path / "model")  # the extended model verifies
+
+
+def test_a_run_resumed_inside_an_epoch_replays_it(recipe, uninterrupted, tmp_path: Path, monkeypatch) -> None:
+    # --checkpointing_steps 2 with 3 batches per epoch: a checkpoint after step 2 of each epoch, and one at its end.
+    metrics, out = uninterrupted
+    argv = [*TINY, "--epochs", "2", "--checkpointing_steps", "2", "--output_dir", str(tmp_path)]
+    save = loop.save_checkpoint
+
+    def crash_inside_epoch_1(accelerator, state):
+        path = save(accelerator, state)
+        if Path(accelerator.project_dir).name != "pretrain" and state["epoch"] == 0 and state.get("epoch_steps"):
+            raise Interrupted(state["epoch_steps"])
+        return path
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_inside_epoch_1)
+    with pytest.raises(Interrupted):
+        _run(recipe, argv)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    resumed = _run(recipe, [*argv, "--resume"])
+    expected, actual = _tensors(out / "model" / "model.safetensors"), _tensors(tmp_path / "model" / "model.safetensors")
+    for name in expected:  # the epoch's order, LR, eps ramp and running loss continue where they stopped
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    strip = ("seconds",)
+    assert [{k: v for k, v in e.items() if k not in strip} for e in resumed["history"]] == [
+        {k: v for k, v in e.items() if k not in strip} for e in metrics["history"]
+    ]
+
+
+def test_an_interrupted_pretraining_resumes_to_the_same_source(recipe, tmp_path: Path, monkeypatch) -> None:
+    argv = [*TINY, "--pretrain_epochs", "2", "--epochs", "0", "--max_eval_images", "8"]
+    _run(recipe, [*argv, "--output_dir", str(tmp_path / "A")])
+    save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", _interrupt_after_epoch(save, 0, phase="pretrain"))
+    with pytest.raises(Interrupted):
+        _run(recipe, [*argv, "--output_dir", str(tmp_path / "B")])
+    assert (tmp_path / "B" / "pretrain" / "checkpoints" / "checkpoint_0").is_dir()
+    assert not (tmp_path / "B" / "source.safetensors").exists()
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    _run(recipe, [*argv, "--resume", "--output_dir", str(tmp_path / "B")])
+    expected, actual = _tensors(tmp_path / "A" / "source.safetensors"), _tensors(tmp_path / "B" / "source.safetensors")
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=0, atol=0, msg=name)
+    assert not (tmp_path / "B" / "pretrain").exists()
+
+
+def test_an_existing_output_folder_is_refused_before_any_work(recipe, tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="--overwrite_output_dir"):
+        _run(recipe, [*TINY, "--output_dir", str(tmp_path)])
+    assert not (tmp_path / "source.safetensors").exists()
 
 
 # --------------------------------------------------------------------------------------------------- bad input
@@ -190,6 +249,10 @@ def test_resume_without_a_checkpoint_is_a_clear_error(recipe, tmp_path: Path) ->
         ["--pretrain_epochs", "-1"],
         ["--singular_value_power", "1.5"],
         ["--residual_budget", "0.5"],
+        ["--residual_budget", "0"],
+        ["--checkpointing_steps", "0"],
+        ["--resume", "--overwrite_output_dir"],
+        ["--gradient_accumulation_steps", "2", "--max_train_batches", "3"],
         ["--epochs", "two"],
         ["--no_such_flag"],
     ],
@@ -218,16 +281,19 @@ def test_bad_values_are_rejected_before_any_training(argv: list[str]) -> None:
 
 
 def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run() -> None:
-    config, args = _recipe().parse_args([])
-    assert config["loss"] == "emma" and config["epochs"] == 9 and args.pretrain_epochs == 15
-    # The conversion that won bench/bench_transfer.py; 0 / 1 give back the exact conversion.
-    assert config["singular_value_power"] == 0.0 and config["residual_budget"] == 3.0
-    exact = _recipe().parse_args(["--singular_value_power", "1", "--residual_budget", "0"])[0]
-    assert exact["singular_value_power"] == 1.0 and exact["residual_budget"] == 0.0
-    assert args.model is None and args.dataset is None and not args.resume
+    configs = _recipe().parse_args([])
+    training, convert = configs.training, configs.convert
+    assert training.loss == "emma" and training.epochs == 9 and training.pretrain_epochs == 15
+    # The conversion that won bench/bench_transfer.py; 1 / none give back the exact conversion.
+    assert convert.activation == "minmax" and convert.singular_value_power == 0.0 and convert.residual_budget == 3.0
+    exact = _recipe().parse_args(["--singular_value_power", "1", "--residual_budget", "none"]).convert
+    assert exact.singular_value_power == 1.0 and exact.residual_budget is None
+    run = configs.run
+    assert run.model is None and run.dataset is None and not run.resume and run.output_dir == "outputs/train_lipschitz"
+    assert configs.certification.eps == list(_recipe().REPORT_EPS)  # --eps is the training radius
     for name in LOSSES:
-        assert _recipe().parse_args(["--loss", name])[0]["loss"] == name
-    assert _recipe().parse_args(["--model", "vit_tiny_patch16_224"])[1].pretrain_epochs == 0
+        assert _recipe().parse_args(["--loss", name]).training.loss == name
+    assert _recipe().parse_args(["--model", "vit_tiny_patch16_224"]).training.pretrain_epochs == 0
 
 
 # --------------------------------------------------------------------------------------------------- two processes
@@ -260,7 +326,7 @@ def _two_process_runs(root: Path) -> None:
     module.LOSSES = Registry("loss")
     for name, fn in LOSSES.items():
         module.LOSSES.register(name, logged_loss if name == "emma" else fn)
-    train_epoch, save_checkpoint = module.train_epoch, module.save_checkpoint
+    train_epoch, save_checkpoint = module.train_epoch, loop.save_checkpoint
 
     def logged_epoch(accelerator, model, loader, optimizer, loss_fn, **kwargs):
         log = Path(current["dir"]) / f"steps_rank{accelerator.process_index}.jsonl"
@@ -275,8 +341,8 @@ def _two_process_runs(root: Path) -> None:
 
         return train_epoch(accelerator, model, loader, optimizer, loss, **kwargs)
 
-    def save_with_rank_weights(accelerator, output_dir, epoch, state):
-        path = save_checkpoint(accelerator, output_dir, epoch, state)
+    def save_with_rank_weights(accelerator, state):
+        path = save_checkpoint(accelerator, state)
         weights = accelerator.unwrap_model(accelerator._models[-1]).state_dict()
         torch.save({k: v.detach().clone() for k, v in weights.items()}, path / f"rank{accelerator.process_index}.pt")
         return path
@@ -288,7 +354,7 @@ def _two_process_runs(root: Path) -> None:
         ("B", ["--resume"], None),
     ):
         current["dir"] = root / name
-        module.save_checkpoint = (
+        loop.save_checkpoint = (
             save_with_rank_weights if stop is None else _interrupt_after_epoch(save_with_rank_weights, stop)
         )
         try:
@@ -317,15 +383,15 @@ def test_two_processes_train_in_sync(two_processes: Path) -> None:
     assert [entry["images"] for entry in metrics["history"]] == [2 * LOCAL_STEPS * 128] * 2  # padded even shards
     for run in ("A", "B"):
         for epoch in (0, 1):
-            folder = two_processes / run / "checkpoints" / f"epoch_{epoch}"
+            folder = two_processes / run / "checkpoints" / f"checkpoint_{epoch}"
             rank0, rank1 = torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
             assert rank0.keys() == rank1.keys()
             for name in rank0:  # gradients are all-reduced: both ranks hold the same weights after every epoch
                 assert torch.equal(rank0[name], rank1[name]), (run, epoch, name)
-        epoch0 = torch.load(two_processes / run / "checkpoints" / "epoch_0" / "rank0.pt")
-        epoch1 = torch.load(two_processes / run / "checkpoints" / "epoch_1" / "rank0.pt")
+        epoch0 = torch.load(two_processes / run / "checkpoints" / "checkpoint_0" / "rank0.pt")
+        epoch1 = torch.load(two_processes / run / "checkpoints" / "checkpoint_1" / "rank0.pt")
         assert any(not torch.equal(epoch0[k], epoch1[k]) for k in epoch0)  # and they trained
-    final = torch.load(two_processes / "A" / "checkpoints" / "epoch_1" / "rank0.pt")
+    final = torch.load(two_processes / "A" / "checkpoints" / "checkpoint_1" / "rank0.pt")
     saved = _tensors(two_processes / "A" / "model" / "model.safetensors")
     for name, value in saved.items():
         assert torch.equal(value, final[name]), name
@@ -336,7 +402,7 @@ def test_two_processes_train_in_sync(two_processes: Path) -> None:
 
 @pytest.mark.distributed
 def test_two_processes_ramp_eps_over_each_processs_own_steps(two_processes: Path) -> None:
-    config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]
+    config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]["training"]
     schedule = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
     eps = [s["eps"] for s in _steps(two_processes, "A", 0) if s["phase"].startswith("epoch")]
     assert len(eps) == 2 * LOCAL_STEPS
@@ -346,7 +412,7 @@ def test_two_processes_ramp_eps_over_each_processs_own_steps(two_processes: Path
 
 @pytest.mark.distributed
 def test_two_processes_follow_the_lr_schedules_to_their_end(two_processes: Path) -> None:
-    config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]
+    config = json.loads((two_processes / "A" / "metrics.json").read_text())["config"]["training"]
     steps = _steps(two_processes, "A", 0)
     source = [s["lr"] for s in steps if s["phase"].startswith("source")]
     margin = [s["lr"] for s in steps if s["phase"].startswith("epoch")]
@@ -354,10 +420,11 @@ def test_two_processes_follow_the_lr_schedules_to_their_end(two_processes: Path)
     # Pretraining: cosine from the peak, every step at a positive LR.
     assert source[0] == pytest.approx(config["pretrain_lr"]) and all(lr > 0 for lr in source)
     assert source == sorted(source, reverse=True)
-    # Margin training: one epoch of warmup, so the first step of epoch 1 is at the peak; then it decays, never 0.
-    assert margin[:LOCAL_STEPS] == sorted(margin[:LOCAL_STEPS]) and margin[0] < config["lr"]
+    # Margin training: one epoch of warmup from 0 (transformers' schedule), so the first step of epoch 1 is at the
+    # peak; then it decays, never to 0 within the run.
+    assert margin[:LOCAL_STEPS] == sorted(margin[:LOCAL_STEPS]) and margin[0] == 0
     assert margin[LOCAL_STEPS] == pytest.approx(config["lr"])
-    assert margin[LOCAL_STEPS:] == sorted(margin[LOCAL_STEPS:], reverse=True) and all(lr > 0 for lr in margin)
+    assert margin[LOCAL_STEPS:] == sorted(margin[LOCAL_STEPS:], reverse=True) and all(lr > 0 for lr in margin[1:])
 
 
 @pytest.mark.distributed
@@ -374,7 +441,7 @@ def test_two_processes_resume_to_the_same_weights(two_processes: Path) -> None:
 @pytest.mark.parametrize("mlp", ["sll"])
 def test_mlp_flag_trains_and_certifies_sll_blocks(recipe, mlp: str, tmp_path: Path) -> None:
     metrics = _run(recipe, [*TINY, "--epochs", "1", "--mlp", mlp, "--output_dir", str(tmp_path)])
-    assert metrics["config"]["mlp"] == mlp
+    assert metrics["config"]["convert"]["mlp"] == mlp
     certificate = Certificate.load(tmp_path / "certificate.json")
     assert certificate.convert_config["mlp"] == mlp
     rows = [e for e in certificate.lipschitz_report["entries"] if e["type"] == mlp.upper()]

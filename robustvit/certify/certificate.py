@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from robustvit.certify.plot import eps_label
 from robustvit.constants import DEFAULT_EPS
@@ -103,10 +104,12 @@ class Certificate:
         pgd_steps: int = 50,
         pgd_restarts: int = 2,
         model_id: str | None = None,
+        progress: bool = False,
     ) -> Certificate:
         """Build the record from a :class:`~robustvit.certify.lipschitz.CertifyResult` of ``model`` (with labels).
 
-        Runs an l2 PGD at each eps on the certified images (when the result kept them) for the empirical column.
+        Runs an l2 PGD at each eps on the certified images (when the result kept them) for the empirical column;
+        ``progress`` shows a bar over the radii.
         """
         import robustvit
         from robustvit.certify.attacks import robust_accuracy
@@ -120,7 +123,8 @@ class Certificate:
         config = getattr(model, "robustvit_config", None)
         source = getattr(model, "robustvit_source", None) or family.source_spec(model)
         results = []
-        for e in eps:
+        attack = result.images is not None
+        for e in tqdm(eps, desc=f"PGD ({pgd_steps} steps)", total=len(eps), disable=not (progress and attack)):
             pgd_acc = None
             if result.images is not None:
                 pgd_acc = robust_accuracy(

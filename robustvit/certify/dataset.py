@@ -64,7 +64,9 @@ def certify_split(
     data = model_dataset(model, dataset, split)
     images, labels = stack_examples(data, max_images)
     result = certify(model, images, labels, batch_size=batch_size, progress=True)
-    certificate = result.to_certificate(model, dataset=data.name, split=data.split, eps=eps, pgd_steps=pgd_steps)
+    certificate = result.to_certificate(
+        model, dataset=data.name, split=data.split, eps=eps, pgd_steps=pgd_steps, progress=True
+    )
     output = Path(output_dir)
     curve = result.plot(output / CURVE_NAME, title=f"{name} on {data.name} ({data.split})")
     save_pretrained(model, output, certificate, curve=curve, license=license)

@@ -1,9 +1,7 @@
-"""Building blocks shared by the training recipes (``recipes/*.py``): models, pixel inputs, loops, checkpoints.
+"""Model building for the recipes: a registry of model sources, :func:`load_model`, pixel inputs, drop-path.
 
 robustvit evaluates, attacks and corrupts images as pixels in ``[0, 1]``, with any normalization inside the model.
-:func:`load_model` builds a timm or transformers classifier and :class:`PixelModel` makes it take pixels. The
-Accelerate helpers hold the recipe conventions: one checkpoint per epoch under ``<output_dir>/checkpoints``,
-resume from the latest one, progress bars on the local main process only, and a clean shutdown.
+:func:`load_model` builds a timm or transformers classifier and :class:`PixelModel` makes it take pixels.
 
 Example:
     >>> model, description = load_model(None, num_classes=10, image_size=32, channels=3)
@@ -14,49 +12,24 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
 import os
-import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from accelerate import Accelerator
 from huggingface_hub import try_to_load_from_cache
 from timm.layers import DropPath
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import AutoModelForImageClassification
 
 from robustvit.families import get_family
 from robustvit.layers import NormalizedConv2d
 from robustvit.registry import Registry
 
-__all__ = [
-    "CHECKPOINTS_DIR",
-    "add_recipe_arguments",
-    "DEFAULT_MODEL",
-    "MODEL_SOURCES",
-    "ModelSource",
-    "TRAINING_STATE_FILE",
-    "PixelModel",
-    "SamplerGenerator",
-    "cosine_schedule",
-    "finish",
-    "latest_checkpoint",
-    "load_model",
-    "progress_bar",
-    "resume_from_checkpoint",
-    "save_checkpoint",
-    "set_drop_path",
-    "train_epoch",
-]
+__all__ = ["DEFAULT_MODEL", "MODEL_SOURCES", "ModelSource", "PixelModel", "load_model", "set_drop_path"]
 
 DEFAULT_MODEL: dict[str, Any] = {
     "model_name": "vit_tiny_patch16_224",
@@ -68,9 +41,6 @@ DEFAULT_MODEL: dict[str, Any] = {
 
 CHECKPOINTS_DIR = "checkpoints"
 TRAINING_STATE_FILE = "training_state.json"
-
-
-# --------------------------------------------------------------------------------------------------- models
 
 
 @dataclass(frozen=True)
@@ -267,208 +237,3 @@ def set_drop_path(model: nn.Module, rate: float) -> nn.Module:
         for name in ("drop_path1", "drop_path2"):
             setattr(block, name, DropPath(block_rate) if block_rate > 0 else nn.Identity())
     return model
-
-
-# --------------------------------------------------------------------------------------------------- recipes
-
-
-def add_recipe_arguments(hyper: argparse._ArgumentGroup, run: argparse._ArgumentGroup, *, output_dir: str) -> None:
-    """The flags every recipe shares: source pretraining, input size and seed (hyper-parameters); model, dataset,
-    output directory, resume, device and smoke-test caps (environment).
-
-    Example:
-        >>> parser = argparse.ArgumentParser()
-        >>> add_recipe_arguments(parser.add_argument_group("hyper"), parser.add_argument_group("run"),
-        ...                      output_dir="outputs/my_recipe")
-    """
-    hyper.add_argument("--pretrain_lr", type=float, default=2e-3, help="AdamW learning rate of the source training")
-    hyper.add_argument("--image_size", type=int, default=32)
-    hyper.add_argument("--channels", type=int, default=3, choices=(1, 3))
-    hyper.add_argument("--seed", type=int, default=0)
-    run.add_argument("--model", default=None, help="timm name, transformers id or directory (default: embedded ViT)")
-    run.add_argument("--dataset", default=None, help="imagefolder directory or HF id (default: embedded digits)")
-    run.add_argument("--output_dir", default=output_dir)
-    run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output_dir")
-    run.add_argument("--cpu", action="store_true", help="run on CPU even if an accelerator is available")
-    run.add_argument("--max_train_batches", type=int, default=None, help="cap batches per epoch (smoke tests)")
-
-
-# --------------------------------------------------------------------------------------------------- loops
-
-
-def progress_bar(iterable: Iterable, accelerator: Accelerator, **kwargs: Any) -> tqdm:
-    """A tqdm bar shown on the local main process only (one bar per machine, not one per process)."""
-    return tqdm(iterable, disable=not accelerator.is_local_main_process, **kwargs)
-
-
-def cosine_schedule(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup then cosine decay to 0 over ``total_steps``; the factor stays 0 past the end.
-
-    Unlike ``OneCycleLR`` it never raises when stepped past ``total_steps``, which Accelerate's prepared scheduler
-    does when the per-process step count is rounded up (it steps ``num_processes`` times per optimizer step).
-    Count ``total_steps`` on the dataloader *before* ``accelerator.prepare``, as Accelerate expects.
-
-    Example:
-        >>> epochs = 3
-        >>> schedule = cosine_schedule(optimizer, total_steps=epochs * len(loader), warmup_steps=2)
-        >>> total = epochs * len(loader)
-        >>> [round(schedule.lr_lambdas[0](step), 3) for step in (0, 1, total // 2, total, total + 10)]
-        [0.5, 1.0, 0.5..., 0.0, 0.0]
-    """
-    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
-        raise ValueError(
-            f"need total_steps >= 1 and 0 <= warmup_steps <= total_steps, got {total_steps}, {warmup_steps}"
-        )
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def _limited(iterable: Iterable, max_batches: int | None) -> Iterator:
-    for index, item in enumerate(iterable):
-        if max_batches is not None and index >= max_batches:
-            return
-        yield item
-
-
-def train_epoch(
-    accelerator: Accelerator,
-    model: nn.Module,
-    dataloader: Iterable,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[nn.Module, Tensor, Tensor], Tensor],
-    *,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    max_batches: int | None = None,
-    description: str = "train",
-) -> dict[str, float]:
-    """One pass of ``loss_fn(model, images, labels)`` minimisation over ``dataloader`` (all prepared).
-
-    Args:
-        accelerator: The recipe's accelerator (backward, cross-process statistics).
-        model, dataloader, optimizer, scheduler: Prepared by ``accelerator``.
-        loss_fn: Loss of one batch, e.g. cross-entropy or :func:`robustvit.nullspace.nullspace_finetuning_loss`.
-        max_batches: Stop after this many batches per process (smoke tests); ``None`` for the whole epoch.
-        description: Progress bar label.
-
-    Returns:
-        ``{"loss": mean loss over all processes' images, "images": their number, "seconds": wall time}``.
-
-    Example:
-        >>> ce = lambda model, images, labels: F.cross_entropy(model(images), labels)
-        >>> schedule = cosine_schedule(optimizer, total_steps=2)
-        >>> model, optimizer, loader, schedule = accelerator.prepare(model, optimizer, loader, schedule)
-        >>> stats = train_epoch(accelerator, model, loader, optimizer, ce, scheduler=schedule, max_batches=2)
-        >>> stats["images"], stats["loss"] > 0
-        (64, True)
-    """
-    start = time.perf_counter()
-    model.train()
-    totals = torch.zeros(2, dtype=torch.float64, device=accelerator.device)
-    for images, labels in progress_bar(_limited(dataloader, max_batches), accelerator, desc=description, leave=False):
-        loss = loss_fn(model, images, labels)
-        optimizer.zero_grad()
-        accelerator.backward(loss)
-        optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        totals += torch.stack([loss.detach().double() * labels.shape[0], torch.tensor(labels.shape[0]).to(totals)])
-    totals = accelerator.reduce(totals, reduction="sum")
-    if totals[1] == 0:
-        raise ValueError("the training dataloader yielded no batches")
-    return {"loss": float(totals[0] / totals[1]), "images": int(totals[1]), "seconds": time.perf_counter() - start}
-
-
-# --------------------------------------------------------------------------------------------------- checkpoints
-
-
-class SamplerGenerator:
-    """Checkpoints the generator that shuffles a DataLoader's sampler, once there is one.
-
-    With several processes Accelerate gives the sampler its own generator (seeded at ``prepare``, broadcast from rank
-    0 at every epoch), which its ``random_states`` files do not hold; with one process the sampler draws from the
-    global RNG, which they do, and there is nothing to add.
-    """
-
-    def __init__(self, sampler: torch.utils.data.Sampler) -> None:
-        self.sampler = sampler
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        generator = getattr(self.sampler, "generator", None)
-        return {} if generator is None else {"rng_state": generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state:
-            self.sampler.generator.set_state(state["rng_state"])
-
-
-def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, epoch: int, state: dict[str, Any]) -> Path:
-    """Save everything ``accelerator`` prepared to ``<output_dir>/checkpoints/epoch_<epoch>``, plus ``state``.
-
-    ``state`` (JSON-ready: history, metrics...) goes to ``training_state.json`` with the epoch counter, written by
-    the main process after every process finished ``save_state``, so its presence marks a complete checkpoint.
-    Explicit epoch names are used instead of Accelerate's ``automatic_checkpoint_naming``, whose counter is not
-    restored by ``load_state`` (the next save then collides with an existing checkpoint).
-
-    Example:
-        >>> model, optimizer = accelerator.prepare(model, optimizer)
-        >>> epoch, history = 3, [{"epoch": 3, "loss": 0.31}]
-        >>> save_checkpoint(accelerator, "outputs/run", epoch, {"history": history})
-        PosixPath('outputs/run/checkpoints/epoch_3')
-    """
-    path = Path(output_dir) / CHECKPOINTS_DIR / f"epoch_{epoch}"
-    accelerator.save_state(str(path))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (path / TRAINING_STATE_FILE).write_text(json.dumps({**state, "epoch": epoch}, indent=2))
-    accelerator.wait_for_everyone()
-    return path
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The complete checkpoint of the highest epoch under ``<output_dir>/checkpoints``, or ``None``."""
-    complete = [
-        path
-        for path in (Path(output_dir) / CHECKPOINTS_DIR).glob("epoch_*")
-        if path.name.removeprefix("epoch_").isdigit() and (path / TRAINING_STATE_FILE).is_file()
-    ]
-    return max(complete, key=lambda path: int(path.name.removeprefix("epoch_")), default=None)
-
-
-def resume_from_checkpoint(accelerator: Accelerator, output_dir: str | Path) -> dict[str, Any]:
-    """Load the latest checkpoint into everything ``accelerator`` prepared; return its saved ``state``.
-
-    Prepare the same objects in the same order as the run that saved it. Training continues at
-    ``state["epoch"] + 1``; the random states of every process are restored too.
-
-    Raises:
-        FileNotFoundError: ``output_dir`` holds no complete checkpoint.
-
-    Example:
-        >>> model, optimizer = accelerator.prepare(model, optimizer)
-        >>> _ = save_checkpoint(accelerator, "outputs/run", 3, {"history": []})
-        >>> state = resume_from_checkpoint(accelerator, "outputs/run")
-        >>> start_epoch = state["epoch"] + 1
-        >>> start_epoch
-        4
-    """
-    path = latest_checkpoint(output_dir)
-    if path is None:
-        raise FileNotFoundError(
-            f"no complete checkpoint under {Path(output_dir) / CHECKPOINTS_DIR} to resume from; run without --resume"
-        )
-    accelerator.load_state(str(path))
-    return json.loads((path / TRAINING_STATE_FILE).read_text())
-
-
-def finish(accelerator: Accelerator) -> None:
-    """Wait for every process, then tear the process group down (gloo runs often crash at exit otherwise)."""
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
