@@ -30,6 +30,7 @@ __all__ = [
 _UNIT_ROUNDOFF = 2.0**-53  # float64
 DEFAULT_MAX_ITER = 24
 DEFAULT_RTOL = 1e-5
+LANCZOS_STEPS = 40
 
 
 def _rounding_slack(m: int, n: int, n_iter: int) -> float:
@@ -214,7 +215,9 @@ def _ritz(alphas: list[Tensor], betas: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps: int = 40) -> Tensor:
+def verified_spectral_norm(
+    weight: Tensor, *, rtol: float = DEFAULT_RTOL, lanczos_steps: int = LANCZOS_STEPS
+) -> Tensor:
     """Guaranteed upper bound on the largest singular value, by verifying a float64 eigenvalue estimate.
 
     Fast path for certificates (not differentiable; :func:`gram_spectral_norm` is). With ``A = fl(W^T W)``
@@ -228,6 +231,14 @@ def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps:
     Where the factorization fails (the estimate was too low), the estimate is redone with a dense eigensolver, then
     ``rtol`` grows 16-fold, up to twice, and then the matrix falls back to :func:`gram_spectral_norm`.
 
+    How ``A`` is formed does not change the analysis: only its upper block triangle is computed (3/4 of the
+    products) and mirrored, so ``A`` is exactly symmetric and each entry is still one float64 inner product of length
+    ``m``, whose error bound (Thm 3.5) holds in any summation order. Matrices are rescaled by an exact power of two
+    only where the diagonal of ``A`` (the squared column norms) shows that products overflowed or came near
+    underflow (largest diagonal entry outside ``[2^-600, 2^600]``); those are formed again from the rescaled matrix.
+    Below that, products that underflow err by at most ``2^-1075`` each, which the absolute term
+    ``n^2 2^-1022`` covers.
+
     Example:
         >>> w = torch.randn(1536, 384, dtype=torch.float64)
         >>> bool(verified_spectral_norm(w) >= torch.linalg.matrix_norm(w, ord=2))
@@ -237,51 +248,10 @@ def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps:
         raise ValueError(f"expected a matrix or a batch of matrices, got shape {tuple(weight.shape)}")
     if weight.is_complex():
         return gram_spectral_norm(weight)
-    w = weight.to(torch.float64)
-    if w.shape[-2] < w.shape[-1]:
-        w = w.mT
-    batch_shape, (m, n) = w.shape[:-2], w.shape[-2:]
-    w = w.reshape(-1, m, n)
+    w = _tall_float64(weight)
     if w.numel() == 0:
-        return torch.zeros(batch_shape, dtype=torch.float64, device=weight.device)
-    # An exact power-of-two rescaling only where products could overflow or underflow (one pass fewer otherwise).
-    w, _, applied, _ = _split_power_of_two(w)
-    gram = w.mT @ w
-    u = _UNIT_ROUNDOFF
-    gamma_m, gamma_n = m * u / (1 - m * u), (n + 1) * u / (1 - (n + 1) * u)
-    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
-    # ||W||_F^2 from the computed diagonal: each entry is an inner product of nonnegative terms, at most gamma_m low.
-    fro2 = diag.sum(dim=-1) * (1 + (n + 1) * u) / (1 - gamma_m)
-    if n <= 128:  # small: a dense eigensolver is cheaper than the Lanczos loop
-        theta = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
-    else:
-        theta = _lanczos_top_eigenvalue(gram, lanczos_steps, rtol, torch.Generator().manual_seed(0))
-    eye = torch.eye(n, dtype=torch.float64, device=w.device)
-    tau = torch.full_like(theta, rtol)
-    ok = torch.zeros_like(theta, dtype=torch.bool)
-    shift = torch.zeros_like(theta)
-    for attempt in range(4):
-        s = theta * (1 + tau) + fro2 * gamma_m + torch.finfo(torch.float64).tiny
-        _, info = torch.linalg.cholesky_ex(s[:, None, None] * eye - gram)
-        passed = (info == 0) & ~ok
-        shift = torch.where(passed, s, shift)
-        ok |= passed
-        if bool(ok.all()):
-            break
-        if attempt == 0:  # the Lanczos estimate was too low: take the dense eigensolver's for those matrices
-            theta[~ok] = torch.linalg.eigvalsh(gram[~ok])[:, -1].clamp_min(0.0)
-        else:
-            tau = torch.where(ok, tau, tau * 16)
-    trace_up = (n * shift - diag.sum(dim=-1)).clamp_min(0) * (1 + (n + 1) * u) + n * u * shift
-    e_forming_a = gamma_m * fro2
-    e_diagonal = u * (shift[:, None] - diag).abs().amax(dim=-1)
-    e_cholesky = gamma_n * trace_up / (1 - gamma_n)
-    lam = (shift + e_forming_a + e_diagonal + e_cholesky + n * n * 2.0**-1022) * (1 + 8 * u)
-    bound = _scale_up(torch.sqrt(lam) * (1 + 2 * u), applied)
-    if not bool(ok.all()):
-        bound[~ok] = _scale_up(gram_spectral_norm(w[~ok]), applied[~ok])
-    bound = torch.where(fro2 == 0, torch.zeros_like(bound), bound)
-    return bound.reshape(batch_shape)
+        return torch.zeros(w.shape[:-2], dtype=torch.float64, device=w.device)
+    return _verified_bounds(w.reshape(-1, *w.shape[-2:]), rtol, lanczos_steps).reshape(w.shape[:-2])
 
 
 def batched_spectral_norms(weights: Sequence[Tensor]) -> list[Tensor]:
@@ -304,6 +274,113 @@ def batched_spectral_norms(weights: Sequence[Tensor]) -> list[Tensor]:
         for i, bound in zip(members, stacked, strict=True):
             bounds[i] = bound
     return bounds
+
+
+def _tall_float64(weight: Tensor) -> Tensor:
+    """``weight`` in float64, transposed (a view) where it has more columns than rows: the Gram matrix is formed on the
+    smaller side, ``sigma(W) = sigma(W^T)``."""
+    w = weight.to(torch.float64)
+    return w.mT if w.shape[-2] < w.shape[-1] else w
+
+
+# Matrices are verified a few at a time, so that each chunk's Gram matrices stay in cache from their product through
+# the Lanczos loop (one pass over them per step) to the Cholesky factorization.
+_CHUNK_BYTES = 2**22
+
+
+def _verified_bounds(w: Tensor, rtol: float, lanczos_steps: int) -> Tensor:
+    """Bounds (see :func:`verified_spectral_norm`) of a batch of tall float64 matrices ``(B, m, n)``."""
+    m, n = w.shape[-2:]
+    bound = torch.zeros(len(w), dtype=torch.float64, device=w.device)
+    chunk = max(1, _CHUNK_BYTES // (4 * n * n))
+    for start in range(0, len(w), chunk):
+        part = w[start : start + chunk]
+        gram = torch.empty(len(part), n, n, dtype=torch.float64, device=w.device)
+        applied = _scaled_gram(part, gram)
+        lam, ok, zero = _verified_top_eigenvalue(gram, m, rtol, lanczos_steps)
+        values = _scale_up(torch.sqrt(lam) * (1 + 2 * _UNIT_ROUNDOFF), applied)
+        if not bool(ok.all()):  # rare: bounded by the Gram iteration instead
+            values[~ok] = gram_spectral_norm(part[~ok])
+        bound[start : start + chunk] = torch.where(zero, torch.zeros_like(values), values)
+    return bound
+
+
+def _scaled_gram(w: Tensor, out: Tensor) -> Tensor:
+    """Writes ``fl(W'^T W')`` into ``out`` and returns ``applied`` per matrix, with ``W = 2^applied W'`` exactly.
+
+    Only where the Gram diagonal (the squared column norms) left ``[2^-600, 2^600]`` or is not finite is the matrix
+    rescaled by :func:`_split_power_of_two` (which refuses NaN and infinite entries; any such entry makes its column's
+    diagonal entry non-finite) and its Gram matrix formed again. A zero diagonal is among them: it may have underflowed
+    from a nonzero matrix."""
+    _symmetric_gram(w, out)
+    top = torch.diagonal(out, dim1=-2, dim2=-1).amax(dim=-1)
+    extreme = ~((top <= 2.0**600) & (top >= 2.0**-600))
+    applied = torch.zeros(len(w), dtype=torch.float64, device=w.device)
+    if bool(extreme.any()):
+        rescaled, _, applied_extreme, _ = _split_power_of_two(w[extreme])
+        regram = torch.empty_like(out[extreme])
+        _symmetric_gram(rescaled, regram)
+        out[extreme] = regram
+        applied[extreme] = applied_extreme
+    return applied
+
+
+def _symmetric_gram(w: Tensor, out: Tensor) -> None:
+    """``out = fl(W^T W)`` for a batch of ``m x n`` float64 matrices: the two upper blocks of columns
+    ``[W_1 W_2]^T [W_1 W_2]`` are computed (``W_1^T W`` and ``W_2^T W_2``, 3/4 of the full product's work) and the
+    lower-left block copied from the upper-right one, so ``out`` is exactly symmetric."""
+    n = w.shape[-1]
+    half = n // 2
+    if half < 32:  # small: one product is faster than three
+        torch.matmul(w.mT, w, out=out)
+        return
+    out[:, :half] = w[..., :half].mT @ w
+    out[:, half:, half:] = w[..., half:].mT @ w[..., half:]
+    out[:, half:, :half] = out[:, :half, half:].mT
+
+
+def _verified_top_eigenvalue(gram: Tensor, m: int, rtol: float, lanczos_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lam, ok, zero)``: ``lam >= lambda_max(W^T W)`` where ``ok`` (the Cholesky proof of
+    :func:`verified_spectral_norm`), for Gram matrices ``gram = fl(W^T W)`` of ``m``-row matrices; ``zero`` marks
+    all-zero matrices. ``gram`` is overwritten (it becomes ``s I - A``)."""
+    n = gram.shape[-1]
+    u = _UNIT_ROUNDOFF
+    gamma_m, gamma_n = m * u / (1 - m * u), (n + 1) * u / (1 - (n + 1) * u)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1).clone()
+    # ||W||_F^2 from the computed diagonal: each entry is an inner product of nonnegative terms, at most gamma_m low.
+    fro2 = diag.sum(dim=-1) * (1 + (n + 1) * u) / (1 - gamma_m)
+    if n <= 128:  # small: a dense eigensolver is cheaper than the Lanczos loop
+        theta = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
+    else:
+        theta = _lanczos_top_eigenvalue(gram, lanczos_steps, rtol, torch.Generator().manual_seed(0))
+    # From here on ``gram`` holds -A off the diagonal (exact) and s - a_ii on it (one rounding each).
+    shifted = gram.neg_()
+    shifted_diag = torch.diagonal(shifted, dim1=-2, dim2=-1)
+    tau = torch.full_like(theta, rtol)
+    ok = torch.zeros_like(theta, dtype=torch.bool)
+    shift = torch.zeros_like(theta)
+    todo = torch.arange(len(gram), device=gram.device)  # matrices not proven yet
+    for attempt in range(4):
+        s = theta[todo] * (1 + tau[todo]) + fro2[todo] * gamma_m + torch.finfo(torch.float64).tiny
+        shifted_diag[todo] = s[:, None] - diag[todo]
+        _, info = torch.linalg.cholesky_ex(shifted if len(todo) == len(gram) else shifted[todo])
+        passed = info == 0
+        shift[todo[passed]] = s[passed]
+        ok[todo[passed]] = True
+        todo = todo[~passed]
+        if len(todo) == 0:
+            break
+        if attempt == 0:  # the Lanczos estimate was too low: take the dense eigensolver's for those matrices
+            shifted_diag[todo] = -diag[todo]
+            theta[todo] = -torch.linalg.eigvalsh(shifted[todo])[:, 0].clamp_max(0.0)
+        else:
+            tau[todo] *= 16
+    trace_up = (n * shift - diag.sum(dim=-1)).clamp_min(0) * (1 + (n + 1) * u) + n * u * shift
+    e_forming_a = gamma_m * fro2
+    e_diagonal = u * (shift[:, None] - diag).abs().amax(dim=-1)
+    e_cholesky = gamma_n * trace_up / (1 - gamma_n)
+    lam = (shift + e_forming_a + e_diagonal + e_cholesky + n * n * 2.0**-1022) * (1 + 8 * u)
+    return lam, ok, fro2 == 0
 
 
 @torch.no_grad()
