@@ -174,43 +174,45 @@ def _squared_frobenius(real: Tensor, imag: Tensor | None) -> Tensor:
 def _lanczos_top_eigenvalue(gram: Tensor, steps: int, rtol: float, generator: torch.Generator) -> Tensor:
     """Estimate of the largest eigenvalue of batched symmetric PSD matrices (float64 ``gram``).
 
-    Only a *candidate* for the verification in :func:`verified_spectral_norm`, never a bound by itself. Lanczos
-    runs in float32 (half the memory traffic of its matrix-vector products), stopping once every top Ritz pair's
-    residual is below ``rtol / 8`` of its value; the estimate is the float64 Rayleigh quotient of the top Ritz vector,
-    accurate to its squared error. The plain three-term recurrence suffices for the top value.
+    Only a *candidate* for the verification in :func:`verified_spectral_norm`, never a bound by itself: whatever
+    the recurrence does in floating point (loss of orthogonality, a Krylov space exhausted early), the estimate is the
+    float64 Rayleigh quotient of a vector, never above the largest eigenvalue, and a poor one only fails the
+    verification. Lanczos runs in float32 (half the memory traffic of its matrix-vector products), checking at steps
+    16, 24, ... whether every top Ritz pair's residual is below ``rtol / 8`` of its value; the estimate is the
+    Rayleigh quotient of the top Ritz vector, accurate to its squared error. The plain three-term recurrence
+    suffices for the top value.
     """
     batch, n, _ = gram.shape
+    steps = min(steps, n)
     a = gram.to(torch.float32)
+    basis = torch.empty(batch, steps, n, dtype=torch.float32, device=gram.device)
+    alphas = torch.zeros(batch, steps, dtype=torch.float32, device=gram.device)
+    betas = torch.zeros_like(alphas)
     # Row vectors: ``v^T A`` (= ``(A v)^T``, A symmetric) runs about twice as fast as ``A v`` as a batched product.
     v = torch.randn(batch, 1, n, dtype=torch.float32, generator=generator).to(gram.device)
     v = v / torch.linalg.vector_norm(v, dim=2, keepdim=True)
-    v_prev, beta = torch.zeros_like(v), torch.zeros(batch, dtype=a.dtype, device=a.device)
-    basis, alphas, betas = [], [], []
-    for step in range(min(steps, n)):
-        basis.append(v)
-        w = v @ a
-        alpha = (v * w).sum(dim=(1, 2))
-        w = w - alpha[:, None, None] * v - beta[:, None, None] * v_prev
-        beta = torch.linalg.vector_norm(w, dim=(1, 2))
-        alphas.append(alpha)
-        betas.append(beta)
-        if bool((beta <= 1e-6 * alpha.abs()).all()):  # an invariant subspace: the Ritz values are exact
-            break
-        if step >= 11 and step % 4 == 3:
-            values, vectors = _ritz(alphas, betas)
-            if bool((beta * vectors[:, -1, -1].abs() <= rtol / 8 * values[:, -1]).all()):
+    v_prev, beta = torch.zeros_like(v), torch.zeros(batch, 1, 1, dtype=torch.float32, device=gram.device)
+    k = 0
+    for k in range(1, steps + 1):
+        basis[:, k - 1 : k] = v
+        w = torch.bmm(v, a)
+        alpha = torch.bmm(w, v.mT)
+        w = torch.addcmul(torch.addcmul(w, alpha, v, value=-1), beta, v_prev, value=-1)
+        beta = torch.linalg.vector_norm(w, dim=2, keepdim=True)
+        alphas[:, k - 1], betas[:, k - 1] = alpha[:, 0, 0], beta[:, 0, 0]
+        if k % 8 == 0 and k >= 16:
+            values, vectors = _ritz(alphas[:, :k], betas[:, : k - 1])
+            if bool((beta[:, 0, 0] * vectors[:, -1, -1].abs() <= rtol / 8 * values[:, -1]).all()):
                 break
-        v_prev, v = v, w / beta.clamp_min(1e-30)[:, None, None]
-    _, vectors = _ritz(alphas, betas)
-    ritz = (vectors[:, None, :, -1] @ torch.cat(basis, dim=1)).to(torch.float64)  # (batch, 1, n)
+        v_prev, v = v, w / beta.clamp_min(1e-30)
+    _, vectors = _ritz(alphas[:, :k], betas[:, : k - 1])
+    ritz = (vectors[:, None, :, -1] @ basis[:, :k]).to(torch.float64)  # (batch, 1, n)
     return ((ritz * (ritz @ gram)).sum(dim=(1, 2)) / (ritz * ritz).sum(dim=(1, 2))).clamp_min(0.0)
 
 
-def _ritz(alphas: list[Tensor], betas: list[Tensor]) -> tuple[Tensor, Tensor]:
-    tri = torch.diag_embed(torch.stack(alphas, dim=1))
-    if len(alphas) > 1:
-        off = torch.stack(betas[:-1], dim=1)
-        tri = tri + torch.diag_embed(off, offset=1) + torch.diag_embed(off, offset=-1)
+def _ritz(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of the Lanczos tridiagonal matrices with diagonals ``alphas`` and off-diagonals ``betas``."""
+    tri = torch.diag_embed(alphas) + torch.diag_embed(betas, offset=1) + torch.diag_embed(betas, offset=-1)
     return torch.linalg.eigh(tri)
 
 
@@ -251,28 +253,32 @@ def verified_spectral_norm(
     w = _tall_float64(weight)
     if w.numel() == 0:
         return torch.zeros(w.shape[:-2], dtype=torch.float64, device=w.device)
-    return _verified_bounds(w.reshape(-1, *w.shape[-2:]), rtol, lanczos_steps).reshape(w.shape[:-2])
+    return _verified_bounds(w.reshape(-1, *w.shape[-2:]).unbind(0), rtol, lanczos_steps).reshape(w.shape[:-2])
 
 
 def batched_spectral_norms(weights: Sequence[Tensor]) -> list[Tensor]:
-    """Guaranteed spectral-norm bounds (:func:`verified_spectral_norm`) of many matrices, batched by shape.
+    """Guaranteed spectral-norm bounds (:func:`verified_spectral_norm`) of many matrices.
 
-    Batching same-shaped matrices (e.g. the 12 ``fc1`` weights of a ViT-B) amortises the per-call overhead and
-    lets the matrix products run as one ``bmm``.
+    Matrices with the same number of columns on their smaller side (every weight of a ViT: the width) are verified
+    together, a few at a time: one batched Lanczos loop and one batched Cholesky factorization per chunk. No copy of
+    the weights is made beyond their conversion to float64.
 
     Example:
         >>> bounds = batched_spectral_norms([torch.randn(8, 4), torch.randn(8, 4), torch.randn(3, 5)])
         >>> len(bounds)
         3
     """
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, weight in enumerate(weights):
-        groups.setdefault(tuple(weight.shape), []).append(index)
     bounds: list[Tensor] = [torch.empty(0)] * len(weights)
-    for members in groups.values():
-        stacked = verified_spectral_norm(torch.stack([weights[i].detach() for i in members]))
-        for i, bound in zip(members, stacked, strict=True):
-            bounds[i] = bound
+    by_side: dict[int, list[int]] = {}
+    for index, weight in enumerate(weights):
+        if weight.dim() == 2 and not weight.is_complex() and weight.numel() > 0:
+            by_side.setdefault(min(weight.shape), []).append(index)
+        else:  # refused, bounded by the Gram iteration, or empty, as verified_spectral_norm does
+            bounds[index] = verified_spectral_norm(weight.detach())
+    for members in by_side.values():
+        values = _verified_bounds([_tall_float64(weights[i].detach()) for i in members], DEFAULT_RTOL, LANCZOS_STEPS)
+        for i, value in zip(members, values, strict=True):
+            bounds[i] = value
     return bounds
 
 
@@ -288,64 +294,66 @@ def _tall_float64(weight: Tensor) -> Tensor:
 _CHUNK_BYTES = 2**22
 
 
-def _verified_bounds(w: Tensor, rtol: float, lanczos_steps: int) -> Tensor:
-    """Bounds (see :func:`verified_spectral_norm`) of a batch of tall float64 matrices ``(B, m, n)``."""
-    m, n = w.shape[-2:]
-    bound = torch.zeros(len(w), dtype=torch.float64, device=w.device)
+def _verified_bounds(matrices: Sequence[Tensor], rtol: float, lanczos_steps: int) -> Tensor:
+    """Bounds (see :func:`verified_spectral_norm`) of tall float64 matrices ``(m_i, n)`` sharing ``n``."""
+    n = matrices[0].shape[-1]
+    device = matrices[0].device
+    bound = torch.zeros(len(matrices), dtype=torch.float64, device=device)
     chunk = max(1, _CHUNK_BYTES // (4 * n * n))
-    for start in range(0, len(w), chunk):
-        part = w[start : start + chunk]
-        gram = torch.empty(len(part), n, n, dtype=torch.float64, device=w.device)
-        applied = _scaled_gram(part, gram)
-        lam, ok, zero = _verified_top_eigenvalue(gram, m, rtol, lanczos_steps)
+    for start in range(0, len(matrices), chunk):
+        part = matrices[start : start + chunk]
+        gram = torch.empty(len(part), n, n, dtype=torch.float64, device=device)
+        applied = _scaled_grams(part, gram)
+        rows = torch.tensor([w.shape[0] for w in part], dtype=torch.float64, device=device)
+        lam, ok, zero = _verified_top_eigenvalue(gram, rows, rtol, lanczos_steps)
         values = _scale_up(torch.sqrt(lam) * (1 + 2 * _UNIT_ROUNDOFF), applied)
-        if not bool(ok.all()):  # rare: bounded by the Gram iteration instead
-            values[~ok] = gram_spectral_norm(part[~ok])
+        for i in (~ok).nonzero().flatten().tolist():  # rare: bounded by the Gram iteration instead
+            values[i] = gram_spectral_norm(part[i])
         bound[start : start + chunk] = torch.where(zero, torch.zeros_like(values), values)
     return bound
 
 
-def _scaled_gram(w: Tensor, out: Tensor) -> Tensor:
-    """Writes ``fl(W'^T W')`` into ``out`` and returns ``applied`` per matrix, with ``W = 2^applied W'`` exactly.
+def _scaled_grams(matrices: Sequence[Tensor], out: Tensor) -> Tensor:
+    """Writes ``fl(W_i'^T W_i')`` into ``out[i]`` and returns ``applied`` per matrix, with ``W_i = 2^applied_i W_i'``.
 
     Only where the Gram diagonal (the squared column norms) left ``[2^-600, 2^600]`` or is not finite is the matrix
     rescaled by :func:`_split_power_of_two` (which refuses NaN and infinite entries; any such entry makes its column's
     diagonal entry non-finite) and its Gram matrix formed again. A zero diagonal is among them: it may have underflowed
     from a nonzero matrix."""
-    _symmetric_gram(w, out)
+    for w, gram in zip(matrices, out, strict=True):
+        _symmetric_gram(w, gram)
     top = torch.diagonal(out, dim1=-2, dim2=-1).amax(dim=-1)
     extreme = ~((top <= 2.0**600) & (top >= 2.0**-600))
-    applied = torch.zeros(len(w), dtype=torch.float64, device=w.device)
-    if bool(extreme.any()):
-        rescaled, _, applied_extreme, _ = _split_power_of_two(w[extreme])
-        regram = torch.empty_like(out[extreme])
-        _symmetric_gram(rescaled, regram)
-        out[extreme] = regram
-        applied[extreme] = applied_extreme
+    applied = torch.zeros(len(out), dtype=torch.float64, device=out.device)
+    for i in extreme.nonzero().flatten().tolist():
+        rescaled, _, exponent, _ = _split_power_of_two(matrices[i][None])
+        applied[i] = exponent[0]
+        _symmetric_gram(rescaled[0], out[i])
     return applied
 
 
 def _symmetric_gram(w: Tensor, out: Tensor) -> None:
-    """``out = fl(W^T W)`` for a batch of ``m x n`` float64 matrices: the two upper blocks of columns
-    ``[W_1 W_2]^T [W_1 W_2]`` are computed (``W_1^T W`` and ``W_2^T W_2``, 3/4 of the full product's work) and the
-    lower-left block copied from the upper-right one, so ``out`` is exactly symmetric."""
-    n = w.shape[-1]
-    half = n // 2
+    """``out = fl(W^T W)`` for an ``m x n`` float64 matrix: the upper blocks of ``[W_1 W_2]^T [W_1 W_2]`` are computed
+    (``W_1^T W`` and ``W_2^T W_2``, 3/4 of the full product's work) and the lower-left block is copied from the
+    upper-right one, so ``out`` is exactly symmetric."""
+    half = w.shape[-1] // 2
     if half < 32:  # small: one product is faster than three
-        torch.matmul(w.mT, w, out=out)
+        torch.mm(w.mT, w, out=out)
         return
-    out[:, :half] = w[..., :half].mT @ w
-    out[:, half:, half:] = w[..., half:].mT @ w[..., half:]
-    out[:, half:, :half] = out[:, :half, half:].mT
+    torch.mm(w[:, :half].mT, w, out=out[:half])  # the first rows of ``out``: contiguous, written in place
+    out[half:, half:] = w[:, half:].mT @ w[:, half:]
+    out[half:, :half] = out[:half, half:].mT
 
 
-def _verified_top_eigenvalue(gram: Tensor, m: int, rtol: float, lanczos_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def _verified_top_eigenvalue(
+    gram: Tensor, rows: Tensor, rtol: float, lanczos_steps: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """``(lam, ok, zero)``: ``lam >= lambda_max(W^T W)`` where ``ok`` (the Cholesky proof of
-    :func:`verified_spectral_norm`), for Gram matrices ``gram = fl(W^T W)`` of ``m``-row matrices; ``zero`` marks
-    all-zero matrices. ``gram`` is overwritten (it becomes ``s I - A``)."""
+    :func:`verified_spectral_norm`), for Gram matrices ``gram = fl(W^T W)`` of matrices with ``rows`` rows each;
+    ``zero`` marks all-zero matrices. ``gram`` is overwritten (it becomes ``s I - A``)."""
     n = gram.shape[-1]
     u = _UNIT_ROUNDOFF
-    gamma_m, gamma_n = m * u / (1 - m * u), (n + 1) * u / (1 - (n + 1) * u)
+    gamma_m, gamma_n = rows * u / (1 - rows * u), (n + 1) * u / (1 - (n + 1) * u)
     diag = torch.diagonal(gram, dim1=-2, dim2=-1).clone()
     # ||W||_F^2 from the computed diagonal: each entry is an inner product of nonnegative terms, at most gamma_m low.
     fro2 = diag.sum(dim=-1) * (1 + (n + 1) * u) / (1 - gamma_m)
@@ -361,7 +369,7 @@ def _verified_top_eigenvalue(gram: Tensor, m: int, rtol: float, lanczos_steps: i
     shift = torch.zeros_like(theta)
     todo = torch.arange(len(gram), device=gram.device)  # matrices not proven yet
     for attempt in range(4):
-        s = theta[todo] * (1 + tau[todo]) + fro2[todo] * gamma_m + torch.finfo(torch.float64).tiny
+        s = theta[todo] * (1 + tau[todo]) + fro2[todo] * gamma_m[todo] + torch.finfo(torch.float64).tiny
         shifted_diag[todo] = s[:, None] - diag[todo]
         _, info = torch.linalg.cholesky_ex(shifted if len(todo) == len(gram) else shifted[todo])
         passed = info == 0
