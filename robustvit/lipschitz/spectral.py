@@ -217,9 +217,7 @@ def _ritz(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def verified_spectral_norm(
-    weight: Tensor, *, rtol: float = DEFAULT_RTOL, lanczos_steps: int = LANCZOS_STEPS
-) -> Tensor:
+def verified_spectral_norm(weight: Tensor, *, rtol: float = DEFAULT_RTOL, lanczos_steps: int = LANCZOS_STEPS) -> Tensor:
     """Guaranteed upper bound on the largest singular value, by verifying a float64 eigenvalue estimate.
 
     Fast path for certificates (not differentiable; :func:`gram_spectral_norm` is). With ``A = fl(W^T W)``
