@@ -297,6 +297,8 @@ def _adversarial_large_matrices() -> list[tuple[str, torch.Tensor, int]]:
         ("rank 3", randn(256, 3) @ randn(3, 160), 0),
         ("top pair 1 - 1e-7 apart", _with_singular_values(200, 150, clustered, 2), 0),
         ("all singular values equal", _with_singular_values(150, 150, torch.ones(150, dtype=torch.float64), 3), 0),
+        ("entries near 1e25 (the Gram overflows float32)", randn(200, 150) * 1e25, 80),
+        ("entries near 1e-25 (the Gram underflows float32)", randn(200, 150) * 1e-25, -80),
         ("entries near 2^1000 (the Gram overflows)", randn(200, 150) * 2.0**1000, 1000),
         ("entries near 1e300", randn(200, 150) * 1e300, 1000),
         ("entries near 2^-1000 (the Gram underflows)", randn(200, 150) * 2.0**-1000, -1000),

@@ -184,7 +184,9 @@ def _lanczos_top_eigenvalue(gram: Tensor, steps: int, rtol: float, generator: to
     """
     batch, n, _ = gram.shape
     steps = min(steps, n)
-    a = gram.to(torch.float32)
+    # Scaled to a unit largest diagonal entry: float64 Gram entries far outside float32's range stay representable.
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).amax(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    a = (gram / scale[:, None, None]).to(torch.float32)
     basis = torch.empty(batch, steps, n, dtype=torch.float32, device=gram.device)
     alphas = torch.zeros(batch, steps, dtype=torch.float32, device=gram.device)
     betas = torch.zeros_like(alphas)
