@@ -176,8 +176,8 @@ def _lanczos_top_eigenvalue(gram: Tensor, steps: int, rtol: float, generator: to
 
     Only a *candidate* for the verification in :func:`verified_spectral_norm`, never a bound by itself: whatever
     the recurrence does in floating point (loss of orthogonality, a Krylov space exhausted early), the estimate is the
-    float64 Rayleigh quotient of a vector, never above the largest eigenvalue, and a poor one only fails the
-    verification. Lanczos runs in float32 (half the memory traffic of its matrix-vector products), checking at steps
+    float64 Rayleigh quotient of a vector (at most the largest eigenvalue, up to rounding), and a poor one only fails
+    the verification. Lanczos runs in float32 (half the memory traffic of its matrix-vector products), checking at steps
     16, 24, ... whether every top Ritz pair's residual is below ``rtol / 8`` of its value; the estimate is the
     Rayleigh quotient of the top Ritz vector, accurate to its squared error. The plain three-term recurrence
     suffices for the top value.
