@@ -30,6 +30,7 @@ __all__ = [
 _UNIT_ROUNDOFF = 2.0**-53  # float64
 DEFAULT_MAX_ITER = 24
 DEFAULT_RTOL = 1e-5
+LANCZOS_STEPS = 40
 
 
 def _rounding_slack(m: int, n: int, n_iter: int) -> float:
@@ -173,48 +174,52 @@ def _squared_frobenius(real: Tensor, imag: Tensor | None) -> Tensor:
 def _lanczos_top_eigenvalue(gram: Tensor, steps: int, rtol: float, generator: torch.Generator) -> Tensor:
     """Estimate of the largest eigenvalue of batched symmetric PSD matrices (float64 ``gram``).
 
-    Only a *candidate* for the verification in :func:`verified_spectral_norm`, never a bound by itself. Lanczos
-    runs in float32 (half the memory traffic of its matrix-vector products), stopping once every top Ritz pair's
-    residual is below ``rtol / 8`` of its value; the estimate is the float64 Rayleigh quotient of the top Ritz vector,
-    accurate to its squared error. The plain three-term recurrence suffices for the top value.
+    Only a *candidate* for the verification in :func:`verified_spectral_norm`, never a bound by itself: whatever
+    the recurrence does in floating point (loss of orthogonality, a Krylov space exhausted early), the estimate is the
+    float64 Rayleigh quotient of a vector (at most the largest eigenvalue, up to rounding), and a poor one only fails
+    the verification. Lanczos runs in float32 (half the memory traffic of its matrix-vector products), checking at steps
+    16, 24, ... whether every top Ritz pair's residual is below ``rtol / 8`` of its value; the estimate is the
+    Rayleigh quotient of the top Ritz vector, accurate to its squared error. The plain three-term recurrence
+    suffices for the top value.
     """
     batch, n, _ = gram.shape
-    a = gram.to(torch.float32)
+    steps = min(steps, n)
+    # Scaled to a unit largest diagonal entry: float64 Gram entries far outside float32's range stay representable.
+    scale = torch.diagonal(gram, dim1=-2, dim2=-1).amax(dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    a = (gram / scale[:, None, None]).to(torch.float32)
+    basis = torch.empty(batch, steps, n, dtype=torch.float32, device=gram.device)
+    alphas = torch.zeros(batch, steps, dtype=torch.float32, device=gram.device)
+    betas = torch.zeros_like(alphas)
     # Row vectors: ``v^T A`` (= ``(A v)^T``, A symmetric) runs about twice as fast as ``A v`` as a batched product.
     v = torch.randn(batch, 1, n, dtype=torch.float32, generator=generator).to(gram.device)
     v = v / torch.linalg.vector_norm(v, dim=2, keepdim=True)
-    v_prev, beta = torch.zeros_like(v), torch.zeros(batch, dtype=a.dtype, device=a.device)
-    basis, alphas, betas = [], [], []
-    for step in range(min(steps, n)):
-        basis.append(v)
-        w = v @ a
-        alpha = (v * w).sum(dim=(1, 2))
-        w = w - alpha[:, None, None] * v - beta[:, None, None] * v_prev
-        beta = torch.linalg.vector_norm(w, dim=(1, 2))
-        alphas.append(alpha)
-        betas.append(beta)
-        if bool((beta <= 1e-6 * alpha.abs()).all()):  # an invariant subspace: the Ritz values are exact
-            break
-        if step >= 11 and step % 4 == 3:
-            values, vectors = _ritz(alphas, betas)
-            if bool((beta * vectors[:, -1, -1].abs() <= rtol / 8 * values[:, -1]).all()):
+    v_prev, beta = torch.zeros_like(v), torch.zeros(batch, 1, 1, dtype=torch.float32, device=gram.device)
+    k = 0
+    for k in range(1, steps + 1):
+        basis[:, k - 1 : k] = v
+        w = torch.bmm(v, a)
+        alpha = torch.bmm(w, v.mT)
+        w = torch.addcmul(torch.addcmul(w, alpha, v, value=-1), beta, v_prev, value=-1)
+        beta = torch.linalg.vector_norm(w, dim=2, keepdim=True)
+        alphas[:, k - 1], betas[:, k - 1] = alpha[:, 0, 0], beta[:, 0, 0]
+        if k % 8 == 0 and k >= 16:
+            values, vectors = _ritz(alphas[:, :k], betas[:, : k - 1])
+            if bool((beta[:, 0, 0] * vectors[:, -1, -1].abs() <= rtol / 8 * values[:, -1]).all()):
                 break
-        v_prev, v = v, w / beta.clamp_min(1e-30)[:, None, None]
-    _, vectors = _ritz(alphas, betas)
-    ritz = (vectors[:, None, :, -1] @ torch.cat(basis, dim=1)).to(torch.float64)  # (batch, 1, n)
+        v_prev, v = v, w / beta.clamp_min(1e-30)
+    _, vectors = _ritz(alphas[:, :k], betas[:, : k - 1])
+    ritz = (vectors[:, None, :, -1] @ basis[:, :k]).to(torch.float64)  # (batch, 1, n)
     return ((ritz * (ritz @ gram)).sum(dim=(1, 2)) / (ritz * ritz).sum(dim=(1, 2))).clamp_min(0.0)
 
 
-def _ritz(alphas: list[Tensor], betas: list[Tensor]) -> tuple[Tensor, Tensor]:
-    tri = torch.diag_embed(torch.stack(alphas, dim=1))
-    if len(alphas) > 1:
-        off = torch.stack(betas[:-1], dim=1)
-        tri = tri + torch.diag_embed(off, offset=1) + torch.diag_embed(off, offset=-1)
+def _ritz(alphas: Tensor, betas: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of the Lanczos tridiagonal matrices with diagonals ``alphas`` and off-diagonals ``betas``."""
+    tri = torch.diag_embed(alphas) + torch.diag_embed(betas, offset=1) + torch.diag_embed(betas, offset=-1)
     return torch.linalg.eigh(tri)
 
 
 @torch.no_grad()
-def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps: int = 40) -> Tensor:
+def verified_spectral_norm(weight: Tensor, *, rtol: float = DEFAULT_RTOL, lanczos_steps: int = LANCZOS_STEPS) -> Tensor:
     """Guaranteed upper bound on the largest singular value, by verifying a float64 eigenvalue estimate.
 
     Fast path for certificates (not differentiable; :func:`gram_spectral_norm` is). With ``A = fl(W^T W)``
@@ -228,6 +233,14 @@ def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps:
     Where the factorization fails (the estimate was too low), the estimate is redone with a dense eigensolver, then
     ``rtol`` grows 16-fold, up to twice, and then the matrix falls back to :func:`gram_spectral_norm`.
 
+    How ``A`` is formed does not change the analysis: only its upper block triangle is computed (5/8 of the
+    products) and mirrored, so each entry is still one float64 inner product of length ``m``, whose error bound
+    (Thm 3.5) holds in any summation order. Matrices are rescaled by an exact power of two
+    only where the diagonal of ``A`` (the squared column norms) shows that products overflowed or came near
+    underflow (largest diagonal entry outside ``[2^-600, 2^600]``); those are formed again from the rescaled matrix.
+    Below that, products that underflow err by at most ``2^-1075`` each, which the absolute term
+    ``n^2 2^-1022`` covers.
+
     Example:
         >>> w = torch.randn(1536, 384, dtype=torch.float64)
         >>> bool(verified_spectral_norm(w) >= torch.linalg.matrix_norm(w, ord=2))
@@ -237,73 +250,149 @@ def verified_spectral_norm(weight: Tensor, *, rtol: float = 1e-5, lanczos_steps:
         raise ValueError(f"expected a matrix or a batch of matrices, got shape {tuple(weight.shape)}")
     if weight.is_complex():
         return gram_spectral_norm(weight)
-    w = weight.to(torch.float64)
-    if w.shape[-2] < w.shape[-1]:
-        w = w.mT
-    batch_shape, (m, n) = w.shape[:-2], w.shape[-2:]
-    w = w.reshape(-1, m, n)
+    w = _tall_float64(weight)
     if w.numel() == 0:
-        return torch.zeros(batch_shape, dtype=torch.float64, device=weight.device)
-    # An exact power-of-two rescaling only where products could overflow or underflow (one pass fewer otherwise).
-    w, _, applied, _ = _split_power_of_two(w)
-    gram = w.mT @ w
-    u = _UNIT_ROUNDOFF
-    gamma_m, gamma_n = m * u / (1 - m * u), (n + 1) * u / (1 - (n + 1) * u)
-    diag = torch.diagonal(gram, dim1=-2, dim2=-1)
-    # ||W||_F^2 from the computed diagonal: each entry is an inner product of nonnegative terms, at most gamma_m low.
-    fro2 = diag.sum(dim=-1) * (1 + (n + 1) * u) / (1 - gamma_m)
-    if n <= 128:  # small: a dense eigensolver is cheaper than the Lanczos loop
-        theta = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
-    else:
-        theta = _lanczos_top_eigenvalue(gram, lanczos_steps, rtol, torch.Generator().manual_seed(0))
-    eye = torch.eye(n, dtype=torch.float64, device=w.device)
-    tau = torch.full_like(theta, rtol)
-    ok = torch.zeros_like(theta, dtype=torch.bool)
-    shift = torch.zeros_like(theta)
-    for attempt in range(4):
-        s = theta * (1 + tau) + fro2 * gamma_m + torch.finfo(torch.float64).tiny
-        _, info = torch.linalg.cholesky_ex(s[:, None, None] * eye - gram)
-        passed = (info == 0) & ~ok
-        shift = torch.where(passed, s, shift)
-        ok |= passed
-        if bool(ok.all()):
-            break
-        if attempt == 0:  # the Lanczos estimate was too low: take the dense eigensolver's for those matrices
-            theta[~ok] = torch.linalg.eigvalsh(gram[~ok])[:, -1].clamp_min(0.0)
-        else:
-            tau = torch.where(ok, tau, tau * 16)
-    trace_up = (n * shift - diag.sum(dim=-1)).clamp_min(0) * (1 + (n + 1) * u) + n * u * shift
-    e_forming_a = gamma_m * fro2
-    e_diagonal = u * (shift[:, None] - diag).abs().amax(dim=-1)
-    e_cholesky = gamma_n * trace_up / (1 - gamma_n)
-    lam = (shift + e_forming_a + e_diagonal + e_cholesky + n * n * 2.0**-1022) * (1 + 8 * u)
-    bound = _scale_up(torch.sqrt(lam) * (1 + 2 * u), applied)
-    if not bool(ok.all()):
-        bound[~ok] = _scale_up(gram_spectral_norm(w[~ok]), applied[~ok])
-    bound = torch.where(fro2 == 0, torch.zeros_like(bound), bound)
-    return bound.reshape(batch_shape)
+        return torch.zeros(w.shape[:-2], dtype=torch.float64, device=w.device)
+    return _verified_bounds(w.reshape(-1, *w.shape[-2:]).unbind(0), rtol, lanczos_steps).reshape(w.shape[:-2])
 
 
 def batched_spectral_norms(weights: Sequence[Tensor]) -> list[Tensor]:
-    """Guaranteed spectral-norm bounds (:func:`verified_spectral_norm`) of many matrices, batched by shape.
+    """Guaranteed spectral-norm bounds (:func:`verified_spectral_norm`) of many matrices.
 
-    Batching same-shaped matrices (e.g. the 12 ``fc1`` weights of a ViT-B) amortises the per-call overhead and
-    lets the matrix products run as one ``bmm``.
+    Matrices with the same number of columns on their smaller side (every weight of a ViT: the width) are verified
+    together, a few at a time: one batched Lanczos loop and one batched Cholesky factorization per chunk. No copy of
+    the weights is made beyond their conversion to float64.
 
     Example:
         >>> bounds = batched_spectral_norms([torch.randn(8, 4), torch.randn(8, 4), torch.randn(3, 5)])
         >>> len(bounds)
         3
     """
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, weight in enumerate(weights):
-        groups.setdefault(tuple(weight.shape), []).append(index)
     bounds: list[Tensor] = [torch.empty(0)] * len(weights)
-    for members in groups.values():
-        stacked = verified_spectral_norm(torch.stack([weights[i].detach() for i in members]))
-        for i, bound in zip(members, stacked, strict=True):
-            bounds[i] = bound
+    by_side: dict[int, list[int]] = {}
+    for index, weight in enumerate(weights):
+        if weight.dim() == 2 and not weight.is_complex() and weight.numel() > 0:
+            by_side.setdefault(min(weight.shape), []).append(index)
+        else:  # refused, bounded by the Gram iteration, or empty, as verified_spectral_norm does
+            bounds[index] = verified_spectral_norm(weight.detach())
+    for members in by_side.values():
+        values = _verified_bounds([_tall_float64(weights[i].detach()) for i in members], DEFAULT_RTOL, LANCZOS_STEPS)
+        for i, value in zip(members, values, strict=True):
+            bounds[i] = value
     return bounds
+
+
+def _tall_float64(weight: Tensor) -> Tensor:
+    """``weight`` in float64, transposed (a view) where it has more columns than rows: the Gram matrix is formed on the
+    smaller side, ``sigma(W) = sigma(W^T)``."""
+    w = weight.to(torch.float64)
+    return w.mT if w.shape[-2] < w.shape[-1] else w
+
+
+# Matrices are verified a few at a time, so that each chunk's Gram matrices stay in cache from their product through
+# the Lanczos loop (one pass over them per step) to the Cholesky factorization.
+_CHUNK_BYTES = 2**22
+
+
+def _verified_bounds(matrices: Sequence[Tensor], rtol: float, lanczos_steps: int) -> Tensor:
+    """Bounds (see :func:`verified_spectral_norm`) of tall float64 matrices ``(m_i, n)`` sharing ``n``."""
+    n = matrices[0].shape[-1]
+    device = matrices[0].device
+    bound = torch.zeros(len(matrices), dtype=torch.float64, device=device)
+    chunk = max(1, _CHUNK_BYTES // (4 * n * n))
+    for start in range(0, len(matrices), chunk):
+        part = matrices[start : start + chunk]
+        gram = torch.empty(len(part), n, n, dtype=torch.float64, device=device)
+        applied = _scaled_grams(part, gram)
+        rows = torch.tensor([w.shape[0] for w in part], dtype=torch.float64, device=device)
+        lam, ok, zero = _verified_top_eigenvalue(gram, rows, rtol, lanczos_steps)
+        values = _scale_up(torch.sqrt(lam) * (1 + 2 * _UNIT_ROUNDOFF), applied)
+        for i in (~ok).nonzero().flatten().tolist():  # rare: bounded by the Gram iteration instead
+            values[i] = gram_spectral_norm(part[i])
+        bound[start : start + chunk] = torch.where(zero, torch.zeros_like(values), values)
+    return bound
+
+
+def _scaled_grams(matrices: Sequence[Tensor], out: Tensor) -> Tensor:
+    """Writes ``fl(W_i'^T W_i')`` into ``out[i]`` and returns ``applied`` per matrix, with ``W_i = 2^applied_i W_i'``.
+
+    Only where the Gram diagonal (the squared column norms) left ``[2^-600, 2^600]`` or is not finite is the matrix
+    rescaled by :func:`_split_power_of_two` (which refuses NaN and infinite entries; any such entry makes its column's
+    diagonal entry non-finite) and its Gram matrix formed again. A zero diagonal is among them: it may have underflowed
+    from a nonzero matrix."""
+    for w, gram in zip(matrices, out, strict=True):
+        _symmetric_gram(w, gram)
+    top = torch.diagonal(out, dim1=-2, dim2=-1).amax(dim=-1)
+    extreme = ~((top <= 2.0**600) & (top >= 2.0**-600))
+    applied = torch.zeros(len(out), dtype=torch.float64, device=out.device)
+    for i in extreme.nonzero().flatten().tolist():
+        rescaled, _, exponent, _ = _split_power_of_two(matrices[i][None])
+        applied[i] = exponent[0]
+        _symmetric_gram(rescaled[0], out[i])
+    return applied
+
+
+def _symmetric_gram(w: Tensor, out: Tensor) -> None:
+    """``out = fl(W^T W)`` for an ``m x n`` float64 matrix, from its upper block triangle: with the columns of ``W`` in
+    up to four panels ``W_i``, the products ``W_i^T [W_i ... W_k]`` are computed (5/8 of the full product's work for
+    four) and every block below the diagonal is copied from its mirror image. Each entry is one float64 inner product of
+    a column pair, as in a full product."""
+    n = w.shape[-1]
+    width = max(64, -(-n // 4))
+    if width >= n:  # small: one product is faster than several
+        torch.mm(w.mT, w, out=out)
+        return
+    torch.mm(w[:, :width].mT, w, out=out[:width])  # the first rows of ``out``: contiguous, written in place
+    for start in range(width, n, width):
+        panel = slice(start, start + width)
+        out[panel, start:] = w[:, panel].mT @ w[:, start:]
+        out[panel, :start] = out[:start, panel].mT
+
+
+def _verified_top_eigenvalue(
+    gram: Tensor, rows: Tensor, rtol: float, lanczos_steps: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lam, ok, zero)``: ``lam >= lambda_max(W^T W)`` where ``ok`` (the Cholesky proof of
+    :func:`verified_spectral_norm`), for Gram matrices ``gram = fl(W^T W)`` of matrices with ``rows`` rows each;
+    ``zero`` marks all-zero matrices. ``gram`` is overwritten (it becomes ``s I - A``)."""
+    n = gram.shape[-1]
+    u = _UNIT_ROUNDOFF
+    gamma_m, gamma_n = rows * u / (1 - rows * u), (n + 1) * u / (1 - (n + 1) * u)
+    diag = torch.diagonal(gram, dim1=-2, dim2=-1).clone()
+    # ||W||_F^2 from the computed diagonal: each entry is an inner product of nonnegative terms, at most gamma_m low.
+    fro2 = diag.sum(dim=-1) * (1 + (n + 1) * u) / (1 - gamma_m)
+    if n <= 128:  # small: a dense eigensolver is cheaper than the Lanczos loop
+        theta = torch.linalg.eigvalsh(gram)[:, -1].clamp_min(0.0)
+    else:
+        theta = _lanczos_top_eigenvalue(gram, lanczos_steps, rtol, torch.Generator().manual_seed(0))
+    # From here on ``gram`` holds -A off the diagonal (exact) and s - a_ii on it (one rounding each).
+    shifted = gram.neg_()
+    shifted_diag = torch.diagonal(shifted, dim1=-2, dim2=-1)
+    tau = torch.full_like(theta, rtol)
+    ok = torch.zeros_like(theta, dtype=torch.bool)
+    shift = torch.zeros_like(theta)
+    todo = torch.arange(len(gram), device=gram.device)  # matrices not proven yet
+    for attempt in range(4):
+        s = theta[todo] * (1 + tau[todo]) + fro2[todo] * gamma_m[todo] + torch.finfo(torch.float64).tiny
+        shifted_diag[todo] = s[:, None] - diag[todo]
+        _, info = torch.linalg.cholesky_ex(shifted if len(todo) == len(gram) else shifted[todo])
+        passed = info == 0
+        shift[todo[passed]] = s[passed]
+        ok[todo[passed]] = True
+        todo = todo[~passed]
+        if len(todo) == 0:
+            break
+        if attempt == 0:  # the Lanczos estimate was too low: take the dense eigensolver's for those matrices
+            shifted_diag[todo] = -diag[todo]
+            theta[todo] = -torch.linalg.eigvalsh(shifted[todo])[:, 0].clamp_max(0.0)
+        else:
+            tau[todo] *= 16
+    trace_up = (n * shift - diag.sum(dim=-1)).clamp_min(0) * (1 + (n + 1) * u) + n * u * shift
+    e_forming_a = gamma_m * fro2
+    e_diagonal = u * (shift[:, None] - diag).abs().amax(dim=-1)
+    e_cholesky = gamma_n * trace_up / (1 - gamma_n)
+    lam = (shift + e_forming_a + e_diagonal + e_cholesky + n * n * 2.0**-1022) * (1 + 8 * u)
+    return lam, ok, fro2 == 0
 
 
 @torch.no_grad()
