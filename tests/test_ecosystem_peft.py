@@ -324,3 +324,27 @@ def test_with_lora_and_merged_leave_models_without_adapters_alone():
     adapted = robustvit.peft.with_lora(lip, 2)
     copy_ = robustvit.peft.merged(adapted)
     assert isinstance(adapted, peft.PeftModel) and _lora_layers(adapted) and not _lora_layers(copy_)
+
+
+@pytest.mark.parametrize("tuner", ["lora", "ia3"])
+def test_adapters_on_l2_attention_projections_enter_its_forward_and_bound(tuner):
+    """L2 attention reads its projections' weights (query, value; output in the bound) instead of calling them: adapters
+    on them (target_modules returns them) must change what it computes and bounds, and the merged attention, bounded by
+    the plain code path, must compute and bound exactly that."""
+    lip = robustvit.convert(build_model("timm_token").eval(), mixer="l2")
+    attn = lip.blocks[0].mixer.fn.attn
+    targets = [name for name in robustvit.peft.target_modules(lip) if name.endswith(("q_proj", "v_proj", "o_proj"))]
+    model = robustvit.peft.get_peft_model(lip, _tuner_configs(targets)[tuner]).eval()
+    tokens = torch.randn(2, attn.num_tokens, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before, bound_before = attn(tokens), attn.lipschitz_bound()
+    _perturb_adapters(model, 0.5)
+    with torch.no_grad():
+        adapted, bound = attn(tokens), attn.lipschitz_bound()
+    assert (adapted - before).abs().max() > 1e-2 * before.abs().max()
+    assert float(bound) != pytest.approx(float(bound_before), rel=1e-3)
+    for layer in (attn.q_proj, attn.v_proj, attn.o_proj):
+        layer.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(attn(tokens), adapted, atol=1e-6, rtol=1e-5)
+    assert float(attn.lipschitz_bound()) == pytest.approx(float(bound), rel=1e-6)

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
+from robustvit.layers.linear import is_linear, linear_bias, linear_weight  # noqa: F401  (the families' API)
 from robustvit.lipschitz.engine import BoundFn, compose_bound
 from robustvit.lipschitz.spectral import gram_spectral_norm
 from robustvit.registry import Registry
@@ -259,21 +259,6 @@ def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     if len(values) != channels and len(set(values)) == 1:
         return values[:1] * channels
     return values
-
-
-def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (parametrized or not), or a PEFT-adapted one (:class:`robustvit.peft.ConstrainedTunerLayer`)."""
-    return parametrize.type_before_parametrizations(module) is nn.Linear or hasattr(module, "effective_weight")
-
-
-def linear_weight(module: nn.Module) -> Tensor:
-    """The weight a linear layer computes with, PEFT updates included."""
-    return module.effective_weight() if hasattr(module, "effective_weight") else module.weight
-
-
-def linear_bias(module: nn.Module) -> Tensor | None:
-    """The bias a linear layer computes with, PEFT updates included ((IA)^3 scales it)."""
-    return module.effective_bias() if hasattr(module, "effective_bias") else module.bias
 
 
 def one(device: torch.device | None = None) -> Tensor:
