@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn, register_bound
-from robustvit.lipschitz.rescale import is_spectrally_rescaled
+from robustvit.lipschitz.rescale import frozen_directions, is_spectrally_rescaled
 from robustvit.lipschitz.spectral import gram_spectral_norm
 from robustvit.registry import Registry
 
@@ -190,8 +190,10 @@ class ConstrainedTunerLayer(nn.Module):
             self.merged_adapters = [name for name in self.merged_adapters if name not in adapters]
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
-        # A guaranteed bound of the exact effective weight (a rescaled one is at most 1 up to the Gram slack).
-        return gram_spectral_norm(self.effective_weight())
+        # A guaranteed bound of the exact effective weight (a rescaled one is at most 1 up to the Gram slack), read
+        # with the rescaling's directions frozen: bounding a layer in train mode must not move them (its function).
+        with frozen_directions():
+            return gram_spectral_norm(self.effective_weight())
 
     def __repr__(self) -> str:
         return "lipschitz_" + super().__repr__()

@@ -348,3 +348,12 @@ def test_adapters_on_l2_attention_projections_enter_its_forward_and_bound(tuner)
     with torch.no_grad():
         torch.testing.assert_close(attn(tokens), adapted, atol=1e-6, rtol=1e-5)
     assert float(attn.lipschitz_bound()) == pytest.approx(float(bound), rel=1e-6)
+
+
+def test_bounding_an_adapted_layer_in_train_mode_leaves_its_function_alone():
+    model, _ = _adapted("timm_token")
+    layer = _lora_layers(model)[0]
+    model.train()
+    directions = layer.base_layer.parametrizations.weight[0].directions.clone()
+    assert float(layer.lipschitz_bound()) > 0
+    torch.testing.assert_close(layer.base_layer.parametrizations.weight[0].directions, directions, atol=0, rtol=0)
