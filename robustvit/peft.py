@@ -107,7 +107,8 @@ class ConstrainedTunerLayer(nn.Module):
         """PEFT's ``update_layer`` (``add_adapter`` on an adapted layer), refusing options the constrained forward
         could not honour."""
         super().update_layer(adapter_name, *args, **kwargs)
-        problems = self.tuner.refused(self, adapter_name)
+        config = kwargs.get("config", next((arg for arg in args if isinstance(arg, peft.PeftConfig)), None))
+        problems = self.tuner.refused(self, adapter_name) + _init_problems(self, config)
         if problems:
             self.delete_adapter(adapter_name)
             raise ValueError(
@@ -285,6 +286,20 @@ def _dropout_problem(dropouts: nn.ModuleDict, adapter: str, option: str) -> list
     return [] if isinstance(dropouts[adapter], nn.Identity) else [f"{option}>0 (dropout is not a weight update)"]
 
 
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+"""``init_lora_weights`` values with which PEFT moves part of the base weight into the adapter: it writes the rest to
+``base_layer.weight.data``, which on a spectrally rescaled layer is a tensor computed on each read, so the write is lost
+and the adapted model no longer computes the converted one."""
+
+
+def _init_problems(layer: nn.Module, config: peft.PeftConfig | None) -> list[str]:
+    init = getattr(config, "init_lora_weights", None)
+    base = layer.get_base_layer()
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS) and parametrize.is_parametrized(base):
+        return [f"init_lora_weights={init!r} on a rescaled layer (it rewrites the base weight; use the default init)"]
+    return []
+
+
 def _lora_update(layer: nn.Module, adapter: str, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
     adapted = weight + layer.get_delta_weight(adapter)
     if adapter in layer.lora_variant:  # DoRA (the only variant let through): row magnitudes over detached row norms
@@ -368,6 +383,7 @@ def constrain(model: nn.Module) -> nn.Module:
         for name, module in model.named_modules()
         if isinstance(module, BaseTunerLayer) and not isinstance(module, ConstrainedTunerLayer)
     ]
+    configs = getattr(model, "peft_config", {})  # a PeftModel's or tuner model's, by adapter
     for name, layer in layers:
         layer_type = type(layer)
         if layer_type not in TUNERS:
@@ -376,7 +392,9 @@ def constrain(model: nn.Module) -> nn.Module:
                 f"the Lipschitz constraint; supported: {_supported()} on nn.Linear (robustvit.peft.register_tuner)"
             )
         rule = TUNERS[layer_type].tuner
-        problems = [p for adapter in getattr(layer, rule.adapters) for p in rule.refused(layer, adapter)]
+        adapters = getattr(layer, rule.adapters)
+        problems = [p for adapter in adapters for p in rule.refused(layer, adapter)]
+        problems += [p for adapter in adapters for p in _init_problems(layer, configs.get(adapter))]
         if problems:
             problems = "; ".join(problems)
             raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {problems}")

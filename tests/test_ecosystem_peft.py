@@ -357,3 +357,35 @@ def test_bounding_an_adapted_layer_in_train_mode_leaves_its_function_alone():
     directions = layer.base_layer.parametrizations.weight[0].directions.clone()
     assert float(layer.lipschitz_bound()) > 0
     torch.testing.assert_close(layer.base_layer.parametrizations.weight[0].directions, directions, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_inits_that_rewrite_the_base_weight_are_refused_on_rescaled_layers(init):
+    """PiSSA / OLoRA move the top of the base weight into the adapter and write the rest to base_layer.weight.data: a
+    computed tensor on a rescaled layer, so the adapted model silently stopped computing the converted one."""
+    lip = robustvit.convert(build_model("timm_token").eval())
+    with torch.no_grad():
+        reference = lip(_pixels(2, 0))
+    match = f"init_lora_weights='{init}' on a rescaled layer"
+    with pytest.raises(ValueError, match=match):
+        robustvit.peft.get_peft_model(lip, robustvit.peft.lora_config(lip, r=2, init_lora_weights=init))
+    with torch.no_grad():
+        assert not _constrained_layers(lip) and torch.equal(lip(_pixels(2, 0)), reference)
+    with pytest.raises(ValueError, match=match):  # built by PEFT itself (or loaded with that config), then constrained
+        robustvit.peft.constrain(
+            peft.get_peft_model(
+                copy.deepcopy(lip), peft.LoraConfig(r=2, init_lora_weights=init, target_modules=["fc1"])
+            )
+        )
+    model = robustvit.peft.get_peft_model(lip, peft.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match=match):
+        model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=init))
+    assert all("other" not in layer.lora_A for layer in _constrained_layers(model))
+    # On a plain nn.Linear the write lands in the weight: the init keeps the function, inside the constraint too.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = net(x)
+        adapted = robustvit.peft.get_peft_model(net, peft.LoraConfig(r=2, init_lora_weights=init, target_modules=["0"]))
+        torch.testing.assert_close(adapted(x), before, atol=1e-5, rtol=1e-5)
