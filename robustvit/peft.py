@@ -213,8 +213,9 @@ def adapter_state(model: peft.PeftModel) -> dict[str, Tensor]:
 def load_base_weights(model: nn.Module, path: str | Path, adapters: dict[str, Tensor] | None = None) -> None:
     """Load a plain model's safetensors weights (``path``) into ``model``; for a PEFT model, into the base layers of
     its tuner layers (``fc1.weight`` -> ``fc1.base_layer.weight``), with its adapters set to ``adapters`` (an
-    :func:`adapter_state` taken while they were fresh), so that every run restarts from the same point. Every
-    weight of the model must be in the file, and nothing else.
+    :func:`adapter_state` taken while they were fresh), so that every run restarts from the same point (DoRA
+    magnitudes, which PEFT derives from the base weight, are derived again from the loaded one). Every weight of the
+    model must be in the file, and nothing else.
 
     Example:
         >>> adapted = get_peft_model(lip, lora_config(lip, r=2))
@@ -246,6 +247,20 @@ def load_base_weights(model: nn.Module, path: str | Path, adapters: dict[str, Te
     result = peft.set_peft_model_state_dict(model, adapters)
     if result.unexpected_keys:
         raise KeyError(f"adapters that the model does not have: {result.unexpected_keys}")
+    _initialize_dora_magnitudes(inner)
+
+
+def _initialize_dora_magnitudes(model: nn.Module) -> None:
+    """PEFT initializes a DoRA magnitude from the base weight (the row norms of ``W + s B A``), so fresh magnitudes
+    taken with other base weights would rescale the loaded model's rows: initialize them again, from the loaded ones."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if not isinstance(layer, lora.LoraLayer):
+                continue
+            for adapter, variant in layer.lora_variant.items():
+                if isinstance(variant, lora.variants.DoraLinearVariant):
+                    adapted = layer.get_base_layer().weight + layer.get_delta_weight(adapter)
+                    layer.lora_magnitude_vector[adapter].weight.copy_(torch.linalg.vector_norm(adapted, dim=1))
 
 
 def _plain_tuner_layer(module: BaseTunerLayer, bound_of: BoundFn) -> Tensor:

@@ -389,3 +389,18 @@ def test_inits_that_rewrite_the_base_weight_are_refused_on_rescaled_layers(init)
         before = net(x)
         adapted = robustvit.peft.get_peft_model(net, peft.LoraConfig(r=2, init_lora_weights=init, target_modules=["0"]))
         torch.testing.assert_close(adapted(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_load_base_weights_restarts_dora_from_the_loaded_baseline(tmp_path):
+    """Fresh DoRA magnitudes are the base weight's row norms: restarting from another baseline must compute it."""
+    from safetensors.torch import save_model
+
+    baseline = robustvit.convert(build_model("timm_token", seed=5).eval())
+    save_model(baseline, str(tmp_path / "baseline.safetensors"))
+    lip = robustvit.convert(build_model("timm_token").eval())
+    model = robustvit.peft.get_peft_model(lip, robustvit.peft.lora_config(lip, r=2, use_dora=True)).eval()
+    robustvit.peft.load_base_weights(
+        model, tmp_path / "baseline.safetensors", adapters=robustvit.peft.adapter_state(model)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(_pixels(2, 0)), baseline(_pixels(2, 0)), atol=1e-6, rtol=1e-5)
