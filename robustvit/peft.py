@@ -232,6 +232,8 @@ def load_base_weights(model: nn.Module, path: str | Path, adapters: dict[str, Te
         raise ValueError("a PEFT model restarts from fresh adapters: pass adapters=adapter_state(model) taken then")
     inner = model.get_base_model()
     tuners = [name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)]
+    # A merged layer would later restore (unmerge) the base weights it held before the merge over the loaded ones.
+    model.unmerge_adapter()
 
     def owner(key: str) -> str | None:
         return next((name for name in tuners if key.startswith(name + ".")), None)

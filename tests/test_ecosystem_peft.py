@@ -404,3 +404,17 @@ def test_load_base_weights_restarts_dora_from_the_loaded_baseline(tmp_path):
     )
     with torch.no_grad():
         torch.testing.assert_close(model(_pixels(2, 0)), baseline(_pixels(2, 0)), atol=1e-6, rtol=1e-5)
+
+
+def test_load_base_weights_into_a_merged_model_is_not_undone_by_a_later_unmerge(tmp_path):
+    from safetensors.torch import save_model
+
+    baseline = robustvit.convert(build_model("timm_token", seed=5).eval())
+    save_model(baseline, str(tmp_path / "baseline.safetensors"))
+    lip = robustvit.convert(build_model("timm_token").eval())
+    model = robustvit.peft.with_lora(lip, 2).eval()
+    fresh = robustvit.peft.adapter_state(model)
+    model.merge_adapter()
+    robustvit.peft.load_base_weights(model, tmp_path / "baseline.safetensors", adapters=fresh)
+    with torch.no_grad(), model.disable_adapter():  # disabling unmerges a merged layer
+        torch.testing.assert_close(model(_pixels(2, 0)), baseline(_pixels(2, 0)), atol=1e-6, rtol=1e-5)
