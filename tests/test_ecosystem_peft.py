@@ -418,3 +418,17 @@ def test_load_base_weights_into_a_merged_model_is_not_undone_by_a_later_unmerge(
     robustvit.peft.load_base_weights(model, tmp_path / "baseline.safetensors", adapters=fresh)
     with torch.no_grad(), model.disable_adapter():  # disabling unmerges a merged layer
         torch.testing.assert_close(model(_pixels(2, 0)), baseline(_pixels(2, 0)), atol=1e-6, rtol=1e-5)
+
+
+def test_save_pretrained_refuses_adapters_and_saves_the_merged_model(tmp_path):
+    """A robustvit repository stores the converted model's own keys: adapters are refused (not written to a folder
+    that cannot load), wrappers are taken off, and the merged model saves and loads as the adapted one."""
+    model, _ = _adapted("timm_token", scale=0.5)
+    with pytest.raises(ValueError, match=r"robustvit\.peft\.merged\(model\)"):
+        robustvit.save_pretrained(model, tmp_path / "adapted")
+    assert not (tmp_path / "adapted").exists()
+    # Saved through a torch.compile wrapper too (its state-dict keys carry "_orig_mod.", which would not load).
+    robustvit.save_pretrained(torch.compile(robustvit.peft.merged(model)), tmp_path / "merged")
+    loaded = robustvit.from_pretrained(tmp_path / "merged", verify=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_pixels(2, 0)), model(_pixels(2, 0)))
