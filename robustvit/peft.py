@@ -388,8 +388,9 @@ def constrain(model: nn.Module) -> nn.Module:
     a model PEFT built or loaded itself (``peft.PeftModel.from_pretrained(converted, adapter_dir)``).
 
     Raises ``NotImplementedError`` for a tuner layer without a :class:`TunerRule` (another tuner, or a tuner on a
-    layer other than ``nn.Linear``) and ``ValueError`` for adapter options that are not a change of the weight;
-    nothing is changed then. After ``model.add_adapter(...)`` call it again: layers PEFT adds are plain PEFT layers
+    layer other than ``nn.Linear``) or stacked on another (a PEFT mixed model), and ``ValueError`` for adapter
+    options that are not a change of the weight (or an init that rewrites a rescaled base weight); nothing is changed
+    then. After ``model.add_adapter(...)`` call it again: layers PEFT adds are plain PEFT layers
     (the bound engine refuses them until then), adapters added to constrained layers are checked as they are added.
 
     Example:
@@ -401,6 +402,16 @@ def constrain(model: nn.Module) -> nn.Module:
         if isinstance(module, BaseTunerLayer) and not isinstance(module, ConstrainedTunerLayer)
     ]
     configs = getattr(model, "peft_config", {})  # a PeftModel's or tuner model's, by adapter
+    stacked = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and isinstance(module.base_layer, BaseTunerLayer)
+    ]
+    if stacked:
+        raise NotImplementedError(
+            f"{stacked[0]}: tuner layers stacked on one another (a PEFT mixed model) are not supported inside the "
+            "Lipschitz constraint (the outer layer would rescale the innermost weight and drop the inner adapters)"
+        )
     for name, layer in layers:
         layer_type = type(layer)
         if layer_type not in TUNERS:

@@ -432,3 +432,14 @@ def test_save_pretrained_refuses_adapters_and_saves_the_merged_model(tmp_path):
     loaded = robustvit.from_pretrained(tmp_path / "merged", verify=False).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(_pixels(2, 0)), model(_pixels(2, 0)))
+
+
+def test_stacked_tuners_of_a_mixed_model_are_not_implemented():
+    """PEFT mixed models stack one tuner's layer on another's: the constrained outer layer would compute with the
+    innermost weight and silently drop the inner adapter."""
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    model = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0"]), mixed=True)
+    model.add_adapter("hadamard", peft.LoHaConfig(r=2, target_modules=["0"]))
+    with pytest.raises(NotImplementedError, match="stacked on one another"):
+        robustvit.peft.constrain(model)
+    assert not _constrained_layers(model)
