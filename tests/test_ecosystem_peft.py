@@ -119,9 +119,12 @@ def test_training_changes_the_function_and_merge_keeps_it(family):
 
 def test_plain_peft_on_a_converted_model_is_refused_by_the_bound():
     lip = robustvit.convert(build_model("timm_token").eval())
-    plain = peft.get_peft_model(lip, peft.LoraConfig(r=4, target_modules=["fc1"]))
+    plain = peft.get_peft_model(copy.deepcopy(lip), peft.LoraConfig(r=4, target_modules=["fc1"]))
     with pytest.raises(UnsupportedModuleError, match=r"robustvit\.peft\.get_peft_model"):
         robustvit.lipschitz_bound(plain)
+    head = peft.get_peft_model(lip, peft.LoraConfig(r=4, target_modules=["head"]))  # the head, read by its family
+    with pytest.raises(UnsupportedModuleError, match=r"peft\.tuners\.lora\.layer\.Linear.*robustvit\.peft\.constrain"):
+        robustvit.lipschitz_bound(head)
 
 
 def _tuner_configs(targets: list[str]) -> dict[str, peft.PeftConfig]:

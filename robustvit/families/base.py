@@ -141,7 +141,11 @@ class Family(ABC):
         heads = self.heads(model)
         for name, head in heads:
             if not is_linear(head):
-                raise UnsupportedModuleError(f"head '{name}' is a {type(head).__name__}, expected an nn.Linear")
+                kind = f"{type(head).__module__}.{type(head).__qualname__}"
+                fix = " (PEFT: robustvit.peft.get_peft_model, or robustvit.peft.constrain(model))" * kind.startswith(
+                    "peft."
+                )
+                raise UnsupportedModuleError(f"head '{name}' is a {kind}, expected an nn.Linear{fix}")
         features = self.features_bound(model, bound_of)
         if not heads:  # a feature extractor (timm num_classes=0): the features are the output
             return features
