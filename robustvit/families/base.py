@@ -142,9 +142,8 @@ class Family(ABC):
         for name, head in heads:
             if not is_linear(head):
                 kind = f"{type(head).__module__}.{type(head).__qualname__}"
-                fix = " (PEFT: robustvit.peft.get_peft_model, or robustvit.peft.constrain(model))" * kind.startswith(
-                    "peft."
-                )
+                peft_fix = " (PEFT: robustvit.peft.get_peft_model, or robustvit.peft.constrain(model))"
+                fix = peft_fix if kind.startswith("peft.") else ""
                 raise UnsupportedModuleError(f"head '{name}' is a {kind}, expected an nn.Linear{fix}")
         features = self.features_bound(model, bound_of)
         if not heads:  # a feature extractor (timm num_classes=0): the features are the output
