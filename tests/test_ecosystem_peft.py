@@ -446,3 +446,15 @@ def test_stacked_tuners_of_a_mixed_model_are_not_implemented():
     with pytest.raises(NotImplementedError, match="stacked on one another"):
         robustvit.peft.constrain(model)
     assert not _constrained_layers(model)
+
+
+def test_gradient_checkpointing_input_grads_hook_is_bounded_through():
+    """transformers' gradient checkpointing with adapters hooks the input embeddings to require grad (PEFT does it
+    too): a Lipschitz-neutral hook, so the adapted model is still bounded, to the same value."""
+    lip = robustvit.convert(build_model("hf_vit").eval())
+    model = robustvit.peft.get_peft_model(lip, robustvit.peft.lora_config(lip, r=2)).eval()
+    bound = robustvit.lipschitz_bound(model)
+    model.base_model.model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    assert model.base_model.model.vit.embeddings.patch_embeddings._forward_hooks
+    assert robustvit.lipschitz_bound(model) == bound
