@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from robustvit._utils import refuse_adapters
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import BlockParts, ViTParts, get_family
 from robustvit.layers import (
@@ -452,6 +453,7 @@ def export(model: nn.Module) -> nn.Module:
     Example:
         >>> plain = robustvit.export(lip)  # doctest: +SKIP
     """
+    refuse_adapters(model, "exporting")  # folding a tuner's base layer would take the rescaling off its update
     exported = copy.deepcopy(model)
     for module in [m for m in exported.modules() if parametrize.is_parametrized(m)]:  # listed before mutating
         # A deep copy shares torch's injected Parametrized* class with the original, and removing a

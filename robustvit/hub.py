@@ -44,7 +44,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 import tempfile
 import warnings
 from importlib import resources
@@ -66,7 +65,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from robustvit._utils import unwrap
+from robustvit._utils import refuse_adapters, unwrap
 from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.certify.lipschitz import lipschitz_head
 from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE
@@ -229,16 +228,7 @@ def _saved_model(model: nn.Module) -> nn.Module:
     """The converted model itself: without torch.compile / DDP / Accelerate wrappers, whose state-dict keys would not
     load back, and refused while it holds PEFT adapters (their keys neither), which merging keeps exactly."""
     model = unwrap(model)
-    if "peft" in sys.modules:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.other import AuxiliaryTrainingWrapper
-
-        adapted = [n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper)]
-        if adapted:
-            raise ValueError(
-                f"the model holds PEFT adapters ({', '.join(adapted[:3])}...), which a robustvit repository does not "
-                "store: save robustvit.peft.merged(model), which computes exactly what the adapted model computes"
-            )
+    refuse_adapters(model, "saving")
     return model
 
 

@@ -425,11 +425,16 @@ def test_load_base_weights_into_a_merged_model_is_not_undone_by_a_later_unmerge(
 
 def test_save_pretrained_refuses_adapters_and_saves_the_merged_model(tmp_path):
     """A robustvit repository stores the converted model's own keys: adapters are refused (not written to a folder
-    that cannot load), wrappers are taken off, and the merged model saves and loads as the adapted one."""
+    that cannot load; not folded by export either), wrappers are taken off, and the merged model saves, exports and
+    loads as the adapted one."""
     model, _ = _adapted("timm_token", scale=0.5)
     with pytest.raises(ValueError, match=r"robustvit\.peft\.merged\(model\)"):
         robustvit.save_pretrained(model, tmp_path / "adapted")
     assert not (tmp_path / "adapted").exists()
+    with pytest.raises(ValueError, match=r"exporting .*robustvit\.peft\.merged\(model\)"):
+        robustvit.export(model)  # folding the base layers' rescaling would leave the updates unrescaled
+    with torch.no_grad():
+        torch.testing.assert_close(robustvit.export(robustvit.peft.merged(model))(_pixels(2, 0)), model(_pixels(2, 0)))
     # Saved through a torch.compile wrapper too (its state-dict keys carry "_orig_mod.", which would not load).
     robustvit.save_pretrained(torch.compile(robustvit.peft.merged(model)), tmp_path / "merged")
     loaded = robustvit.from_pretrained(tmp_path / "merged", verify=False).eval()
