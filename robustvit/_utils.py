@@ -151,8 +151,9 @@ def refuse_adapters(model: nn.Module, action: str) -> None:
     adapted = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper)]
     if adapted:
         raise ValueError(
-            f"{action} a model with PEFT adapters ({', '.join(adapted[:3])}...) is not supported: use "
-            "robustvit.peft.merged(model), which computes exactly what the adapted model computes"
+            f"{action} a model with PEFT adapters ({', '.join(adapted[:3])}...) is not supported: merge them first, "
+            "robustvit.peft.merged(model) (a merged copy; PEFT's merge_and_unload() in place), which computes exactly "
+            "what the adapted model computes"
         )
 
 

@@ -383,6 +383,7 @@ def convert(
         raise ValueError(f"unknown conversion option in {sorted(overrides)}: {err}") from err
     if is_converted(model):
         raise ValueError("this model is already converted")
+    refuse_adapters(model, "converting")  # the converter reads weights (a tuner's base weight, without its update)
     family = get_family(model)
     spec = family.input_spec(model)
     mean = config.mean if config.mean is not None else spec.mean

@@ -463,3 +463,12 @@ def test_gradient_checkpointing_input_grads_hook_is_bounded_through():
     model.enable_input_require_grads()
     assert model.base_model.model.vit.embeddings.patch_embeddings._forward_hooks
     assert robustvit.lipschitz_bound(model) == bound
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_converting_a_source_with_adapters_is_refused(wrapped):
+    """The converter reads the source's weights (L2 attention's query from qkv): a LoRA update there was dropped."""
+    adapted = peft.get_peft_model(build_model("timm_token").eval(), peft.LoraConfig(r=2, target_modules=["qkv"]))
+    with pytest.raises(ValueError, match=r"converting .*robustvit\.peft\.merged"):
+        robustvit.convert(adapted if wrapped else adapted.base_model.model, mixer="l2")
+    assert robustvit.is_converted(robustvit.convert(robustvit.peft.merged(adapted), mixer="l2"))
