@@ -140,6 +140,23 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def refuse_adapters(model: nn.Module, action: str) -> None:
+    """Raise a ``ValueError`` naming the fix when ``model`` holds PEFT adapters, for an ``action`` that handles only the
+    converted model's own modules (saving its keys, folding its parametrizations)."""
+    if "peft" not in sys.modules:  # a model can hold PEFT layers only once peft is imported
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    adapted = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper)]
+    if adapted:
+        raise ValueError(
+            f"{action} a model with PEFT adapters ({', '.join(adapted[:3])}...) is not supported: merge them first, "
+            "robustvit.peft.merged(model) (a merged copy; PEFT's merge_and_unload() in place), which computes exactly "
+            "what the adapted model computes"
+        )
+
+
 def _class_forward_on_instance(model: nn.Module) -> bool:
     """Whether ``model.forward`` is set on the instance and only wraps the class's own ``forward`` (Accelerate's
     autocast / fp32-output wrappers are ``functools.wraps`` chains, each ``__wrapped__`` pointing inwards)."""

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from robustvit._utils import refuse_adapters
 from robustvit.configs import ConvertConfig
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import BlockParts, ViTParts, get_family
@@ -303,6 +304,7 @@ def convert(
         raise ValueError(f"unknown conversion option in {sorted(overrides)}: {err}") from err
     if is_converted(model):
         raise ValueError("this model is already converted")
+    refuse_adapters(model, "converting")  # the converter reads weights (a tuner's base weight, without its update)
     family = get_family(model)
     spec = family.input_spec(model)
     mean = config.mean if config.mean is not None else spec.mean
@@ -373,6 +375,7 @@ def export(model: nn.Module) -> nn.Module:
     Example:
         >>> plain = robustvit.export(lip)  # doctest: +SKIP
     """
+    refuse_adapters(model, "exporting")  # folding a tuner's base layer would take the rescaling off its update
     exported = copy.deepcopy(model)
     for module in [m for m in exported.modules() if parametrize.is_parametrized(m)]:  # listed before mutating
         # A deep copy shares torch's injected Parametrized* class with the original, and removing a

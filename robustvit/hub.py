@@ -65,6 +65,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from robustvit._utils import refuse_adapters, unwrap
 from robustvit.certify.certificate import Certificate, sha256_file
 from robustvit.certify.lipschitz import lipschitz_head
 from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE
@@ -223,6 +224,14 @@ def _warn_below_certified_precision(model: nn.Module, certificate: Certificate) 
     model.register_forward_pre_hook(check)
 
 
+def _saved_model(model: nn.Module) -> nn.Module:
+    """The converted model itself: without torch.compile / DDP / Accelerate wrappers, whose state-dict keys would not
+    load back, and refused while it holds PEFT adapters (their keys neither), which merging keeps exactly."""
+    model = unwrap(model)
+    refuse_adapters(model, "saving")
+    return model
+
+
 def _weights_bytes(model: nn.Module, digest: str | None) -> bytes:
     """The ``model.safetensors`` file: every tensor once (aliases recorded in the header), on the CPU."""
     state = model.state_dict()
@@ -375,6 +384,7 @@ def save_pretrained(
     """
     if not is_converted(model):
         raise ValueError("save_pretrained saves converted models: call robustvit.convert(model) first")
+    model = _saved_model(model)
     if curve is not None and certificate is None:
         raise ValueError("a certified-accuracy curve needs the certificate it plots")
     digest = None

@@ -49,7 +49,7 @@ from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn, register_bound
-from robustvit.lipschitz.rescale import is_spectrally_rescaled
+from robustvit.lipschitz.rescale import frozen_directions, is_spectrally_rescaled
 from robustvit.lipschitz.spectral import gram_spectral_norm
 from robustvit.registry import Registry
 
@@ -107,7 +107,8 @@ class ConstrainedTunerLayer(nn.Module):
         """PEFT's ``update_layer`` (``add_adapter`` on an adapted layer), refusing options the constrained forward
         could not honour."""
         super().update_layer(adapter_name, *args, **kwargs)
-        problems = self.tuner.refused(self, adapter_name)
+        config = kwargs.get("config", next((arg for arg in args if isinstance(arg, peft.PeftConfig)), None))
+        problems = self.tuner.refused(self, adapter_name) + _init_problems(self, config)
         if problems:
             self.delete_adapter(adapter_name)
             raise ValueError(
@@ -190,8 +191,10 @@ class ConstrainedTunerLayer(nn.Module):
             self.merged_adapters = [name for name in self.merged_adapters if name not in adapters]
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
-        # A guaranteed bound of the exact effective weight (a rescaled one is at most 1 up to the Gram slack).
-        return gram_spectral_norm(self.effective_weight())
+        # A guaranteed bound of the exact effective weight (a rescaled one is at most 1 up to the Gram slack), read
+        # with the rescaling's directions frozen: bounding a layer in train mode must not move them (its function).
+        with frozen_directions():
+            return gram_spectral_norm(self.effective_weight())
 
     def __repr__(self) -> str:
         return "lipschitz_" + super().__repr__()
@@ -210,8 +213,9 @@ def adapter_state(model: peft.PeftModel) -> dict[str, Tensor]:
 def load_base_weights(model: nn.Module, path: str | Path, adapters: dict[str, Tensor] | None = None) -> None:
     """Load a plain model's safetensors weights (``path``) into ``model``; for a PEFT model, into the base layers of
     its tuner layers (``fc1.weight`` -> ``fc1.base_layer.weight``), with its adapters set to ``adapters`` (an
-    :func:`adapter_state` taken while they were fresh), so that every run restarts from the same point. Every
-    weight of the model must be in the file, and nothing else.
+    :func:`adapter_state` taken while they were fresh), so that every run restarts from the same point (DoRA
+    magnitudes, which PEFT derives from the base weight, are derived again from the loaded one). Every weight of the
+    model must be in the file, and nothing else.
 
     Example:
         >>> adapted = get_peft_model(lip, lora_config(lip, r=2))
@@ -228,6 +232,8 @@ def load_base_weights(model: nn.Module, path: str | Path, adapters: dict[str, Te
         raise ValueError("a PEFT model restarts from fresh adapters: pass adapters=adapter_state(model) taken then")
     inner = model.get_base_model()
     tuners = [name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)]
+    # A merged layer would later restore (unmerge) the base weights it held before the merge over the loaded ones.
+    model.unmerge_adapter()
 
     def owner(key: str) -> str | None:
         return next((name for name in tuners if key.startswith(name + ".")), None)
@@ -243,6 +249,20 @@ def load_base_weights(model: nn.Module, path: str | Path, adapters: dict[str, Te
     result = peft.set_peft_model_state_dict(model, adapters)
     if result.unexpected_keys:
         raise KeyError(f"adapters that the model does not have: {result.unexpected_keys}")
+    _initialize_dora_magnitudes(inner)
+
+
+def _initialize_dora_magnitudes(model: nn.Module) -> None:
+    """PEFT initializes a DoRA magnitude from the base weight (the row norms of ``W + s B A``), so fresh magnitudes
+    taken with other base weights would rescale the loaded model's rows: initialize them again, from the loaded ones."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if not isinstance(layer, lora.LoraLayer):
+                continue
+            for adapter, variant in layer.lora_variant.items():
+                if isinstance(variant, lora.variants.DoraLinearVariant):
+                    adapted = layer.get_base_layer().weight + layer.get_delta_weight(adapter)
+                    layer.lora_magnitude_vector[adapter].weight.copy_(torch.linalg.vector_norm(adapted, dim=1))
 
 
 def _plain_tuner_layer(module: BaseTunerLayer, bound_of: BoundFn) -> Tensor:
@@ -281,6 +301,20 @@ def register_tuner(layer_class: type[BaseTunerLayer], rule: TunerRule) -> type[C
 
 def _dropout_problem(dropouts: nn.ModuleDict, adapter: str, option: str) -> list[str]:
     return [] if isinstance(dropouts[adapter], nn.Identity) else [f"{option}>0 (dropout is not a weight update)"]
+
+
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+"""``init_lora_weights`` values with which PEFT moves part of the base weight into the adapter: it writes the rest to
+``base_layer.weight.data``, which on a spectrally rescaled layer is a tensor computed on each read, so the write is lost
+and the adapted model no longer computes the converted one."""
+
+
+def _init_problems(layer: nn.Module, config: peft.PeftConfig | None) -> list[str]:
+    init = getattr(config, "init_lora_weights", None)
+    base = layer.get_base_layer()
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS) and parametrize.is_parametrized(base):
+        return [f"init_lora_weights={init!r} on a rescaled layer (it rewrites the base weight; use the default init)"]
+    return []
 
 
 def _lora_update(layer: nn.Module, adapter: str, weight: Tensor, bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -354,8 +388,9 @@ def constrain(model: nn.Module) -> nn.Module:
     a model PEFT built or loaded itself (``peft.PeftModel.from_pretrained(converted, adapter_dir)``).
 
     Raises ``NotImplementedError`` for a tuner layer without a :class:`TunerRule` (another tuner, or a tuner on a
-    layer other than ``nn.Linear``) and ``ValueError`` for adapter options that are not a change of the weight;
-    nothing is changed then. After ``model.add_adapter(...)`` call it again: layers PEFT adds are plain PEFT layers
+    layer other than ``nn.Linear``) or stacked on another (a PEFT mixed model), and ``ValueError`` for adapter
+    options that are not a change of the weight (or an init that rewrites a rescaled base weight); nothing is changed
+    then. After ``model.add_adapter(...)`` call it again: layers PEFT adds are plain PEFT layers
     (the bound engine refuses them until then), adapters added to constrained layers are checked as they are added.
 
     Example:
@@ -366,6 +401,17 @@ def constrain(model: nn.Module) -> nn.Module:
         for name, module in model.named_modules()
         if isinstance(module, BaseTunerLayer) and not isinstance(module, ConstrainedTunerLayer)
     ]
+    configs = getattr(model, "peft_config", {})  # a PeftModel's or tuner model's, by adapter
+    stacked = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, BaseTunerLayer) and isinstance(module.base_layer, BaseTunerLayer)
+    ]
+    if stacked:
+        raise NotImplementedError(
+            f"{stacked[0]}: tuner layers stacked on one another (a PEFT mixed model) are not supported inside the "
+            "Lipschitz constraint (the outer layer would rescale the innermost weight and drop the inner adapters)"
+        )
     for name, layer in layers:
         layer_type = type(layer)
         if layer_type not in TUNERS:
@@ -374,7 +420,9 @@ def constrain(model: nn.Module) -> nn.Module:
                 f"the Lipschitz constraint; supported: {_supported()} on nn.Linear (robustvit.peft.register_tuner)"
             )
         rule = TUNERS[layer_type].tuner
-        problems = [p for adapter in getattr(layer, rule.adapters) for p in rule.refused(layer, adapter)]
+        adapters = getattr(layer, rule.adapters)
+        problems = [p for adapter in adapters for p in rule.refused(layer, adapter)]
+        problems += [p for adapter in adapters for p in _init_problems(layer, configs.get(adapter))]
         if problems:
             problems = "; ".join(problems)
             raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {problems}")

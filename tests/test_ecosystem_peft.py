@@ -119,9 +119,12 @@ def test_training_changes_the_function_and_merge_keeps_it(family):
 
 def test_plain_peft_on_a_converted_model_is_refused_by_the_bound():
     lip = robustvit.convert(build_model("timm_token").eval())
-    plain = peft.get_peft_model(lip, peft.LoraConfig(r=4, target_modules=["fc1"]))
+    plain = peft.get_peft_model(copy.deepcopy(lip), peft.LoraConfig(r=4, target_modules=["fc1"]))
     with pytest.raises(UnsupportedModuleError, match=r"robustvit\.peft\.get_peft_model"):
         robustvit.lipschitz_bound(plain)
+    head = peft.get_peft_model(lip, peft.LoraConfig(r=4, target_modules=["head"]))  # the head, read by its family
+    with pytest.raises(UnsupportedModuleError, match=r"peft\.tuners\.lora\.layer\.Linear.*robustvit\.peft\.constrain"):
+        robustvit.lipschitz_bound(head)
 
 
 def _tuner_configs(targets: list[str]) -> dict[str, peft.PeftConfig]:
@@ -325,3 +328,148 @@ def test_with_lora_and_merged_leave_models_without_adapters_alone():
     adapted = robustvit.peft.with_lora(lip, 2)
     copy_ = robustvit.peft.merged(adapted)
     assert isinstance(adapted, peft.PeftModel) and _lora_layers(adapted) and not _lora_layers(copy_)
+
+
+@pytest.mark.parametrize("tuner", ["lora", "ia3"])
+def test_adapters_on_l2_attention_projections_enter_its_forward_and_bound(tuner):
+    """L2 attention reads its projections' weights (query, value; output in the bound) instead of calling them: adapters
+    on them (target_modules returns them) must change what it computes and bounds, and the merged attention, bounded by
+    the plain code path, must compute and bound exactly that."""
+    lip = robustvit.convert(build_model("timm_token").eval(), mixer="l2")
+    attn = lip.blocks[0].mixer.fn.attn
+    targets = [name for name in robustvit.peft.target_modules(lip) if name.endswith(("q_proj", "v_proj", "o_proj"))]
+    model = robustvit.peft.get_peft_model(lip, _tuner_configs(targets)[tuner]).eval()
+    tokens = torch.randn(2, attn.num_tokens, 48, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before, bound_before = attn(tokens), attn.lipschitz_bound()
+    _perturb_adapters(model, 0.5)
+    with torch.no_grad():
+        adapted, bound = attn(tokens), attn.lipschitz_bound()
+    assert (adapted - before).abs().max() > 1e-2 * before.abs().max()
+    assert float(bound) != pytest.approx(float(bound_before), rel=1e-3)
+    for layer in (attn.q_proj, attn.v_proj, attn.o_proj):
+        layer.merge()
+    with torch.no_grad():
+        torch.testing.assert_close(attn(tokens), adapted, atol=1e-6, rtol=1e-5)
+    assert float(attn.lipschitz_bound()) == pytest.approx(float(bound), rel=1e-6)
+
+
+def test_bounding_an_adapted_layer_in_train_mode_leaves_its_function_alone():
+    model, _ = _adapted("timm_token")
+    layer = _lora_layers(model)[0]
+    model.train()
+    directions = layer.base_layer.parametrizations.weight[0].directions.clone()
+    assert float(layer.lipschitz_bound()) > 0
+    torch.testing.assert_close(layer.base_layer.parametrizations.weight[0].directions, directions, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_inits_that_rewrite_the_base_weight_are_refused_on_rescaled_layers(init):
+    """PiSSA / OLoRA move the top of the base weight into the adapter and write the rest to base_layer.weight.data: a
+    computed tensor on a rescaled layer, so the adapted model silently stopped computing the converted one."""
+    lip = robustvit.convert(build_model("timm_token").eval())
+    with torch.no_grad():
+        reference = lip(_pixels(2, 0))
+    match = f"init_lora_weights='{init}' on a rescaled layer"
+    with pytest.raises(ValueError, match=match):
+        robustvit.peft.get_peft_model(lip, robustvit.peft.lora_config(lip, r=2, init_lora_weights=init))
+    with torch.no_grad():
+        assert not _constrained_layers(lip) and torch.equal(lip(_pixels(2, 0)), reference)
+    with pytest.raises(ValueError, match=match):  # built by PEFT itself (or loaded with that config), then constrained
+        robustvit.peft.constrain(
+            peft.get_peft_model(
+                copy.deepcopy(lip), peft.LoraConfig(r=2, init_lora_weights=init, target_modules=["fc1"])
+            )
+        )
+    model = robustvit.peft.get_peft_model(lip, peft.LoraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match=match):
+        model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["fc1"], init_lora_weights=init))
+    assert all("other" not in layer.lora_A for layer in _constrained_layers(model))
+    # On a plain nn.Linear the write lands in the weight: the init keeps the function, inside the constraint too.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = net(x)
+        adapted = robustvit.peft.get_peft_model(net, peft.LoraConfig(r=2, init_lora_weights=init, target_modules=["0"]))
+        torch.testing.assert_close(adapted(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_load_base_weights_restarts_dora_from_the_loaded_baseline(tmp_path):
+    """Fresh DoRA magnitudes are the base weight's row norms: restarting from another baseline must compute it."""
+    from safetensors.torch import save_model
+
+    baseline = robustvit.convert(build_model("timm_token", seed=5).eval())
+    save_model(baseline, str(tmp_path / "baseline.safetensors"))
+    lip = robustvit.convert(build_model("timm_token").eval())
+    model = robustvit.peft.get_peft_model(lip, robustvit.peft.lora_config(lip, r=2, use_dora=True)).eval()
+    robustvit.peft.load_base_weights(
+        model, tmp_path / "baseline.safetensors", adapters=robustvit.peft.adapter_state(model)
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(_pixels(2, 0)), baseline(_pixels(2, 0)), atol=1e-6, rtol=1e-5)
+
+
+def test_load_base_weights_into_a_merged_model_is_not_undone_by_a_later_unmerge(tmp_path):
+    from safetensors.torch import save_model
+
+    baseline = robustvit.convert(build_model("timm_token", seed=5).eval())
+    save_model(baseline, str(tmp_path / "baseline.safetensors"))
+    lip = robustvit.convert(build_model("timm_token").eval())
+    model = robustvit.peft.with_lora(lip, 2).eval()
+    fresh = robustvit.peft.adapter_state(model)
+    model.merge_adapter()
+    robustvit.peft.load_base_weights(model, tmp_path / "baseline.safetensors", adapters=fresh)
+    with torch.no_grad(), model.disable_adapter():  # disabling unmerges a merged layer
+        torch.testing.assert_close(model(_pixels(2, 0)), baseline(_pixels(2, 0)), atol=1e-6, rtol=1e-5)
+
+
+def test_save_pretrained_refuses_adapters_and_saves_the_merged_model(tmp_path):
+    """A robustvit repository stores the converted model's own keys: adapters are refused (not written to a folder
+    that cannot load; not folded by export either), wrappers are taken off, and the merged model saves, exports and
+    loads as the adapted one."""
+    model, _ = _adapted("timm_token", scale=0.5)
+    with pytest.raises(ValueError, match=r"robustvit\.peft\.merged\(model\)"):
+        robustvit.save_pretrained(model, tmp_path / "adapted")
+    assert not (tmp_path / "adapted").exists()
+    with pytest.raises(ValueError, match=r"exporting .*robustvit\.peft\.merged\(model\)"):
+        robustvit.export(model)  # folding the base layers' rescaling would leave the updates unrescaled
+    with torch.no_grad():
+        torch.testing.assert_close(robustvit.export(robustvit.peft.merged(model))(_pixels(2, 0)), model(_pixels(2, 0)))
+    # Saved through a torch.compile wrapper too (its state-dict keys carry "_orig_mod.", which would not load).
+    robustvit.save_pretrained(torch.compile(robustvit.peft.merged(model)), tmp_path / "merged")
+    loaded = robustvit.from_pretrained(tmp_path / "merged", verify=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_pixels(2, 0)), model(_pixels(2, 0)))
+
+
+def test_stacked_tuners_of_a_mixed_model_are_not_implemented():
+    """PEFT mixed models stack one tuner's layer on another's: the constrained outer layer would compute with the
+    innermost weight and silently drop the inner adapter."""
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    model = peft.get_peft_model(net, peft.LoraConfig(r=2, target_modules=["0"]), mixed=True)
+    model.add_adapter("hadamard", peft.LoHaConfig(r=2, target_modules=["0"]))
+    with pytest.raises(NotImplementedError, match="stacked on one another"):
+        robustvit.peft.constrain(model)
+    assert not _constrained_layers(model)
+
+
+def test_gradient_checkpointing_input_grads_hook_is_bounded_through():
+    """transformers' gradient checkpointing with adapters hooks the input embeddings to require grad (PEFT does it
+    too): a Lipschitz-neutral hook, so the adapted model is still bounded, to the same value."""
+    lip = robustvit.convert(build_model("hf_vit").eval())
+    model = robustvit.peft.get_peft_model(lip, robustvit.peft.lora_config(lip, r=2)).eval()
+    bound = robustvit.lipschitz_bound(model)
+    model.base_model.model.gradient_checkpointing_enable()
+    model.enable_input_require_grads()
+    assert model.base_model.model.vit.embeddings.patch_embeddings._forward_hooks
+    assert robustvit.lipschitz_bound(model) == bound
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_converting_a_source_with_adapters_is_refused(wrapped):
+    """The converter reads the source's weights (L2 attention's query from qkv): a LoRA update there was dropped."""
+    adapted = peft.get_peft_model(build_model("timm_token").eval(), peft.LoraConfig(r=2, target_modules=["qkv"]))
+    with pytest.raises(ValueError, match=r"converting .*robustvit\.peft\.merged"):
+        robustvit.convert(adapted if wrapped else adapted.base_model.model, mixer="l2")
+    assert robustvit.is_converted(robustvit.convert(robustvit.peft.merged(adapted), mixer="l2"))

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from robustvit.errors import UnsupportedModuleError
+from robustvit.layers.linear import is_linear, linear_bias, linear_weight  # noqa: F401  (the families' API)
 from robustvit.lipschitz.engine import BoundFn, compose_bound
 from robustvit.lipschitz.spectral import gram_spectral_norm
 from robustvit.registry import Registry
@@ -152,7 +152,10 @@ class Family(ABC):
         heads = self.heads(model)
         for name, head in heads:
             if not is_linear(head):
-                raise UnsupportedModuleError(f"head '{name}' is a {type(head).__name__}, expected an nn.Linear")
+                kind = f"{type(head).__module__}.{type(head).__qualname__}"
+                peft_fix = " (PEFT: robustvit.peft.get_peft_model, or robustvit.peft.constrain(model))"
+                fix = peft_fix if kind.startswith("peft.") else ""
+                raise UnsupportedModuleError(f"head '{name}' is a {kind}, expected an nn.Linear{fix}")
         features = self.features_bound(model, bound_of)
         if not heads:  # a feature extractor (timm num_classes=0): the features are the output
             return features
@@ -324,21 +327,6 @@ def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     if channels == 1 and len(values) == len(GREYSCALE_WEIGHTS):
         return (sum(w * v for w, v in zip(GREYSCALE_WEIGHTS, values, strict=True)),)
     return values
-
-
-def is_linear(module: nn.Module) -> bool:
-    """An ``nn.Linear`` (parametrized or not), or a PEFT-adapted one (:class:`robustvit.peft.ConstrainedTunerLayer`)."""
-    return parametrize.type_before_parametrizations(module) is nn.Linear or hasattr(module, "effective_weight")
-
-
-def linear_weight(module: nn.Module) -> Tensor:
-    """The weight a linear layer computes with, PEFT updates included."""
-    return module.effective_weight() if hasattr(module, "effective_weight") else module.weight
-
-
-def linear_bias(module: nn.Module) -> Tensor | None:
-    """The bias a linear layer computes with, PEFT updates included ((IA)^3 scales it)."""
-    return module.effective_bias() if hasattr(module, "effective_bias") else module.bias
 
 
 def one(device: torch.device | None = None) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from scipy.special import lambertw
 from torch import Tensor, nn
 
+from robustvit.layers.linear import linear_bias, linear_weight
 from robustvit.lipschitz.engine import BoundFn
 from robustvit.lipschitz.spectral import gram_spectral_norm
 
@@ -50,14 +51,14 @@ class L2Attention(nn.Module):
         if tokens != self.num_tokens:
             raise ValueError(f"L2Attention was built (and bounded) for {self.num_tokens} tokens, got {tokens}")
         heads, d = self.num_heads, self.head_dim
-        w_q = self.q_proj.weight.view(heads, d, dim)
+        w_q = linear_weight(self.q_proj).view(heads, d, dim)
         q = torch.einsum("bnc,hdc->bhnd", x, w_q)
         sq = (q * q).sum(-1)
         dist2 = sq[..., :, None] + sq[..., None, :] - 2 * q @ q.transpose(-1, -2)
         attn = torch.softmax(-dist2 / math.sqrt(d), dim=-1)
         xa = torch.einsum("bhnd,hdc->bhnc", q, w_q) / math.sqrt(d)  # X W_h W_h^T / sqrt(d)
-        w_v = self.v_proj.weight.view(heads, d, dim)
-        out = torch.einsum("bhnc,hdc->bhnd", attn @ xa, w_v) + self.v_proj.bias.view(heads, 1, d)
+        w_v = linear_weight(self.v_proj).view(heads, d, dim)
+        out = torch.einsum("bhnc,hdc->bhnd", attn @ xa, w_v) + linear_bias(self.v_proj).view(heads, 1, d)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
@@ -65,7 +66,7 @@ class L2Attention(nn.Module):
         lambert = float(lambertw(n / math.e).real)
         prefactor = math.sqrt(n / d) * (4 * lambert + 1) * (1 + 1e-12)  # covers rounding of this scalar
         dim = self.q_proj.weight.shape[1]
-        q_norms = gram_spectral_norm(self.q_proj.weight.view(heads, d, dim))
-        v_norms = gram_spectral_norm(self.v_proj.weight.view(heads, d, dim))
-        o_norm = gram_spectral_norm(self.o_proj.weight)
+        q_norms = gram_spectral_norm(linear_weight(self.q_proj).view(heads, d, dim))
+        v_norms = gram_spectral_norm(linear_weight(self.v_proj).view(heads, d, dim))
+        o_norm = gram_spectral_norm(linear_weight(self.o_proj))
         return prefactor * torch.sqrt((q_norms**4 * v_norms**2).sum()) * o_norm

@@ -134,6 +134,20 @@ def mark_lipschitz_neutral(hook: Callable) -> Callable:
     return hook
 
 
+_LIBRARY_NEUTRAL_HOOKS = {
+    # transformers' enable_input_require_grads (gradient checkpointing, PEFT): ``output.requires_grad_(True)``, returns
+    # None. A closure made on each call, so it cannot be marked in advance: known by its code's qualified name.
+    ("transformers.modeling_utils", "PreTrainedModel.enable_input_require_grads.<locals>.make_inputs_require_grads"),
+}
+
+
+def _is_lipschitz_neutral(hook: Callable) -> bool:
+    if getattr(hook, "_robustvit_lipschitz_neutral", False):
+        return True
+    code = getattr(hook, "__code__", None)
+    return code is not None and (getattr(hook, "__module__", None), code.co_qualname) in _LIBRARY_NEUTRAL_HOOKS
+
+
 def _one(module: nn.Module | None = None) -> Tensor:
     device = None
     if module is not None:
@@ -217,7 +231,7 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
         *_torch_module._global_forward_hooks.values(),
         *_torch_module._global_forward_pre_hooks.values(),
     ]
-    if any(not getattr(h, "_robustvit_lipschitz_neutral", False) for h in hooks):
+    if not all(map(_is_lipschitz_neutral, hooks)):
         raise UnsupportedModuleError(
             f"module {where} has forward hooks that may change its output; the bound engine cannot see them. "
             "Remove them, or mark Lipschitz-neutral hooks with robustvit.lipschitz.mark_lipschitz_neutral."
@@ -353,7 +367,7 @@ def _check_tree(root: nn.Module, *, parametrizations: bool = False) -> None:
     for path, module in root.named_modules():
         where = f"'{path or '<model>'}' ({_type_name(module)})"
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
-        if any(not getattr(h, "_robustvit_lipschitz_neutral", False) for h in hooks):
+        if not all(map(_is_lipschitz_neutral, hooks)):
             raise UnsupportedModuleError(
                 f"module {where} has forward hooks that may change its output; the bound engine cannot see them. "
                 "Remove them, or mark Lipschitz-neutral hooks with robustvit.lipschitz.mark_lipschitz_neutral."
