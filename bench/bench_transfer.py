@@ -1,6 +1,6 @@
 """Does a pretrained source pay off? Lipschitz-margin training from a converted pretrained ViT vs from scratch.
 
-Run: ``python bench/bench_transfer.py [--seeds 0 1 2] [--workers 2]``. On the embedded default (scikit-learn digits,
+Run: ``python bench/bench_transfer.py [--set main|mlp] [--seeds 0 1 2] [--workers 2]``. On the embedded default (scikit-learn digits,
 the small timm ViT of ``robustvit.training.DEFAULT_MODEL``), every row gets the *same* Lipschitz-training budget,
 the margin phase of ``recipes/train_lipschitz.py`` with its default hyper-parameters (EMMA, AdamW, cosine schedule
 with one warm-up epoch, training radius ramping from 0.1x to 2x 36/255), at two budgets: the recipe's default
@@ -16,9 +16,12 @@ number of epochs and a third of it. Rows differ only in where the trained model 
 Each row certifies the 360 test digits (``robustvit.certify``: guaranteed bounds, pairwise head radii) and reports
 clean and certified accuracy at 36/72/108 /255 as mean ± standard deviation over the seeds, the end-to-end bound
 and the wall time (training + certification, one worker). Jobs run in ``--workers`` processes with one thread each.
-Writes ``bench/results/transfer.json`` and prints the markdown table of the README.
+Writes ``bench/results/transfer.json`` and prints the markdown table of the README. ``--set mlp`` runs the rows of
+the MLP forms (``ConvertConfig(mlp="sll" | "cpl")``, pretrained and random init) into
+``bench/results/transfer_mlp.json``, the README's second table.
 
-A new row is one entry of ``ROWS``, e.g. ``"converted, SLL MLP": Row("pretrained", {"mlp": "sll"})``.
+A new row is one entry of ``ROWS`` (and of a set in ``ROW_SETS``), e.g.
+``"converted, CPL MLP": Row("pretrained", {"mlp": "cpl"})``.
 """
 
 from __future__ import annotations
@@ -71,6 +74,17 @@ ROWS: dict[str, Row] = {
     "random init (`--pretrain_epochs 0`)": Row("random"),
     "converted pretrained, exact conversion": Row("pretrained", {"singular_value_power": 1.0, "residual_budget": None}),
     "LipShiFT (sound bounds)": Row("lipshift", lipshift=LIPSHIFT),
+    # ConvertConfig(mlp=...): the residual MLP becomes one SLL / CPL layer (bound 1 by construction)
+    "converted pretrained, SLL MLP": Row("pretrained", {"mlp": "sll"}),
+    "random init, SLL MLP": Row("random", {"mlp": "sll"}),
+    "converted pretrained, CPL MLP": Row("pretrained", {"mlp": "cpl"}),
+    "random init, CPL MLP": Row("random", {"mlp": "cpl"}),
+}
+
+# Row sets (``--set``) and where they are written: the README's main table, and the MLP forms of ``ConvertConfig``.
+ROW_SETS: dict[str, tuple[list[str], str]] = {
+    "main": (list(ROWS)[:4], "bench/results/transfer.json"),
+    "mlp": (list(ROWS)[4:], "bench/results/transfer_mlp.json"),
 }
 
 
@@ -121,6 +135,7 @@ def _start_model(row: Row, seed: int, source_path: str, config: dict[str, Any], 
         "activation": config["activation"],
         "singular_value_power": config["singular_value_power"],
         "residual_budget": config["residual_budget"] or None,
+        "mlp": config["mlp"],
         **row.convert,
     }
     return robustvit.convert(source, calibration_images=stack_examples(train, 64)[0], **overrides)
@@ -150,6 +165,8 @@ def train_and_certify(name: str, seed: int, epochs: int, source_path: str) -> di
             loss = loss_fn(model(images), labels, eps=eps, margins=head_margins(model))
             optimizer.zero_grad()
             loss.backward()
+            if config["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
             optimizer.step()
             schedule.step()
     model.eval()
@@ -203,10 +220,14 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="full budget (default: the recipe's)")
     parser.add_argument("--pretrain_epochs", type=int, default=DEFAULT_PRETRAIN_EPOCHS, help="of the source")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--set", default="main", choices=list(ROW_SETS), help="rows and output of a README table")
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="instead of the set's rows")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--output", default="bench/results/transfer.json")
+    parser.add_argument("--output", default=None, help="default: the set's JSON under bench/results/")
     args = parser.parse_args()
+    rows, output = ROW_SETS[args.set]
+    args.rows = args.rows or rows
+    args.output = args.output or output
     full = args.epochs or recipe_defaults()["epochs"]
     budgets = sorted({full, max(1, round(full / 3))})
     started = time.perf_counter()

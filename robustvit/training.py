@@ -347,6 +347,7 @@ def train_epoch(
     *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_batches: int | None = None,
+    max_grad_norm: float | None = None,
     description: str = "train",
 ) -> dict[str, float]:
     """One pass of ``loss_fn(model, images, labels)`` minimisation over ``dataloader`` (all prepared).
@@ -356,6 +357,8 @@ def train_epoch(
         model, dataloader, optimizer, scheduler: Prepared by ``accelerator``.
         loss_fn: Loss of one batch, e.g. cross-entropy or :func:`robustvit.nullspace.nullspace_finetuning_loss`.
         max_batches: Stop after this many batches per process (smoke tests); ``None`` for the whole epoch.
+        max_grad_norm: Clip the gradients' total l2 norm to this (``accelerator.clip_grad_norm_``); ``None``: no
+            clipping.
         description: Progress bar label.
 
     Returns:
@@ -376,6 +379,8 @@ def train_epoch(
         loss = loss_fn(model, images, labels)
         optimizer.zero_grad()
         accelerator.backward(loss)
+        if max_grad_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
