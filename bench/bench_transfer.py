@@ -1,10 +1,11 @@
 """Does a pretrained source pay off? Lipschitz-margin training from a converted pretrained ViT vs from scratch.
 
-Run: ``python bench/bench_transfer.py [--set main|mlp] [--seeds 0 1 2] [--workers 2]``. On the embedded default (scikit-learn digits,
-the small timm ViT of ``robustvit.training.DEFAULT_MODEL``), every row gets the *same* Lipschitz-training budget,
-the margin phase of ``recipes/train_lipschitz.py`` with its default hyper-parameters (EMMA, AdamW, cosine schedule
-with one warm-up epoch, training radius ramping from 0.1x to 2x 36/255), at two budgets: the recipe's default
-number of epochs and a third of it. Rows differ only in where the trained model starts:
+Run: ``python bench/bench_transfer.py [--set main|mlp] [--seeds 0 1 2] [--workers 2]``. On the embedded default
+(scikit-learn digits, the small timm ViT of ``robustvit.training.DEFAULT_MODEL``), every row gets the *same*
+Lipschitz-training budget, the margin phase of ``recipes/train_lipschitz.py`` with its default hyper-parameters (EMMA,
+AdamW, gradient norm clipped to 1, cosine schedule with one warm-up epoch, training radius ramping from 0.1x to 2x
+36/255), at two budgets: the recipe's default number of epochs and a third of it. Rows differ only in where the
+trained model starts:
 
 * the converted pretrained source, with the recipe's default conversion (the source is the recipe's stand-in for a
   pretrained ViT: the default model trained for ``DEFAULT_PRETRAIN_EPOCHS`` epochs of plain cross-entropy, once per
