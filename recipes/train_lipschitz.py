@@ -59,12 +59,12 @@ SOURCE_WEIGHTS = "source.safetensors"
 DEFAULT_PRETRAIN_EPOCHS = 15  # for the embedded default model, which starts from random weights
 DEFAULT_EPOCHS = 9  # of margin training (bench/bench_transfer.py runs it and a third of it, 3 seeds, on 2 cores)
 # Defaults measured in bench/bench_transfer.py (README: the table, per seed): orthogonal weights (the source's singular
-# vectors at full gain), a residual stack bounded by 6 (tighter budgets of 2 and 3 left too little of the source's
-# blocks, no budget keeps a bound near 50), and the margin phase's gradient norm clipped to 1: without clipping, the
+# vectors at full gain), a residual stack bounded by 12 (tighter budgets of 2, 3 and 6 leave less of the source's
+# blocks; no budget keeps a bound near 50), and the margin phase's gradient norm clipped to 1: without clipping, the
 # first steps from a converted start throw away what it brings on some seeds. A random init gets the same clipping
 # (its residual stack is below any budget).
 DEFAULT_SINGULAR_VALUE_POWER = 0.0
-DEFAULT_RESIDUAL_BUDGET = 6.0
+DEFAULT_RESIDUAL_BUDGET = 12.0
 DEFAULT_MAX_GRAD_NORM = 1.0
 REPORT_EPS = (36 / 255, 72 / 255, 108 / 255)
 

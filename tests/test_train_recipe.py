@@ -218,7 +218,7 @@ def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run
     config, args = _recipe().parse_args([])
     assert config["loss"] == "emma" and config["epochs"] == 9 and args.pretrain_epochs == 15
     # The conversion that won bench/bench_transfer.py; 0 / 1 give back the exact conversion.
-    assert config["singular_value_power"] == 0.0 and config["residual_budget"] == 6.0
+    assert config["singular_value_power"] == 0.0 and config["residual_budget"] == 12.0
     assert config["max_grad_norm"] == 1.0  # clipping of the margin phase; 0 turns it off
     exact = _recipe().parse_args(["--singular_value_power", "1", "--residual_budget", "0"])[0]
     assert exact["singular_value_power"] == 1.0 and exact["residual_budget"] == 0.0
