@@ -205,6 +205,7 @@ def test_bad_flags_are_rejected(argv: list[str]) -> None:
         ["--max_eval_images", "0"],
         ["--pgd_steps", "0"],
         ["--eps", "-0.1"],
+        ["--max_grad_norm", "-1"],
     ],
     ids=lambda argv: " ".join(argv),
 )
