@@ -19,7 +19,8 @@ clean and certified accuracy at 36/72/108 /255 as mean ± standard deviation ove
 and the wall time (training + certification, one worker). Jobs run in ``--workers`` processes with one thread each.
 Writes ``bench/results/transfer.json`` and prints the markdown table of the README. ``--set mlp`` runs the rows of
 the MLP forms (``ConvertConfig(mlp="sll" | "cpl")``, pretrained and random init) into
-``bench/results/transfer_mlp.json``, the README's second table.
+``bench/results/transfer_mlp.json``, the README's second table; ``--set ablation`` the recipe defaults' ablations
+(the previous residual budget, no gradient clipping) into ``bench/results/transfer_ablation.json``.
 
 A new row is one entry of ``ROWS`` (and of a set in ``ROW_SETS``), e.g.
 ``"converted, CPL MLP": Row("pretrained", {"mlp": "cpl"})``.
@@ -35,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,11 +61,12 @@ from robustvit.training import PixelModel, cosine_schedule, load_model  # noqa: 
 class Row:
     """Where Lipschitz training starts: a converted ``"pretrained"`` or ``"random"`` source (with ``convert``
     overrides on top of the recipe's conversion defaults), or a fresh ``"lipshift"`` network (``lipshift``:
-    :func:`create_lipshift` arguments)."""
+    :func:`create_lipshift` arguments). ``train`` overrides the recipe's margin-phase hyper-parameters (ablations)."""
 
     start: Literal["pretrained", "random", "lipshift"]
     convert: dict[str, Any] = field(default_factory=dict)
     lipshift: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 # LipShiFT at the default ViT's patch grid (4x4 tokens of 8x8 pixels), 0.16M parameters (the ViT: 0.21M).
@@ -80,12 +82,17 @@ ROWS: dict[str, Row] = {
     "random init, SLL MLP": Row("random", {"mlp": "sll"}),
     "converted pretrained, CPL MLP": Row("pretrained", {"mlp": "cpl"}),
     "random init, CPL MLP": Row("random", {"mlp": "cpl"}),
+    # What the recipe's defaults owe to each choice: the previous residual budget, no gradient clipping
+    "converted pretrained, residual budget 3": Row("pretrained", {"residual_budget": 3.0}),
+    "converted pretrained, no gradient clipping": Row("pretrained", train={"max_grad_norm": 0.0}),
+    "random init, no gradient clipping": Row("random", train={"max_grad_norm": 0.0}),
 }
 
 # Row sets (``--set``) and where they are written: the README's main table, and the MLP forms of ``ConvertConfig``.
 ROW_SETS: dict[str, tuple[list[str], str]] = {
     "main": (list(ROWS)[:4], "bench/results/transfer.json"),
-    "mlp": (list(ROWS)[4:], "bench/results/transfer_mlp.json"),
+    "mlp": (list(ROWS)[4:8], "bench/results/transfer_mlp.json"),
+    "ablation": (list(ROWS)[8:], "bench/results/transfer_ablation.json"),
 }
 
 
@@ -145,7 +152,7 @@ def _start_model(row: Row, seed: int, source_path: str, config: dict[str, Any], 
 def train_and_certify(name: str, seed: int, epochs: int, source_path: str) -> dict[str, Any]:
     """The recipe's margin phase from ``ROWS[name]``'s start, then certification of the test split."""
     torch.set_num_threads(1)
-    config = recipe_defaults()
+    config = {**recipe_defaults(), **ROWS[name].train}
     train, test = _datasets(config)
     start = time.perf_counter()
     model = _start_model(ROWS[name], seed, source_path, config, train)
@@ -255,10 +262,7 @@ def main() -> None:
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_seconds": pretrain,
         "seeds": args.seeds,
-        "rows": {
-            name: {"start": ROWS[name].start, "convert": ROWS[name].convert, "lipshift": ROWS[name].lipshift}
-            for name in args.rows
-        },  # fmt: skip
+        "rows": {name: asdict(ROWS[name]) for name in args.rows},
         "summaries": summaries,
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,
