@@ -227,6 +227,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="full budget (default: the recipe's)")
+    parser.add_argument(
+        "--budgets", nargs="+", default=["full", "short"], choices=["full", "short"], help="short: a third of full"
+    )
     parser.add_argument("--pretrain_epochs", type=int, default=DEFAULT_PRETRAIN_EPOCHS, help="of the source")
     parser.add_argument("--set", default="main", choices=list(ROW_SETS), help="rows and output of a README table")
     parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="instead of the set's rows")
@@ -237,7 +240,7 @@ def main() -> None:
     args.rows = args.rows or rows
     args.output = args.output or output
     full = args.epochs or recipe_defaults()["epochs"]
-    budgets = sorted({full, max(1, round(full / 3))})
+    budgets = sorted({{"full": full, "short": max(1, round(full / 3))}[budget] for budget in args.budgets})
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp, context.Pool(args.workers) as pool:
