@@ -61,8 +61,8 @@ DEFAULT_EPOCHS = 9  # of margin training (bench/bench_transfer.py runs it and a 
 # Defaults measured in bench/bench_transfer.py (README: the table, per seed): orthogonal weights (the source's singular
 # vectors at full gain), a residual stack bounded by 12 (tighter budgets of 2, 3 and 6 leave less of the source's
 # blocks; no budget keeps a bound near 50), and the margin phase's gradient norm clipped to 1: without clipping, the
-# first steps from a converted start throw away what it brings on some seeds. A random init gets the same clipping
-# (its residual stack is below any budget).
+# first steps from a converted start throw away what it brings on some seeds. A random init (--pretrain_epochs 0) gets
+# the same conversion and clipping; the looser budget helps it too.
 DEFAULT_SINGULAR_VALUE_POWER = 0.0
 DEFAULT_RESIDUAL_BUDGET = 12.0
 DEFAULT_MAX_GRAD_NORM = 1.0
