@@ -1,10 +1,11 @@
 """Does a pretrained source pay off? Lipschitz-margin training from a converted pretrained ViT vs from scratch.
 
-Run: ``python bench/bench_transfer.py [--seeds 0 1 2] [--workers 2]``. On the embedded default (scikit-learn digits,
-the small timm ViT of ``robustvit.training.DEFAULT_MODEL``), every row gets the *same* Lipschitz-training budget,
-the margin phase of ``recipes/train_lipschitz.py`` with its default hyper-parameters (EMMA, AdamW, cosine schedule
-with one warm-up epoch, training radius ramping from 0.1x to 2x 36/255), at two budgets: the recipe's default
-number of epochs and a third of it. Rows differ only in where the trained model starts:
+Run: ``python bench/bench_transfer.py [--set main|mlp] [--seeds 0 1 2] [--workers 2]``. On the embedded default
+(scikit-learn digits, the small timm ViT of ``robustvit.training.DEFAULT_MODEL``), every row gets the *same*
+Lipschitz-training budget, the margin phase of ``recipes/train_lipschitz.py`` with its default hyper-parameters (EMMA,
+AdamW, gradient norm clipped to 1, cosine schedule with one warm-up epoch, training radius ramping from 0.1x to 2x
+36/255), at two budgets: the recipe's default number of epochs and a third of it. Rows differ only in where the
+trained model starts:
 
 * the converted pretrained source, with the recipe's default conversion (the source is the recipe's stand-in for a
   pretrained ViT: the default model trained for ``DEFAULT_PRETRAIN_EPOCHS`` epochs of plain cross-entropy, once per
@@ -16,9 +17,13 @@ number of epochs and a third of it. Rows differ only in where the trained model 
 Each row certifies the 360 test digits (``robustvit.certify``: guaranteed bounds, pairwise head radii) and reports
 clean and certified accuracy at 36/72/108 /255 as mean ± standard deviation over the seeds, the end-to-end bound
 and the wall time (training + certification, one worker). Jobs run in ``--workers`` processes with one thread each.
-Writes ``bench/results/transfer.json`` and prints the markdown table of the README.
+Writes ``bench/results/transfer.json`` and prints the markdown table of the README. ``--set mlp`` runs the rows of
+the MLP forms (``ConvertConfig(mlp="sll" | "cpl")``, pretrained and random init) into
+``bench/results/transfer_mlp.json``, the README's second table; ``--set ablation`` the recipe defaults' ablations
+(the previous residual budget, no gradient clipping) into ``bench/results/transfer_ablation.json``.
 
-A new row is one entry of ``ROWS``, e.g. ``"converted, SLL MLP": Row("pretrained", {"mlp": "sll"})``.
+A new row is one entry of ``ROWS`` (and of a set in ``ROW_SETS``), e.g.
+``"converted, CPL MLP": Row("pretrained", {"mlp": "cpl"})``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,11 +63,12 @@ from robustvit.training import PixelModel, load_model  # noqa: E402
 class Row:
     """Where Lipschitz training starts: a converted ``"pretrained"`` or ``"random"`` source (with ``convert``
     overrides on top of the recipe's conversion defaults), or a fresh ``"lipshift"`` network (``lipshift``:
-    :func:`create_lipshift` arguments)."""
+    :func:`create_lipshift` arguments). ``train`` overrides the recipe's margin-phase hyper-parameters (ablations)."""
 
     start: Literal["pretrained", "random", "lipshift"]
     convert: dict[str, Any] = field(default_factory=dict)
     lipshift: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 # LipShiFT at the default ViT's patch grid (4x4 tokens of 8x8 pixels), 0.16M parameters (the ViT: 0.21M).
@@ -73,6 +79,22 @@ ROWS: dict[str, Row] = {
     "random init (`--pretrain_epochs 0`)": Row("random"),
     "converted pretrained, exact conversion": Row("pretrained", {"singular_value_power": 1.0, "residual_budget": None}),
     "LipShiFT (sound bounds)": Row("lipshift", lipshift=LIPSHIFT),
+    # ConvertConfig(mlp=...): the residual MLP becomes one SLL / CPL layer (bound 1 by construction)
+    "converted pretrained, SLL MLP": Row("pretrained", {"mlp": "sll"}),
+    "random init, SLL MLP": Row("random", {"mlp": "sll"}),
+    "converted pretrained, CPL MLP": Row("pretrained", {"mlp": "cpl"}),
+    "random init, CPL MLP": Row("random", {"mlp": "cpl"}),
+    # What the recipe's defaults owe to each choice: the previous residual budget, no gradient clipping
+    "converted pretrained, residual budget 3": Row("pretrained", {"residual_budget": 3.0}),
+    "converted pretrained, no gradient clipping": Row("pretrained", train={"max_grad_norm": 0.0}),
+    "random init, no gradient clipping": Row("random", train={"max_grad_norm": 0.0}),
+}
+
+# Row sets (``--set``) and where they are written: the README's main table, and the MLP forms of ``ConvertConfig``.
+ROW_SETS: dict[str, tuple[list[str], str]] = {
+    "main": (list(ROWS)[:4], "bench/results/transfer.json"),
+    "mlp": (list(ROWS)[4:8], "bench/results/transfer_mlp.json"),
+    "ablation": (list(ROWS)[8:], "bench/results/transfer_ablation.json"),
 }
 
 
@@ -128,6 +150,7 @@ def _start_model(row: Row, seed: int, source_path: str, config: dict[str, Any], 
         "activation": config["activation"],
         "singular_value_power": config["singular_value_power"],
         "residual_budget": config["residual_budget"] or None,
+        "mlp": config["mlp"],
         **row.convert,
     }
     return robustvit.convert(source, calibration_images=stack_examples(train, 64)[0], **overrides)
@@ -136,7 +159,7 @@ def _start_model(row: Row, seed: int, source_path: str, config: dict[str, Any], 
 def train_and_certify(name: str, seed: int, epochs: int, source_path: str) -> dict[str, Any]:
     """The recipe's margin phase from ``ROWS[name]``'s start, then certification of the test split."""
     torch.set_num_threads(1)
-    config = recipe_defaults()
+    config = {**recipe_defaults(), **ROWS[name].train}
     train, test = _datasets(config)
     start = time.perf_counter()
     model = _start_model(ROWS[name], seed, source_path, config, train)
@@ -159,6 +182,8 @@ def train_and_certify(name: str, seed: int, epochs: int, source_path: str) -> di
             loss = loss_fn(model(images), labels, eps=eps, margins=head_margins(model))
             optimizer.zero_grad()
             loss.backward()
+            if config["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
             optimizer.step()
             schedule.step()
     model.eval()
@@ -211,13 +236,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=None, help="full budget (default: the recipe's)")
+    parser.add_argument(
+        "--budgets", nargs="+", default=["full", "short"], choices=["full", "short"], help="short: a third of full"
+    )
     parser.add_argument("--pretrain_epochs", type=int, default=DEFAULT_PRETRAIN_EPOCHS, help="of the source")
-    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--set", default="main", choices=list(ROW_SETS), help="rows and output of a README table")
+    parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="instead of the set's rows")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--output", default="bench/results/transfer.json")
+    parser.add_argument("--output", default=None, help="default: the set's JSON under bench/results/")
     args = parser.parse_args()
+    rows, output = ROW_SETS[args.set]
+    args.rows = args.rows or rows
+    args.output = args.output or output
     full = args.epochs or recipe_defaults()["epochs"]
-    budgets = sorted({full, max(1, round(full / 3))})
+    budgets = sorted({{"full": full, "short": max(1, round(full / 3))}[budget] for budget in args.budgets})
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp, context.Pool(args.workers) as pool:
@@ -242,10 +274,7 @@ def main() -> None:
         "pretrain_epochs": args.pretrain_epochs,
         "pretrain_seconds": pretrain,
         "seeds": args.seeds,
-        "rows": {
-            name: {"start": ROWS[name].start, "convert": ROWS[name].convert, "lipshift": ROWS[name].lipshift}
-            for name in args.rows
-        },  # fmt: skip
+        "rows": {name: asdict(ROWS[name]) for name in args.rows},
         "summaries": summaries,
         "runs": runs,
         "wall_seconds": time.perf_counter() - started,

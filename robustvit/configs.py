@@ -423,10 +423,11 @@ class LipschitzTrainingConfig(TrainingConfig):
     eps_start: float = arg(0.1, "training radius at the start of the ramp, times --eps")
     eps_end: float = arg(2.0, "training radius after the ramp, times --eps")
     distill: float = arg(0.0, "weight of the distillation from the source model")
+    max_grad_norm: float = arg(1.0, "clip the margin phase's gradient norm to this (0: no clipping)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("eps", "eps_start", "eps_end", "distill"):
+        for name in ("eps", "eps_start", "eps_end", "distill", "max_grad_norm"):
             _check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
 
 

@@ -271,6 +271,7 @@ def test_bad_flags_are_rejected(argv: list[str]) -> None:
         ["--max_eval_images", "0"],
         ["--pgd_steps", "0"],
         ["--eps", "-0.1"],
+        ["--max_grad_norm", "-1"],
     ],
     ids=lambda argv: " ".join(argv),
 )
@@ -285,7 +286,8 @@ def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run
     training, convert = configs.training, configs.convert
     assert training.loss == "emma" and training.epochs == 9 and training.pretrain_epochs == 15
     # The conversion that won bench/bench_transfer.py; 1 / none give back the exact conversion.
-    assert convert.activation == "minmax" and convert.singular_value_power == 0.0 and convert.residual_budget == 3.0
+    assert convert.activation == "minmax" and convert.singular_value_power == 0.0 and convert.residual_budget == 12.0
+    assert training.max_grad_norm == 1.0  # clipping of the margin phase; 0 turns it off
     exact = _recipe().parse_args(["--singular_value_power", "1", "--residual_budget", "none"]).convert
     assert exact.singular_value_power == 1.0 and exact.residual_budget is None
     run = configs.run
@@ -294,6 +296,28 @@ def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run
     for name in LOSSES:
         assert _recipe().parse_args(["--loss", name]).training.loss == name
     assert _recipe().parse_args(["--model", "vit_tiny_patch16_224"]).training.pretrain_epochs == 0
+
+
+def test_train_epoch_clips_the_total_gradient_norm() -> None:
+    # With plain SGD at lr 1 the step is the (clipped) gradient: its norm is the clip when the gradient is larger.
+    from accelerate import Accelerator
+
+    from robustvit.training import train_epoch
+
+    torch.manual_seed(0)
+    batches = [(100 * torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+
+    def step_norm(max_grad_norm: float | None) -> float:
+        model = torch.nn.Linear(4, 3)
+        torch.nn.init.constant_(model.weight, 0.1)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        loss = lambda net, images, labels: torch.nn.functional.cross_entropy(net(images), labels)  # noqa: E731
+        train_epoch(Accelerator(cpu=True), model, batches, optimizer, loss, max_grad_norm=max_grad_norm)
+        return float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+
+    assert step_norm(0.01) == pytest.approx(0.01, rel=1e-4)
+    assert step_norm(None) > 1.0
 
 
 # --------------------------------------------------------------------------------------------------- two processes

@@ -79,6 +79,7 @@ def train_epoch(
     *,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     max_batches: int | None = None,
+    max_grad_norm: float | None = None,
     description: str = "train",
     on_step: Callable[[int, Tensor], None] | None = None,
     skip_steps: int = 0,
@@ -96,6 +97,8 @@ def train_epoch(
         loss_fn: Loss of one batch, e.g. cross-entropy or :func:`robustvit.nullspace.nullspace_finetuning_loss`.
         max_batches: Stop after this many batches per process (smoke tests, data fractions); ``None`` for the
             whole epoch. See :func:`epoch_batches`.
+        max_grad_norm: Clip the gradients' total l2 norm to this before each optimizer step
+            (``accelerator.clip_grad_norm_``, on the accumulated gradients); ``None``: no clipping.
         description: Progress bar label.
         on_step: Called after each optimizer step with the number of steps taken so far in this epoch and this
             process's running ``(loss sum, images)`` (e.g. to save a checkpoint every N steps).
@@ -136,6 +139,8 @@ def train_epoch(
         with accelerator.accumulate(model):
             loss = loss_fn(model, images, labels)
             accelerator.backward(loss)
+            if max_grad_norm is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
             optimizer.step()
             if scheduler is not None:
                 scheduler.step()
