@@ -4,7 +4,7 @@
 # --output`, or robustvit.save_pretrained) or a Hub repository, certifies the split (deterministic l2 certificates
 # from the Lipschitz bound, with an l2 PGD column that tries to break them), and writes to --output_dir a certified
 # model folder: weights, config.json, certificate.json, certified_accuracy.png, metrics.json and a model card.
-# The same library call as `robustvit certify` (robustvit.certify.dataset.certify_split).
+# The `robustvit certify` command (one certification path), with the recipes' --model and --output_dir.
 #
 #   python recipes/certify.py --model outputs/train_lipschitz/model                  # embedded digits, test split
 #   python recipes/certify.py --model org/name --dataset path/to/imagefolder --split test --max_eval_images 1000
@@ -12,45 +12,24 @@
 from __future__ import annotations
 
 import argparse
-import warnings
+import sys
 from collections.abc import Sequence
 
-from robustvit.certify.dataset import certify_split
-from robustvit.configs import CertificationConfig, add_arguments, build_configs
-from robustvit.constants import DIGITS
-from robustvit.hub import UncertifiedModelWarning, from_pretrained
+from robustvit.cli import main as robustvit_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``robustvit certify`` in the recipes' conventions (``--model``, ``--output_dir``); every other flag is the
+    command's (``--dataset``, ``--split``, ``--max_eval_images``, ``--eps``, ``--pgd_steps``, ...)."""
     parser = argparse.ArgumentParser(
-        description="Certify a saved robustvit model on a dataset split.", allow_abbrev=False
+        description="Certify a saved robustvit model on a dataset split (robustvit certify --help: the other flags).",
+        allow_abbrev=False,
     )
     parser.add_argument("--model", required=True, help="a robustvit model folder or Hub repository")
-    parser.add_argument("--dataset", default=DIGITS, help=f"'{DIGITS}' (embedded), an imagefolder dir or a HF id")
-    parser.add_argument("--split", default="test")
     parser.add_argument("--output_dir", default="outputs/certify")
-    add_arguments(parser.add_argument_group("certification (CertificationConfig)"), CertificationConfig)
-    args = parser.parse_args(argv)
-    (certification,) = build_configs(parser, args, CertificationConfig)
-
-    with warnings.catch_warnings():  # the model is about to be (re-)certified
-        warnings.simplefilter("ignore", UncertifiedModelWarning)
-        model = from_pretrained(args.model, verify=False)
-    certificate = certify_split(
-        model,
-        args.output_dir,
-        dataset=args.dataset,
-        split=args.split,
-        max_images=certification.max_eval_images,
-        batch_size=certification.eval_batch_size,
-        eps=certification.eps,
-        pgd_steps=certification.pgd_steps,
-        name=args.model,
-    )
-    print(certificate.accuracy_table())
-    print(f"wrote the certified model to {args.output_dir}")
-    return 0
+    args, command_flags = parser.parse_known_args(argv)
+    return robustvit_main(["certify", args.model, "--output", args.output_dir, *command_flags])
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -591,7 +591,7 @@ def test_sll_cpl_bound_is_one_and_attacked(layer_type, dim, inner, scale):
 
 def test_residual_gradient_bound_is_recomputed_not_trusted():
     """With a step longer than the construction allows, the rule reports the larger constant, and it holds."""
-    from robustvit.layers.sll import residual_gradient_bound
+    from robustvit.layers.gradient_residual import residual_gradient_bound
 
     torch.manual_seed(0)
     weight = torch.randn(6, 4, dtype=F64)

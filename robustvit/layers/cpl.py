@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from robustvit.layers.sll import residual_gradient_bound
+from robustvit.layers.gradient_residual import GradientResidual, residual_gradient_bound
 from robustvit.lipschitz.engine import BoundFn
 from robustvit.lipschitz.spectral import gram_spectral_norm
 
@@ -21,13 +18,13 @@ STEP_SAFETY = 1 + 1e-6
 (at most ``2^-11`` relative in float16 would not be covered: CPL is meant for float32/float64 weights)."""
 
 
-class CPL(nn.Module):
+class CPL(GradientResidual):
     """``x - h W^T relu(W x + b)`` with ``h = 2 / ||W||^2``: one explicit Euler step of a convex potential's gradient
     flow, 1-Lipschitz for any ``W`` (Meunier et al., Prop. 3).
 
     ``||W||`` is a guaranteed Gram-iteration upper bound (the reference code uses power iteration, which
     converges from below: its step can be too long). The engine recomputes the layer's bound from the actual
-    ``W`` and ``h`` (see :func:`~robustvit.layers.sll.residual_gradient_bound`) instead of trusting the step.
+    ``W`` and ``h`` (:class:`~robustvit.layers.gradient_residual.GradientResidual`) instead of trusting the step.
 
     Args:
         dim: channels (last dimension) of the input and output.
@@ -41,25 +38,12 @@ class CPL(nn.Module):
         True
     """
 
-    def __init__(self, dim: int, inner_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(inner_dim, dim))
-        self.bias = nn.Parameter(torch.zeros(inner_dim))
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-
-    def step(self) -> Tensor:
-        """The step size ``h`` (a scalar in the weight's dtype; 0 for a zero weight)."""
+    def row_steps(self) -> Tensor:
+        """``h / 2`` on every row (the form ``x - 2 W^T diag(h / 2) relu(.)``; halving is exact in binary floating
+        point), in the weight's dtype; 0 for a zero weight."""
         norm = gram_spectral_norm(self.weight, n_iter=CPL_GRAM_STEPS, rtol=0.0)
-        h = torch.where(norm > 0, 2 / (STEP_SAFETY * norm.clamp_min(1e-300) ** 2), torch.zeros_like(norm))
-        return h.to(self.weight.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        hidden = F.relu(F.linear(x, self.weight, self.bias))
-        return x - self.step() * F.linear(hidden, self.weight.T)
+        half = torch.where(norm > 0, 1 / (STEP_SAFETY * norm.clamp_min(1e-300) ** 2), torch.zeros_like(norm))
+        return half.to(self.weight.dtype).expand(self.weight.shape[0])
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
-        # x - h W^T relu(.) is x - 2 W^T diag(h / 2) relu(.); halving is exact in binary floating point.
-        return residual_gradient_bound(self.weight, (self.step() / 2).expand(self.weight.shape[0]))
-
-    def extra_repr(self) -> str:
-        return f"dim={self.weight.shape[1]}, inner_dim={self.weight.shape[0]}"
+        return residual_gradient_bound(self.weight, self.row_steps())
