@@ -313,7 +313,10 @@ def test_train_epoch_clips_the_total_gradient_norm() -> None:
         before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         loss = lambda net, images, labels: torch.nn.functional.cross_entropy(net(images), labels)  # noqa: E731
-        train_epoch(Accelerator(cpu=True), model, batches, optimizer, loss, max_grad_norm=max_grad_norm)
+        try:
+            train_epoch(Accelerator(cpu=True), model, batches, optimizer, loss, max_grad_norm=max_grad_norm)
+        finally:
+            _reset()  # or the two-process runs below inherit a one-process state
         return float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
 
     assert step_norm(0.01) == pytest.approx(0.01, rel=1e-4)
