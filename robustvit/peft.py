@@ -44,9 +44,11 @@ import torch
 import torch.nn.functional as F
 from peft.tuners import ia3, loha, lokr, lora, oft
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from robustvit._utils import called_child, unwrap
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn, register_bound
 from robustvit.lipschitz.rescale import frozen_directions, is_spectrally_rescaled
@@ -283,6 +285,13 @@ def _plain_tuner_layer(module: BaseTunerLayer, bound_of: BoundFn) -> Tensor:
     )
 
 
+@register_bound(ModulesToSaveWrapper)
+def _modules_to_save(module: ModulesToSaveWrapper, bound_of: BoundFn) -> Tensor:
+    """A module in ``modules_to_save`` (``["head"]``, trained whole): the bound of the module its forward calls now,
+    the active adapter's copy (a deep copy, so a converted head keeps its spectral rescaling) or the original."""
+    return bound_of(*called_child(module))
+
+
 TUNERS: Registry[type[ConstrainedTunerLayer]] = Registry("PEFT tuner layer", keys=type)
 """PEFT tuner ``Linear`` class -> its constrained subclass; fill it with :func:`register_tuner`."""
 
@@ -458,16 +467,29 @@ def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> 
 
 def target_modules(model: nn.Module) -> list[str]:
     """Every spectrally rescaled ``nn.Linear`` of a converted model (MLPs, head, L2 attention projections), or every
-    ``nn.Linear`` of an unconverted one: ``target_modules`` for any PEFT config.
+    ``nn.Linear`` of an unconverted one: ``target_modules`` for any PEFT config. On a model that already holds adapters
+    (for ``add_adapter``) an adapted layer is named as PEFT targets it (``fc1``, not ``fc1.base_layer``), the adapters'
+    own layers are left out, and so are the modules in ``modules_to_save`` (trained whole already; PEFT puts no tuner
+    on them).
 
     Example:
         >>> config = peft.LoHaConfig(r=2, target_modules=target_modules(lip))
     """
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if parametrize.type_before_parametrizations(module) is nn.Linear
-    }
+    inner = unwrap(model)  # PEFT matches targets against the names in the model it wraps
+    tuners = {name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)}
+    saved = {name for name, module in inner.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)}
+    linears = {}
+    for name, module in inner.named_modules():
+        if parametrize.type_before_parametrizations(module) is not nn.Linear:
+            continue
+        if any(name.startswith(wrapper + ".") for wrapper in saved):
+            continue
+        owner = next((tuner for tuner in tuners if name.startswith(tuner + ".")), None)
+        if owner is not None:
+            if name != owner + ".base_layer":  # lora_A.default...: the adapter's own layers
+                continue
+            name = owner
+        linears[name] = module
     rescaled = sorted(name for name, module in linears.items() if is_spectrally_rescaled(module))
     targets = rescaled or sorted(linears)
     if not targets:
