@@ -48,7 +48,7 @@ from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from robustvit._utils import called_child, unwrap
+from robustvit._utils import called_child, module_type, owns_parametrizations, unwrap
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn, register_bound
 from robustvit.lipschitz.rescale import frozen_directions, is_spectrally_rescaled
@@ -437,7 +437,41 @@ def constrain(model: nn.Module) -> nn.Module:
             raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {problems}")
     for _, layer in layers:
         layer.__class__ = TUNERS[type(layer)]
+    _own_parametrized_classes(model)
     return model
+
+
+def _own_parametrized_classes(model: nn.Module) -> None:
+    """Give every deep copy of a parametrized module in ``model`` (PEFT's ``modules_to_save`` copies of a rescaled head)
+    its own parametrized class.
+
+    ``torch.nn.utils.parametrize`` makes one class per parametrized module, whose property caches the computed weight
+    under the id of the module it was made for; a deep copy keeps the class, so under ``parametrize.cached()`` (the
+    bound engine) the copy and its original read one cached weight: the bound of the trained head would be the
+    original's. Registering the copy's parametrizations again (the same parametrization modules, tracked directions
+    and parameter objects, so optimizers and state-dict keys are unchanged) makes its class, and its cache key, its own.
+    """
+    first: dict[type, nn.Module] = {}
+    for module in model.modules():  # pre-order: an original comes before the copies its wrapper holds
+        if owns_parametrizations(module) and first.setdefault(type(module), module) is not module:
+            _register_parametrizations_again(module)
+
+
+def _register_parametrizations_again(module: nn.Module) -> None:
+    chains = dict(module.parametrizations.items())
+    if not all(chain.is_tensor for chain in chains.values()):
+        raise NotImplementedError(f"{type(module).__name__}: a parametrization with several original tensors")
+    module.__class__ = module_type(module)
+    del module._modules["parametrizations"]
+    with torch.no_grad(), frozen_directions():
+        for name, chain in chains.items():
+            if isinstance(chain.original, nn.Parameter):
+                module.register_parameter(name, chain.original)
+            else:
+                module.register_buffer(name, chain.original)
+            for parametrization in chain:
+                parametrize.register_parametrization(module, name, parametrization, unsafe=chain.unsafe)
+            module.parametrizations[name].train(chain.training)
 
 
 def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> peft.PeftModel:

@@ -367,8 +367,16 @@ def _check_tree(root: nn.Module, *, parametrizations: bool = False) -> None:
     visited by a rule or not: a family rule may read a submodule's weights (a head) or call methods
     (forward_head) without visiting them."""
     checked: set[type] = set()
+    parametrized: dict[type, str] = {}
     for path, module in root.named_modules():
         where = f"'{path or '<model>'}' ({_type_name(module)})"
+        if owns_parametrizations(module) and parametrized.setdefault(type(module), path) != path:
+            raise UnsupportedModuleError(
+                f"modules '{parametrized[type(module)]}' and '{path}' share one torch parametrized class (one is a deep "
+                "copy of the other, e.g. PEFT's modules_to_save copy of the head): torch.nn.utils.parametrize caches "
+                "both weights under one key, so a bound could read one's weight for the other's. For a PEFT model call "
+                "robustvit.peft.constrain(model), which gives each copy its own class"
+            )
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
         if not all(map(_is_lipschitz_neutral, hooks)):
             raise UnsupportedModuleError(
