@@ -572,7 +572,9 @@ def test_modules_to_save_bound_follows_the_adapter_the_forward_runs(tmp_path):
     model.add_adapter("blocks_only", peft.LoraConfig(r=2, target_modules=["fc2"]))  # no copy of the head
     robustvit.peft.constrain(model)
     with torch.no_grad():
-        for scale, (_, saved) in zip((3.0, 0.2), [_saved_copies(model, a)[0] for a in ("default", "other")]):
+        for scale, (_, saved) in zip(
+            (3.0, 0.2), [_saved_copies(model, a)[0] for a in ("default", "other")], strict=True
+        ):
             saved.parametrizations.weight.original.mul_(scale)  # rescaled away: only the direction changes
             saved.bias.add_(scale)
     images = _pixels(4, 0)

@@ -241,7 +241,7 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
         raise UnsupportedModuleError(f"module {where} has an instance-level forward override the engine cannot see")
     # Looked up statically: a wrapper that forwards unknown attributes to a child (PEFT's ModulesToSaveWrapper) would
     # otherwise pass off its child's bound as its own, whatever child its forward calls.
-    own = getattr(module, "lipschitz_bound") if inspect.getattr_static(module, "lipschitz_bound", None) else None
+    own = module.lipschitz_bound if inspect.getattr_static(module, "lipschitz_bound", None) else None
     module_type = _module_type(module)
     if callable(own):
         _check_inherited_bound(module_type, where)
@@ -372,10 +372,10 @@ def _check_tree(root: nn.Module, *, parametrizations: bool = False) -> None:
         where = f"'{path or '<model>'}' ({_type_name(module)})"
         if owns_parametrizations(module) and parametrized.setdefault(type(module), path) != path:
             raise UnsupportedModuleError(
-                f"modules '{parametrized[type(module)]}' and '{path}' share one torch parametrized class (one is a deep "
-                "copy of the other, e.g. PEFT's modules_to_save copy of the head): torch.nn.utils.parametrize caches "
-                "both weights under one key, so a bound could read one's weight for the other's. For a PEFT model call "
-                "robustvit.peft.constrain(model), which gives each copy its own class"
+                f"modules '{parametrized[type(module)]}' and '{path}' share one torch parametrized class (one is a "
+                "deep copy of the other, e.g. PEFT's modules_to_save copy of the head): torch.nn.utils.parametrize "
+                "caches both weights under one key, so a bound could read one's weight for the other's. For a PEFT "
+                "model call robustvit.peft.constrain(model), which gives each copy its own class"
             )
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
         if not all(map(_is_lipschitz_neutral, hooks)):
