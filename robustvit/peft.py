@@ -401,6 +401,8 @@ def constrain(model: nn.Module) -> nn.Module:
     options that are not a change of the weight (or an init that rewrites a rescaled base weight); nothing is changed
     then. After ``model.add_adapter(...)`` call it again: layers PEFT adds are plain PEFT layers
     (the bound engine refuses them until then), adapters added to constrained layers are checked as they are added.
+    Modules in ``modules_to_save`` (a head trained whole) are PEFT's deep copies; each copy of a rescaled layer gets
+    its own parametrized class here (see :func:`_own_parametrized_classes`; the engine refuses the copies until then).
 
     Example:
         >>> adapted = constrain(peft.get_peft_model(copy.deepcopy(lip), lora_config(lip, r=2)))
@@ -471,7 +473,7 @@ def _register_parametrizations_again(module: nn.Module) -> None:
                 module.register_buffer(name, chain.original)
             for parametrization in chain:
                 parametrize.register_parametrization(module, name, parametrization, unsafe=chain.unsafe)
-            module.parametrizations[name].train(chain.training)
+            module.parametrizations[name].training = chain.training  # the parametrizations keep their own modes
 
 
 def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> peft.PeftModel:

@@ -603,6 +603,12 @@ def test_modules_to_save_bound_follows_the_adapter_the_forward_runs(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images))
     assert robustvit.lipschitz_bound(loaded) == pytest.approx(robustvit.lipschitz_bound(model), rel=1e-9)
+    # robustvit's own repository holds the merged model, trained head included.
+    robustvit.save_pretrained(robustvit.peft.merged(model), tmp_path / "merged")
+    reloaded = robustvit.from_pretrained(tmp_path / "merged", verify=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), model(images), atol=1e-5, rtol=1e-5)
+    assert robustvit.lipschitz_bound(reloaded) == pytest.approx(robustvit.lipschitz_bound(model), rel=1e-4)
 
 
 def test_target_modules_of_an_adapted_model_names_what_peft_can_target():
