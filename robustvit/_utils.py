@@ -140,6 +140,53 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def module_type(module: nn.Module) -> type:
+    """``module``'s class before ``torch.nn.utils.parametrize`` subclassed it. Not ``parametrize.
+    type_before_parametrizations``: it asks ``getattr(module, "parametrizations")``, which a delegating wrapper (PEFT's
+    ``ModulesToSaveWrapper`` forwards unknown attributes to the module it calls) answers with its child's, so the
+    wrapper would pass for a parametrized module of its base class."""
+    cls = type(module)
+    return cls.__bases__[0] if owns_parametrizations(module) else cls
+
+
+def owns_parametrizations(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not a module it delegates attributes to) holds ``torch.nn.utils.parametrize``
+    parametrizations."""
+    return isinstance(module.__dict__.get("_modules", {}).get("parametrizations"), nn.ModuleDict)
+
+
+def called_child(module: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, child)`` of the module that a PEFT ``ModulesToSaveWrapper`` (``modules_to_save=["head"]``) calls in its
+    current state, exactly as its ``forward`` chooses: the original module while adapters are disabled
+    (``disable_adapter()``), no adapter is active or an active adapter did not wrap this module, else the active
+    adapter's trained copy. ``None`` for any other module (a subclass of the wrapper included: it may choose
+    otherwise)."""
+    if "peft" not in sys.modules:  # a model can hold PEFT wrappers only once peft is imported
+        return None
+    from peft.utils.other import ModulesToSaveWrapper
+
+    if type(module) is not ModulesToSaveWrapper:
+        return None
+    active = module.active_adapters
+    if module.disable_adapters or not active or any(name not in module._adapters for name in active):
+        return "original_module", module.original_module
+    if active[0] not in module.modules_to_save:
+        from robustvit.errors import UnsupportedModuleError
+
+        raise UnsupportedModuleError(
+            f"modules_to_save wrapper: the active adapter {active[0]!r} has no copy of the module (its forward fails); "
+            "set an adapter that has one with model.set_adapter(name)"
+        )
+    return f"modules_to_save.{active[0]}", module.modules_to_save[active[0]]
+
+
+def called_module(module: nn.Module) -> nn.Module:
+    """``module``, or what it calls if it is a PEFT ``ModulesToSaveWrapper`` (see :func:`called_child`)."""
+    while (child := called_child(module)) is not None:
+        module = child[1]
+    return module
+
+
 def refuse_adapters(model: nn.Module, action: str) -> None:
     """Raise a ``ValueError`` naming the fix when ``model`` holds PEFT adapters, for an ``action`` that handles only the
     converted model's own modules (saving its keys, folding its parametrizations)."""

@@ -44,9 +44,11 @@ import torch
 import torch.nn.functional as F
 from peft.tuners import ia3, loha, lokr, lora, oft
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from robustvit._utils import called_child, module_type, owns_parametrizations, unwrap
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.engine import BoundFn, register_bound
 from robustvit.lipschitz.rescale import frozen_directions, is_spectrally_rescaled
@@ -283,6 +285,13 @@ def _plain_tuner_layer(module: BaseTunerLayer, bound_of: BoundFn) -> Tensor:
     )
 
 
+@register_bound(ModulesToSaveWrapper)
+def _modules_to_save(module: ModulesToSaveWrapper, bound_of: BoundFn) -> Tensor:
+    """A module in ``modules_to_save`` (``["head"]``, trained whole): the bound of the module its forward calls now,
+    the active adapter's copy (a deep copy, so a converted head keeps its spectral rescaling) or the original."""
+    return bound_of(*called_child(module))
+
+
 TUNERS: Registry[type[ConstrainedTunerLayer]] = Registry("PEFT tuner layer", keys=type)
 """PEFT tuner ``Linear`` class -> its constrained subclass; fill it with :func:`register_tuner`."""
 
@@ -392,6 +401,8 @@ def constrain(model: nn.Module) -> nn.Module:
     options that are not a change of the weight (or an init that rewrites a rescaled base weight); nothing is changed
     then. After ``model.add_adapter(...)`` call it again: layers PEFT adds are plain PEFT layers
     (the bound engine refuses them until then), adapters added to constrained layers are checked as they are added.
+    Modules in ``modules_to_save`` (a head trained whole) are PEFT's deep copies; each copy of a rescaled layer gets
+    its own parametrized class here (see :func:`_own_parametrized_classes`; the engine refuses the copies until then).
 
     Example:
         >>> adapted = constrain(peft.get_peft_model(copy.deepcopy(lip), lora_config(lip, r=2)))
@@ -428,7 +439,41 @@ def constrain(model: nn.Module) -> nn.Module:
             raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {problems}")
     for _, layer in layers:
         layer.__class__ = TUNERS[type(layer)]
+    _own_parametrized_classes(model)
     return model
+
+
+def _own_parametrized_classes(model: nn.Module) -> None:
+    """Give every deep copy of a parametrized module in ``model`` (PEFT's ``modules_to_save`` copies of a rescaled head)
+    its own parametrized class.
+
+    ``torch.nn.utils.parametrize`` makes one class per parametrized module, whose property caches the computed weight
+    under the id of the module it was made for; a deep copy keeps the class, so under ``parametrize.cached()`` (the
+    bound engine) the copy and its original read one cached weight: the bound of the trained head would be the
+    original's. Registering the copy's parametrizations again (the same parametrization modules, tracked directions
+    and parameter objects, so optimizers and state-dict keys are unchanged) makes its class, and its cache key, its own.
+    """
+    first: dict[type, nn.Module] = {}
+    for module in model.modules():  # pre-order: an original comes before the copies its wrapper holds
+        if owns_parametrizations(module) and first.setdefault(type(module), module) is not module:
+            _register_parametrizations_again(module)
+
+
+def _register_parametrizations_again(module: nn.Module) -> None:
+    chains = dict(module.parametrizations.items())
+    if not all(chain.is_tensor for chain in chains.values()):
+        raise NotImplementedError(f"{type(module).__name__}: a parametrization with several original tensors")
+    module.__class__ = module_type(module)
+    del module._modules["parametrizations"]
+    with torch.no_grad(), frozen_directions():
+        for name, chain in chains.items():
+            if isinstance(chain.original, nn.Parameter):
+                module.register_parameter(name, chain.original)
+            else:
+                module.register_buffer(name, chain.original)
+            for parametrization in chain:
+                parametrize.register_parametrization(module, name, parametrization, unsafe=chain.unsafe)
+            module.parametrizations[name].training = chain.training  # the parametrizations keep their own modes
 
 
 def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> peft.PeftModel:
@@ -458,16 +503,29 @@ def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> 
 
 def target_modules(model: nn.Module) -> list[str]:
     """Every spectrally rescaled ``nn.Linear`` of a converted model (MLPs, head, L2 attention projections), or every
-    ``nn.Linear`` of an unconverted one: ``target_modules`` for any PEFT config.
+    ``nn.Linear`` of an unconverted one: ``target_modules`` for any PEFT config. On a model that already holds adapters
+    (for ``add_adapter``) an adapted layer is named as PEFT targets it (``fc1``, not ``fc1.base_layer``), the adapters'
+    own layers are left out, and so are the modules in ``modules_to_save`` (trained whole already; PEFT puts no tuner
+    on them).
 
     Example:
         >>> config = peft.LoHaConfig(r=2, target_modules=target_modules(lip))
     """
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if parametrize.type_before_parametrizations(module) is nn.Linear
-    }
+    inner = unwrap(model)  # PEFT matches targets against the names in the model it wraps
+    tuners = {name for name, module in inner.named_modules() if isinstance(module, BaseTunerLayer)}
+    saved = {name for name, module in inner.named_modules() if isinstance(module, AuxiliaryTrainingWrapper)}
+    linears = {}
+    for name, module in inner.named_modules():
+        if parametrize.type_before_parametrizations(module) is not nn.Linear:
+            continue
+        if any(name.startswith(wrapper + ".") for wrapper in saved):
+            continue
+        owner = next((tuner for tuner in tuners if name.startswith(tuner + ".")), None)
+        if owner is not None:
+            if name != owner + ".base_layer":  # lora_A.default...: the adapter's own layers
+                continue
+            name = owner
+        linears[name] = module
     rescaled = sorted(name for name, module in linears.items() if is_spectrally_rescaled(module))
     targets = rescaled or sorted(linears)
     if not targets:

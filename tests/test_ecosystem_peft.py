@@ -16,6 +16,7 @@ from torch import nn
 import robustvit
 import robustvit.peft
 from robustvit.errors import UnsupportedModuleError
+from robustvit.layers.linear import linear_weight
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
 from robustvit.lipschitz.rescale import is_spectrally_rescaled
 
@@ -473,3 +474,192 @@ def test_converting_a_source_with_adapters_is_refused(wrapped):
     with pytest.raises(ValueError, match=r"converting .*robustvit\.peft\.merged"):
         robustvit.convert(adapted if wrapped else adapted.base_model.model, mixer="l2")
     assert robustvit.is_converted(robustvit.convert(robustvit.peft.merged(adapted), mixer="l2"))
+
+
+def _with_saved_head(family: str) -> tuple[nn.Module, nn.Module, list[str]]:
+    """PEFT's image-classification setup: LoRA on the blocks, the head trained whole (``modules_to_save``)."""
+    lip = robustvit.convert(build_model(family).eval())
+    base = copy.deepcopy(lip).eval()
+    heads = [name for name, _ in robustvit.families.get_family(lip).heads(lip)]
+    targets = [name for name in robustvit.peft.target_modules(lip) if name not in heads]
+    config = peft.LoraConfig(r=2, lora_alpha=2, target_modules=targets, modules_to_save=heads)
+    return robustvit.peft.get_peft_model(lip, config), base, heads
+
+
+def _saved_copies(model: nn.Module, adapter: str = "default") -> list[tuple[nn.Module, nn.Module]]:
+    wrappers = [m for m in model.modules() if isinstance(m, peft.utils.other.ModulesToSaveWrapper)]
+    return [(wrapper.original_module, wrapper.modules_to_save[adapter]) for wrapper in wrappers]
+
+
+def _train(model: nn.Module, steps: int, seed: int = 3) -> None:
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    images, labels = _pixels(8, seed), torch.arange(8) % 10
+    model.train()
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(logits_of(model(images)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_head_in_modules_to_save_trains_inside_the_constraint_and_its_bound_holds(family):
+    model, base, heads = _with_saved_head(family)
+    copies = _saved_copies(model)
+    assert len(copies) == len(heads)
+    for original, saved in copies:  # a deep copy keeps the rescaling (if any), with its own tracked directions
+        assert is_spectrally_rescaled(saved) == is_spectrally_rescaled(original)
+        if is_spectrally_rescaled(saved):
+            ours, theirs = saved.parametrizations.weight[0].directions, original.parametrizations.weight[0].directions
+            assert torch.equal(ours, theirs) and ours.data_ptr() != theirs.data_ptr()
+            assert type(saved) is not type(original)  # its own parametrized class: see the cache in robustvit.peft
+    assert any(is_spectrally_rescaled(saved) for _, saved in copies)
+    _train(model, steps=4)
+    images = _pixels(6, 2)
+    with torch.no_grad():
+        adapted, before = logits_of(model(images)), logits_of(base(images))
+    assert (adapted - before).abs().max() > 1e-3
+    for (original, saved), name in zip(copies, heads, strict=True):
+        # The trained copy moved, stays about 1-Lipschitz; the original (what disable_adapter() runs) did not move.
+        assert not torch.equal(saved.weight, original.weight)
+        torch.testing.assert_close(original.weight, getattr(base, name).weight, atol=0, rtol=0)
+        if is_spectrally_rescaled(saved):  # DeiT's pair of heads is plain, bounded together with its exact norm
+            assert float(torch.linalg.matrix_norm(saved.weight.detach().double(), ord=2)) <= 1.1
+    bound = robustvit.lipschitz_bound(model)
+    estimate = estimate_lipschitz_lower_bound(
+        model, _pixels(2, 1), steps=20, restarts=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert 0 < estimate <= bound
+    # Margin losses and certificates read the trained head, not the original: the same as the merged model's.
+    merged = robustvit.peft.merged(model)
+    torch.testing.assert_close(
+        robustvit.losses.head_margins(model).pairwise, robustvit.losses.head_margins(merged).pairwise, rtol=1e-4, atol=0
+    )
+    assert not torch.allclose(
+        robustvit.losses.head_margins(model).pairwise, robustvit.losses.head_margins(base).pairwise
+    )
+    result = robustvit.certify(model, images)
+    assert result.lipschitz == pytest.approx(bound, rel=1e-6)
+    certified = result.radii > 1e-5
+    assert certified.any()
+    radii = 0.99 * result.radii[certified]
+    exact = copy.deepcopy(model).double()
+    flipped = margin_pgd(exact, images[certified].double(), result.predictions[certified], radii, steps=25, restarts=1)
+    assert not flipped.any()
+    # merge_and_unload keeps the trained head (and the LoRA updates): same logits, same bound.
+    assert not _saved_copies(merged) and robustvit.is_converted(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(merged(images)), adapted, atol=1e-5, rtol=1e-5)
+    assert robustvit.lipschitz_bound(merged) == pytest.approx(bound, rel=1e-4)
+    # Disabled, the original head runs, and is the one bounded. (Not exactly the base model any more: training forwards
+    # moved the base layers' tracked directions toward the adapted weights; the bound describes what runs.)
+    with model.disable_adapter(), torch.no_grad():
+        assert (logits_of(model(images)) - adapted).abs().max() > 1e-3
+        for (original, _), name in zip(copies, heads, strict=True):  # what head margins and DeiT's pair bound read
+            assert torch.equal(linear_weight(getattr(model.get_base_model(), name)), original.weight)
+        if len(heads) == 1:
+            assert _head_path(model, heads[0]) == f"{heads[0]}.original_module"
+
+
+def _head_path(model: nn.Module, head: str = "head") -> str:
+    return next(e.path for e in robustvit.lipschitz_report(model).entries if e.path.startswith(f"{head}."))
+
+
+def test_modules_to_save_bound_follows_the_adapter_the_forward_runs(tmp_path):
+    model, base, _ = _with_saved_head("timm_token")
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]))
+    model.add_adapter("blocks_only", peft.LoraConfig(r=2, target_modules=["fc2"]))  # no copy of the head
+    robustvit.peft.constrain(model)
+    with torch.no_grad():
+        for scale, (_, saved) in zip(
+            (3.0, 0.2), [_saved_copies(model, a)[0] for a in ("default", "other")], strict=True
+        ):
+            saved.parametrizations.weight.original.mul_(scale)  # rescaled away: only the direction changes
+            saved.bias.add_(scale)
+    images = _pixels(4, 0)
+    bounds = {}
+    for adapter, path in (
+        ("default", "modules_to_save.default"),
+        ("other", "modules_to_save.other"),
+        ("blocks_only", "original_module"),
+    ):
+        model.set_adapter(adapter)
+        assert _head_path(model) == f"head.{path}"
+        bounds[adapter] = robustvit.lipschitz_bound(model)
+        merged = robustvit.peft.merged(model)
+        assert robustvit.lipschitz_bound(merged) == pytest.approx(bounds[adapter], rel=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(merged(images), model(images), atol=1e-5, rtol=1e-5)
+    model.set_adapter("default")
+    with model.disable_adapter():  # untrained, so the base layers' tracked directions are the base model's
+        assert _head_path(model) == "head.original_module"
+        # (equal up to the verified bounds' tolerance: they are batched with the other weights of the same width)
+        assert robustvit.lipschitz_bound(model) == pytest.approx(robustvit.lipschitz_bound(base), rel=1e-5)
+    # PEFT's own save / load round-trips the trained head, its rescaling's directions included.
+    model.eval().save_pretrained(tmp_path, selected_adapters=["default"])
+    fresh = robustvit.convert(build_model("timm_token").eval())
+    loaded = robustvit.peft.constrain(peft.PeftModel.from_pretrained(fresh, tmp_path).eval())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), model(images))
+    assert robustvit.lipschitz_bound(loaded) == pytest.approx(robustvit.lipschitz_bound(model), rel=1e-9)
+    # robustvit's own repository holds the merged model, trained head included.
+    robustvit.save_pretrained(robustvit.peft.merged(model), tmp_path / "merged")
+    reloaded = robustvit.from_pretrained(tmp_path / "merged", verify=False).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), model(images), atol=1e-5, rtol=1e-5)
+    assert robustvit.lipschitz_bound(reloaded) == pytest.approx(robustvit.lipschitz_bound(model), rel=1e-4)
+
+
+def test_target_modules_of_an_adapted_model_names_what_peft_can_target():
+    model, _, heads = _with_saved_head("hf_vit")
+    targets = robustvit.peft.target_modules(model)
+    assert targets and not [t for t in targets if "base_layer" in t or "lora_" in t or t.startswith(tuple(heads))]
+    assert targets == [t for t in robustvit.peft.target_modules(robustvit.peft.merged(model)) if t not in heads]
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=targets))
+    robustvit.peft.constrain(model)
+    model.set_adapter("second")
+    assert robustvit.lipschitz_bound(model) > 0
+
+
+def test_copies_peft_made_itself_are_refused_until_constrained():
+    """A deep copy shares torch's parametrized class, whose cache key is the original's id: under parametrize.cached()
+    (the bound engine) both read one weight, so the trained head would be bounded with the original's weight."""
+    lip = robustvit.convert(build_model("timm_token").eval())
+    plain = peft.get_peft_model(lip, peft.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=["head"]))
+    ((original, saved),) = _saved_copies(plain)
+    with torch.no_grad():
+        saved.parametrizations.weight.original.add_(
+            torch.randn(saved.weight.shape, generator=torch.Generator().manual_seed(0))
+        )
+        with torch.nn.utils.parametrize.cached():
+            assert torch.equal(original.weight, saved.weight)  # torch's pitfall, not ours
+    with pytest.raises(UnsupportedModuleError, match=r"share one torch parametrized class.*robustvit\.peft\.constrain"):
+        robustvit.lipschitz_bound(plain)
+    robustvit.peft.constrain(plain).eval()
+    with torch.no_grad(), torch.nn.utils.parametrize.cached():
+        assert not torch.equal(original.weight, saved.weight)
+    report = robustvit.lipschitz_report(plain)
+    head = next(e.bound for e in report.entries if e.path == "head.modules_to_save.default")
+    exact = float(torch.linalg.matrix_norm(saved.weight.detach().double(), ord=2))
+    assert head >= exact * (1 - 1e-9) and head == pytest.approx(exact, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "family, saved", [("timm_token", ["blocks.1", "norm"]), ("hf_vit", ["layers.1", "embeddings"])]
+)
+def test_modules_to_save_inside_the_backbone_are_bounded_as_they_run(family, saved):
+    lip = robustvit.convert(build_model(family).eval())
+    model = robustvit.peft.get_peft_model(lip, peft.LoraConfig(r=2, target_modules=["fc1"], modules_to_save=saved))
+    _perturb_adapters(model, 0.3)  # the saved copies and LoRA factors move off the base model
+    model.eval()
+    bound = robustvit.lipschitz_bound(model)
+    estimate = estimate_lipschitz_lower_bound(
+        model, _pixels(2, 1), steps=20, restarts=2, generator=torch.Generator().manual_seed(0)
+    )
+    assert 0 < estimate <= bound
+    merged = robustvit.peft.merged(model)
+    images = _pixels(4, 0)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(merged(images)), logits_of(model(images)), atol=1e-5, rtol=1e-5)
+    assert robustvit.lipschitz_bound(merged) == pytest.approx(bound, rel=1e-4)

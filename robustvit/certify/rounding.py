@@ -39,6 +39,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torch.nn.utils import parametrize
 
+from robustvit._utils import module_type as _module_type
 from robustvit.errors import UnsupportedModuleError
 from robustvit.layers import CenterNorm, LipBlock, LipResidual, MinMax, NormalizedConv2d, PrefixPool, TokenShift
 from robustvit.lipschitz import is_spectrally_rescaled, lipschitz_bound
@@ -114,7 +115,7 @@ class Analysis:
         self.radius = radius
 
     def visit(self, module: nn.Module, state: State) -> State:
-        module_type = parametrize.type_before_parametrizations(module)
+        module_type = _module_type(module)  # not parametrize's: a PEFT modules_to_save wrapper would pass for its child
         rule = ROUNDING_RULES.get(module_type)
         if rule is None:
             raise UnsupportedModuleError(

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torch.nn.modules import module as _torch_module
 from torch.nn.utils import parametrize
 
-from robustvit._utils import unwrap
+from robustvit._utils import module_type as _module_type
+from robustvit._utils import owns_parametrizations, unwrap
 from robustvit.errors import UnsupportedModuleError
 from robustvit.lipschitz.rescale import frozen_directions, is_spectrally_rescaled
 from robustvit.lipschitz.spectral import batched_spectral_norms, conv_spectral_norm, gram_spectral_norm
@@ -220,7 +221,7 @@ class _Walker:
 
 
 def _type_name(module: nn.Module) -> str:
-    return parametrize.type_before_parametrizations(module).__name__
+    return _module_type(module).__name__
 
 
 def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Module, BoundFn], Tensor]:
@@ -238,8 +239,10 @@ def _rule_for(path: str, module: nn.Module, walker: _Walker) -> Callable[[nn.Mod
         )
     if "forward" in module.__dict__:
         raise UnsupportedModuleError(f"module {where} has an instance-level forward override the engine cannot see")
-    own = getattr(module, "lipschitz_bound", None)
-    module_type = parametrize.type_before_parametrizations(module)
+    # Looked up statically: a wrapper that forwards unknown attributes to a child (PEFT's ModulesToSaveWrapper) would
+    # otherwise pass off its child's bound as its own, whatever child its forward calls.
+    own = module.lipschitz_bound if inspect.getattr_static(module, "lipschitz_bound", None) else None
+    module_type = _module_type(module)
     if callable(own):
         _check_inherited_bound(module_type, where)
         takes_bound_of = len(inspect.signature(own).parameters) > 0
@@ -269,7 +272,7 @@ def _batched_linear_bounds(root: nn.Module) -> dict[int, Tensor]:
     about 1 by construction (its divisor tracks its norm), so it enters a loss as a constant, which keeps margin
     training cheap; the value is still the guaranteed bound of the effective weight."""
     with parametrize.cached(), frozen_directions():
-        linears = [m for m in root.modules() if parametrize.type_before_parametrizations(m) is nn.Linear]
+        linears = [m for m in root.modules() if _module_type(m) is nn.Linear]
         differentiable = torch.is_grad_enabled()
         graph = [m for m in linears if differentiable and m.weight.requires_grad and not is_spectrally_rescaled(m)]
         bounds = {id(m): gram_spectral_norm(m.weight) for m in graph}
@@ -311,7 +314,7 @@ def _check_methods(module: nn.Module, where: str, checked: set[type]) -> None:
                 f"module {where} does not run through nn.Module.{name} ({_defining_class(cls, name).__name__} "
                 "overrides or patches it): the bound engine cannot see what it computes"
             )
-    module_type = parametrize.type_before_parametrizations(module)
+    module_type = _module_type(module)
     if module_type is not cls:  # parametrize's generated class may add only its properties and pickling helpers
         extra = {n for n in vars(cls) if n not in _SUBCLASS_MAY_DEFINE} - {"__getstate__", "__deepcopy__"}
         if extra - set(module.parametrizations.keys()):
@@ -339,7 +342,7 @@ def _check_methods(module: nn.Module, where: str, checked: set[type]) -> None:
 def _check_parametrizations(module: nn.Module, where: str) -> None:
     """A parametrized tensor must be the same in every mode the model may run in: the engine evaluates it once
     (under ``no_grad``, in the module's current train/eval mode), the model may run with grad or in eval mode."""
-    if not parametrize.is_parametrized(module):
+    if not owns_parametrizations(module):
         return
     for name, chain in module.parametrizations.items():
         modes = [m.training for m in chain.modules()]
@@ -364,8 +367,16 @@ def _check_tree(root: nn.Module, *, parametrizations: bool = False) -> None:
     visited by a rule or not: a family rule may read a submodule's weights (a head) or call methods
     (forward_head) without visiting them."""
     checked: set[type] = set()
+    parametrized: dict[type, str] = {}
     for path, module in root.named_modules():
         where = f"'{path or '<model>'}' ({_type_name(module)})"
+        if owns_parametrizations(module) and parametrized.setdefault(type(module), path) != path:
+            raise UnsupportedModuleError(
+                f"modules '{parametrized[type(module)]}' and '{path}' share one torch parametrized class (one is a "
+                "deep copy of the other, e.g. PEFT's modules_to_save copy of the head): torch.nn.utils.parametrize "
+                "caches both weights under one key, so a bound could read one's weight for the other's. For a PEFT "
+                "model call robustvit.peft.constrain(model), which gives each copy its own class"
+            )
         hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
         if not all(map(_is_lipschitz_neutral, hooks)):
             raise UnsupportedModuleError(
