@@ -56,23 +56,20 @@ def _check_finite(weight: Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or infinite values; no finite Lipschitz bound exists")
 
 
-def _split_power_of_two(w: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(w', e, applied, zero)`` per matrix: ``w = 2^(e + applied) w'`` with ``max |2^-e w'|`` in ``[0.5, 1)``.
-
-    ``w`` is scaled (exactly, by ``2^-applied``) only where products could overflow or underflow; elsewhere
-    ``applied = 0`` and the callers apply ``2^-e`` to scalars, which saves two passes over the matrix. ``zero`` marks
-    all-zero matrices. Raises on NaN or infinite entries.
+def _split_power_of_two(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(w', applied, zero)`` per matrix: ``w = 2^applied w'``, exactly, with ``applied`` nonzero only where the
+    largest entry is outside ``[2^-300, 2^300]`` (it then puts ``max |w'|`` in ``[0.5, 1)``), so that products neither
+    overflow nor come near underflow. ``zero`` marks all-zero matrices. Raises on NaN or infinite entries.
     """
     amax = torch.linalg.vector_norm(w.detach(), ord=math.inf, dim=(-2, -1))
     if not bool(torch.isfinite(amax).all()):
         raise ValueError("weight contains NaN or infinite values; no finite Lipschitz bound exists")
-    exponent = torch.frexp(amax)[1].to(torch.float64)
-    applied = torch.zeros_like(exponent)
+    applied = torch.zeros_like(amax, dtype=torch.float64)
     extreme = (amax > 2.0**300) | ((amax < 2.0**-300) & (amax > 0))
     if bool(extreme.any()):
-        applied = torch.where(extreme, exponent, applied)
+        applied = torch.where(extreme, torch.frexp(amax)[1].to(torch.float64), applied)
         w = _times_power_of_two(w, -applied)
-    return w, exponent - applied, applied, amax == 0
+    return w, applied, amax == 0
 
 
 def _times_power_of_two(x: Tensor, exponent: Tensor) -> Tensor:
@@ -155,7 +152,7 @@ def _gram_bounds(w: Tensor, n_iter: int, rtol: float, *, largest_only: bool) -> 
     applied = torch.zeros(len(w), dtype=torch.float64, device=w.device)
     zero = torch.zeros(len(w), dtype=torch.bool, device=w.device)
     if not bool(((trace >= 2.0**-600) & torch.isfinite(trace)).all()):  # rare: extreme scales, zeros, NaN or inf
-        w, _, applied, zero = _split_power_of_two(w)
+        w, applied, zero = _split_power_of_two(w)
         if bool(zero.any()):  # keeps logs finite (and gradients NaN-free); the result is zeroed below
             w = torch.where(zero[:, None, None], torch.ones_like(w), w)
         pair = _parts(w)
@@ -457,7 +454,7 @@ def _scaled_grams(matrices: Sequence[Tensor], out: Tensor) -> Tensor:
     extreme = ~((top <= 2.0**600) & (top >= 2.0**-600))
     applied = torch.zeros(len(out), dtype=torch.float64, device=out.device)
     for i in extreme.nonzero().flatten().tolist():
-        rescaled, _, exponent, _ = _split_power_of_two(matrices[i][None])
+        rescaled, exponent, _ = _split_power_of_two(matrices[i][None])
         applied[i] = exponent[0]
         _symmetric_gram(rescaled[0], out[i])
     return applied
