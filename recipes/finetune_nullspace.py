@@ -503,13 +503,10 @@ def finetune(
 def training_function(configs: Configs) -> dict[str, Any]:
     run, finetuning = configs.run, configs.finetuning
     accelerator = build_accelerator(run, "finetune_nullspace", configs._asdict())
-    output_dir = Path(run.output_dir)
-    if run.resume and not (output_dir / BASELINE_STATE).is_file() and not (output_dir / PRETRAIN_DIR).is_dir():
-        raise FileNotFoundError(
-            f"no complete baseline ({output_dir / BASELINE_STATE}) nor baseline pretraining to resume from; run "
-            "without --resume"
-        )
-    prepare_output_dir(accelerator, output_dir, resume=run.resume, overwrite=run.overwrite_output_dir, outputs=OUTPUTS)
+    output_dir = prepare_output_dir(
+        accelerator, run.output_dir, resume=run.resume, overwrite=run.overwrite_output_dir, outputs=OUTPUTS,
+        resumable_from=(BASELINE_STATE, PRETRAIN_DIR),
+    )  # fmt: skip
     started = time.perf_counter()
     setup = build(accelerator, configs)
     baseline, baseline_noise = pretrain_baseline(setup, configs)

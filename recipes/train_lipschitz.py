@@ -60,7 +60,6 @@ from robustvit.training import (
     cosine_schedule,
     epoch_batches,
     finish,
-    latest_checkpoint,
     prepare_output_dir,
     train_epoch,
     train_phase,
@@ -267,18 +266,10 @@ def certify_and_save(
 def training_function(configs: Configs) -> dict[str, Any]:
     run = configs.run
     accelerator = build_accelerator(run, "train_lipschitz", configs._asdict())
-    output_dir = Path(run.output_dir)
-    if (
-        run.resume
-        and latest_checkpoint(output_dir) is None
-        and not (output_dir / PRETRAIN_DIR).is_dir()
-        and not (output_dir / SOURCE_WEIGHTS).is_file()
-    ):
-        raise FileNotFoundError(
-            f"no complete checkpoint under {output_dir / CHECKPOINTS_DIR} (nor a source pretraining) to resume "
-            "from; run without --resume"
-        )
-    prepare_output_dir(accelerator, output_dir, resume=run.resume, overwrite=run.overwrite_output_dir, outputs=OUTPUTS)
+    output_dir = prepare_output_dir(
+        accelerator, run.output_dir, resume=run.resume, overwrite=run.overwrite_output_dir, outputs=OUTPUTS,
+        resumable_from=(CHECKPOINTS_DIR, PRETRAIN_DIR, SOURCE_WEIGHTS),
+    )  # fmt: skip
     started = time.perf_counter()
     data = build_data(accelerator, configs)
     source, description = build_source(configs, data)

@@ -184,7 +184,7 @@ def test_a_run_resumed_inside_an_epoch_trains_with_that_epochs_noise(
 
 
 def test_resume_without_a_baseline_is_a_clear_error(recipe: ModuleType, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no complete baseline"):
+    with pytest.raises(FileNotFoundError, match="nothing to resume from"):
         recipe.main([*TINY, "--resume", "--output_dir", str(tmp_path)])
 
 

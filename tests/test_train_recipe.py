@@ -234,7 +234,7 @@ def test_an_existing_output_folder_is_refused_before_any_work(recipe, tmp_path: 
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(recipe, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="nothing to resume from"):
         _run(recipe, [*TINY, "--resume", "--output_dir", str(tmp_path)])
 
 

@@ -132,16 +132,24 @@ def resume_from_checkpoint(accelerator: Accelerator, project_dir: str | Path | N
 
 
 def prepare_output_dir(
-    accelerator: Accelerator, output_dir: str | Path, *, resume: bool, overwrite: bool, outputs: Iterable[str]
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    outputs: Iterable[str],
+    resumable_from: Iterable[str] = (),
 ) -> Path:
     """Create ``output_dir``, refusing to write into one that already holds files unless asked to.
 
     Args:
         resume: continue what the folder holds.
         overwrite: start again: ``outputs`` (the names the recipe writes) are deleted first, other files are kept.
+        resumable_from: names in ``output_dir`` any of which a run can resume from (checkpoints, saved phases).
 
     Raises:
         FileExistsError: the folder holds files and neither ``resume`` nor ``overwrite`` is set.
+        FileNotFoundError: ``resume`` is set and the folder holds none of ``resumable_from``.
         ValueError: both are set.
 
     Example:
@@ -155,6 +163,11 @@ def prepare_output_dir(
     output_dir = Path(output_dir)
     if resume and overwrite:
         raise ValueError("--resume and --overwrite_output_dir contradict each other")
+    resumable_from = list(resumable_from)
+    if resume and resumable_from and not any((output_dir / name).exists() for name in resumable_from):
+        raise FileNotFoundError(
+            f"nothing to resume from in {output_dir} (no {', '.join(resumable_from)}); run without --resume"
+        )
     present = sorted(path.name for path in output_dir.iterdir()) if output_dir.is_dir() else []
     if present and not resume and not overwrite:
         raise FileExistsError(
