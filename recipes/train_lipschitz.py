@@ -54,9 +54,11 @@ from robustvit.data import ImageDataset, load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule, distillation_loss, head_margins
 from robustvit.training import (
     CHECKPOINTS_DIR,
+    RUN_SETTINGS_FILE,
     PixelModel,
     SamplerGenerator,
     build_accelerator,
+    check_run_settings,
     cosine_schedule,
     epoch_batches,
     finish,
@@ -71,7 +73,12 @@ logger = get_logger(__name__)
 SOURCE_WEIGHTS = "source.safetensors"
 PRETRAIN_DIR = "pretrain"  # the source pretraining's project folder: pretrain/checkpoints/checkpoint_<i>
 OUTPUTS = (PRETRAIN_DIR, SOURCE_WEIGHTS, CHECKPOINTS_DIR, "model", "certificate.json", "certified_accuracy.png",
-           "metrics.json")  # fmt: skip
+           "metrics.json", RUN_SETTINGS_FILE)  # fmt: skip
+# What a resumed run may change (everything else it must share with the run it continues, or it mixes two settings):
+# more --epochs (the documented way to extend a run), how it is run and checkpointed, and what is certified at the end.
+RESUMABLE_RUN_FIELDS = ("output_dir", "resume", "overwrite_output_dir", "checkpointing_steps",
+                        "checkpoints_total_limit", "with_tracking", "report_to", "cpu", "num_workers")  # fmt: skip
+RESUMABLE_TRAINING_FIELDS = ("epochs",)
 DEFAULT_PRETRAIN_EPOCHS = 15  # for the embedded default model, which starts from random weights
 DEFAULT_EPOCHS = 9  # of margin training (bench/bench_transfer.py runs it and a third of it, 3 seeds, on 2 cores)
 # Defaults measured in bench/bench_transfer.py (README: the table, per seed): orthogonal weights (the source's singular
@@ -103,6 +110,17 @@ class Data(NamedTuple):
 
 def cross_entropy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(images), labels)
+
+
+def compared_settings(configs: Configs) -> dict[str, Any]:
+    """The settings a resumed run must share with the run it continues (:func:`check_run_settings`)."""
+    resumable = {"run": RESUMABLE_RUN_FIELDS, "training": RESUMABLE_TRAINING_FIELDS, "convert": ()}
+    return {
+        f"{section}/{key}": value
+        for section, fields in resumable.items()
+        for key, value in dataclasses.asdict(getattr(configs, section)).items()
+        if key not in fields
+    }
 
 
 # --------------------------------------------------------------------------------------------------- build
@@ -270,6 +288,7 @@ def training_function(configs: Configs) -> dict[str, Any]:
         accelerator, run.output_dir, resume=run.resume, overwrite=run.overwrite_output_dir, outputs=OUTPUTS,
         resumable_from=(CHECKPOINTS_DIR, PRETRAIN_DIR, SOURCE_WEIGHTS),
     )  # fmt: skip
+    check_run_settings(accelerator, output_dir, compared_settings(configs), resume=run.resume)
     started = time.perf_counter()
     data = build_data(accelerator, configs)
     source, description = build_source(configs, data)

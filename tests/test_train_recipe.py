@@ -223,6 +223,18 @@ def test_an_interrupted_pretraining_resumes_to_the_same_source(recipe, tmp_path:
     assert not (tmp_path / "B" / "pretrain").exists()
 
 
+def test_resuming_with_other_hyper_parameters_is_refused(recipe, tmp_path: Path) -> None:
+    # A resumed run must not silently mix two settings: the finished epochs were trained with the recorded ones.
+    argv = [*TINY, "--epochs", "0", "--max_eval_images", "8", "--output_dir", str(tmp_path)]
+    _run(recipe, argv)
+    before = (tmp_path / "metrics.json").read_text()
+    for changed, named in ((["--lr", "0.5"], "training/lr"), (["--seed", "1"], "run/seed"),
+                           (["--residual_budget", "6"], "convert/residual_budget")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"differ from the interrupted run: {named} "):
+            _run(recipe, [*argv, "--resume", *changed])
+    assert (tmp_path / "metrics.json").read_text() == before
+
+
 def test_an_existing_output_folder_is_refused_before_any_work(recipe, tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):

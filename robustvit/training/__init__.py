@@ -19,8 +19,10 @@ Example:
 
 from robustvit.training.checkpoint import (
     CHECKPOINTS_DIR,
+    RUN_SETTINGS_FILE,
     TRAINING_STATE_FILE,
     SamplerGenerator,
+    check_run_settings,
     finish,
     latest_checkpoint,
     prepare_output_dir,
@@ -55,9 +57,11 @@ __all__ = [
     "MODEL_SOURCES",
     "ModelSource",
     "PixelModel",
+    "RUN_SETTINGS_FILE",
     "SamplerGenerator",
     "TRAINING_STATE_FILE",
     "build_accelerator",
+    "check_run_settings",
     "cosine_schedule",
     "epoch_batches",
     "finish",

@@ -39,6 +39,8 @@ __all__ = [
     "CHECKPOINTS_DIR",
     "TRAINING_STATE_FILE",
     "SamplerGenerator",
+    "RUN_SETTINGS_FILE",
+    "check_run_settings",
     "finish",
     "latest_checkpoint",
     "prepare_output_dir",
@@ -50,6 +52,7 @@ __all__ = [
 
 CHECKPOINTS_DIR = "checkpoints"  # Accelerate's: save_state() writes <project_dir>/checkpoints/checkpoint_<i>
 TRAINING_STATE_FILE = "training_state.json"
+RUN_SETTINGS_FILE = "run_settings.json"  # the settings a run started with, compared on --resume
 _INDEX = re.compile(r"checkpoint_(\d+)")
 
 
@@ -186,6 +189,39 @@ def prepare_output_dir(
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def check_run_settings(accelerator: Accelerator, output_dir: str | Path, settings: dict[str, Any], *, resume: bool) -> None:
+    """Record ``settings`` (JSON-ready: what the run's results depend on) in ``output_dir``, or, on ``resume``, refuse
+    to continue a run that started with other ones: a resumed run must not silently mix two sets of hyper-parameters.
+
+    Raises:
+        ValueError: ``resume`` and the recorded settings differ from ``settings`` (the message names them).
+
+    Example:
+        >>> _ = prepare_output_dir(accelerator, "outputs/s", resume=False, overwrite=False, outputs=[])
+        >>> check_run_settings(accelerator, "outputs/s", {"lr": 0.1}, resume=False)
+        >>> check_run_settings(accelerator, "outputs/s", {"lr": 0.2}, resume=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: --resume with settings that differ from the interrupted run: lr 0.2 (was 0.1); ...
+    """
+    path = Path(output_dir) / RUN_SETTINGS_FILE
+    settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
+    if resume and path.is_file():
+        recorded = json.loads(path.read_text())
+        changed = sorted(key for key in set(settings) | set(recorded) if settings.get(key) != recorded.get(key))
+        if changed:
+            described = ", ".join(f"{key} {settings.get(key)!r} (was {recorded.get(key)!r})" for key in changed)
+            raise ValueError(
+                f"--resume with settings that differ from the interrupted run: {described}; resume with the original "
+                "flags, or start again with --overwrite_output_dir or another --output_dir"
+            )
+        return
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        path.write_text(json.dumps(settings, indent=2))
+    accelerator.wait_for_everyone()
 
 
 class SamplerGenerator:
