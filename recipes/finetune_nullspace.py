@@ -66,9 +66,11 @@ from robustvit.nullspace import NullspaceNoise, nullspace_finetuning_loss, synth
 from robustvit.nullspace.methods import FINETUNING_METHODS
 from robustvit.training import (
     CHECKPOINTS_DIR,
+    RUN_SETTINGS_FILE,
     PixelModel,
     SamplerGenerator,
     build_accelerator,
+    check_run_settings,
     cosine_schedule,
     epoch_batches,
     finish,
@@ -89,10 +91,11 @@ PRETRAIN_DIR = "pretrain"  # the baseline pretraining's project folder: pretrain
 RUNS_DIR = "runs"
 RUN_RESULT = "result.json"
 OUTPUTS = (PRETRAIN_DIR, BASELINE_WEIGHTS, BASELINE_NOISE, BASELINE_STATE, RUNS_DIR, "config.json", "report.json",
-           "robustness.png")  # fmt: skip
+           "robustness.png", RUN_SETTINGS_FILE)  # fmt: skip
 DEFAULT_PRETRAIN_EPOCHS = 20  # for the embedded default model, which starts from random weights
 # What a resumed run must share with the interrupted one (the budget of runs finished before), and may change.
-COMPARED_RUN_FIELDS = ("model", "dataset", "train_split", "image_size", "channels", "seed")
+COMPARED_RUN_FIELDS = ("model", "dataset", "train_split", "image_size", "channels", "seed", "max_train_batches",
+                       "gradient_accumulation_steps", "mixed_precision")  # fmt: skip
 RESUMABLE_CHANGES = frozenset({"methods", "seeds"})
 """Settings a resumed run may change: adding methods or seeds adds runs with the same budget."""
 
@@ -364,20 +367,7 @@ def pretrain_baseline(setup: Setup, configs: Configs) -> tuple[dict[str, Any], N
     output_dir = Path(run.output_dir)
     if run.resume and (output_dir / BASELINE_STATE).is_file():
         baseline = json.loads((output_dir / BASELINE_STATE).read_text())
-        # Runs finished before must have had the same budget as the ones still to come.
-        config = compared_config(configs)
-        changed = sorted(
-            key
-            for key in set(config) | set(baseline["config"])
-            if key not in RESUMABLE_CHANGES and config.get(key) != baseline["config"].get(key)
-        )
-        if changed:
-            raise ValueError(
-                f"--resume with settings that differ from the interrupted run: {changed} (was "
-                f"{ {key: baseline['config'].get(key) for key in changed} }); only {sorted(RESUMABLE_CHANGES)} may "
-                "change on resume. Use the original flags, or --overwrite_output_dir / another --output_dir to start "
-                "again"
-            )
+        # training_function's check_run_settings made sure the runs still to come share its budget.
         logger.info(f"baseline: read back from {output_dir / BASELINE_STATE}", main_process_only=True)
         return baseline, NullspaceNoise.load(output_dir / BASELINE_NOISE, device=accelerator.device)
 
@@ -507,6 +497,8 @@ def training_function(configs: Configs) -> dict[str, Any]:
         accelerator, run.output_dir, resume=run.resume, overwrite=run.overwrite_output_dir, outputs=OUTPUTS,
         resumable_from=(BASELINE_STATE, PRETRAIN_DIR),
     )  # fmt: skip
+    settings = {key: value for key, value in compared_config(configs).items() if key not in RESUMABLE_CHANGES}
+    check_run_settings(accelerator, output_dir, "finetune_nullspace", settings, resume=run.resume)
     started = time.perf_counter()
     setup = build(accelerator, configs)
     baseline, baseline_noise = pretrain_baseline(setup, configs)

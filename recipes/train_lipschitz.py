@@ -288,7 +288,7 @@ def training_function(configs: Configs) -> dict[str, Any]:
         accelerator, run.output_dir, resume=run.resume, overwrite=run.overwrite_output_dir, outputs=OUTPUTS,
         resumable_from=(CHECKPOINTS_DIR, PRETRAIN_DIR, SOURCE_WEIGHTS),
     )  # fmt: skip
-    check_run_settings(accelerator, output_dir, compared_settings(configs), resume=run.resume)
+    check_run_settings(accelerator, output_dir, "train_lipschitz", compared_settings(configs), resume=run.resume)
     started = time.perf_counter()
     data = build_data(accelerator, configs)
     source, description = build_source(configs, data)

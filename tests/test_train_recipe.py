@@ -235,6 +235,25 @@ def test_resuming_with_other_hyper_parameters_is_refused(recipe, tmp_path: Path)
     assert (tmp_path / "metrics.json").read_text() == before
 
 
+def test_resume_refuses_a_folder_of_the_other_recipe(recipe, tmp_path: Path, monkeypatch) -> None:
+    # Both recipes checkpoint a pretraining under pretrain/: one must not load the other's checkpoints.
+    argv = [*TINY, "--pretrain_epochs", "2", "--output_dir", str(tmp_path)]
+    save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", _interrupt_after_epoch(save, 0, phase="pretrain"))
+    with pytest.raises(Interrupted):
+        _run(recipe, argv)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    spec = importlib.util.spec_from_file_location("finetune_nullspace", ROOT / "recipes" / "finetune_nullspace.py")
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    with pytest.raises(ValueError, match="holds a run of 'train_lipschitz', not of 'finetune_nullspace'"):
+        _run(finetune, [*argv, "--resume"])
+    (tmp_path / "run_settings.json").unlink()  # a folder no run of this recipe wrote
+    with pytest.raises(FileNotFoundError, match="has no run_settings.json"):
+        _run(recipe, [*argv, "--resume"])
+    assert (tmp_path / "pretrain" / "checkpoints" / "checkpoint_0").is_dir()
+
+
 def test_an_existing_output_folder_is_refused_before_any_work(recipe, tmp_path: Path) -> None:
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(FileExistsError, match="--overwrite_output_dir"):

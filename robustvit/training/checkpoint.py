@@ -191,25 +191,40 @@ def prepare_output_dir(
     return output_dir
 
 
-def check_run_settings(accelerator: Accelerator, output_dir: str | Path, settings: dict[str, Any], *, resume: bool) -> None:
-    """Record ``settings`` (JSON-ready: what the run's results depend on) in ``output_dir``, or, on ``resume``, refuse
-    to continue a run that started with other ones: a resumed run must not silently mix two sets of hyper-parameters.
+def check_run_settings(
+    accelerator: Accelerator, output_dir: str | Path, recipe: str, settings: dict[str, Any], *, resume: bool
+) -> None:
+    """Record which ``recipe`` writes ``output_dir`` and its ``settings`` (JSON-ready: what the results depend on), or,
+    on ``resume``, refuse to continue a run of another recipe or one that started with other settings: a resumed run
+    must not silently load another recipe's checkpoints, nor mix two sets of hyper-parameters.
 
     Raises:
-        ValueError: ``resume`` and the recorded settings differ from ``settings`` (the message names them).
+        FileNotFoundError: ``resume`` and ``output_dir`` holds no record (not written by a recipe run).
+        ValueError: ``resume`` and the record names another recipe, or other settings (the message names them).
 
     Example:
         >>> _ = prepare_output_dir(accelerator, "outputs/s", resume=False, overwrite=False, outputs=[])
-        >>> check_run_settings(accelerator, "outputs/s", {"lr": 0.1}, resume=False)
-        >>> check_run_settings(accelerator, "outputs/s", {"lr": 0.2}, resume=True)
+        >>> check_run_settings(accelerator, "outputs/s", "demo", {"lr": 0.1}, resume=False)
+        >>> check_run_settings(accelerator, "outputs/s", "demo", {"lr": 0.2}, resume=True)
         Traceback (most recent call last):
         ...
         ValueError: --resume with settings that differ from the interrupted run: lr 0.2 (was 0.1); ...
     """
     path = Path(output_dir) / RUN_SETTINGS_FILE
     settings = json.loads(json.dumps(settings))  # as read back: tuples become lists
-    if resume and path.is_file():
+    if resume:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--resume: {output_dir} has no {RUN_SETTINGS_FILE}, so it was not written by a run of {recipe}; "
+                "start again with --overwrite_output_dir or another --output_dir"
+            )
         recorded = json.loads(path.read_text())
+        if recorded.get("recipe") != recipe:
+            raise ValueError(
+                f"--resume: {output_dir} holds a run of {recorded.get('recipe')!r}, not of {recipe!r}; use another "
+                "--output_dir"
+            )
+        recorded = recorded.get("settings", {})
         changed = sorted(key for key in set(settings) | set(recorded) if settings.get(key) != recorded.get(key))
         if changed:
             described = ", ".join(f"{key} {settings.get(key)!r} (was {recorded.get(key)!r})" for key in changed)
@@ -220,7 +235,7 @@ def check_run_settings(accelerator: Accelerator, output_dir: str | Path, setting
         return
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path.write_text(json.dumps(settings, indent=2))
+        path.write_text(json.dumps({"recipe": recipe, "settings": settings}, indent=2))
     accelerator.wait_for_everyone()
 
 
