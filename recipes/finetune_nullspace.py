@@ -52,7 +52,14 @@ from safetensors.torch import save_model
 from torch.utils.data import DataLoader
 
 import robustvit.peft
-from robustvit.configs import EvaluationConfig, NullspaceFinetuningConfig, RunConfig, add_arguments, build_configs
+from robustvit.configs import (
+    EvaluationConfig,
+    NullspaceFinetuningConfig,
+    RunConfig,
+    add_arguments,
+    build_configs,
+    file_defaults,
+)
 from robustvit.data import Augmentation, AugmentedDataset, ImageDataset, load_image_dataset
 from robustvit.evaluation import (
     RobustnessResult,
@@ -587,11 +594,10 @@ def parse_args(argv: Sequence[str] | None = None) -> Configs:
     parser = build_parser()
     known, _ = parser.parse_known_args(argv)
     if known.config is not None:
-        defaults = yaml.safe_load(Path(known.config).read_text()) or {}
-        flags = {action.dest for action in parser._actions}
-        unknown = sorted(set(defaults) - flags) if isinstance(defaults, dict) else ["(not a mapping)"]
-        if unknown:
-            parser.error(f"--config {known.config}: unknown settings {unknown}; use the flag names without '--'")
+        try:
+            defaults = file_defaults(parser, yaml.safe_load(Path(known.config).read_text()) or {}, known.config)
+        except ValueError as error:
+            parser.error(str(error))
         parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     if args.pretrain_epochs is None:

@@ -44,6 +44,7 @@ __all__ = [
     "add_arguments",
     "arg",
     "build_configs",
+    "file_defaults",
     "from_args",
     "parse_configs",
 ]
@@ -178,6 +179,55 @@ def add_arguments(
         parser.add_argument(f"--{field.name}", **_flag(field, hints[field.name], default, resolve_choices))
         if field.metadata.get("negatable"):  # a YAML config may set it; the command line can unset it
             parser.add_argument(f"--no_{field.name}", dest=field.name, action="store_false", help=argparse.SUPPRESS)
+
+
+def file_defaults(parser: argparse.ArgumentParser, settings: Any, source: str = "--config") -> dict[str, Any]:
+    """``settings`` (a mapping read from a YAML ``--config`` file: flag names without ``--``) checked and converted
+    like the same flags on the command line, ready for ``parser.set_defaults``.
+
+    ``argparse`` does neither for defaults: without this, a YAML value outside a flag's choices, or of the wrong type
+    (``epochs: true``), would reach the run unchecked.
+
+    Raises:
+        ValueError: not a mapping, an unknown name, a value of the wrong type or outside the flag's choices.
+
+    Example:
+        >>> parser = argparse.ArgumentParser()
+        >>> add_arguments(parser, LipschitzTrainingConfig)
+        >>> file_defaults(parser, {"epochs": 3, "loss": "ce", "lr": "1e-3"})
+        {'epochs': 3, 'loss': 'ce', 'lr': 0.001}
+        >>> file_defaults(parser, {"loss": "hinge"})
+        Traceback (most recent call last):
+        ...
+        ValueError: --config: loss: 'hinge' is not one of [...]
+    """
+    if not isinstance(settings, dict):
+        raise ValueError(f"{source}: expected a mapping of flag names (without '--') to values, got {settings!r}")
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    unknown = sorted(set(settings) - set(actions))
+    if unknown:
+        raise ValueError(f"{source}: unknown settings {unknown}; use the flag names without '--'")
+    converted = {}
+    for name, value in settings.items():
+        action = actions[name]
+        if action.nargs == 0:  # store_true
+            if not isinstance(value, bool):
+                raise ValueError(f"{source}: {name}: expected true or false, got {value!r}")
+            converted[name] = value
+            continue
+        values = value if action.nargs == "*" and isinstance(value, list) else [value]
+        if action.nargs != "*" and isinstance(value, list | dict) or any(isinstance(v, bool | list | dict) for v in values):
+            raise ValueError(f"{source}: {name}: expected {'a list of values' if action.nargs == '*' else 'one value'}"
+                             f", got {value!r}")
+        try:
+            values = [v if v is None or action.type is None else action.type(str(v)) for v in values]
+        except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
+            raise ValueError(f"{source}: {name}: invalid value {value!r} ({error})") from None
+        for v in values:
+            if action.choices is not None and v not in action.choices:
+                raise ValueError(f"{source}: {name}: {v!r} is not one of {list(action.choices)}")
+        converted[name] = values if action.nargs == "*" else values[0]
+    return converted
 
 
 def parse_configs(parser: argparse.ArgumentParser, argv: Sequence[str] | None, *configs: type) -> tuple[Any, ...]:

@@ -269,6 +269,28 @@ def test_config_file_sets_defaults_and_flags_override_it(recipe: ModuleType, tmp
         recipe.parse_args(["--config", str(path)])
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("methods: [nullspace, bogus]", "methods: 'bogus' is not one of"),
+        ("mixed_precision: fp32", "mixed_precision: 'fp32' is not one of"),
+        ("epochs: true", "epochs: expected one value, got True"),
+        ("epochs: 2.5", "epochs: invalid value 2.5"),
+        ("config: other.yaml", "unknown settings ['config']"),
+        ("- epochs", "expected a mapping"),
+    ],
+)
+def test_config_file_values_are_checked_like_flags(
+    recipe: ModuleType, tmp_path: Path, capsys, text: str, message: str
+) -> None:
+    # argparse checks neither the type nor the choices of defaults: a YAML value must not slip past them.
+    path = tmp_path / "config.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--config", str(path)])
+    assert message in capsys.readouterr().err
+
+
 def _write_imagefolder(root: Path, splits: dict[str, list[str]], per_class: int = 4, size: int = 32) -> None:
     generator = torch.Generator().manual_seed(0)
     for split, classes in splits.items():
