@@ -180,19 +180,24 @@ def test_resuming_with_more_epochs_continues_from_the_last_checkpoint(recipe, tm
     robustvit.from_pretrained(tmp_path / "model")  # the extended model verifies
 
 
-def test_a_run_resumed_inside_an_epoch_replays_it(recipe, uninterrupted, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("steps", [2, 3], ids=["inside", "after-the-last-step"])
+def test_a_run_resumed_inside_an_epoch_replays_it(
+    recipe, uninterrupted, tmp_path: Path, monkeypatch, steps: int
+) -> None:
     # --checkpointing_steps 2 with 3 batches per epoch: a checkpoint after step 2 of each epoch, and one at its end.
+    # 3: the step checkpoint comes after the epoch's last step, just before the end-of-epoch one; resuming from it
+    # skips the whole epoch, and the next epoch must still draw a new order.
     metrics, out = uninterrupted
-    argv = [*TINY, "--epochs", "2", "--checkpointing_steps", "2", "--output_dir", str(tmp_path)]
+    argv = [*TINY, "--epochs", "2", "--checkpointing_steps", str(steps), "--output_dir", str(tmp_path)]
     save = loop.save_checkpoint
 
-    def crash_inside_epoch_1(accelerator, state):
+    def crash_inside_the_first_epoch(accelerator, state):
         path = save(accelerator, state)
-        if Path(accelerator.project_dir).name != "pretrain" and state["epoch"] == 0 and state.get("epoch_steps"):
+        if Path(accelerator.project_dir).name != "pretrain" and state["epoch"] == -1 and state.get("epoch_steps"):
             raise Interrupted(state["epoch_steps"])
         return path
 
-    monkeypatch.setattr(loop, "save_checkpoint", crash_inside_epoch_1)
+    monkeypatch.setattr(loop, "save_checkpoint", crash_inside_the_first_epoch)
     with pytest.raises(Interrupted):
         _run(recipe, argv)
     monkeypatch.setattr(loop, "save_checkpoint", save)

@@ -122,11 +122,13 @@ def train_epoch(
     start = time.perf_counter()
     accumulation = accelerator.gradient_accumulation_steps
     total = epoch_batches(len(dataloader), max_batches, accumulation)  # type: ignore[arg-type]
+    skipped = min(total, skip_steps * accumulation)
     if data_order is not None:
-        data_order.start_epoch(rewind=skip_steps > 0)
+        # A checkpoint saved after the epoch's last step holds the generator as the epoch left it (its order already
+        # drawn): rewinding would leave the order undrawn (no batch is left to draw it) and the next epoch repeat it.
+        data_order.start_epoch(rewind=0 < skipped < total)
     elif skip_steps:
         raise ValueError("skipping into an epoch needs its data_order, to replay the epoch's batch order")
-    skipped = min(total, skip_steps * accumulation)
     if skipped:
         dataloader = accelerator.skip_first_batches(dataloader, skipped)
     model.train()
