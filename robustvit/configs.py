@@ -523,7 +523,7 @@ class NullspaceFinetuningConfig(TrainingConfig):
             bool(self.methods) and len(set(self.methods)) == len(self.methods),
             f"--methods must be distinct names, got {self.methods}",
         )
-        _positive(self, "seeds", "noise_rounds")
+        _positive(self, "epochs", "seeds", "noise_rounds")  # no epochs: every method would be the baseline
         _positive(self, "noise_retries", allow_zero=True)
         for name in ("noise_data_fraction", "train_data_fraction"):
             _check(0 < getattr(self, name) <= 1, f"--{name} must be in (0, 1], got {getattr(self, name)}")

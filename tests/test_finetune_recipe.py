@@ -341,6 +341,7 @@ def test_bad_arguments_are_rejected(recipe: ModuleType) -> None:
         ["--noise_data_fraction", "0"],
         ["--train_data_fraction", "1.5"],
         ["--epochs", "-1"],
+        ["--epochs", "0"],  # used to fail only when saving the first finetuned model, after the baseline's work
         ["--seeds", "0"],
         ["--pgd_restarts", "0"],
         ["--methods", "nullspace", "adversarial"],
