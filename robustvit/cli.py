@@ -79,8 +79,22 @@ def _source_model(args: argparse.Namespace) -> nn.Module:
     )
 
 
+def _refuse_existing_output(args: argparse.Namespace) -> None:
+    """An ``--output`` folder that already holds files is refused (before any work) unless ``--overwrite``: writing a
+    model folder replaces its files (README.md, certificate.json...), which may be the user's or an earlier run's."""
+    output = Path(args.output)
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise FileExistsError(
+            f"--output {output} already holds files ({', '.join(sorted(p.name for p in output.iterdir())[:5])}); "
+            "pass --overwrite to replace the model files in it, or choose another --output"
+        )
+
+
 def _convert(args: argparse.Namespace) -> int:
     from robustvit.convert import convert
+
+    if args.output is not None:
+        _refuse_existing_output(args)
     from robustvit.hub import save_pretrained
     from robustvit.lipschitz import lipschitz_report
 
@@ -105,6 +119,7 @@ def _load_unverified(model: str, revision: str | None) -> nn.Module:
 def _certify(args: argparse.Namespace) -> int:
     from robustvit.certify.dataset import certify_split
 
+    _refuse_existing_output(args)
     model = _load_unverified(args.model, args.revision)
     certificate = certify_split(
         model,
@@ -265,6 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     # would import torch for --help (ConvertConfig lists the known names when a name is unknown).
     add_arguments(p.add_argument_group("conversion (robustvit.ConvertConfig)"), ConvertConfig, resolve_choices=False)
     p.add_argument("--output", help="save the converted model here (robustvit.save_pretrained, no certificate)")
+    p.add_argument("--overwrite", action="store_true", help="replace the model files of an existing --output folder")
     p.set_defaults(run=_convert)
 
     def add_data(p: argparse.ArgumentParser, *, dataset_default: str | None, split_default: str | None) -> None:
@@ -285,6 +301,7 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(p, CertificationConfig, only=("eps", "pgd_steps"))
     p.add_argument("--license", default=DEFAULT_LICENSE, help="model card license")
     p.add_argument("--output", required=True, help="folder for the certified model, certificate.json and the curve")
+    p.add_argument("--overwrite", action="store_true", help="replace the model files of an existing --output folder")
     p.set_defaults(run=_certify)
 
     p = commands.add_parser("verify", help="verify a model's certificate; with --dataset/--split also re-certify")

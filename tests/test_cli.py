@@ -219,3 +219,19 @@ def test_certify_recipe_calls_the_library_and_matches_the_command(certified_dir:
     assert recipe_certificate.lipschitz == command_certificate.lipschitz
     assert json.loads((output / "metrics.json").read_text())["num_samples"] == 24
     assert robustvit.from_pretrained(output).certificate == recipe_certificate
+
+
+def test_an_existing_output_folder_is_refused_unless_overwrite(
+    certified_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # Writing a model folder replaces README.md, certificate.json...: the user's files there must not be lost.
+    output = tmp_path / "mine"
+    output.mkdir()
+    (output / "README.md").write_text("my notes")
+    certify = ["certify", str(certified_dir), "--max_eval_images", "8", "--pgd_steps", "1", "--output", str(output)]
+    for argv in (["convert", *TINY_TIMM, "--output", str(output)], certify):
+        assert main(argv) != 0
+        assert "already holds files (README.md); pass --overwrite" in capsys.readouterr().err
+        assert (output / "README.md").read_text() == "my notes"
+    assert main([*certify, "--overwrite"]) == 0
+    assert Certificate.load(output / "certificate.json").num_samples == 8
