@@ -101,8 +101,6 @@ OUTPUTS = (PRETRAIN_DIR, BASELINE_WEIGHTS, BASELINE_NOISE, BASELINE_STATE, RUNS_
            "robustness.png", RUN_SETTINGS_FILE)  # fmt: skip
 DEFAULT_PRETRAIN_EPOCHS = 20  # for the embedded default model, which starts from random weights
 # What a resumed run must share with the interrupted one (the budget of runs finished before), and may change.
-COMPARED_RUN_FIELDS = ("model", "dataset", "train_split", "image_size", "channels", "seed", "max_train_batches",
-                       "gradient_accumulation_steps", "mixed_precision")  # fmt: skip
 RESUMABLE_CHANGES = frozenset({"methods", "seeds"})
 """Settings a resumed run may change: adding methods or seeds adds runs with the same budget."""
 
@@ -190,8 +188,11 @@ def save_weights(accelerator: Accelerator, net: torch.nn.Module, path: Path) -> 
 
 def compared_config(configs: Configs) -> dict[str, Any]:
     """The settings every run of one output folder shares (the budget), compared on resume."""
-    run = {name: getattr(configs.run, name) for name in COMPARED_RUN_FIELDS}
-    return {**run, **dataclasses.asdict(configs.finetuning), **dataclasses.asdict(configs.augmentation)}
+    return {
+        **configs.run.result_settings(),
+        **dataclasses.asdict(configs.finetuning),
+        **dataclasses.asdict(configs.augmentation),
+    }
 
 
 # --------------------------------------------------------------------------------------------------- build

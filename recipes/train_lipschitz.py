@@ -76,9 +76,7 @@ OUTPUTS = (PRETRAIN_DIR, SOURCE_WEIGHTS, CHECKPOINTS_DIR, "model", "certificate.
            "metrics.json", RUN_SETTINGS_FILE)  # fmt: skip
 # What a resumed run may change (everything else it must share with the run it continues, or it mixes two settings):
 # more --epochs (the documented way to extend a run), how it is run and checkpointed, and what is certified at the end.
-RESUMABLE_RUN_FIELDS = ("output_dir", "resume", "overwrite_output_dir", "checkpointing_steps",
-                        "checkpoints_total_limit", "with_tracking", "report_to", "cpu", "num_workers")  # fmt: skip
-RESUMABLE_TRAINING_FIELDS = ("epochs",)
+RESUMABLE_TRAINING_FIELDS = ("epochs",)  # --epochs 30 --resume extends a run
 DEFAULT_PRETRAIN_EPOCHS = 15  # for the embedded default model, which starts from random weights
 DEFAULT_EPOCHS = 9  # of margin training (bench/bench_transfer.py runs it and a third of it, 3 seeds, on 2 cores)
 # Defaults measured in bench/bench_transfer.py (README: the table, per seed): orthogonal weights (the source's singular
@@ -114,13 +112,13 @@ def cross_entropy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Te
 
 def compared_settings(configs: Configs) -> dict[str, Any]:
     """The settings a resumed run must share with the run it continues (:func:`check_run_settings`)."""
-    resumable = {"run": RESUMABLE_RUN_FIELDS, "training": RESUMABLE_TRAINING_FIELDS, "convert": ()}
-    return {
-        f"{section}/{key}": value
-        for section, fields in resumable.items()
-        for key, value in dataclasses.asdict(getattr(configs, section)).items()
-        if key not in fields
+    training = dataclasses.asdict(configs.training)
+    sections = {
+        "run": configs.run.result_settings(),
+        "training": {key: value for key, value in training.items() if key not in RESUMABLE_TRAINING_FIELDS},
+        "convert": dataclasses.asdict(configs.convert),
     }
+    return {f"{section}/{key}": value for section, settings in sections.items() for key, value in settings.items()}
 
 
 # --------------------------------------------------------------------------------------------------- build

@@ -216,9 +216,12 @@ def file_defaults(parser: argparse.ArgumentParser, settings: Any, source: str = 
             converted[name] = value
             continue
         values = value if action.nargs == "*" and isinstance(value, list) else [value]
-        if action.nargs != "*" and isinstance(value, list | dict) or any(isinstance(v, bool | list | dict) for v in values):
-            raise ValueError(f"{source}: {name}: expected {'a list of values' if action.nargs == '*' else 'one value'}"
-                             f", got {value!r}")
+        nested = any(isinstance(v, bool | list | dict) for v in values)
+        if action.nargs != "*" and isinstance(value, list | dict) or nested:
+            raise ValueError(
+                f"{source}: {name}: expected {'a list of values' if action.nargs == '*' else 'one value'}"
+                f", got {value!r}"
+            )
         try:
             values = [v if v is None or action.type is None else action.type(str(v)) for v in values]
         except (ValueError, TypeError, argparse.ArgumentTypeError) as error:
@@ -430,6 +433,23 @@ class RunConfig:
                 f"--max_train_batches {self.max_train_batches} must be a multiple of --gradient_accumulation_steps "
                 f"{self.gradient_accumulation_steps}"
             )
+
+    def result_settings(self) -> dict[str, Any]:
+        """The fields a run's results depend on (what a resumed run must share): all but the bookkeeping ones.
+
+        Example:
+            >>> sorted(RunConfig(output_dir="elsewhere", resume=True).result_settings()) == sorted(
+            ...     RunConfig().result_settings())
+            True
+        """
+        return {key: value for key, value in dataclasses.asdict(self).items() if key not in RUN_BOOKKEEPING_FIELDS}
+
+
+RUN_BOOKKEEPING_FIELDS = frozenset({
+    "output_dir", "resume", "overwrite_output_dir", "checkpointing_steps", "checkpoints_total_limit", "with_tracking",
+    "report_to", "cpu", "num_workers",
+})  # fmt: skip
+"""RunConfig fields that change where and how a run is recorded, never its results (a resume may change them)."""
 
 
 # --------------------------------------------------------------------------------------------------- training
