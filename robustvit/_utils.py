@@ -59,14 +59,7 @@ def check_inputs(
     check_images(images)
     if images.shape[0] == 0:
         raise ValueError("the batch of images is empty")
-    low, high = float(images.min()), float(images.max())
-    if low < 0 or high > 1:
-        hint = (
-            "divide [0, 255] pixels by 255"
-            if high > 1 and low >= 0
-            else "undo the mean/std normalization (the converted model normalizes inside) or map [-1, 1] to [0, 1]"
-        )
-        raise ValueError(f"pixels must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]: {hint}")
+    check_pixel_range(images)
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"expected labels as a torch.Tensor, got {type(labels).__name__}")
@@ -86,6 +79,53 @@ def check_inputs(
         if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
             raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
     return unwrap(model)
+
+
+def check_pixel_range(images: torch.Tensor) -> None:
+    """Raise a ``ValueError`` naming the fix unless every value of ``images`` lies in [0, 1].
+
+    Example:
+        >>> check_pixel_range(torch.rand(1, 3, 8, 8) * 2 - 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: pixels must lie in [0, 1], got values in [...]: undo the mean/std normalization ...
+    """
+    low, high = float(images.min()), float(images.max())
+    if low < 0 or high > 1:
+        hint = (
+            "divide [0, 255] pixels by 255"
+            if high > 1 and low >= 0
+            else "undo the mean/std normalization (the converted model normalizes inside: a transformers image "
+            "processor needs do_normalize=False, or use the converted model's own processor, which "
+            "save_pretrained writes; timm: create_transform(**resolve_data_config(model=converted))) or map [-1, 1] "
+            "to [0, 1]"
+        )
+        raise ValueError(f"pixels must lie in [0, 1], got values in [{low:.4g}, {high:.4g}]: {hint}")
+
+
+_PIXELS_UNCHECKED = [False]
+
+
+@contextmanager
+def unchecked_pixels() -> Iterator[None]:
+    """Within this context a converted model in eval mode takes inputs outside [0, 1] (its forward refuses them
+    otherwise, see :class:`robustvit.layers.NormalizedConv2d`): for randomized smoothing's Gaussian samples and
+    empirical Lipschitz estimates, which evaluate the model off the image cube on purpose.
+
+    Example:
+        >>> with unchecked_pixels():
+        ...     logits = model(torch.randn(2, 3, 32, 32))
+    """
+    previous, _PIXELS_UNCHECKED[0] = _PIXELS_UNCHECKED[0], True
+    try:
+        yield
+    finally:
+        _PIXELS_UNCHECKED[0] = previous
+
+
+def pixels_checked() -> bool:
+    """Whether eval-mode forwards check their pixels now (outside :func:`unchecked_pixels`)."""
+    return not _PIXELS_UNCHECKED[0]
 
 
 def _num_classes(model: nn.Module) -> int | None:
@@ -221,10 +261,25 @@ def _class_forward_on_instance(model: nn.Module) -> bool:
     return function is target and getattr(forward, "__self__", model) is model
 
 
-def is_tracing() -> bool:
-    """Whether ``torch.fx`` is tracing or TorchScript is compiling: shape checks that need Python values of traced
-    shapes are skipped then (the layers' reshapes enforce the same shapes in the traced graph)."""
-    return torch.jit.is_scripting() or torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+def is_traced(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a placeholder of ``torch.fx`` (a ``Proxy``) or TorchScript is compiling: shape checks that
+    need Python values of traced shapes are skipped then (the layers' reshapes enforce the same shapes in the graph)."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_scripting()
+
+
+def holds_values(x: torch.Tensor) -> bool:
+    """Whether ``x`` holds values Python may read: not a tracer's placeholder (``torch.fx``, TorchScript,
+    ``torch.compile`` and ``torch.export``, whose fake tensors are a ``Tensor`` subclass) nor wrapped by a
+    ``torch.func`` transform (``vmap`` refuses data-dependent control flow). Checks of values step aside for those.
+
+    Example:
+        >>> holds_values(torch.rand(2)), torch.func.vmap(lambda t: torch.tensor(holds_values(t)))(torch.rand(2, 1))
+        (True, tensor([False, False]))
+    """
+    if is_traced(x) or torch.jit.is_tracing() or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return False
+    # No public API says whether a torch.func transform wraps a tensor; tests/test_host_library_details.py pins this.
+    return not torch._C._functorch.is_functorch_wrapped_tensor(x)
 
 
 @contextmanager

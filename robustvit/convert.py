@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+import robustvit.peft  # noqa: F401  (PEFT tuner layers put on converted models train inside the constraint)
 from robustvit._utils import refuse_adapters
 from robustvit.configs import ConvertConfig
 from robustvit.errors import UnsupportedModuleError

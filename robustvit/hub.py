@@ -485,23 +485,39 @@ def push_to_hub(
 
 
 def _resolve(
-    repo_id_or_path: str | Path, revision: str | None, cache_dir: str | Path | None, token: str | None
+    repo_id_or_path: str | Path,
+    revision: str | None,
+    cache_dir: str | Path | None,
+    token: str | bool | None,
+    subfolder: str,
+    local_files_only: bool,
+    force_download: bool,
 ) -> Path:
     path = Path(repo_id_or_path)
     if path.is_dir():
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to Hub repositories, but {path} is a local folder")
-        return path
+        folder = path / subfolder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{path} has no subfolder {subfolder!r}")
+        return folder
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
         # Only the files robustvit reads: a pickle checkpoint in the same repository is never downloaded.
         snapshot = snapshot_download(
-            str(repo_id_or_path), revision=revision, cache_dir=cache_dir, token=token, allow_patterns=list(_REPO_FILES)
+            str(repo_id_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+            force_download=force_download,
+            allow_patterns=[prefix + name for name in _REPO_FILES],
         )
     except LocalEntryNotFoundError as err:
         raise LocalEntryNotFoundError(
             f"{str(repo_id_or_path)!r} is neither a local folder nor a Hub repository available here: {err}"
         ) from err
-    return Path(snapshot)
+    return Path(snapshot) / subfolder
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -597,13 +613,32 @@ def _load_weights(model: nn.Module, weights: Path, metadata: dict[str, str], con
         raise ValueError(f"{CONFIG_NAME} describes {described} but the loaded model has {actual}")
 
 
+_IGNORED_LIBRARY_KWARGS = {
+    # What transformers' Auto classes and pipeline pass to every from_pretrained, and why none applies here.
+    "trust_remote_code": "no code from the repository runs",
+    "code_revision": "no code from the repository runs",
+    "_commit_hash": "the revision is resolved by snapshot_download",
+    "_from_auto": "a marker of the Auto classes",
+    "_from_pipeline": "a marker of pipeline",
+}
+
+
 def from_pretrained(
     repo_id_or_path: str | Path,
     revision: str | None = None,
     verify: bool | None = True,
     *,
     cache_dir: str | Path | None = None,
-    token: str | None = None,
+    token: str | bool | None = None,
+    subfolder: str = "",
+    local_files_only: bool = False,
+    force_download: bool = False,
+    proxies: dict[str, str] | None = None,
+    dtype: str | torch.dtype | None = None,
+    device_map: str | torch.device | None = None,
+    config: Any = None,
+    adapter_kwargs: dict | None = None,
+    **library_kwargs: Any,
 ) -> nn.Module:
     """Load a converted model from a local folder or a Hub repository, verifying its certificate.
 
@@ -619,6 +654,10 @@ def from_pretrained(
     It also loads a converted model saved with its library's own ``save_pretrained`` (transformers) or
     ``timm.models.save_for_hf``: those folders carry no certificate, so they load with ``verify=False`` only.
 
+    ``AutoModelForImageClassification.from_pretrained`` and ``pipeline`` call this function for a converted
+    transformers model (its ``robustvit_*`` model type), with the keywords they pass to every ``from_pretrained``:
+    all are accepted, and those that mean something here are honoured.
+
     Args:
         repo_id_or_path: a folder written by :func:`save_pretrained`, or a Hub id ``"org/name"``.
         revision: branch, tag or commit of a Hub repository.
@@ -626,6 +665,24 @@ def from_pretrained(
             folder has a ``certificate.json`` (what ``AutoModelForImageClassification`` uses).
         cache_dir: Hub cache folder; default ``HF_HUB_CACHE``.
         token: Hub token for private repositories.
+        subfolder: the model's folder inside the repository or local folder.
+        local_files_only: use the Hub cache only (as ``HF_HUB_OFFLINE=1`` does). A local folder is always local.
+        force_download: download the files again even if they are cached; it cannot apply to a local folder, where
+            it is ignored.
+        proxies: ignored for a local folder; refused for a Hub download, since ``huggingface_hub`` >= 1.0 takes
+            proxies from the ``HTTP_PROXY`` / ``HTTPS_PROXY`` environment variables only.
+        dtype: ``None`` or ``"auto"`` keeps the stored precision (what the certificate is about); another dtype
+            (``torch_dtype`` is its old name) casts the model, and a forward warns when it runs coarser than the
+            certified precision.
+        device_map: a single device (``"cpu"``, ``"cuda:0"``, ``torch.device``) or ``"auto"`` (the first GPU if
+            there is one); a converted model loads whole, so a per-module map is refused.
+        config: the config transformers' Auto classes pass back (``None`` or a ``robustvit_*`` config); it is
+            read again from the folder.
+        adapter_kwargs: transformers' options for finding a PEFT adapter next to the model; they do not apply (a
+            robustvit folder holds no adapter: :func:`save_pretrained` refuses an adapted model, merge it first).
+        library_kwargs: the markers transformers passes (``trust_remote_code``, ``code_revision``, ``_commit_hash``,
+            ``_from_auto``, ``_from_pipeline``), none of which applies: no code from the repository ever runs.
+            Anything else raises ``TypeError``.
 
     Returns:
         The converted model in eval mode, with ``robustvit_config``, ``robustvit_source`` and ``certificate``.
@@ -645,7 +702,36 @@ def from_pretrained(
         ...
         >>> unchecked = robustvit.from_pretrained("out/model", verify=False)
     """
-    folder = _resolve(repo_id_or_path, revision, cache_dir, token)
+    dtype = library_kwargs.pop("torch_dtype", dtype)
+    unknown = sorted(set(library_kwargs) - set(_IGNORED_LIBRARY_KWARGS))
+    if unknown:
+        raise TypeError(f"robustvit.from_pretrained got unexpected keyword arguments {unknown}")
+    if config is not None and not str(getattr(config, "model_type", "")).startswith("robustvit_"):
+        raise TypeError(f"config must be a robustvit_* config read from the folder, got {type(config).__name__}")
+    if proxies and not Path(repo_id_or_path).is_dir():
+        raise ValueError(
+            "proxies= is not supported: huggingface_hub >= 1.0 reads proxies from the HTTP_PROXY / HTTPS_PROXY "
+            "environment variables"
+        )
+    device = _single_device(device_map)
+    folder = _resolve(repo_id_or_path, revision, cache_dir, token, subfolder, local_files_only, force_download)
+    model = _load(folder, repo_id_or_path, verify)
+    if dtype not in (None, "auto"):
+        model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    return model if device is None else model.to(device)
+
+
+def _single_device(device_map: str | torch.device | None) -> torch.device | None:
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, (str, torch.device, int)):
+        return torch.device(device_map)
+    raise ValueError(f"device_map={device_map!r}: a converted model loads whole onto one device (e.g. 'cuda:0')")
+
+
+def _load(folder: Path, repo_id_or_path: str | Path, verify: bool | None) -> nn.Module:
     config = _read_config(folder)
     if verify is None:
         verify = (folder / CERTIFICATE_NAME).is_file()
@@ -701,5 +787,5 @@ def _warn_uncertified(repo_id_or_path: str | Path) -> None:
     warnings.warn(
         f"{repo_id_or_path} was loaded with verify=False: nothing about this model's robustness is certified",
         UncertifiedModelWarning,
-        stacklevel=3,
+        stacklevel=4,
     )

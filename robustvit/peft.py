@@ -1,8 +1,12 @@
 """PEFT tuners inside the Lipschitz constraint: parameter-efficient certified finetuning of converted models.
 
-Plain ``peft.get_peft_model`` wraps a spectrally rescaled ``nn.Linear`` and adds its update *outside* the layer's
-parametrization, so the layer is no longer 1-Lipschitz during training, and ``merge_and_unload()`` writes the update
-through the parametrization's computed weight, where it is lost. Here the update goes *inside* the constraint. Every
+A PEFT tuner layer left as PEFT builds it would add its update *outside* a spectrally rescaled layer's
+parametrization, so the layer would no longer be 1-Lipschitz during training, and ``merge_and_unload()`` would write the
+update through the parametrization's computed weight, where it is lost. Here the update goes *inside* the constraint,
+on PEFT's standard path too: once robustvit has converted a model (``robustvit.convert`` imports this module), a tuner
+layer that PEFT puts on a rescaled layer becomes its constrained subclass as PEFT builds it, so plain
+``peft.get_peft_model(converted, LoraConfig(...))`` trains inside the constraint and merges exactly, and a tuner
+without a rule is refused before training. Every
 supported tuner changes a linear layer's weight (and, for (IA)^3, its bias) by a differentiable map of its adapter
 parameters; its layers become :class:`ConstrainedTunerLayer` subclasses that compute with
 
@@ -33,7 +37,8 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +51,7 @@ from peft.tuners import ia3, loha, lokr, lora, oft
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
 from torch import Tensor, nn
+from torch.nn.modules.module import register_module_module_registration_hook
 from torch.nn.utils import parametrize
 
 from robustvit._utils import called_child, module_type, owns_parametrizations, unwrap
@@ -110,7 +116,8 @@ class ConstrainedTunerLayer(nn.Module):
         could not honour."""
         super().update_layer(adapter_name, *args, **kwargs)
         config = kwargs.get("config", next((arg for arg in args if isinstance(arg, peft.PeftConfig)), None))
-        problems = self.tuner.refused(self, adapter_name) + _init_problems(self, config)
+        init = kwargs.get("init_lora_weights", getattr(config, "init_lora_weights", None))
+        problems = self.tuner.refused(self, adapter_name) + _init_problems(self, init)
         if problems:
             self.delete_adapter(adapter_name)
             raise ValueError(
@@ -318,8 +325,7 @@ _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 and the adapted model no longer computes the converted one."""
 
 
-def _init_problems(layer: nn.Module, config: peft.PeftConfig | None) -> list[str]:
-    init = getattr(config, "init_lora_weights", None)
+def _init_problems(layer: nn.Module, init: bool | str | None) -> list[str]:
     base = layer.get_base_layer()
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS) and parametrize.is_parametrized(base):
         return [f"init_lora_weights={init!r} on a rescaled layer (it rewrites the base weight; use the default init)"]
@@ -388,6 +394,48 @@ LipschitzIA3Linear = register_tuner(ia3.Linear, TunerRule("IA3", peft.IA3Config,
 LipschitzOFTLinear = register_tuner(oft.Linear, TunerRule("OFT", peft.OFTConfig, "oft_R", _oft_update, _oft_refused))
 
 
+_PLAIN_LAYERS_ALLOWED = [False]
+
+
+@contextmanager
+def _plain_layers_allowed() -> Iterator[None]:
+    """Within this context PEFT builds its plain tuner layers (for :func:`get_peft_model`, which checks every layer
+    before constraining it and can then take them all out again)."""
+    previous, _PLAIN_LAYERS_ALLOWED[0] = _PLAIN_LAYERS_ALLOWED[0], True
+    try:
+        yield
+    finally:
+        _PLAIN_LAYERS_ALLOWED[0] = previous
+
+
+def _constrain_on_wrap(module: nn.Module, name: str, submodule: nn.Module) -> None:
+    """torch's module-registration hook: the standard ``peft.get_peft_model`` (or ``PeftModel.from_pretrained``,
+    ``add_adapter``) on a converted model trains inside the constraint.
+
+    A PEFT tuner layer sets its ``base_layer`` first thing in its ``__init__``; when that base layer is spectrally
+    rescaled, the tuner layer becomes its constrained subclass right there, before PEFT adds its adapter (so the
+    options the constraint cannot honour are refused by :meth:`ConstrainedTunerLayer.update_layer`, before any
+    training). Left plain, its update would run outside the rescaling and ``merge_and_unload`` would write it into a
+    weight that is recomputed on every read: the finetune would be lost. A tuner without a rule is refused.
+    """
+    if name != "base_layer" or _PLAIN_LAYERS_ALLOWED[0] or not isinstance(module, BaseTunerLayer):
+        return
+    if isinstance(module, ConstrainedTunerLayer) or not is_spectrally_rescaled(submodule):
+        return
+    constrained = TUNERS.get(type(module))
+    if constrained is None:
+        layer_type = type(module)
+        raise UnsupportedModuleError(
+            f"{layer_type.__module__}.{layer_type.__qualname__} on a spectrally rescaled layer: this PEFT tuner has no "
+            f"rule inside the Lipschitz constraint, so its update would be lost at merge; supported: {_supported()} "
+            "on nn.Linear (robustvit.peft.get_peft_model, robustvit.peft.register_tuner)"
+        )
+    module.__class__ = constrained
+
+
+register_module_module_registration_hook(_constrain_on_wrap)
+
+
 def _supported() -> str:
     return ", ".join(sorted({constrained.tuner.config.__name__ for _, constrained in TUNERS.items()}))
 
@@ -433,7 +481,8 @@ def constrain(model: nn.Module) -> nn.Module:
         rule = TUNERS[layer_type].tuner
         adapters = getattr(layer, rule.adapters)
         problems = [p for adapter in adapters for p in rule.refused(layer, adapter)]
-        problems += [p for adapter in adapters for p in _init_problems(layer, configs.get(adapter))]
+        inits = {adapter: getattr(configs.get(adapter), "init_lora_weights", None) for adapter in adapters}
+        problems += [p for adapter in adapters for p in _init_problems(layer, inits[adapter])]
         if problems:
             problems = "; ".join(problems)
             raise ValueError(f"{name}: {rule.name} inside the Lipschitz constraint does not support {problems}")
@@ -493,7 +542,8 @@ def get_peft_model(model: nn.Module, config: peft.PeftConfig, **kwargs: Any) -> 
             f"{type(config).__name__}: not implemented inside the Lipschitz constraint (robustvit.peft); supported: "
             f"{_supported()}"
         )
-    adapted = peft.get_peft_model(model, config, **kwargs)
+    with _plain_layers_allowed():
+        adapted = peft.get_peft_model(model, config, **kwargs)
     try:
         return constrain(adapted)
     except (NotImplementedError, ValueError):

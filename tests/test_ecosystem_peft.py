@@ -118,14 +118,46 @@ def test_training_changes_the_function_and_merge_keeps_it(family):
     assert robustvit.lipschitz_bound(merged) == pytest.approx(bound, rel=1e-4)
 
 
-def test_plain_peft_on_a_converted_model_is_refused_by_the_bound():
+@pytest.mark.parametrize("targets", [["fc1", "fc2"], ["head"]])
+def test_plain_peft_trains_inside_the_constraint_and_merge_keeps_the_finetune(targets):
+    """The standard path, peft.get_peft_model with a user's own LoraConfig, is robustvit.peft's path: the layers
+    PEFT builds on rescaled layers are constrained as PEFT builds them, and merge_and_unload keeps the finetune."""
+    torch.manual_seed(0)
     lip = robustvit.convert(build_model("timm_token").eval())
-    plain = peft.get_peft_model(copy.deepcopy(lip), peft.LoraConfig(r=4, target_modules=["fc1"]))
-    with pytest.raises(UnsupportedModuleError, match=r"robustvit\.peft\.get_peft_model"):
-        robustvit.lipschitz_bound(plain)
-    head = peft.get_peft_model(lip, peft.LoraConfig(r=4, target_modules=["head"]))  # the head, read by its family
-    with pytest.raises(UnsupportedModuleError, match=r"peft\.tuners\.lora\.layer\.Linear.*robustvit\.peft\.constrain"):
-        robustvit.lipschitz_bound(head)
+    images, labels = _pixels(4, 0), torch.arange(4)
+    with torch.no_grad():
+        before = lip.eval()(images)
+    model = peft.get_peft_model(lip, peft.LoraConfig(r=4, target_modules=targets))
+    assert _lora_layers(model) and all(isinstance(m, robustvit.peft.ConstrainedTunerLayer) for m in _tuner(model))
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    for _ in range(5):
+        loss = nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        tuned = model(images)
+    assert (tuned - before).abs().max() > 1e-3  # the finetune changed the function
+    bound = robustvit.lipschitz_bound(model)
+    assert estimate_lipschitz_lower_bound(model, _pixels(4, 1), steps=10) <= bound
+    merged = model.merge_and_unload()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(images), tuned, atol=1e-5, rtol=1e-5)
+    assert robustvit.lipschitz_bound(merged) == pytest.approx(bound, rel=1e-4)
+
+
+def _tuner(model: nn.Module) -> list[BaseTunerLayer]:
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def test_plain_peft_refuses_before_training_what_the_constraint_cannot_keep():
+    lip = robustvit.convert(build_model("timm_token").eval())
+    with pytest.raises(UnsupportedModuleError, match=r"vera.*robustvit\.peft\.get_peft_model"):
+        peft.get_peft_model(copy.deepcopy(lip), peft.VeraConfig(r=2, target_modules=["fc1"]))
+    with pytest.raises(ValueError, match="does not support lora_dropout>0"):
+        peft.get_peft_model(copy.deepcopy(lip), peft.LoraConfig(r=2, target_modules=["fc1"], lora_dropout=0.1))
 
 
 def _tuner_configs(targets: list[str]) -> dict[str, peft.PeftConfig]:
@@ -259,13 +291,12 @@ def test_adapters_added_later_are_checked_or_constrained_again():
     with pytest.raises(ValueError, match="does not support lora_dropout"):
         model.add_adapter("dropped", peft.LoraConfig(r=2, target_modules=["fc1"], lora_dropout=0.1))
     assert all("dropped" not in layer.lora_A for layer in _constrained_layers(model))
-    model.add_adapter("wider", peft.LoraConfig(r=2, target_modules=["fc1", "fc2"]))  # fc2: a new, plain PEFT layer
+    model.add_adapter("wider", peft.LoraConfig(r=2, target_modules=["fc1", "fc2"]))  # fc2: a new PEFT layer
     model.set_adapter("wider")
     _perturb_adapters(model, 0.1)
-    with pytest.raises(UnsupportedModuleError, match="outside the spectral rescaling"):
-        robustvit.lipschitz_bound(model)
-    robustvit.peft.constrain(model)
-    assert len(_constrained_layers(model)) == 4 and robustvit.lipschitz_bound(model) > 0
+    assert len(_constrained_layers(model)) == 4 and robustvit.lipschitz_bound(model) > 0  # constrained as built
+    robustvit.peft.constrain(model)  # nothing left to do
+    assert len(_constrained_layers(model)) == 4
 
 
 def test_other_tuners_and_layers_are_not_implemented():
@@ -273,10 +304,12 @@ def test_other_tuners_and_layers_are_not_implemented():
     for config in (peft.BOFTConfig(boft_block_size=4, target_modules=["fc1"]), peft.VeraConfig(target_modules=["fc1"])):
         with pytest.raises(NotImplementedError, match=r"Config: .*supported: IA3Config, LoHaConfig, LoKrConfig"):
             robustvit.peft.get_peft_model(lip, config)
+    for config in (peft.BOFTConfig(boft_block_size=4, target_modules=["fc1"]), peft.VeraConfig(target_modules=["fc1"])):
+        with pytest.raises(UnsupportedModuleError, match=r"no rule inside the Lipschitz constraint"):
+            peft.get_peft_model(copy.deepcopy(lip), config)  # the standard path: refused as PEFT builds the layer
     plain = peft.get_peft_model(lip, peft.LoHaConfig(r=2, target_modules=["fc1"]))
     _perturb_adapters(plain, 0.1)
-    with pytest.raises(UnsupportedModuleError, match=r"robustvit\.peft\.constrain\(model\)"):
-        robustvit.lipschitz_bound(plain)
+    assert _constrained_layers(plain) and robustvit.lipschitz_bound(plain) > 0
     # A supported tuner on another layer type: refused once PEFT built it, and its layers are taken out again.
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(NotImplementedError, match=r"0 \(peft\.tuners\.lora\.layer\.Conv2d\)"):

@@ -28,7 +28,7 @@ from scipy.stats import beta, norm
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from robustvit._utils import check_inputs, eval_mode, model_logits
+from robustvit._utils import check_inputs, eval_mode, model_logits, unchecked_pixels
 
 __all__ = [
     "LVM_TEMPERATURES",
@@ -263,7 +263,8 @@ def _noisy_logits(
     for start in range(0, num, batch_size):
         size = min(batch_size, num - start)
         noise = torch.randn((size, *image.shape), generator=generator, device=noise_device, dtype=image.dtype)
-        logits = model_logits(model, image.unsqueeze(0) + sigma * noise.to(image.device))
+        with unchecked_pixels():  # Gaussian samples leave [0, 1]: the smoothed classifier is defined on them
+            logits = model_logits(model, image.unsqueeze(0) + sigma * noise.to(image.device))
         if num_classes is not None and logits.shape[-1] > num_classes:
             raise ValueError(f"the model returns {logits.shape[-1]} logits but num_classes={num_classes}")
         yield logits

@@ -172,22 +172,16 @@ class HFViT(Family):
     def annotate(self, model: nn.Module) -> None:
         """Swap ``model.config`` for its converted twin (a registered ``robustvit_*`` model type).
 
-        ``save_pretrained`` then writes a ``config.json`` that says the model was converted and how to rebuild it,
-        ``layer_types`` / ``hidden_act`` that describe the converted layers, and an image processor that does not
-        normalize (the model does). ``AutoModelForImageClassification`` loads it back once robustvit is imported;
-        ``ViTForImageClassification.from_pretrained`` (or Auto without robustvit) refuses it with an error that says
-        how to load it, instead of building a plain ViT with partly random weights.
+        ``save_pretrained`` then writes a ``config.json`` whose ``model_type`` says the model was converted and whose
+        ``robustvit`` record says how to rebuild it, and an image processor that does not normalize (the model does).
+        ``AutoModelForImageClassification`` loads it back once robustvit is imported; without robustvit, transformers
+        refuses the unknown model type.
         """
         convert_config = model.robustvit_config
-        mixer = {"shift": "token_shift", "l2": "l2_attention"}[convert_config.mixer]
-        layer_type = f"robustvit_{mixer} (load with robustvit.from_pretrained)"
         values = model.config.to_dict()
-        for key in ("model_type", "transformers_version", "architectures", "layer_types"):
+        for key in ("model_type", "transformers_version", "architectures"):
             values.pop(key, None)
-        values.update(
-            layer_types=[layer_type] * len(self._backbone(model).layers),
-            **{NATIVE_RECORD_KEY: native_record(model)},
-        )
+        values[NATIVE_RECORD_KEY] = native_record(model)
         if convert_config.activation != "gelu":
             values["hidden_act"] = convert_config.activation
         config = _CONVERTED_CONFIGS[type(model)](**values)
@@ -216,12 +210,6 @@ class HFViT(Family):
         return _processor_for(model.config)
 
 
-def _converted_layer_types(config) -> None:
-    entries = getattr(config, "layer_types", None) or []
-    if not all(isinstance(entry, str) and entry.startswith("robustvit_") for entry in entries):
-        raise ValueError(f"layer_types of a robustvit-converted model must be robustvit_* entries, got {entries}")
-
-
 def _record_hidden_states(backbone: nn.Module) -> None:
     """``output_hidden_states=True`` for the converted blocks. transformers records hidden states with a forward hook
     on each of its own layers (``ViTLayer``), installed once per model; the converted blocks get the same hook. It only
@@ -237,9 +225,6 @@ def _record_hidden_states(backbone: nn.Module) -> None:
 
 class _ConvertedConfig:
     """What the configs of converted models add to their family's config (listed first in their bases)."""
-
-    def validate_layer_type(self) -> None:
-        _converted_layer_types(self)
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -286,7 +271,8 @@ _CONVERTED_CONFIGS = {ViTForImageClassification: RobustViTConfig, DeiTForImageCl
 
 
 class _AutoLoader:
-    """What ``AutoModelForImageClassification`` calls for a ``robustvit_*`` config: ``robustvit.from_pretrained``.
+    """What ``AutoModelForImageClassification`` (and so ``pipeline``) calls for a ``robustvit_*`` config:
+    ``robustvit.from_pretrained``, with every keyword the Auto classes pass.
 
     The folder may come from ``converted.save_pretrained`` (transformers' format) or ``robustvit.save_pretrained``;
     either way the architecture is rebuilt and converted, and the weights load strictly. Pass ``verify=True`` /
@@ -297,26 +283,12 @@ class _AutoLoader:
     config_class = RobustViTConfig
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs) -> nn.Module:
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, verify=None, **kwargs) -> nn.Module:
         from robustvit.hub import from_pretrained  # late: hub imports the families
 
         if model_args:
             raise TypeError(f"robustvit models take no positional model arguments, got {model_args}")
-        verify = kwargs.pop("verify", None)
-        hub_kwargs = {key: kwargs.pop(key) for key in ("revision", "cache_dir", "token") if key in kwargs}
-        kwargs.pop("config", None)
-        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
-        device = kwargs.pop("device_map", None)
-        ignored = {"trust_remote_code", "adapter_kwargs", "_from_auto", "_from_pipeline", "local_files_only"}
-        unknown = sorted(set(kwargs) - ignored)
-        if unknown:
-            raise TypeError(f"robustvit.from_pretrained does not support {unknown}")
-        model = from_pretrained(pretrained_model_name_or_path, verify=verify, **hub_kwargs)
-        if dtype not in (None, "auto"):
-            model.to(getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-        if isinstance(device, (str, torch.device)) and device != "auto":
-            model.to(device)
-        return model
+        return from_pretrained(pretrained_model_name_or_path, verify=verify, **kwargs)
 
 
 class _DeiTAutoLoader(_AutoLoader):

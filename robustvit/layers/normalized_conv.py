@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from robustvit._utils import check_pixel_range, holds_values, pixels_checked
 from robustvit.lipschitz.engine import BoundFn
 from robustvit.lipschitz.spectral import conv_spectral_norm
 
@@ -16,6 +17,12 @@ class NormalizedConv2d(nn.Conv2d):
 
     It stays an ``nn.Conv2d`` (weight, bias, stride...) so code that reads the first convolution keeps working.
     The normalization multiplies distances by at most ``1 / min(std)``, which is part of the bound.
+
+    In eval mode it refuses inputs outside [0, 1] with a ``ValueError`` that names the fix: pixels normalized by the
+    source's preprocessing would be normalized twice, another function than the certified one. The check costs a
+    min and a max of the batch (``bench/bench_pixel_check.py``); it steps aside while ``torch.fx``, ``torch.export``,
+    ``torch.compile`` or ``torch.func`` trace the model, in training, and inside
+    :func:`robustvit._utils.unchecked_pixels` (randomized smoothing's noisy samples).
 
     Example:
         >>> conv = NormalizedConv2d(3, 192, kernel_size=16, stride=16, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -61,6 +68,8 @@ class NormalizedConv2d(nn.Conv2d):
                 f"expected images shaped (batch, {self.in_channels}, height, width) with pixels in [0, 1], "
                 f"got shape {tuple(x.shape)}"
             )
+        if not self.training and pixels_checked() and holds_values(x):
+            check_pixel_range(x)  # normalized pixels would silently give another function
         return super().forward((x - self.input_mean) / self.input_std)
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from robustvit._utils import is_tracing
+from robustvit._utils import is_traced
 from robustvit.lipschitz.engine import BoundFn
 
 
@@ -35,7 +35,7 @@ class PrefixPool(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         k = self.num_prefix_tokens
-        if not is_tracing() and x.shape[1] != k + self.num_patches:
+        if not is_traced(x) and x.shape[1] != k + self.num_patches:
             raise ValueError(f"PrefixPool expects {k + self.num_patches} tokens, got {x.shape[1]}")
         patches = x[:, k:].unflatten(1, (self.num_patches,))  # a no-op view that enforces the count when traced
         return torch.cat((patches.mean(dim=1, keepdim=True).expand(-1, k, -1), patches), dim=1)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustvit._utils import is_tracing
+from robustvit._utils import is_traced
 from robustvit.lipschitz.engine import BoundFn
 
 
@@ -35,7 +35,7 @@ class TokenShift(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         height, width = self.grid_size
         k = self.num_prefix_tokens
-        if not is_tracing() and x.shape[1] != k + height * width:  # traced: unflatten below enforces the count
+        if not is_traced(x) and x.shape[1] != k + height * width:  # traced: unflatten below enforces the count
             raise ValueError(
                 f"TokenShift expects {k} prefix tokens + a {height}x{width} grid = {k + height * width} tokens, "
                 f"got {x.shape[1]}"
