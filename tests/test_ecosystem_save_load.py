@@ -113,7 +113,12 @@ def test_auto_classes_and_pipeline_keywords_are_honoured(family, tmp_path, image
     model.save_pretrained(tmp_path / "sub")
     with pytest.warns(robustvit.hub.UncertifiedModelWarning):
         loaded = AutoModelForImageClassification.from_pretrained(
-            tmp_path, subfolder="sub", local_files_only=True, force_download=False, dtype=torch.float64, device_map="cpu"
+            tmp_path,
+            subfolder="sub",
+            local_files_only=True,
+            force_download=False,
+            dtype=torch.float64,
+            device_map="cpu",
         )
     assert next(loaded.parameters()).dtype == torch.float64
     with torch.no_grad():
