@@ -90,7 +90,7 @@ def check_pixel_range(images: torch.Tensor) -> None:
         ...
         ValueError: pixels must lie in [0, 1], got values in [...]: undo the mean/std normalization ...
     """
-    low, high = float(images.min()), float(images.max())
+    low, high = float(images.detach().min()), float(images.detach().max())
     if low < 0 or high > 1:
         hint = (
             "divide [0, 255] pixels by 255"

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import IMG, NUM_CLASSES, build_model
+from conftest import IMG, NUM_CLASSES, REPRESENTATIVES, build_model, logits_of
 
 import robustvit
+from robustvit._utils import unchecked_pixels
 from robustvit.certify import attacks
 
 ENTRY_POINTS = {
@@ -68,3 +69,38 @@ def test_valid_inputs_pass_and_hf_labels_use_the_config(images):
     robustvit.certify(hf, images, torch.arange(4))
     with pytest.raises(ValueError, match=rf"\[0, {NUM_CLASSES}\)"):
         robustvit.certify(hf, images, torch.tensor([0, 1, 2, NUM_CLASSES]))
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_eval_forward_refuses_normalized_pixels(name):
+    """A converted model normalizes inside: the source's processor (ViTImageProcessor: mean = std = 0.5) would
+    normalize twice and silently compute another function. In eval mode the forward refuses, naming the fix."""
+    model = robustvit.convert(build_model(name).eval()).eval()
+    pixels = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"\[0, 1\].*do_normalize=False"):
+        model((pixels - 0.5) / 0.5)
+    with torch.no_grad():
+        model(pixels)  # [0, 1] pixels pass
+        with unchecked_pixels():  # smoothing's Gaussian samples, Lipschitz estimates
+            model(pixels * 3 - 1)
+    model.train()(pixels * 3 - 1)  # training steps (and noise augmentation) are not checked
+
+
+@pytest.mark.parametrize("name", REPRESENTATIVES)
+def test_the_pixel_check_steps_aside_while_tracing(name):
+    model = robustvit.convert(build_model(name).eval()).eval()
+    pixels = torch.rand(2, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = logits_of(model(pixels))
+    exported = torch.export.export(model, (pixels,))
+    torch.testing.assert_close(logits_of(exported.module()(pixels)), expected)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(compiled(pixels)), expected)
+    batched = torch.func.vmap(lambda x: logits_of(model(x[None]))[0])
+    torch.testing.assert_close(batched(pixels), expected, atol=1e-5, rtol=1e-5)
+    jacobian = torch.func.jacrev(lambda x: logits_of(model(x)))(pixels[:1])
+    assert jacobian.shape == (1, expected.shape[-1], 1, 3, IMG, IMG) and torch.isfinite(jacobian).all()
+    if name.startswith("timm"):  # timm models trace whole with torch.fx (with the concrete arguments timm uses)
+        traced = torch.fx.symbolic_trace(model, concrete_args={"attn_mask": None, "is_causal": False})
+        torch.testing.assert_close(traced(pixels), expected)
