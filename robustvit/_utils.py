@@ -1,4 +1,5 @@
-"""Small helpers shared across robustvit."""
+"""Small torch helpers shared across robustvit: image checks, model wrappers, tracing, modes. They know no family,
+layer or bound (those floors build on them)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from robustvit.errors import UnsupportedModuleError
 
 
 def model_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -29,56 +32,6 @@ def check_images(images: torch.Tensor, *, channels: int | None = None, size: tup
         raise ValueError(f"expected images of size {tuple(size)}, got {tuple(images.shape[-2:])}")
     if not torch.isfinite(images).all():
         raise ValueError("images contain NaN or infinite values")
-
-
-def check_inputs(
-    model: nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    eps: float | None = None,
-) -> nn.Module:
-    """The input contract of certification and attacks, checked before any work; raises a ``ValueError`` /
-    ``TypeError`` that names the fix. Returns ``unwrap(model)``: what a certificate describes (the exact function,
-    without Accelerate's autocast wrapper, DDP, PEFT or compile wrappers).
-
-    ``images``: a non-empty float batch ``(B, C, H, W)`` of pixels in [0, 1] (radii are in that pixel space, so
-    uint8 or [0, 255] images would give radii 255x too large, and mean/std-normalized ones radii of another space).
-    ``labels``: ``B`` integer classes in ``[0, num_classes)`` when the model's number of classes is known.
-    ``eps``: finite and ``>= 0``.
-
-    Example:
-        >>> check_inputs(model, torch.rand(2, 3, 32, 32), torch.tensor([0, 1]), eps=36 / 255) is model
-        True
-    """
-    if isinstance(images, torch.Tensor) and not (images.is_floating_point() or images.is_complex()):
-        raise TypeError(
-            f"images have integer dtype {images.dtype}; robustvit takes float pixels in [0, 1]: pass "
-            "images.float() / 255"
-        )
-    check_images(images)
-    if images.shape[0] == 0:
-        raise ValueError("the batch of images is empty")
-    check_pixel_range(images)
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"expected labels as a torch.Tensor, got {type(labels).__name__}")
-        if labels.shape != (images.shape[0],):
-            raise ValueError(
-                f"labels must have shape ({images.shape[0]},) (one class per image), got {tuple(labels.shape)}"
-            )
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"labels must be integer class indices, got dtype {labels.dtype}")
-        num_classes = _num_classes(model)
-        bad = (labels < 0) | (labels >= num_classes if num_classes is not None else False)
-        if bool(bad.any()):
-            where = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-            raise ValueError(f"labels must be classes in {where}, got {labels[bad][:5].tolist()}")
-    if eps is not None:
-        values = torch.as_tensor(eps, dtype=torch.float64).flatten()
-        if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
-            raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
-    return unwrap(model)
 
 
 def check_pixel_range(images: torch.Tensor) -> None:
@@ -128,21 +81,6 @@ def pixels_checked() -> bool:
     return not _PIXELS_UNCHECKED[0]
 
 
-def _num_classes(model: nn.Module) -> int | None:
-    """The model's number of classes when its family (or the library's own attribute) says so."""
-    from robustvit.errors import UnsupportedModuleError
-    from robustvit.families import get_family  # late: the families import this module's users
-
-    model = unwrap(model)
-    try:
-        return int(get_family(model).head_weight(model)[0].shape[0])
-    except UnsupportedModuleError:
-        pass
-    config = getattr(model, "config", None)
-    count = getattr(model, "num_classes", None) or getattr(config, "num_labels", None)
-    return count if isinstance(count, int) and count > 0 else None
-
-
 def unwrap(model: nn.Module) -> nn.Module:
     """``model`` without the wrappers that do not change its (exact-arithmetic) function: ``DistributedDataParallel``
     / ``DataParallel``, ``torch.compile``, PEFT's ``PeftModel`` / tuner model (whose adapted layers stay in place in
@@ -153,8 +91,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     The model itself is never modified: without its forward wrapper it comes back as a shallow view that shares
     every submodule and parameter.
     """
-    if "peft" in sys.modules:  # a model can hold PEFT layers only once peft is imported
-        import robustvit.peft  # noqa: F401  (bound rules for PEFT tuner layers; plain ones are refused with the fix named)
     while True:
         if _class_forward_on_instance(model):
             view = copy.copy(model)  # shares _modules / _parameters / _buffers with the model
@@ -211,8 +147,6 @@ def called_child(module: nn.Module) -> tuple[str, nn.Module] | None:
     if module.disable_adapters or not active or any(name not in module._adapters for name in active):
         return "original_module", module.original_module
     if active[0] not in module.modules_to_save:
-        from robustvit.errors import UnsupportedModuleError
-
         raise UnsupportedModuleError(
             f"modules_to_save wrapper: the active adapter {active[0]!r} has no copy of the module (its forward fails); "
             "set an adapter that has one with model.set_adapter(name)"

@@ -23,16 +23,18 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustvit.configs import CertificationConfig, ConvertConfig, add_arguments, from_args
+from robustvit.certification.config import CertificationConfig
 from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE, DIGITS
+from robustvit.conversion.config import ConvertConfig
 from robustvit.errors import CertificateError, UnsupportedModuleError
+from robustvit.settings import add_arguments, from_args
 
 # The library (torch, timm, transformers) is imported inside each command, so that `robustvit --help` is fast.
 if TYPE_CHECKING:
     from torch import nn
 
-    from robustvit.certify import CertifyResult
-    from robustvit.certify.certificate import Certificate
+    from robustvit.certification import CertifyResult
+    from robustvit.certification.certificate import Certificate
 
 __all__ = ["ACCURACY_TOLERANCE", "main", "model_folder"]
 
@@ -91,12 +93,12 @@ def _refuse_existing_output(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from robustvit.convert import convert
+    from robustvit.conversion.convert import convert
 
     if args.output is not None:
         _refuse_existing_output(args)
-    from robustvit.hub import save_pretrained
     from robustvit.lipschitz import lipschitz_report
+    from robustvit.persistence.hub import save_pretrained
 
     config = from_args(ConvertConfig, args)
     model = convert(_source_model(args), config)
@@ -109,7 +111,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _load_unverified(model: str, revision: str | None) -> nn.Module:
     """Load a model that is about to be (re-)certified; the no-certificate warning would only be noise here."""
-    from robustvit.hub import UncertifiedModelWarning, from_pretrained
+    from robustvit.persistence.hub import UncertifiedModelWarning, from_pretrained
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UncertifiedModelWarning)
@@ -117,7 +119,7 @@ def _load_unverified(model: str, revision: str | None) -> nn.Module:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from robustvit.certify.dataset import certify_split
+    from robustvit.certify_split import certify_split
 
     _refuse_existing_output(args)
     model = _load_unverified(args.model, args.revision)
@@ -141,7 +143,7 @@ def _certify(args: argparse.Namespace) -> int:
 
 def _compare(certificate: Certificate, result: CertifyResult, *, same_data: bool, tolerance: float) -> list[str]:
     """Print claimed against re-certified accuracies; return the claims that fail (only for the same data)."""
-    from robustvit.certify.plot import eps_label
+    from robustvit.certification.plot import eps_label
 
     rows = [("clean", certificate.clean_accuracy, result.clean_accuracy)]
     rows += [(eps_label(r.eps), r.certified_accuracy, result.certified_accuracy(r.eps)) for r in certificate.results]
@@ -155,10 +157,10 @@ def _compare(certificate: Certificate, result: CertifyResult, *, same_data: bool
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from robustvit.certify import certify
-    from robustvit.certify.dataset import model_dataset
+    from robustvit.certification import certify
+    from robustvit.certify_split import model_dataset
     from robustvit.data import stack_examples
-    from robustvit.hub import from_pretrained
+    from robustvit.persistence.hub import from_pretrained
 
     try:
         model = from_pretrained(args.model, args.revision)
@@ -209,7 +211,7 @@ def model_folder(output_dir: Path) -> Path:
         >>> model_folder(Path("runs/cifar10"))
         PosixPath('runs/cifar10/model')
     """
-    from robustvit.hub import CONFIG_NAME
+    from robustvit.persistence.hub import CONFIG_NAME
 
     for candidate in (output_dir / MODEL_SUBDIR, output_dir):
         if (candidate / CONFIG_NAME).is_file():
@@ -221,7 +223,7 @@ def model_folder(output_dir: Path) -> Path:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from robustvit.hub import from_pretrained, push_to_hub, save_pretrained
+    from robustvit.persistence.hub import from_pretrained, push_to_hub, save_pretrained
 
     output_dir = Path(args.directory)
     directory = model_folder(output_dir)
@@ -291,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         split_help = f"default: {split_default}" if split_default else "default: the certificate's split"
         p.add_argument("--split", default=split_default, help=split_help)
-        # Certification budget: the fields of robustvit.configs.CertificationConfig (eps and PGD: certify only).
+        # Certification budget: the fields of CertificationConfig (eps and PGD: certify only).
         add_arguments(p, CertificationConfig, only=("max_eval_images", "eval_batch_size"))
 
     p = commands.add_parser("certify", help="certify a saved model on a dataset; write a certified model folder")

@@ -34,7 +34,7 @@ from timm.data.mixup import mixup_target
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.functional import to_pil_image
 
-from robustvit.configs import arg
+from robustvit.settings import arg
 
 __all__ = [
     "Augmentation",

@@ -39,8 +39,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from robustvit._utils import check_images, eval_mode, model_logits
-from robustvit.certify.attacks import ATTACKS
-from robustvit.certify.plot import eps_label
+from robustvit.certification.attacks import ATTACKS
+from robustvit.certification.plot import eps_label
 from robustvit.corruptions import MAX_SEVERITY, corrupt, corruption_names
 from robustvit.data import stratified_subset
 from robustvit.nullspace import token_noise

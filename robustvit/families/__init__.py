@@ -4,7 +4,6 @@ configurations the tests build (``register_tiny_model``)."""
 from robustvit.families import hf_vit, timm_vit  # noqa: F401  (registration)
 from robustvit.families.base import (
     FAMILIES,
-    NATIVE_RECORD_KEY,
     TINY_MODELS,
     BlockParts,
     Family,
@@ -15,8 +14,6 @@ from robustvit.families.base import (
     family_by_name,
     get_family,
     linear_head,
-    native_record,
-    rebuild_converted,
     register_family,
     register_tiny_model,
     registered_families,
@@ -25,7 +22,6 @@ from robustvit.families.base import (
 
 __all__ = [
     "FAMILIES",
-    "NATIVE_RECORD_KEY",
     "TINY_MODELS",
     "BlockParts",
     "Family",
@@ -36,8 +32,6 @@ __all__ = [
     "family_by_name",
     "get_family",
     "linear_head",
-    "native_record",
-    "rebuild_converted",
     "register_family",
     "register_tiny_model",
     "registered_families",

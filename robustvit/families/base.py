@@ -1,8 +1,10 @@
 """What robustvit needs to know about a ViT family, and the registry that finds the family of a model.
 
-A family adapter is small: it says how to find the parts of one family's module tree (a :class:`ViTParts`),
-how to put converted parts back, and how the family's forward composes them (for the bound). The conversion
-math itself is shared (``robustvit.convert``), so every family is converted the same way.
+A family adapter is structure only: it says how to find the parts of one family's module tree (a :class:`ViTParts`),
+how to put converted parts back, how the family's forward composes them (for the bound), and how to describe the
+source architecture as JSON and build it back. The conversion math is shared (:mod:`robustvit.conversion`), so every
+family is converted the same way; what the family's library records of a converted model, and how it loads one,
+live with the conversion (:mod:`robustvit.conversion.metadata`) and the persistence (:mod:`robustvit.persistence`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from robustvit._utils import unwrap
 from robustvit.errors import UnsupportedModuleError
 from robustvit.layers.linear import is_linear, linear_bias, linear_weight  # noqa: F401  (the families' API)
 from robustvit.lipschitz.engine import BoundFn, compose_bound
@@ -29,13 +32,11 @@ __all__ = [
     "InputSpec",
     "TinyModel",
     "ViTParts",
-    "NATIVE_RECORD_KEY",
     "create_tiny_model",
     "family_by_name",
     "get_family",
-    "native_record",
+    "linear_head",
     "per_channel",
-    "rebuild_converted",
     "register_family",
     "register_tiny_model",
     "registered_families",
@@ -91,6 +92,8 @@ class ViTParts:
     grid_size: tuple[int, int]
     num_prefix_tokens: int
     head_reads_prefix: bool  # the head reads prefix tokens (class / distillation) rather than pooled patches
+    prefix_tokens: list[nn.Parameter] = field(default_factory=list)  # class / distillation / register tokens
+    pool_reads_prefix: bool = False  # the head's average pooling includes the prefix tokens
     embed_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -167,40 +170,6 @@ class Family(ABC):
         """The head modules whose weights :meth:`head_weight` reads."""
         return []
 
-    @abstractmethod
-    def annotate(self, model: nn.Module) -> None:
-        """Rewrite the library's own metadata of a just-converted model (preprocessing, config, how to rebuild it),
-        so that the library's standard preprocessing and save/load paths see the converted model, not its source."""
-
-    def saved_key_names(self, model: nn.Module) -> dict[str, str]:
-        """``{name in a natively saved checkpoint: state_dict name}``; the library may rename keys on save."""
-        return {name: name for name in model.state_dict()}
-
-    def library_config(self, model: nn.Module) -> dict:
-        """The library's own config of a converted model, written into robustvit's ``config.json`` so that the
-        library's loaders (e.g. transformers' Auto classes and pipelines) can read a robustvit folder too."""
-        return {}
-
-    def image_processor(self, model: nn.Module):
-        """The library's preprocessing object to ship next to the weights (``save_pretrained``), or ``None``."""
-        return None
-
-
-NATIVE_RECORD_KEY = "robustvit"
-"""Key under which a natively saved converted model (transformers ``config.json``, timm ``model_args``) records
-how robustvit rebuilds it: :func:`native_record`."""
-
-
-def native_record(model: nn.Module) -> dict:
-    """JSON-ready ``{"family", "source", "convert_config"}`` of a converted model: enough to rebuild its architecture
-    (``robustvit.from_pretrained`` then loads the weights strictly)."""
-    family = get_family(model)
-    return {
-        "family": family.name,
-        "source": model.robustvit_source,
-        "convert_config": model.robustvit_config.to_dict(),
-    }
-
 
 FAMILIES: Registry[Family] = Registry("family")
 """Family adapters by name, in registration order: :func:`get_family` tries them in that order."""
@@ -273,8 +242,6 @@ def family_by_name(name: str) -> Family:
 
 def get_family(model: nn.Module) -> Family:
     """The adapter of ``model``'s family, or :class:`UnsupportedModuleError` listing the supported families."""
-    from robustvit._utils import unwrap
-
     model = unwrap(model)
     for _, family in FAMILIES.items():
         if family.matches(model):
@@ -291,8 +258,6 @@ def linear_head(model: nn.Module) -> tuple[Tensor, Tensor] | None:
 
     Certificates (pairwise radii) and margin losses (pairwise constants) share it.
     """
-    from robustvit._utils import unwrap
-
     model = unwrap(model)
     try:
         family = get_family(model)
@@ -302,17 +267,6 @@ def linear_head(model: nn.Module) -> tuple[Tensor, Tensor] | None:
         return None
     features = compose_bound(model, lambda bound_of: family.features_bound(model, bound_of))
     return features, family.head_weight(model)[0].to(torch.float64)
-
-
-def rebuild_converted(record: dict) -> nn.Module:
-    """The converted architecture a :func:`native_record` describes, with placeholder weights (nothing downloaded)."""
-    from robustvit.convert import ConvertConfig, convert  # late: convert imports the families
-
-    family = family_by_name(record["family"])
-    model = convert(family.build(record["source"]), ConvertConfig.from_dict(record["convert_config"]), inplace=True)
-    model.robustvit_source = record["source"]  # as stored, so that saving again writes the same record
-    family.annotate(model)
-    return model
 
 
 def per_channel(values: tuple[float, ...], channels: int) -> tuple[float, ...]:

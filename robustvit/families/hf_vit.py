@@ -10,11 +10,9 @@ from collections.abc import Callable
 
 import torch
 import transformers
-from huggingface_hub.dataclasses import strict
 from torch import Tensor, nn
-from transformers import AutoConfig, AutoModelForImageClassification, DeiTConfig, ViTConfig
+from transformers import DeiTConfig, ViTConfig
 from transformers.activations import GELUActivation
-from transformers.core_model_loading import revert_weight_conversion
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -41,7 +39,6 @@ from transformers.utils import output_capturing
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families.base import (
-    NATIVE_RECORD_KEY,
     BlockParts,
     Family,
     InputSpec,
@@ -49,7 +46,6 @@ from robustvit.families.base import (
     blocks_bound,
     linear_bias,
     linear_weight,
-    native_record,
     one,
     per_channel,
     register_family,
@@ -132,6 +128,7 @@ class HFViT(Family):
             grid_size=grid,
             num_prefix_tokens=len(prefix),
             head_reads_prefix=True,  # the classifiers read token 0
+            prefix_tokens=prefix,
         )
 
     def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
@@ -169,46 +166,6 @@ class HFViT(Family):
         config = model_class.config_class.from_dict(spec["config"])
         return model_class(config)
 
-    def annotate(self, model: nn.Module) -> None:
-        """Swap ``model.config`` for its converted twin (a registered ``robustvit_*`` model type).
-
-        ``save_pretrained`` then writes a ``config.json`` whose ``model_type`` says the model was converted and whose
-        ``robustvit`` record says how to rebuild it, and an image processor that does not normalize (the model does).
-        ``AutoModelForImageClassification`` loads it back once robustvit is imported; without robustvit, transformers
-        refuses the unknown model type.
-        """
-        convert_config = model.robustvit_config
-        values = model.config.to_dict()
-        for key in ("model_type", "transformers_version", "architectures"):
-            values.pop(key, None)
-        values[NATIVE_RECORD_KEY] = native_record(model)
-        if convert_config.activation != "gelu":
-            values["hidden_act"] = convert_config.activation
-        config = _CONVERTED_CONFIGS[type(model)](**values)
-        config._attn_implementation = model.config._attn_implementation
-        if convert_config.mixer == "shift":  # prefix tokens never reach the head (see the timm family): frozen
-            embeddings = self._backbone(model).embeddings
-            for token in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)):
-                if token is not None:
-                    token.requires_grad_(False)
-        old = model.config
-        for module in model.modules():  # the backbone shares the config object with the classifier model
-            if getattr(module, "config", None) is old:
-                module.config = config
-
-    def saved_key_names(self, model: nn.Module) -> dict[str, str]:
-        # save_pretrained writes the legacy 4.x names (transformers' conversion mapping, reverted); map them back.
-        state = model.state_dict()
-        ids = {id(tensor): name for name, tensor in state.items()}
-        saved = revert_weight_conversion(model, dict(state))
-        return {saved_name: ids[id(tensor)] for saved_name, tensor in saved.items()}
-
-    def library_config(self, model: nn.Module) -> dict:
-        return {**model.config.to_dict(), "architectures": [type(model).__name__]}
-
-    def image_processor(self, model: nn.Module):
-        return _processor_for(model.config)
-
 
 def _record_hidden_states(backbone: nn.Module) -> None:
     """``output_hidden_states=True`` for the converted blocks. transformers records hidden states with a forward hook
@@ -221,83 +178,6 @@ def _record_hidden_states(backbone: nn.Module) -> None:
         for key in set(block._forward_hooks) - before:
             mark_lipschitz_neutral(block._forward_hooks[key])
     backbone._output_capturing_hooks_installed = True  # transformers installs no hooks of its own on it any more
-
-
-class _ConvertedConfig:
-    """What the configs of converted models add to their family's config (listed first in their bases)."""
-
-    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
-        super().save_pretrained(save_directory, *args, **kwargs)
-        _processor_for(self).save_pretrained(save_directory)
-
-
-@strict
-class RobustViTConfig(_ConvertedConfig, ViTConfig):
-    """``ViTConfig`` of a robustvit-converted ``ViTForImageClassification`` (``model_type="robustvit_vit"``).
-
-    ``robustvit`` holds the family, source architecture and :class:`~robustvit.ConvertConfig`; saving also writes
-    the image processor of the converted model (no normalization: it happens inside the model).
-    """
-
-    model_type = "robustvit_vit"
-    robustvit: dict | None = None
-
-
-@strict
-class RobustDeiTConfig(_ConvertedConfig, DeiTConfig):
-    """``DeiTConfig`` of a robustvit-converted ``DeiTForImageClassification`` (``model_type="robustvit_deit"``);
-    see :class:`RobustViTConfig`."""
-
-    model_type = "robustvit_deit"
-    robustvit: dict | None = None
-
-
-def _processor_for(config):
-    """A ``ViTImageProcessor`` that resizes to the model's size and rescales to [0, 1], without normalizing: the
-    converted model normalizes inside."""
-    from transformers import ViTImageProcessor  # late: the image-processing stack is slow to import
-
-    size = config.image_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    return ViTImageProcessor(
-        size={"height": height, "width": width},
-        do_normalize=False,
-        image_mean=[0.0] * config.num_channels,
-        image_std=[1.0] * config.num_channels,
-    )
-
-
-_CONVERTED_CONFIGS = {ViTForImageClassification: RobustViTConfig, DeiTForImageClassification: RobustDeiTConfig}
-
-
-class _AutoLoader:
-    """What ``AutoModelForImageClassification`` (and so ``pipeline``) calls for a ``robustvit_*`` config:
-    ``robustvit.from_pretrained``, with every keyword the Auto classes pass.
-
-    The folder may come from ``converted.save_pretrained`` (transformers' format) or ``robustvit.save_pretrained``;
-    either way the architecture is rebuilt and converted, and the weights load strictly. Pass ``verify=True`` /
-    ``False`` to choose; by default a folder with a ``certificate.json`` is verified, one without loads uncertified
-    (with :class:`robustvit.hub.UncertifiedModelWarning`).
-    """
-
-    config_class = RobustViTConfig
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, verify=None, **kwargs) -> nn.Module:
-        from robustvit.hub import from_pretrained  # late: hub imports the families
-
-        if model_args:
-            raise TypeError(f"robustvit models take no positional model arguments, got {model_args}")
-        return from_pretrained(pretrained_model_name_or_path, verify=verify, **kwargs)
-
-
-class _DeiTAutoLoader(_AutoLoader):
-    config_class = RobustDeiTConfig
-
-
-for _config_class, _loader in ((RobustViTConfig, _AutoLoader), (RobustDeiTConfig, _DeiTAutoLoader)):
-    AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
-    AutoModelForImageClassification.register(_config_class, _loader, exist_ok=True)
 
 
 # The rules visit the backbones' children, not the backbones: their forward runs unvisited, so record it.

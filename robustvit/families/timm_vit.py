@@ -4,21 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from pathlib import Path
 
-import safetensors.torch
 import timm
 import torch
-from huggingface_hub import hf_hub_download
 from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed
-from timm.models import register_model
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families.base import (
-    NATIVE_RECORD_KEY,
     BlockParts,
     Family,
     InputSpec,
@@ -26,10 +21,8 @@ from robustvit.families.base import (
     blocks_bound,
     linear_bias,
     linear_weight,
-    native_record,
     one,
     per_channel,
-    rebuild_converted,
     register_family,
     register_tiny_model,
 )
@@ -151,6 +144,8 @@ class TimmViT(Family):
             grid_size=tuple(model.patch_embed.grid_size),
             num_prefix_tokens=model.num_prefix_tokens,
             head_reads_prefix=self._tokens_read(model) > 0,
+            prefix_tokens=[t for t in tokens[:3] if t is not None],
+            pool_reads_prefix=model.global_pool == "avg" and model.pool_include_prefix,
         )
 
     @staticmethod
@@ -237,92 +232,6 @@ class TimmViT(Family):
             return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
         classes = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
         return classes[spec["class"]](**kwargs)
-
-    def annotate(self, model: nn.Module) -> None:
-        """``pretrained_cfg`` describes the converted model: pixels in [0, 1] (mean 0, std 1) at its real input size,
-        so ``timm.data.create_transform(**resolve_data_config(model=m))`` feeds it what it expects. The architecture
-        becomes the registered ``robustvit`` entrypoint and ``model_args`` carries the rebuild record, so
-        ``timm.models.save_for_hf`` + ``timm.create_model("local-dir:...", pretrained=True)`` (or ``hf-hub:``)
-        rebuild the converted model and load its weights strictly (timm without robustvit: "Unknown model")."""
-        spec = self.input_spec(model)
-        cfg = dict(model.pretrained_cfg or {})
-        cfg.update(
-            architecture=TIMM_ARCHITECTURE,
-            input_size=(spec.channels, *spec.image_size),
-            fixed_input_size=True,
-            mean=(0.0,) * spec.channels,
-            std=(1.0,) * spec.channels,
-            num_classes=model.num_classes,
-        )
-        model.pretrained_cfg = model.default_cfg = cfg
-        model._model_args = {NATIVE_RECORD_KEY: native_record(model)}
-        reaches_head = model.global_pool == "avg" and model.pool_include_prefix
-        if model.robustvit_config.mixer == "shift" and not reaches_head:
-            # The shift never mixes prefix tokens into patches, and the head reads pooled patches: the class,
-            # distillation and register tokens cannot change any output, so they never get a gradient.
-            for token in (model.cls_token, getattr(model, "dist_token", None), model.reg_token):
-                if token is not None:
-                    token.requires_grad_(False)
-
-
-TIMM_ARCHITECTURE = "robustvit"
-"""timm model name of converted models (``pretrained_cfg["architecture"]``, and ``save_for_hf``'s ``config.json``)."""
-
-
-@register_model
-def robustvit(pretrained: bool = False, **kwargs) -> nn.Module:
-    """timm entrypoint of a converted model saved with ``timm.models.save_for_hf`` (or pushed with
-    ``timm.models.push_to_hf_hub``): ``timm.create_model("local-dir:<folder>", pretrained=True)`` or
-    ``"hf-hub:<org/name>"``, after ``import robustvit``. Rebuilds the converted architecture from the ``robustvit``
-    model argument and, with ``pretrained=True``, loads ``model.safetensors`` strictly. The converted architecture
-    is fixed: arguments that would change it (``num_classes``, ``img_size``...) are refused.
-    """
-    record = kwargs.pop(NATIVE_RECORD_KEY, None)
-    if record is None:
-        raise ValueError(
-            "timm.create_model('robustvit') needs a saved converted model: timm.create_model('local-dir:<folder>', "
-            "pretrained=True) on a folder written by timm.models.save_for_hf, or robustvit.from_pretrained"
-        )
-    pretrained_cfg = kwargs.pop("pretrained_cfg", None) or {}
-    cache_dir = kwargs.pop("cache_dir", None)
-    for key in ("pretrained_cfg_overlay", "pretrained_model_args", "device"):
-        kwargs.pop(key, None)
-    model = rebuild_converted(record)
-    actual = {
-        "num_classes": model.num_classes,
-        "in_chans": model.patch_embed.proj.in_channels,
-        "img_size": tuple(model.patch_embed.img_size),
-        "global_pool": model.global_pool,
-    }
-    for key, value in kwargs.items():
-        current = actual.get(key)
-        wanted = (tuple(value) if not isinstance(value, int) else (value, value)) if key == "img_size" else value
-        if current is None or current != wanted:
-            raise ValueError(
-                f"a converted robustvit model cannot be rebuilt with {key}={value!r} (it has {current!r}): load it "
-                "as saved, then fine-tune it"
-            )
-    if pretrained:
-        if pretrained_cfg.get("source") == "local-dir":
-            weights = Path(pretrained_cfg["file"]) / "model.safetensors"
-            if not weights.is_file():
-                raise FileNotFoundError(
-                    f"{weights.parent} has no model.safetensors (robustvit never unpickles pytorch_model.bin): save "
-                    "with timm.models.save_for_hf(model, folder, safe_serialization=True)"
-                )
-        elif pretrained_cfg.get("hf_hub_id"):
-            weights = hf_hub_download(pretrained_cfg["hf_hub_id"], "model.safetensors", cache_dir=cache_dir)
-        else:
-            raise ValueError("pretrained=True needs a 'local-dir:' or 'hf-hub:' model name")
-        state = safetensors.torch.load_file(weights)
-        floating = {t.dtype for t in state.values() if t.is_floating_point()}
-        if len(floating) == 1:
-            model.to(floating.pop())
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as err:
-            raise ValueError(f"{weights} does not hold the weights of this converted model: {err}") from err
-    return model
 
 
 @register_bound(PatchEmbed)

@@ -9,11 +9,12 @@ from pathlib import Path
 
 from torch import nn
 
-from robustvit.certify.certificate import Certificate
-from robustvit.certify.lipschitz import certify
+from robustvit.certification.certificate import Certificate
+from robustvit.certification.lipschitz import certify
 from robustvit.constants import CURVE_NAME, DEFAULT_EPS, DEFAULT_LICENSE, DIGITS
 from robustvit.data import ImageDataset, load_image_dataset, stack_examples
 from robustvit.families import get_family
+from robustvit.persistence.hub import save_pretrained
 
 __all__ = ["certify_split", "model_dataset"]
 
@@ -59,8 +60,6 @@ def certify_split(
         clean accuracy: ...% on 100 images (digits, test)
         ...
     """
-    from robustvit.hub import save_pretrained  # hub imports this package
-
     data = model_dataset(model, dataset, split)
     images, labels = stack_examples(data, max_images)
     result = certify(model, images, labels, batch_size=batch_size, progress=True)

@@ -28,7 +28,9 @@ from scipy.stats import beta, norm
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from robustvit._utils import check_inputs, eval_mode, model_logits, unchecked_pixels
+from robustvit._utils import eval_mode, model_logits, unchecked_pixels
+from robustvit.certification.inputs import check_inputs
+from robustvit.lipschitz import lipschitz_bound
 
 __all__ = [
     "LVM_TEMPERATURES",
@@ -44,7 +46,7 @@ LVM_TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 64.0, 1e6)
 """Temperatures ``tau`` of the simplex maps ``sparsemax(tau * logits)`` that ``method="lvm"`` tries: low ones make
 the map smooth (the base model's Lipschitz bound then gives a large radius), high ones make it the argmax."""
 
-_FLOAT64_SLACK = 1e-9  # relative rounding slack of a float64 forward pass (as robustvit.certify.lipschitz)
+_FLOAT64_SLACK = 1e-9  # relative rounding slack of a float64 forward pass (as robustvit.certification.lipschitz)
 
 
 def _check_alpha(alpha: float) -> float:
@@ -465,8 +467,6 @@ def _certify_lvm(
     if n < 2:
         raise ValueError(f"method='lvm' needs n >= 2 samples, got {n}")
     if lipschitz is None:
-        from robustvit.lipschitz import lipschitz_bound
-
         lipschitz = lipschitz_bound(model)
     lipschitz = float(lipschitz)
     if not lipschitz >= 0:

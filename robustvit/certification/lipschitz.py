@@ -14,7 +14,7 @@ the model's exact function.
 ``certify(..., precision=torch.bfloat16 | torch.float16 | torch.float32)`` certifies instead the model *as it runs*
 in that precision: the logits come from the deployed (rounded) model, and every margin pays ``2 sqrt(2) E``, where
 ``E`` bounds the distance between the deployed and the exact logits on the ball of the exact function's radius
-around the image (a layer-by-layer floating-point error analysis, :mod:`robustvit.certify.rounding`): rounding at
+around the image (a layer-by-layer floating-point error analysis, :mod:`robustvit.certification.rounding`): rounding at
 ``x`` and at every ``x'`` of the ball; the deployed radius is capped at that ball's radius.
 """
 
@@ -30,7 +30,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from robustvit._utils import check_inputs, eval_mode, model_logits
+from robustvit._utils import eval_mode, model_logits
+from robustvit.certification.certificate import Certificate
+from robustvit.certification.inputs import check_inputs
+from robustvit.certification.plot import plot_certified_accuracy
+from robustvit.certification.rounding import PRECISIONS, forward_error_bound
 from robustvit.families import linear_head
 from robustvit.lipschitz import lipschitz_report
 from robustvit.lipschitz.engine import BoundReport
@@ -119,8 +123,6 @@ class CertifyResult:
 
     def plot(self, path: str | Path, *, title: str | None = None) -> Path:
         """PNG of certified accuracy against the l2 radius."""
-        from robustvit.certify.plot import plot_certified_accuracy
-
         if self.labels is None:
             raise ValueError("the certified-accuracy curve needs labels")
         correct = self.predictions == self.labels
@@ -128,10 +130,8 @@ class CertifyResult:
 
     @frozen_directions()  # its PGD column runs the model: it must not move the tracked directions
     def to_certificate(self, model: nn.Module, *, dataset: str, split: str, **kwargs):
-        """A :class:`~robustvit.certify.certificate.Certificate` for ``model`` from this result (see
+        """A :class:`~robustvit.certification.certificate.Certificate` for ``model`` from this result (see
         :meth:`Certificate.from_result`)."""
-        from robustvit.certify.certificate import Certificate
-
         return Certificate.from_result(self, model, dataset=dataset, split=split, **kwargs)
 
 
@@ -178,7 +178,7 @@ def certify(
         precision: ``None`` certifies the exact function (float64 forward, tiny slack). ``torch.float32``,
             ``torch.float16`` or ``torch.bfloat16`` certifies the model as it runs in that dtype (weights and
             pixels rounded to it): predictions are the deployed model's and margins pay its worst-case rounding
-            error (see :mod:`robustvit.certify.rounding`); layers without a rounding analysis are refused.
+            error (see :mod:`robustvit.certification.rounding`); layers without a rounding analysis are refused.
         accumulation: the dtype the backend accumulates dot products and sums in, with ``precision`` (default:
             ``precision`` itself, the worst case; ``torch.float32`` for oneDNN CPU kernels and half-precision
             reductions, which accumulate in float32). A stated assumption about the backend, recorded in the result.
@@ -189,7 +189,6 @@ def certify(
         (torch.Size([8]), True)
     """
     model = check_inputs(model, images, labels)  # the exact function: no autocast / DDP / PEFT wrapper
-    from robustvit.certify.rounding import PRECISIONS
 
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
@@ -244,8 +243,6 @@ def _deployed_radii(
     """Predictions and radii of the model as it runs in ``precision``: per image, the rounding bound ``E`` on the
     ball of the exact function's radius (capped there, so the bound covers every point it certifies); returns the
     largest ``E``."""
-    from robustvit.certify.rounding import forward_error_bound
-
     device = next(deployed.parameters()).device
     with eval_mode(deployed), torch.no_grad():
         logits = torch.cat(

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,26 +30,17 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 import robustvit.peft  # noqa: F401  (PEFT tuner layers put on converted models train inside the constraint)
-from robustvit._utils import refuse_adapters
-from robustvit.configs import ConvertConfig
+from robustvit._utils import check_images, refuse_adapters
+from robustvit.conversion import timm_metadata, transformers_metadata  # noqa: F401  (their LIBRARY_METADATA entries)
+from robustvit.conversion.choices import build_block
+from robustvit.conversion.config import ConvertConfig
+from robustvit.conversion.metadata import LIBRARY_METADATA
 from robustvit.errors import UnsupportedModuleError
-from robustvit.families import BlockParts, ViTParts, get_family
-from robustvit.layers import (
-    CPL,
-    SLL,
-    CenterNorm,
-    L2Attention,
-    LipBlock,
-    LipResidual,
-    MinMax,
-    NormalizedConv2d,
-    PrefixPool,
-    TokenShift,
-)
+from robustvit.families import ViTParts, get_family
+from robustvit.layers import CPL, SLL, CenterNorm, L2Attention, LipBlock, LipResidual, NormalizedConv2d, PrefixPool
 from robustvit.lipschitz.rescale import is_spectrally_rescaled, spectral_rescale
-from robustvit.registry import Registry
 
-__all__ = ["ACTIVATIONS", "MIXERS", "MLPS", "ConvertConfig", "convert", "export", "is_converted"]
+__all__ = ["convert", "export", "is_converted"]
 
 
 def _center_norm(norm: nn.Module, input_std: float) -> CenterNorm:
@@ -68,79 +57,6 @@ def _center_norm(norm: nn.Module, input_std: float) -> CenterNorm:
         if norm.bias is not None:
             center.bias.copy_(norm.bias.detach())
     return center
-
-
-def _copy_linear(weight: Tensor, bias: Tensor | None, target: nn.Linear) -> None:
-    with torch.no_grad():
-        target.weight.copy_(weight)
-        if target.bias is not None:
-            target.bias.copy_(bias if bias is not None else torch.zeros_like(target.bias))
-
-
-# Conversion choices: ConvertConfig.mixer / activation / mlp name an entry of these registries.
-MIXERS: Registry[Callable[..., nn.Module]] = Registry("mixer")
-ACTIVATIONS: Registry[Callable[[], nn.Module] | None] = Registry("activation")
-MLPS: Registry[Callable[..., nn.Module]] = Registry("mlp")
-ACTIVATIONS.register("gelu", None)  # kept as the source has it (bound 1.129)
-ACTIVATIONS.register("minmax", MinMax)
-
-
-@MIXERS.register("shift")
-def _shift_mixer(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
-    # ShiftViT/LipShiFT: the shift replaces the whole attention sub-block, residual included.
-    return TokenShift(parts.grid_size, config.shift_div, parts.num_prefix_tokens)
-
-
-@MIXERS.register("l2")
-def _l2_mixer(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
-    tokens = parts.num_prefix_tokens + parts.grid_size[0] * parts.grid_size[1]
-    attn = L2Attention(parts.embed_dim, block.num_heads, tokens).to(block.out.weight.device, block.out.weight.dtype)
-    _copy_linear(block.q[0], None, attn.q_proj)  # W_K = W_Q: keys reuse the query projection
-    _copy_linear(*block.v, attn.v_proj)
-    _copy_linear(
-        block.out.weight.detach(), block.out.bias.detach() if block.out.bias is not None else None, attn.o_proj
-    )
-    branch = nn.Sequential(OrderedDict(norm=norm(block.norm1), attn=attn, drop=block.drop1))
-    alpha = config.residual_alpha * (block.ls1 if block.ls1 is not None else 1.0)
-    return LipResidual(branch, parts.embed_dim, alpha)
-
-
-@MLPS.register("keep")
-def _kept_mlp(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
-    make_activation = ACTIVATIONS[config.activation]
-    if make_activation is not None:
-        setattr(block.mlp, block.mlp_activation, make_activation())
-    branch = nn.Sequential(OrderedDict(norm=norm(block.norm2), mlp=block.mlp, drop=block.drop2))
-    alpha = config.residual_alpha * (block.ls2 if block.ls2 is not None else 1.0)
-    return LipResidual(branch, parts.embed_dim, alpha)
-
-
-def _residual_layer(layer_type: type[nn.Module]) -> Callable[..., nn.Module]:
-    """Builds an SLL / CPL layer from the source's LayerNorm and fc1: ``fc1(gamma * x / std + beta)`` before the
-    activation, ``std`` the calibrated token std (1 without calibration images). The LayerNorm's centering and
-    per-token division have no place in these layers; the output map is tied to ``W``."""
-
-    def build(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
-        fc1 = block.mlp.fc1
-        layer = layer_type(parts.embed_dim, fc1.out_features).to(fc1.weight.device, fc1.weight.dtype)
-        center = norm(block.norm2)  # gamma (D - 1) / (D std) and beta, as CenterNorm would take them
-        with torch.no_grad():
-            layer.weight.copy_(fc1.weight * center.weight * center.dim / (center.dim - 1))
-            bias = fc1.bias if fc1.bias is not None else torch.zeros_like(layer.bias)
-            layer.bias.copy_(bias + fc1.weight @ center.bias)
-        return layer
-
-    return build
-
-
-MLPS.register("sll", _residual_layer(SLL))
-MLPS.register("cpl", _residual_layer(CPL))
-
-
-def _build_block(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> LipBlock:
-    mixer = MIXERS[config.mixer](block, parts, config, norm)
-    mlp = MLPS[config.mlp](block, parts, config, norm)
-    return LipBlock(mixer, mlp).to(parts.patch_conv.weight.dtype)
 
 
 @torch.no_grad()
@@ -321,8 +237,6 @@ def convert(
 
     stats: dict[int, float] = {}
     if calibration_images is not None:
-        from robustvit._utils import check_images
-
         check_images(calibration_images, channels=spec.channels, size=spec.image_size)
         device = parts.patch_conv.weight.device
         stats = _calibrate(
@@ -336,7 +250,7 @@ def convert(
     def norm(layer_norm: nn.Module) -> CenterNorm:
         return _center_norm(layer_norm, stats.get(id(layer_norm), 1.0))
 
-    blocks: list[nn.Module] = [_build_block(block, parts, config, norm) for block in parts.blocks]
+    blocks: list[nn.Module] = [build_block(block, parts, config, norm) for block in parts.blocks]
     if config.mixer == "shift" and parts.head_reads_prefix:
         # The shift never moves patch information into prefix tokens: let the head read pooled patches instead.
         # The pool ends the last block, so the model keeps the source's number of blocks.
@@ -357,9 +271,15 @@ def convert(
     if config.residual_budget is not None:
         _fit_residual_budget(model, config.residual_budget)
 
+    if config.mixer == "shift" and not parts.pool_reads_prefix:
+        # The shift never mixes prefix tokens into patches, and the head reads pooled patches: the class,
+        # distillation and register tokens cannot change any output, so they never get a gradient.
+        for token in parts.prefix_tokens:
+            token.requires_grad_(False)
+
     model.robustvit_config = config
     model.robustvit_source = source_spec
-    family.annotate(model)
+    LIBRARY_METADATA[family.name](model)
     return model
 
 

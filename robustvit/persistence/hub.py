@@ -7,7 +7,7 @@ A robustvit repository (or local folder) holds one converted model:
   ``"robustvit_shared_tensors"`` (``{"dropped": "kept"}`` as JSON) when tensors share memory.
 * ``config.json``: ``robustvit_format_version``, ``family``, ``source`` (rebuilds the unconverted architecture
   without downloading its weights), ``convert_config``, ``num_classes`` and ``input`` (pixels in [0, 1]).
-* ``certificate.json``: the :class:`~robustvit.certify.certificate.Certificate`, whose ``weights_sha256`` is the
+* ``certificate.json``: the :class:`~robustvit.certification.certificate.Certificate`, whose ``weights_sha256`` is the
   sha256 of ``model.safetensors``. Absent for an uncertified model.
 * ``README.md``: the model card (template ``robustvit/templates/model_card.md``), certified accuracies as
   ``model-index``.
@@ -66,14 +66,20 @@ from safetensors import safe_open
 from torch import Tensor, nn
 
 from robustvit._utils import refuse_adapters, unwrap
-from robustvit.certify.certificate import Certificate, sha256_file
-from robustvit.certify.lipschitz import lipschitz_head
+from robustvit.certification.certificate import Certificate, sha256_file
+from robustvit.certification.lipschitz import lipschitz_head
 from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE
-from robustvit.convert import is_converted
+from robustvit.conversion.convert import is_converted
+from robustvit.conversion.metadata import NATIVE_RECORD_KEY
 from robustvit.errors import CertificateError
-from robustvit.families import NATIVE_RECORD_KEY, get_family, rebuild_converted, registered_families
+from robustvit.families import get_family, registered_families
 from robustvit.lipschitz import mark_lipschitz_neutral
 from robustvit.lipschitz.rescale import frozen_directions
+from robustvit.persistence import timm_native, transformers_native  # noqa: F401  (their formats, read by native_format)
+from robustvit.persistence.native_format import native_format
+from robustvit.persistence.rebuild import rebuild_converted
+from robustvit.persistence.weights import load_strictly
+from robustvit.version import __version__
 
 __all__ = [
     "BOUND_RTOL",
@@ -144,12 +150,11 @@ def _input_spec(model: nn.Module) -> dict[str, Any]:
 
 @frozen_directions()  # reading the head's weight in train mode must not move the rescaling's directions
 def _config(model: nn.Module) -> dict[str, Any]:
-    from robustvit import __version__  # late: robustvit/__init__.py imports this module
-
     family = get_family(model)
     return _jsonable(
         {
-            **family.library_config(model),  # e.g. transformers' own config: Auto classes and pipelines read it
+            # The library's own config (transformers': its Auto classes and pipelines read it).
+            **native_format(model).library_config(model),
             "robustvit_format_version": FORMAT_VERSION,
             "robustvit_version": __version__,
             "family": family.name,
@@ -412,7 +417,7 @@ def save_pretrained(
         certificate.save(directory / CERTIFICATE_NAME)
     else:
         (directory / CERTIFICATE_NAME).unlink(missing_ok=True)
-    processor = get_family(model).image_processor(model)
+    processor = native_format(model).image_processor(model)
     if processor is not None:  # the library's preprocessing for this model: [0, 1] pixels, no normalization
         processor.save_pretrained(directory)
     else:
@@ -559,7 +564,7 @@ def _native_record(config: dict[str, Any]) -> dict[str, Any] | None:
 def _load_native(folder: Path, record: dict[str, Any]) -> nn.Module:
     """A converted model saved by its library (``save_pretrained`` / ``save_for_hf``), loaded strictly."""
     model = rebuild_converted(record)
-    names = get_family(model).saved_key_names(model)
+    names = native_format(model).saved_key_names(model)
     weights = _weights_path(folder)
     tensors = safetensors.torch.load_file(weights)
     unexpected = sorted(set(tensors) - set(names))
@@ -569,10 +574,7 @@ def _load_native(folder: Path, record: dict[str, Any]) -> nn.Module:
             f"{weights} does not hold this converted model's weights: unexpected keys {unexpected[:5]}, "
             f"missing keys {missing[:5]}"
         )
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) == 1:
-        model.to(dtypes.pop())
-    model.load_state_dict({names[key]: tensor for key, tensor in tensors.items()}, strict=True)
+    load_strictly(model, {names[key]: tensor for key, tensor in tensors.items()}, f"{weights} does not match")
     return model
 
 
@@ -589,22 +591,11 @@ def _weights_path(folder: Path) -> Path:
     raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}")
 
 
-def _build(config: dict[str, Any]) -> nn.Module:
-    """The converted architecture of ``config``, with placeholder weights (nothing is downloaded)."""
-    return rebuild_converted(config)
-
-
 def _load_weights(model: nn.Module, weights: Path, metadata: dict[str, str], config: dict[str, Any]) -> None:
     tensors = safetensors.torch.load_file(weights)
     for dropped, kept in json.loads(metadata.get(SHARED_KEY, "{}")).items():
         tensors[dropped] = tensors[kept]
-    dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
-    if len(dtypes) == 1:
-        model.to(dtypes.pop())  # keep the stored precision: the certificate is about these exact values
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"{weights} does not match the architecture in {CONFIG_NAME}: {err}") from err
+    load_strictly(model, tensors, f"{weights} does not match the architecture in {CONFIG_NAME}")
     # The descriptive fields of config.json are not hashed anywhere: they must agree with what was loaded.
     described = {"num_classes": config.get("num_classes"), "input": config.get("input")}
     loaded = _config(model)
@@ -647,7 +638,7 @@ def from_pretrained(
     ``huggingface_hub.snapshot_download`` (cache, ``HF_HUB_OFFLINE`` and tokens work as usual) and fetch only
     ``model.safetensors``, ``config.json`` and ``certificate.json`` of one revision.
 
-    With ``verify=True`` the checks described in :mod:`robustvit.hub` run and the verified certificate is
+    With ``verify=True`` the checks described in :mod:`robustvit.persistence.hub` run and the verified certificate is
     attached as ``model.certificate``; ``verify=False`` skips the certificate, warns
     (:class:`UncertifiedModelWarning`) and sets ``model.certificate = None``.
 
@@ -771,7 +762,7 @@ def _load(folder: Path, repo_id_or_path: str | Path, verify: bool | None) -> nn.
             f"has digest {claim_digest(certificate)!r}: the certificate was edited or belongs to other weights"
         )
 
-    model = _build(config).eval()
+    model = rebuild_converted(config).eval()
     _load_weights(model, weights, metadata, config)
     if certificate is not None:
         _check_description(model, certificate)

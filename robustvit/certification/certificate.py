@@ -20,9 +20,12 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
-from robustvit.certify.plot import eps_label
+from robustvit.certification.attacks import robust_accuracy
+from robustvit.certification.plot import eps_label
 from robustvit.constants import DEFAULT_EPS
 from robustvit.errors import CertificateError
+from robustvit.families import get_family
+from robustvit.version import __version__
 
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "Certificate", "EpsResult", "sha256_file"]
 
@@ -82,7 +85,7 @@ class Certificate:
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
     # None: the radii hold for the exact (real-valued) function. Otherwise the model as it runs in a dtype:
-    # {"dtype": "bfloat16", "accumulation": "float32", "logit_error": E} (see robustvit.certify.rounding).
+    # {"dtype": "bfloat16", "accumulation": "float32", "logit_error": E} (see robustvit.certification.rounding).
     precision: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -106,15 +109,11 @@ class Certificate:
         model_id: str | None = None,
         progress: bool = False,
     ) -> Certificate:
-        """Build the record from a :class:`~robustvit.certify.lipschitz.CertifyResult` of ``model`` (with labels).
+        """Build the record from a :class:`~robustvit.certification.lipschitz.CertifyResult` of ``model`` (with labels).
 
         Runs an l2 PGD at each eps on the certified images (when the result kept them) for the empirical column;
         ``progress`` shows a bar over the radii.
         """
-        import robustvit
-        from robustvit.certify.attacks import robust_accuracy
-        from robustvit.families import get_family
-
         if result.labels is None:
             raise ValueError("a certificate needs labelled results: certify(model, images, labels)")
         family = get_family(model)
@@ -132,7 +131,7 @@ class Certificate:
                 )
             results.append(EpsResult(float(e), result.certified_accuracy(e), pgd_acc))
         return cls(
-            robustvit_version=robustvit.__version__,
+            robustvit_version=__version__,
             base_model={"id": model_id or _model_id(source), "family": family.name, "source": source},
             convert_config=config.to_dict() if config is not None else {},
             lipschitz=result.lipschitz,

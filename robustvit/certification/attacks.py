@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustvit._utils import check_inputs, eval_mode, model_logits
+from robustvit._utils import eval_mode, model_logits
+from robustvit.certification.inputs import check_inputs
 from robustvit.registry import Registry
 
 __all__ = ["ATTACKS", "fgsm", "pgd", "robust_accuracy"]

@@ -1,7 +1,7 @@
 """Certified accuracy as a function of the l2 radius, for comparing certificates (Lipschitz, smoothing, ...).
 
 Example:
-    >>> from robustvit.certify.smoothing import certify_smoothing
+    >>> from robustvit.certification.smoothing import certify_smoothing
     >>> lip = robustvit.certify(model, images, labels)
     >>> smooth = certify_smoothing(model, images, sigma=0.25, n0=10, n=100, progress=False)
     >>> curves = {"Lipschitz": (lip.radii, lip.predictions == labels),

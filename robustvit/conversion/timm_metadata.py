@@ -1,0 +1,35 @@
+"""timm's metadata of a converted model: ``pretrained_cfg`` for its preprocessing, ``model_args`` for its rebuild."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from robustvit.conversion.metadata import LIBRARY_METADATA, NATIVE_RECORD_KEY, native_record
+from robustvit.families import family_by_name
+
+__all__ = ["TIMM_ARCHITECTURE", "describe"]
+
+TIMM_ARCHITECTURE = "robustvit"
+"""timm model name of converted models (``pretrained_cfg["architecture"]``, and ``save_for_hf``'s ``config.json``):
+the entrypoint :func:`robustvit.persistence.timm_native.robustvit`."""
+
+
+@LIBRARY_METADATA.register("timm-vit")
+def describe(model: nn.Module) -> None:
+    """``pretrained_cfg`` describes the converted model: pixels in [0, 1] (mean 0, std 1) at its real input size,
+    so ``timm.data.create_transform(**resolve_data_config(model=m))`` feeds it what it expects. The architecture
+    becomes the registered ``robustvit`` entrypoint and ``model_args`` carries the rebuild record, so
+    ``timm.models.save_for_hf`` + ``timm.create_model("local-dir:...", pretrained=True)`` (or ``hf-hub:``)
+    rebuild the converted model and load its weights strictly (timm without robustvit: "Unknown model")."""
+    spec = family_by_name("timm-vit").input_spec(model)
+    cfg = dict(model.pretrained_cfg or {})
+    cfg.update(
+        architecture=TIMM_ARCHITECTURE,
+        input_size=(spec.channels, *spec.image_size),
+        fixed_input_size=True,
+        mean=(0.0,) * spec.channels,
+        std=(1.0,) * spec.channels,
+        num_classes=model.num_classes,
+    )
+    model.pretrained_cfg = model.default_cfg = cfg
+    model._model_args = {NATIVE_RECORD_KEY: native_record(model)}

@@ -1,0 +1,84 @@
+"""transformers' metadata of a converted model: its config becomes a converted twin (a ``robustvit_*`` model type)
+that records how to rebuild it and saves the image processor of the converted model."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
+
+from robustvit.conversion.metadata import LIBRARY_METADATA, NATIVE_RECORD_KEY, native_record
+
+__all__ = ["CONVERTED_CONFIGS", "RobustDeiTConfig", "RobustViTConfig", "describe", "processor_for"]
+
+
+class _ConvertedConfig:
+    """What the configs of converted models add to their family's config (listed first in their bases)."""
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        super().save_pretrained(save_directory, *args, **kwargs)
+        processor_for(self).save_pretrained(save_directory)
+
+
+@strict
+class RobustViTConfig(_ConvertedConfig, ViTConfig):
+    """``ViTConfig`` of a robustvit-converted ``ViTForImageClassification`` (``model_type="robustvit_vit"``).
+
+    ``robustvit`` holds the family, source architecture and :class:`~robustvit.ConvertConfig`; saving also writes
+    the image processor of the converted model (no normalization: it happens inside the model).
+    """
+
+    model_type = "robustvit_vit"
+    robustvit: dict | None = None
+
+
+@strict
+class RobustDeiTConfig(_ConvertedConfig, DeiTConfig):
+    """``DeiTConfig`` of a robustvit-converted ``DeiTForImageClassification`` (``model_type="robustvit_deit"``);
+    see :class:`RobustViTConfig`."""
+
+    model_type = "robustvit_deit"
+    robustvit: dict | None = None
+
+
+CONVERTED_CONFIGS = {ViTForImageClassification: RobustViTConfig, DeiTForImageClassification: RobustDeiTConfig}
+"""Source model class -> the config class of its converted models."""
+
+
+def processor_for(config):
+    """A ``ViTImageProcessor`` that resizes to the model's size and rescales to [0, 1], without normalizing: the
+    converted model normalizes inside."""
+    from transformers import ViTImageProcessor  # late, for startup time: the image-processing stack is slow to import
+
+    size = config.image_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return ViTImageProcessor(
+        size={"height": height, "width": width},
+        do_normalize=False,
+        image_mean=[0.0] * config.num_channels,
+        image_std=[1.0] * config.num_channels,
+    )
+
+
+@LIBRARY_METADATA.register("transformers-vit")
+def describe(model: nn.Module) -> None:
+    """Swap ``model.config`` for its converted twin (a registered ``robustvit_*`` model type).
+
+    ``save_pretrained`` then writes a ``config.json`` whose ``model_type`` says the model was converted and whose
+    ``robustvit`` record says how to rebuild it, and an image processor that does not normalize (the model does).
+    ``AutoModelForImageClassification`` loads it back once robustvit's loaders are registered
+    (:mod:`robustvit.persistence.transformers_native`); without robustvit, transformers refuses the unknown model type.
+    """
+    convert_config = model.robustvit_config
+    values = model.config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        values.pop(key, None)
+    values[NATIVE_RECORD_KEY] = native_record(model)
+    if convert_config.activation != "gelu":
+        values["hidden_act"] = convert_config.activation
+    config = CONVERTED_CONFIGS[type(model)](**values)
+    config._attn_implementation = model.config._attn_implementation
+    old = model.config
+    for module in model.modules():  # the backbone shares the config object with the classifier model
+        if getattr(module, "config", None) is old:
+            module.config = config
