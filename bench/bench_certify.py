@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import robustvit
-from robustvit.certify import certify_smoothing
+from robustvit.certification import certify_smoothing
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, head_margins
 from robustvit.training import DEFAULT_MODEL, load_model

@@ -3,7 +3,7 @@
 Run: ``python bench/bench_precision.py [--images 64] [--train_steps 100]``. The model is the benchmark's converted
 default ViT (``bench_certify.build``: 32-pixel digits, minmax, EMMA-trained). For each precision and accumulation
 assumption: ``E`` over the whole input cube and the largest per-image ``E`` on the certified balls (what
-``certify`` uses), from ``robustvit.certify.rounding.forward_error_bound``, the largest observed
+``certify`` uses), from ``robustvit.certification.rounding.forward_error_bound``, the largest observed
 ``||F_hat(x) - F(x)||`` on the test images, and ``certify(..., precision=...)``'s mean radius and certified accuracy
 at 36/255 next to the exact-function certificate's. Writes ``bench/results/precision.json``.
 """
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_certify import build  # noqa: E402
 
 import robustvit  # noqa: E402
-from robustvit.certify.rounding import forward_error_bound  # noqa: E402
+from robustvit.certification.rounding import forward_error_bound  # noqa: E402
 
 CASES = [
     (None, None),

@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_certify import build  # noqa: E402
 
-from robustvit.certify import certify_smoothing  # noqa: E402
+from robustvit.certification import certify_smoothing  # noqa: E402
 
 VARIANTS = {
     "cohen": {"method": "cohen"},

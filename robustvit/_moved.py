@@ -57,8 +57,8 @@ def _stand_in(old: str, targets: str | dict[str, str]) -> types.ModuleType:
     module.__path__ = []  # a package, so that its old submodule paths import (through _Finder)
 
     def forward(name: str) -> Any:
-        target = targets if isinstance(targets, str) else targets.get(name)
-        if target is None:
+        target = None if name.startswith("__") else targets if isinstance(targets, str) else targets.get(name)
+        if target is None:  # dunders (__file__...) are the stand-in's own: inspect and pytest probe them
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
         _deprecated(f"{old}.{name}", f"{target}.{name}")
         return getattr(importlib.import_module(target), name)

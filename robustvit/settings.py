@@ -45,6 +45,7 @@ __all__ = [
     "parse_radius",
 ]
 
+
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, registry: str | None = None, **metadata: Any) -> Any:
     """A dataclass field that describes its flag: ``help``, and the choices: ``registry`` (``"module:NAME"`` of a
     :class:`~robustvit.registry.Registry`, a mapping or an enum, read only when a parser resolves choices) or a
@@ -94,7 +95,6 @@ def _none_or(convert: Callable[[str], Any]) -> Callable[[str], Any]:
 
     parse.__name__ = getattr(convert, "__name__", "value")
     return parse
-
 
 
 def _flag(field: dataclasses.Field, annotation: Any, default: Any, resolve: bool) -> dict[str, Any]:

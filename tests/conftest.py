@@ -77,8 +77,8 @@ def forge_certificate(folder: Path, certificate) -> None:
     catch what remains."""
     import safetensors.torch
 
-    from robustvit import hub
-    from robustvit.certify.certificate import sha256_file
+    from robustvit.certification.certificate import sha256_file
+    from robustvit.persistence import hub
 
     weights = folder / "model.safetensors"
     safetensors.torch.save_file(

@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from robustvit.certify.attacks import fgsm, pgd, robust_accuracy
+from robustvit.certification.attacks import fgsm, pgd, robust_accuracy
 
 SHAPE = (3, 4, 4)
 DIM = 3 * 4 * 4

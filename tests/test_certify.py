@@ -22,10 +22,10 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
 import robustvit
-from robustvit.certify import attacks
-from robustvit.certify.certificate import SCHEMA, SCHEMA_VERSION, Certificate, EpsResult
-from robustvit.certify.lipschitz import MARGIN_SLACK, CertifyResult, lipschitz_head
-from robustvit.certify.smoothing import certify_smoothing, smoothing_radius
+from robustvit.certification import attacks
+from robustvit.certification.certificate import SCHEMA, SCHEMA_VERSION, Certificate, EpsResult
+from robustvit.certification.lipschitz import MARGIN_SLACK, CertifyResult, lipschitz_head
+from robustvit.certification.smoothing import certify_smoothing, smoothing_radius
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.errors import CertificateError
 from robustvit.families import get_family

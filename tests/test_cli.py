@@ -16,9 +16,9 @@ from safetensors import safe_open
 from transformers import ViTConfig, ViTForImageClassification
 
 import robustvit
-from robustvit import hub
-from robustvit.certify.certificate import Certificate
+from robustvit.certification.certificate import Certificate
 from robustvit.cli import main
+from robustvit.persistence import hub
 
 PUBLISH = Path(__file__).resolve().parents[1] / "hub" / "publish.py"
 TINY_TIMM = [

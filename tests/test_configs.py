@@ -20,7 +20,7 @@ from robustvit.configs import (
     add_arguments,
     parse_configs,
 )
-from robustvit.convert import ACTIVATIONS, MIXERS, MLPS
+from robustvit.conversion.choices import ACTIVATIONS, MIXERS, MLPS
 from robustvit.corruptions import CORRUPTIONS
 from robustvit.losses import LOSSES
 from robustvit.nullspace.methods import FINETUNING_METHODS

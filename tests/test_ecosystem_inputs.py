@@ -9,7 +9,7 @@ from conftest import IMG, NUM_CLASSES, REPRESENTATIVES, build_model, logits_of
 
 import robustvit
 from robustvit._utils import unchecked_pixels
-from robustvit.certify import attacks
+from robustvit.certification import attacks
 
 ENTRY_POINTS = {
     "certify": lambda m, x, y, eps: robustvit.certify(m, x, y),

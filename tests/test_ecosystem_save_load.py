@@ -19,6 +19,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 
 import robustvit
 from robustvit.errors import CertificateError
+from robustvit.persistence.hub import UncertifiedModelWarning
 
 
 def _converted(family: str) -> torch.nn.Module:
@@ -89,7 +90,7 @@ def test_transformers_save_pretrained_round_trips_through_auto(family, tmp_path,
     with open(tmp_path / "model.safetensors", "rb") as handle:
         header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
     assert any(key.startswith(f"{family[3:]}.encoder.layer.0.") for key in header)
-    with pytest.warns(robustvit.hub.UncertifiedModelWarning):
+    with pytest.warns(UncertifiedModelWarning):
         loaded = AutoModelForImageClassification.from_pretrained(tmp_path)
     assert type(loaded) is type(model) and robustvit.is_converted(loaded)
     with torch.no_grad():
@@ -111,7 +112,7 @@ def test_auto_classes_and_pipeline_keywords_are_honoured(family, tmp_path, image
     subfolder, local_files_only, dtype and device_map and refuses what it cannot honour."""
     model = _converted(family)
     model.save_pretrained(tmp_path / "sub")
-    with pytest.warns(robustvit.hub.UncertifiedModelWarning):
+    with pytest.warns(UncertifiedModelWarning):
         loaded = AutoModelForImageClassification.from_pretrained(
             tmp_path,
             subfolder="sub",
@@ -162,7 +163,7 @@ def test_timm_save_for_hf_round_trips_through_local_dir(family, tmp_path, images
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), model(images), atol=0, rtol=0)
     assert robustvit.lipschitz_bound(loaded) == robustvit.lipschitz_bound(model)
-    with pytest.warns(robustvit.hub.UncertifiedModelWarning):
+    with pytest.warns(UncertifiedModelWarning):
         again = robustvit.from_pretrained(tmp_path, verify=False)
     with torch.no_grad():
         torch.testing.assert_close(again(images), model(images), atol=0, rtol=0)

@@ -18,10 +18,10 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 
 import robustvit
-from robustvit import hub
-from robustvit.certify.certificate import Certificate, sha256_file
+from robustvit.certification.certificate import Certificate, sha256_file
 from robustvit.errors import CertificateError
 from robustvit.families import TINY_MODELS
+from robustvit.persistence import hub
 
 pytestmark = pytest.mark.hub
 

@@ -12,7 +12,7 @@ from torch import nn
 
 import robustvit
 from robustvit import losses
-from robustvit.certify.lipschitz import lipschitz_head
+from robustvit.certification.lipschitz import lipschitz_head
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import get_family
 from robustvit.layers import CenterNorm, LipResidual

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustvit.certify.plot import certified_accuracy_curve, eps_label, plot_certified_accuracy
+from robustvit.certification.plot import certified_accuracy_curve, eps_label, plot_certified_accuracy
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

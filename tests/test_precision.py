@@ -12,7 +12,7 @@ import torch
 from conftest import IMG, build_model, logits_of
 
 import robustvit
-from robustvit.certify.rounding import forward_error_bound
+from robustvit.certification.rounding import forward_error_bound
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.errors import UnsupportedModuleError
 from robustvit.losses import LOSSES, head_margins

@@ -11,7 +11,7 @@ import torch
 from scipy.stats import beta, binom, norm
 from torch import nn
 
-from robustvit.certify.smoothing import SmoothingResult, certify_smoothing, smoothing_radius
+from robustvit.certification.smoothing import SmoothingResult, certify_smoothing, smoothing_radius
 
 SIGMA = 0.25
 X0 = 0.5
@@ -326,7 +326,7 @@ def test_lvm_bad_arguments_raise(kwargs: dict, match: str) -> None:
 
 
 def test_sparsemax_is_the_simplex_projection_and_bernstein_covers_the_mean() -> None:
-    from robustvit.certify.smoothing import bernstein_bounds, sparsemax
+    from robustvit.certification.smoothing import bernstein_bounds, sparsemax
 
     z = torch.randn(50, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
     p = sparsemax(z)

@@ -20,7 +20,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file, load_model
 
 import robustvit
-from robustvit.certify.certificate import Certificate, sha256_file
+from robustvit.certification.certificate import Certificate, sha256_file
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule
 from robustvit.registry import Registry

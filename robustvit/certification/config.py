@@ -10,6 +10,7 @@ from robustvit.settings import arg, check, check_positive, parse_radius
 
 __all__ = ["CertificationConfig", "EvaluationBudget"]
 
+
 @dataclass
 class EvaluationBudget:
     """What every evaluation of a split shares: the attack's steps, how many images, in which batches."""

@@ -15,6 +15,7 @@ from robustvit.settings import arg, check_choices
 
 __all__ = ["ConvertConfig"]
 
+
 @dataclass
 class ConvertConfig:
     """Conversion choices (``robustvit.convert``); ``to_dict()`` / ``from_dict()`` round-trip through JSON.
