@@ -139,7 +139,7 @@ def called_child(module: nn.Module) -> tuple[str, nn.Module] | None:
     otherwise)."""
     if "peft" not in sys.modules:  # a model can hold PEFT wrappers only once peft is imported
         return None
-    from peft.utils.other import ModulesToSaveWrapper
+    from peft.utils import ModulesToSaveWrapper
 
     if type(module) is not ModulesToSaveWrapper:
         return None
@@ -167,7 +167,7 @@ def refuse_adapters(model: nn.Module, action: str) -> None:
     if "peft" not in sys.modules:  # a model can hold PEFT layers only once peft is imported
         return
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper
+    from peft.utils import AuxiliaryTrainingWrapper
 
     adapted = [name for name, m in model.named_modules() if isinstance(m, BaseTunerLayer | AuxiliaryTrainingWrapper)]
     if adapted:

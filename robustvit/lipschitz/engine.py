@@ -92,6 +92,12 @@ def _method_table(cls: type) -> dict[str, tuple[type, object]]:
 _METHODS: dict[type, dict[str, tuple[type, object]]] = {t: _method_table(t) for t in (nn.Module, nn.Linear)}
 
 
+_CONSTRUCTION_METHODS = frozenset({"__init__", "__setstate__"})
+"""Methods that build or unpickle a module and never run when it computes: what they leave behind (weights, hooks,
+the call path) is checked on the instance itself. ``torch.compile`` patches both on ``nn.Module`` (dynamo's
+generation tagging), so comparing them would refuse every model once anything was compiled."""
+
+
 def record_methods(*module_types: type) -> None:
     """Record the methods of these types (along their MRO) as they are now; the engine then refuses any model
     containing one of them once a method was patched on the class. :func:`register_bound` does this for the types
@@ -330,7 +336,7 @@ def _check_methods(module: nn.Module, where: str, checked: set[type]) -> None:
         changed = sorted(
             f"{recorded_type.__name__}.{name}"
             for name, (_, value) in recorded.items()
-            if name not in now or now[name][1] is not value
+            if name not in _CONSTRUCTION_METHODS and (name not in now or now[name][1] is not value)
         )
         if changed:
             raise UnsupportedModuleError(

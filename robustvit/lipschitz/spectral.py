@@ -83,7 +83,10 @@ def _scale_up(value: Tensor, exponent: Tensor) -> Tensor:
     """``value * 2^exponent`` rounded up: exact unless the result is subnormal, where one ulp up covers the rounding."""
     scaled = _times_power_of_two(value, exponent)
     subnormal = scaled < torch.finfo(torch.float64).tiny
-    return torch.where(subnormal & (value > 0), torch.nextafter(scaled, torch.full_like(scaled, math.inf)), scaled)
+    # One ulp up, added to the differentiable value (exact: the gap is one ulp) so that it needs no derivative of
+    # nextafter, which torch < 2.9 lacks.
+    ulp = torch.nextafter(scaled.detach(), torch.full_like(scaled, math.inf)) - scaled.detach()
+    return torch.where(subnormal & (value > 0), scaled + ulp, scaled)
 
 
 def gram_spectral_norm(weight: Tensor, n_iter: int = DEFAULT_MAX_ITER, *, rtol: float = DEFAULT_RTOL) -> Tensor:
