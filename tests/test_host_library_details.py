@@ -244,7 +244,7 @@ def test_transformers_revert_weight_conversion_renames_the_same_tensors(tmp_path
     assert all(id(tensor) in ids for tensor in saved.values()) and len(saved) == len(state), (
         "transformers.core_model_loading.revert_weight_conversion no longer only renames the state dict (same tensor "
         "objects, one per key): robustvit's saved_key_names maps saved names back by tensor identity "
-        "(robustvit/families/hf_vit.py)"
+        "(robustvit/conversion/transformers_metadata.py)"
     )
     model.save_pretrained(tmp_path)
     with safe_open(tmp_path / "model.safetensors", framework="pt") as handle:
@@ -424,7 +424,7 @@ def test_transformers_config_to_dict_keeps_name_or_path(tmp_path):
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.to_dict().get("_name_or_path") == str(tmp_path), (
         "PretrainedConfig.to_dict() no longer carries '_name_or_path': robustvit reads it from a stored source "
-        "config for the base model's id (robustvit/certify/certificate.py _model_id, robustvit/hub.py _hub_base_model)"
+        "config for the base model's id (robustvit/certify/certificate.py _model_id, robustvit/persistence/hub.py _hub_base_model)"
     )
 
 
@@ -433,11 +433,11 @@ def test_transformers_configs_are_strict_dataclasses_a_field_can_extend():
 
     from transformers import DeiTConfig, ViTConfig
 
-    from robustvit.families.hf_vit import RobustDeiTConfig, RobustViTConfig
+    from robustvit.conversion.transformers_metadata import RobustDeiTConfig, RobustViTConfig
 
     assert dataclasses.is_dataclass(ViTConfig) and dataclasses.is_dataclass(DeiTConfig), (
         "transformers' ViTConfig / DeiTConfig are no longer dataclasses: robustvit's converted configs add their "
-        "'robustvit' field with huggingface_hub.dataclasses.strict (robustvit/families/hf_vit.py)"
+        "'robustvit' field with huggingface_hub.dataclasses.strict (robustvit/conversion/transformers_metadata.py)"
     )
     for config_class in (RobustViTConfig, RobustDeiTConfig):
         config = config_class(image_size=32, patch_size=8, robustvit={"family": "transformers-vit"})
@@ -448,10 +448,10 @@ def test_transformers_configs_are_strict_dataclasses_a_field_can_extend():
 def test_transformers_auto_from_pretrained_keywords(tmp_path):
     """The keywords AutoModelForImageClassification passes to a registered model class's from_pretrained: robustvit's
     Auto loader hands them all to robustvit.from_pretrained, which accepts its own parameters and the markers in
-    robustvit/hub.py _IGNORED_LIBRARY_KWARGS and refuses anything else."""
+    robustvit/persistence/hub.py _IGNORED_LIBRARY_KWARGS and refuses anything else."""
     from transformers import AutoConfig, AutoModelForImageClassification, ViTConfig
 
-    from robustvit.hub import _IGNORED_LIBRARY_KWARGS, from_pretrained
+    from robustvit.persistence.hub import _IGNORED_LIBRARY_KWARGS, from_pretrained
 
     class ProbeConfig(ViTConfig):
         model_type = "robustvit_host_probe"
@@ -475,7 +475,7 @@ def test_transformers_auto_from_pretrained_keywords(tmp_path):
     unknown = sorted(set(received) - accepted)
     assert not unknown, (
         f"AutoModelForImageClassification.from_pretrained now passes {unknown}: robustvit.from_pretrained refuses "
-        "unknown keywords, so loading a converted transformers model through Auto would fail (robustvit/hub.py "
+        "unknown keywords, so loading a converted transformers model through Auto would fail (robustvit/persistence/hub.py "
         "_IGNORED_LIBRARY_KWARGS)"
     )
 
