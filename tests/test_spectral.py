@@ -555,3 +555,42 @@ def test_is_patchify():
     assert not is_patchify(nn.Conv2d(3, 8, 16, stride=16, padding=1))
     assert not is_patchify(nn.Conv2d(3, 8, 3, stride=1, padding=1))
     assert not is_patchify(nn.Conv2d(3, 8, 2, stride=2, dilation=2))
+
+
+def _traceable_cases() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for shape in [(40, 24), (300, 200), (3, 40, 70)]:  # one Gram panel, four panels, a batch of two-panel matrices
+        w = torch.randn(*shape, dtype=torch.float64, generator=g)
+        cases += [w * 2.0**e for e in (0, 350, 400, -320, -400, 700, -700)]  # with and without the rare rescaling
+        zero = w.clone()
+        zero.reshape(-1, *shape[-2:])[0] = 0
+        cases.append(zero)
+    mixed = torch.randn(3, 20, 10, dtype=torch.float64, generator=g)
+    mixed[0] *= 2.0**500
+    mixed[1] *= 2.0**-500
+    return [*cases, mixed, torch.randn(50, 30, dtype=torch.complex128, generator=g), torch.randn(96, 48, generator=g)]
+
+
+@pytest.mark.parametrize("n_iter", [1, 2, 6, 24])
+def test_fixed_step_gram_bound_is_the_same_under_autograd_torch_func_and_export(n_iter):
+    """``rtol=0`` (CPL's step, the residual layers' bound) runs no control flow on values: the same bits in eager
+    mode without and with gradients, under ``torch.func`` transforms (whose wrapped tensors refuse ``out=``), and in
+    a ``torch.export`` program (whose fake tensors refuse data-dependent branches), at every scale."""
+
+    class Norm(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return gram_spectral_norm(w, n_iter, rtol=0.0)
+
+    programs: dict[torch.Size, torch.export.ExportedProgram] = {}  # one per shape: it serves every scale
+    for w in _traceable_cases():
+        with torch.no_grad():
+            expected = gram_spectral_norm(w, n_iter, rtol=0.0)
+        assert torch.equal(gram_spectral_norm(w.clone().requires_grad_(), n_iter, rtol=0.0).detach(), expected)
+        assert torch.equal(torch.func.jvp(Norm(), (w,), (torch.ones_like(w),))[0], expected)
+        if not w.is_complex():  # reverse AD through the steps: the gradient exists and is finite
+            assert torch.isfinite(torch.func.grad(lambda v: Norm()(v).sum())(w)).all()
+        if n_iter == 6 and w.dtype == torch.float64 and w.shape in {(40, 24), (3, 40, 70)}:
+            if w.shape not in programs:
+                programs[w.shape] = torch.export.export(Norm(), (w,))
+            assert torch.equal(programs[w.shape].module()(w), expected)

@@ -13,6 +13,10 @@ CPL_GRAM_STEPS = 6
 """Gram steps of the step size's norm bound: any number gives a guaranteed upper bound of ``||W||`` (so a step
 that keeps the layer 1-Lipschitz); more steps give a longer step. Fixed, so train and eval agree."""
 
+# torch.fx records the norm as one call (its Gram steps read the weight's shape in Python); eager, exported and
+# torch.func-transformed forwards run it as it is (it has no control flow on values, see gram_spectral_norm).
+torch.fx.wrap("gram_spectral_norm")
+
 STEP_SAFETY = 1 + 1e-6
 """The step is ``2 / (STEP_SAFETY ||W||^2)``: the margin absorbs the rounding of the step to the weight's dtype
 (at most ``2^-11`` relative in float16 would not be covered: CPL is meant for float32/float64 weights)."""

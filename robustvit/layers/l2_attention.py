@@ -8,6 +8,7 @@ import torch
 from scipy.special import lambertw
 from torch import Tensor, nn
 
+from robustvit._utils import is_traced
 from robustvit.layers.linear import linear_bias, linear_weight
 from robustvit.lipschitz.engine import BoundFn
 from robustvit.lipschitz.spectral import gram_spectral_norm
@@ -48,8 +49,11 @@ class L2Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
-        if tokens != self.num_tokens:
-            raise ValueError(f"L2Attention was built (and bounded) for {self.num_tokens} tokens, got {tokens}")
+        message = f"L2Attention was built (and bounded) for {self.num_tokens} tokens"
+        if is_traced(x):  # torch.fx: the graph checks the count when it runs
+            torch._assert(tokens == self.num_tokens, message)
+        elif tokens != self.num_tokens:
+            raise ValueError(f"{message}, got {tokens}")
         heads, d = self.num_heads, self.head_dim
         w_q = linear_weight(self.q_proj).view(heads, d, dim)
         q = torch.einsum("bnc,hdc->bhnd", x, w_q)

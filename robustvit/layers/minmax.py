@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from robustvit._utils import is_traced
 from robustvit.lipschitz.engine import BoundFn
 
 
@@ -19,7 +20,7 @@ class MinMax(nn.Module):
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] % 2:
+        if not is_traced(x) and x.shape[-1] % 2:  # traced (torch.fx): the unflatten below refuses an odd count
             raise ValueError(f"MinMax needs an even number of channels, got {x.shape[-1]}")
         pairs = x.unflatten(-1, (-1, 2))
         low, high = pairs.amin(dim=-1), pairs.amax(dim=-1)

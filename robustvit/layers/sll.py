@@ -37,7 +37,15 @@ class SLL(GradientResidual):
         """``1 / t``, the per-row step of the forward (0 for a zero row)."""
         gram = (self.weight @ self.weight.T).abs()
         t = (gram * torch.exp(self.log_q[None, :] - self.log_q[:, None])).sum(dim=1)
-        return torch.where(t > 0, 1 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+        return _reciprocal_or_zero(t)
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
         return residual_gradient_bound(self.weight, self.row_steps())
+
+
+def _reciprocal_or_zero(t: Tensor) -> Tensor:
+    """``1 / t`` where ``t > 0``, else 0 (and a finite gradient there)."""
+    return torch.where(t > 0, 1 / t.clamp_min(torch.finfo(t.dtype).tiny), torch.zeros_like(t))
+
+
+torch.fx.wrap("_reciprocal_or_zero")  # torch.fx: one call (torch.finfo needs the dtype, which a Proxy does not hold)

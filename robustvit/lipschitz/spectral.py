@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from robustvit._utils import holds_values
+
 __all__ = [
     "gram_spectral_norm",
     "verified_spectral_norm",
@@ -59,15 +61,19 @@ def _check_finite(weight: Tensor, what: str) -> None:
 def _split_power_of_two(w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(w', applied, zero)`` per matrix: ``w = 2^applied w'``, exactly, with ``applied`` nonzero only where the
     largest entry is outside ``[2^-300, 2^300]`` (it then puts ``max |w'|`` in ``[0.5, 1)``), so that products neither
-    overflow nor come near underflow. ``zero`` marks all-zero matrices. Raises on NaN or infinite entries.
+    overflow nor come near underflow. ``zero`` marks all-zero matrices. Raises on NaN or infinite entries where the
+    values can be read (traced, by ``torch.export`` or a ``torch.func`` transform, they propagate instead).
+
+    Written without control flow on values: ``w' = w`` exactly where ``applied`` is 0 (a product by ``2^0``); the
+    Python test only skips that no-op product in eager mode.
     """
     amax = torch.linalg.vector_norm(w.detach(), ord=math.inf, dim=(-2, -1))
-    if not bool(torch.isfinite(amax).all()):
+    readable = holds_values(amax)
+    if readable and not bool(torch.isfinite(amax).all()):
         raise ValueError("weight contains NaN or infinite values; no finite Lipschitz bound exists")
-    applied = torch.zeros_like(amax, dtype=torch.float64)
     extreme = (amax > 2.0**300) | ((amax < 2.0**-300) & (amax > 0))
-    if bool(extreme.any()):
-        applied = torch.where(extreme, torch.frexp(amax)[1].to(torch.float64), applied)
+    applied = torch.where(extreme, torch.frexp(amax)[1].to(torch.float64), torch.zeros_like(amax, dtype=torch.float64))
+    if not readable or bool(extreme.any()):
         w = _times_power_of_two(w, -applied)
     return w, applied, amax == 0
 
@@ -97,6 +103,11 @@ def gram_spectral_norm(weight: Tensor, n_iter: int = DEFAULT_MAX_ITER, *, rtol: 
     strongest column ``v`` of the current iterate); ``rtol=0`` runs exactly ``n_iter`` steps. The lower estimate
     only decides when to stop; the value returned is always the Gram bound, inflated by a rounding slack (see
     ``_rounding_slack``). Pass a batch of same-shaped matrices in one call: the steps run as one ``bmm``.
+
+    With ``rtol=0`` nothing branches on values, and nothing is written with ``out=``, where ``torch.export``, another
+    tracer or a ``torch.func`` transform (``jvp``, ``jacrev``) follows the computation; it gives the same bits there as
+    in eager mode (the rare exact rescaling of extreme scales is then applied unconditionally, as the identity where
+    it is not needed: see ``_gram_bounds``). NaN or infinite entries raise only where values can be read.
 
     Each step is one product and one division: ``A_{t+1} = A_t^H A_t / tr(A_t^H A_t)``, the trace being the squared
     Frobenius norm of ``A_t`` (read off the product's diagonal, no extra pass), with the scale kept in log space.
@@ -150,13 +161,17 @@ def _gram_bounds(w: Tensor, n_iter: int, rtol: float, *, largest_only: bool) -> 
     that is below ``n^2 m 2^-475`` relative, far inside the ``u`` terms of ``_rounding_slack``.
     """
     m, n = w.shape[-2:]
-    pair = _parts(w)
-    g, trace = _normalized_gram(*pair)
-    applied = torch.zeros(len(w), dtype=torch.float64, device=w.device)
-    zero = torch.zeros(len(w), dtype=torch.bool, device=w.device)
-    if not bool(((trace >= 2.0**-600) & torch.isfinite(trace)).all()):  # rare: extreme scales, zeros, NaN or inf
+    if holds_values(w):
+        pair = _parts(w)
+        g, trace = _normalized_gram(*pair)
+        applied = torch.zeros(len(w), dtype=torch.float64, device=w.device)
+        zero = torch.zeros(len(w), dtype=torch.bool, device=w.device)
+        rare = not bool(((trace >= 2.0**-600) & torch.isfinite(trace)).all())  # extreme scales, zeros, NaN or inf
+    else:  # traced or under a torch.func transform: no branch on values (see _split_power_of_two)
+        rare = True
+    if rare:
         w, applied, zero = _split_power_of_two(w)
-        if bool(zero.any()):  # keeps logs finite (and gradients NaN-free); the result is zeroed below
+        if not holds_values(zero) or bool(zero.any()):  # keeps logs finite (and gradients NaN-free); zeroed below
             w = torch.where(zero[:, None, None], torch.ones_like(w), w)
         pair = _parts(w)
         g, trace = _normalized_gram(*pair)
@@ -221,45 +236,63 @@ def _parts(w: Tensor) -> tuple[Tensor, Tensor | None]:
 def _normalized_gram(real: Tensor, imag: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
     """``(A^H A / tr(A^H A), tr(A^H A))`` of ``A = real + i imag``, the quotient as (real, imaginary) parts.
 
-    The trace is read off the product's diagonal. Without gradients, a real ``A``'s quotient is written straight into
-    one buffer, panel by panel (see ``_upper_gram``): no separate pass for the division, no concatenation."""
-    if imag is None and not (torch.is_grad_enabled() and real.requires_grad):
+    The trace is read off the diagonal blocks of the panels, in the same order on both paths below. Plain tensors
+    without gradients (a real ``A``): the quotient is written straight into one buffer, panel by panel (see
+    ``_normalized_upper_gram``), no separate pass for the division, no concatenation. Otherwise (gradients, a
+    ``torch.func`` transform, ``torch.export``'s fake tensors: none of them accepts ``out=``) the same panels are
+    joined out of place and divided by the same trace: each entry is the same IEEE quotient, so both paths give
+    bit-identical results."""
+    if imag is None and _plain(real):
         return _normalized_upper_gram(real)
-    product = _gram_product(real, imag)
-    trace = torch.diagonal(product[0], dim1=-2, dim2=-1).sum(dim=-1)
+    product, trace = _gram_product(real, imag)
     return tuple(part / trace[:, None, None] if part is not None else None for part in product), trace
 
 
-def _gram_product(real: Tensor, imag: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``A^H A`` of ``A = real + i imag`` as (real, imaginary) parts, in two real products: the real part is
-    ``[Re; Im]^T [Re; Im]`` and the imaginary part, antisymmetric, is ``C - C^T`` with ``C = Re^T Im``. Each entry is
-    one inner product of the real embedding's (length ``2m``), so its rounding is bounded as for the embedding."""
+def _plain(x: Tensor) -> bool:
+    """Whether ``x`` is a plain tensor that no autograd graph, ``torch.func`` transform or tracer follows: only then
+    may results be written with ``out=`` (a ``torch.func`` transform wraps ``x`` and hides its ``requires_grad``)."""
+    return holds_values(x) and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def _gram_product(real: Tensor, imag: Tensor | None) -> tuple[tuple[Tensor, Tensor | None], Tensor]:
+    """``(A^H A, tr(A^H A))`` of ``A = real + i imag``, the product as (real, imaginary) parts, in two real products:
+    the real part is ``[Re; Im]^T [Re; Im]`` and the imaginary part, antisymmetric, is ``C - C^T`` with
+    ``C = Re^T Im``. Each entry is one inner product of the real embedding's (length ``2m``), so its rounding is
+    bounded as for the embedding."""
     if imag is None:
-        return _upper_gram(real), None
+        product, trace = _upper_gram(real)
+        return (product, None), trace
     cross = real.mT @ imag
-    return _upper_gram(torch.cat([real, imag], dim=-2)), cross - cross.mT
+    product, trace = _upper_gram(torch.cat([real, imag], dim=-2))
+    return (product, cross - cross.mT), trace
 
 
-def _upper_gram(x: Tensor) -> Tensor:
-    """``x^T x`` for a batch ``(b, m, n)`` from the panels of :func:`_gram_panels`, joined by ``cat``: differentiable
-    like the full product (it is the same function of ``x``)."""
+def _panel_trace(panels: list[Tensor]) -> Tensor:
+    """The trace of ``x^T x`` from the diagonal blocks of its panels (:func:`_gram_panels`), summed panel by panel."""
+    return sum(torch.diagonal(panel[..., : panel.shape[-2]], dim1=-2, dim2=-1).sum(dim=-1) for panel in panels)
+
+
+def _upper_gram(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(x^T x, tr(x^T x))`` for a batch ``(b, m, n)`` from the panels of :func:`_gram_panels`, joined by ``cat``:
+    differentiable like the full product (it is the same function of ``x``)."""
     starts, panels = _gram_panels(x)
+    trace = _panel_trace(panels)
     if len(panels) == 1:
-        return panels[0]
+        return panels[0], trace
     width = starts[1]
     # Row panel i: the mirror images of block i of each earlier panel j, then panel i itself.
     rows = [
         torch.cat([*(panels[j][..., start - starts[j] :][..., :width].mT for j in range(i)), panels[i]], dim=-1)
         for i, start in enumerate(starts)
     ]
-    return torch.cat(rows, dim=-2)
+    return torch.cat(rows, dim=-2), trace
 
 
 def _normalized_upper_gram(x: Tensor) -> tuple[tuple[Tensor, None], Tensor]:
     """:func:`_normalized_gram` of a real batch without gradients: the panels of :func:`_gram_panels`, each divided by
     the trace straight into its place in the result, the blocks below the diagonal copied from their mirror images."""
     starts, panels = _gram_panels(x)
-    trace = sum(torch.diagonal(panel[..., : panel.shape[-2]], dim1=-2, dim2=-1).sum(dim=-1) for panel in panels)
+    trace = _panel_trace(panels)
     n = x.shape[-1]
     out = torch.empty(*x.shape[:-2], n, n, dtype=x.dtype, device=x.device)
     for start, panel in zip(starts, panels, strict=True):
