@@ -150,7 +150,7 @@ def test_torch_parametrize_class_layout():
     assert cls.__bases__ == (nn.Linear,), (
         f"torch.nn.utils.parametrize no longer injects a direct subclass of the module's class ({cls.__bases__}): "
         "robustvit._utils.module_type takes cls.__bases__[0] as the class before parametrization, and "
-        "robustvit/peft.py _register_parametrizations_again / robustvit/convert.py export rebuild it from __bases__"
+        "robustvit/peft.py _register_parametrizations_again / robustvit/conversion/convert.py export rebuild it from __bases__"
     )
     assert isinstance(layer.__dict__["_modules"].get("parametrizations"), nn.ModuleDict), (
         "parametrizations are no longer the child module 'parametrizations' (a ModuleDict): "
@@ -185,12 +185,12 @@ def test_torch_parametrized_deep_copies_share_class_and_cache_key():
         "by the id of the module the property was made for): robustvit/lipschitz/engine.py _check_tree refuses "
         "shared parametrized classes for this reason"
     )
-    # robustvit/convert.py export: a copy with its own class drops its parametrizations, the original keeps its own.
+    # robustvit/conversion/convert.py export: a copy with its own class drops its parametrizations, the original keeps its own.
     cls = type(duplicate)
     duplicate.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     parametrize.remove_parametrizations(duplicate, "weight", leave_parametrized=True)
     assert type(duplicate) is nn.Linear and parametrize.is_parametrized(original, "weight"), (
-        "remove_parametrizations on a copy with a rebuilt class changed the original: robustvit/convert.py export "
+        "remove_parametrizations on a copy with a rebuilt class changed the original: robustvit/conversion/convert.py export "
         "relies on torch editing only the module's own class"
     )
     assert torch.equal(original.weight, original.parametrizations.weight.original)
@@ -251,7 +251,7 @@ def test_transformers_revert_weight_conversion_renames_the_same_tensors(tmp_path
         on_disk = set(handle.keys())
     assert on_disk == set(saved), (
         "save_pretrained no longer writes the names revert_weight_conversion gives: robustvit's saved_key_names "
-        "(robustvit/families/hf_vit.py), which loads natively saved converted models, would miss keys: "
+        "(robustvit/persistence/transformers_native.py), which loads natively saved converted models, would miss keys: "
         f"{sorted(on_disk ^ set(saved))[:4]}"
     )
 
@@ -424,7 +424,8 @@ def test_transformers_config_to_dict_keeps_name_or_path(tmp_path):
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.to_dict().get("_name_or_path") == str(tmp_path), (
         "PretrainedConfig.to_dict() no longer carries '_name_or_path': robustvit reads it from a stored source "
-        "config for the base model's id (robustvit/certify/certificate.py _model_id, robustvit/persistence/hub.py _hub_base_model)"
+        "config for the base model's id (robustvit/certification/certificate.py _model_id, "
+        "robustvit/persistence/hub.py _hub_base_model)"
     )
 
 
@@ -475,8 +476,8 @@ def test_transformers_auto_from_pretrained_keywords(tmp_path):
     unknown = sorted(set(received) - accepted)
     assert not unknown, (
         f"AutoModelForImageClassification.from_pretrained now passes {unknown}: robustvit.from_pretrained refuses "
-        "unknown keywords, so loading a converted transformers model through Auto would fail (robustvit/persistence/hub.py "
-        "_IGNORED_LIBRARY_KWARGS)"
+        "unknown keywords, so loading a converted transformers model through Auto would fail "
+        "(robustvit/persistence/hub.py _IGNORED_LIBRARY_KWARGS)"
     )
 
 

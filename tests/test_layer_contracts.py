@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import IMG, REPRESENTATIVES, TIMM_FAMILIES, build_model, logits_of
+from robustvit.convert import ACTIVATIONS, MIXERS, MLPS
 
 import robustvit
 from robustvit.configs import ConvertConfig
-from robustvit.convert import ACTIVATIONS, MIXERS, MLPS
 
 _DEFAULT_ACTIVATION = ConvertConfig().activation
 # Every mixer with every MLP form (the activation only applies to the kept MLP), then every other activation.

@@ -79,9 +79,7 @@ class Certificate:
     results: list[EpsResult]
     norm: str = "l2"
     weights_sha256: str | None = None
-    date: str = field(
-        default_factory=lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    )
+    date: str = field(default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     schema: str = SCHEMA
     schema_version: int = SCHEMA_VERSION
     # None: the radii hold for the exact (real-valued) function. Otherwise the model as it runs in a dtype:
