@@ -150,7 +150,8 @@ def test_torch_parametrize_class_layout():
     assert cls.__bases__ == (nn.Linear,), (
         f"torch.nn.utils.parametrize no longer injects a direct subclass of the module's class ({cls.__bases__}): "
         "robustvit._utils.module_type takes cls.__bases__[0] as the class before parametrization, and "
-        "robustvit/peft.py _register_parametrizations_again / robustvit/conversion/convert.py export rebuild it from __bases__"
+        "robustvit/peft.py _register_parametrizations_again / robustvit/conversion/convert.py export rebuild it "
+        "from __bases__"
     )
     assert isinstance(layer.__dict__["_modules"].get("parametrizations"), nn.ModuleDict), (
         "parametrizations are no longer the child module 'parametrizations' (a ModuleDict): "
@@ -185,13 +186,14 @@ def test_torch_parametrized_deep_copies_share_class_and_cache_key():
         "by the id of the module the property was made for): robustvit/lipschitz/engine.py _check_tree refuses "
         "shared parametrized classes for this reason"
     )
-    # robustvit/conversion/convert.py export: a copy with its own class drops its parametrizations, the original keeps its own.
+    # robustvit/conversion/convert.py export: a copy with its own class drops its parametrizations, the original
+    # keeps its own.
     cls = type(duplicate)
     duplicate.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
     parametrize.remove_parametrizations(duplicate, "weight", leave_parametrized=True)
     assert type(duplicate) is nn.Linear and parametrize.is_parametrized(original, "weight"), (
-        "remove_parametrizations on a copy with a rebuilt class changed the original: robustvit/conversion/convert.py export "
-        "relies on torch editing only the module's own class"
+        "remove_parametrizations on a copy with a rebuilt class changed the original: robustvit/conversion/convert.py "
+        "export relies on torch editing only the module's own class"
     )
     assert torch.equal(original.weight, original.parametrizations.weight.original)
 
