@@ -1,5 +1,5 @@
 """Family contracts: checks adapted from timm's tests/test_models.py and transformers' ModelTesterMixin, run on
-every registered family's source and converted copy. What cannot hold is listed in the README with the reason."""
+every registered family's source and converted copy. What cannot hold is listed in docs/ecosystem.md with the reason."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def test_shift_layers_trace_with_fx_and_keep_their_shape_checks():
 
 def test_torch_export_of_the_exported_model():
     """timm test_model_forward_torchscript / export, on the deployment form: robustvit.export folds the
-    parametrizations (the parametrized model's eval-mode rescaling cache is not traceable; see README)."""
+    parametrizations (the parametrized model's eval-mode rescaling cache is not traceable; see docs/ecosystem.md)."""
     model = robustvit.export(robustvit.convert(build_model("timm_token")).eval())
     program = torch.export.export(model, (_pixels(),))
     torch.testing.assert_close(program.module()(_pixels()), model(_pixels()))
@@ -183,7 +183,7 @@ def test_transformers_output_hidden_states(family):
         assert selected[:-1] == (None,) * model.config.num_hidden_layers and selected[-1] is not None, kind
         if kind == "converted":  # the recording hooks leave the function, and the bound, as they were
             assert robustvit.lipschitz_bound(model) > 0
-            assert model(pixel_values=_pixels(), output_attentions=True).attentions == ()  # README: no attention map
+            assert model(pixel_values=_pixels(), output_attentions=True).attentions == ()  # docs/ecosystem.md: no attention map
 
 
 @pytest.mark.parametrize("family", ["timm_avg_ls_reg", "timm_distilled", "hf_deit"])  # each family's widest form
