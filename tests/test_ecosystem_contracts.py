@@ -183,7 +183,8 @@ def test_transformers_output_hidden_states(family):
         assert selected[:-1] == (None,) * model.config.num_hidden_layers and selected[-1] is not None, kind
         if kind == "converted":  # the recording hooks leave the function, and the bound, as they were
             assert robustvit.lipschitz_bound(model) > 0
-            assert model(pixel_values=_pixels(), output_attentions=True).attentions == ()  # docs/ecosystem.md: no attention map
+            # no attention map (docs/ecosystem.md)
+            assert model(pixel_values=_pixels(), output_attentions=True).attentions == ()
 
 
 @pytest.mark.parametrize("family", ["timm_avg_ls_reg", "timm_distilled", "hf_deit"])  # each family's widest form
