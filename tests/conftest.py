@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustvit.families import create_tiny_model, registered_families, tiny_models
+from robustvit.families import TINY_MODELS, create_tiny_model, family_by_name, registered_families, tiny_models
 
 # Many tiny ops: with two busy shared cores, intra-op threads mostly spin and wait for each other (a 200-step
 # attack on a Linear(16, 8) took 7 s with 2 threads and 0.2 s with 1). One thread keeps the suite fast.
@@ -34,7 +34,7 @@ NUM_CLASSES = 10
 ALL_FAMILIES = tuple(tiny_models())
 REPRESENTATIVES = tuple(tiny_models(family)[0] for family in registered_families())  # one per family
 TIMM_FAMILIES = tuple(tiny_models("timm-vit"))  # the library-specific contracts (timm's, transformers')
-HF_FAMILIES = tuple(tiny_models("transformers-vit"))
+HF_FAMILIES = tuple(name for name in ALL_FAMILIES if family_by_name(TINY_MODELS[name].family).library == "transformers")
 
 
 def _perturb_norms(model: nn.Module, generator: torch.Generator) -> None:

@@ -445,45 +445,55 @@ def timm_reference(source, model, x_raw, activation, mixer):
 
 
 def hf_reference(source, model, x_raw, activation, mixer):
-    spec = get_family(source).input_spec(source)
+    """Written from the source's modules, which the family adapter only points at (its block parts and norms)."""
+    adapter = get_family(source)
+    spec = adapter.input_spec(source)
     x = (x_raw - torch.tensor(spec.mean).view(1, -1, 1, 1)) / torch.tensor(spec.std).view(1, -1, 1, 1)
-    backbone = source.vit if hasattr(source, "vit") else source.deit
-    conv_backbone = model.vit if hasattr(model, "vit") else model.deit
-    x = backbone.embeddings(x)
-    cfg = source.config
-    grid = (cfg.image_size // cfg.patch_size,) * 2
+    x = adapter.embeddings(source)(x)
+    norms = {key: getattr(*owner) for key, owner in adapter._norm_owners(source).items()}
+    if "pre_norm" in norms:
+        x = center(norms["pre_norm"], x)
+    conv = adapter.patch_projection(source)
+    grid = (spec.image_size[0] // conv.stride[0], spec.image_size[1] // conv.stride[1])
     prefix = x.shape[1] - grid[0] * grid[1]
-    for i, layer in enumerate(backbone.layers):
+    converted_layers = adapter.layers(model)
+    for i, layer in enumerate(adapter.layers(source)):
+        parts = adapter._block_parts(
+            layer, (getattr(source.config, "vision_config", None) or source.config).num_attention_heads
+        )
+        ls1 = parts.ls1 if parts.ls1 is not None else 1.0
+        ls2 = parts.ls2 if parts.ls2 is not None else 1.0
         if mixer == "shift":
             x = TokenShift(grid, 12, prefix)(x)
         else:
-            att = layer.attention
-            conv_attn = conv_backbone.layers[i].mixer.fn.attn
+            conv_attn = converted_layers[i].mixer.fn.attn
+            dim = x.shape[-1]
+            q, v = parts.q[0], parts.v
             ref = ReferenceL2(
-                cfg.hidden_size,
-                cfg.num_attention_heads,
-                x.shape[1],
-                att.q_proj.weight,
-                att.v_proj.weight,
-                att.v_proj.bias,
-                att.o_proj,
-                None,
-                scale_of(conv_attn.q_proj),
+                dim, parts.num_heads, x.shape[1], q, v[0], v[1], parts.out, None, scale_of(conv_attn.q_proj)
             )
-            x = x + ref(center(layer.layernorm_before, x))
-        h = layer.mlp.fc1(center(layer.layernorm_after, x))
-        h = MinMax()(h) if activation == "minmax" else layer.mlp.activation_fn(h)
-        x = x + layer.mlp.fc2(h)
-    if mixer == "shift":
+            x = x + ls1 * ref(center(parts.norm1, x))
+        h = parts.mlp.fc1(center(parts.norm2, x))
+        h = MinMax()(h) if activation == "minmax" else getattr(parts.mlp, parts.mlp_activation)(h)
+        x = x + ls2 * parts.mlp.fc2(h)
+    if mixer == "shift" and adapter.pooling in ("token", "token_and_patch_mean"):
         x = prefix_pool(x, prefix)
-    x = center(backbone.layernorm, x)
-    return source.classifier(x[:, 0]), x
+    if "final_norm" in norms:
+        x = center(norms["final_norm"], x)
+    features = {
+        "token": lambda: x[:, 0],
+        "token_and_patch_mean": lambda: torch.cat((x[:, 0], x[:, prefix:].mean(1)), dim=1),
+        "patch_mean": lambda: x[:, prefix:].mean(1),
+        "mean": lambda: x.mean(1),
+    }[adapter.pooling]()
+    return source.classifier(features), x
 
 
 @pytest.mark.parametrize(
     ("family", "mixer", "activation"),
     [(f, "shift", a) for f in FAMILIES for a in ("gelu", "minmax")]
-    + [("timm_token", "l2", "gelu"), ("timm_avg_ls_reg", "l2", "gelu"), ("hf_vit", "l2", "minmax")],
+    + [("timm_token", "l2", "gelu"), ("timm_avg_ls_reg", "l2", "gelu"), ("hf_vit", "l2", "minmax")]
+    + [("hf_dinov2_reg", "l2", "gelu")],
 )
 def test_scale_moves_are_exact(family, mixer, activation):
     """Converted model == source with LayerNorm -> CenterNorm (same gamma/beta, no division by the token std),
@@ -505,7 +515,7 @@ def test_scale_moves_are_exact(family, mixer, activation):
     # The token features must also equal the reference up to one global factor (the moved scales).
     with torch.no_grad():
         if family in HF_FAMILIES:
-            feats = (model.vit if hasattr(model, "vit") else model.deit)(x).last_hidden_state
+            feats = getattr(model, "vision_model", model.base_model)(x).last_hidden_state
         else:
             feats = model.forward_features(x)
         _, ref_feats = reference(source, model, x, activation, mixer)

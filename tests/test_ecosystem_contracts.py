@@ -8,6 +8,7 @@ import torch
 from conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_FAMILIES, build_model, logits_of
 
 import robustvit
+from robustvit.families import get_family
 
 
 def _pair(family: str) -> list[tuple[str, torch.nn.Module]]:
@@ -26,7 +27,9 @@ def test_forward_backward_and_eval_determinism(family):
         out = logits_of(model(_pixels()))
         assert out.shape == (2, NUM_CLASSES), kind
         out.sum().backward()
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        # Mask tokens serve masked pretraining only (bool_masked_pos, which no classifier passes): DINOv2 with
+        # registers always carries one.
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.endswith("mask_token")]
         no_grad = [n for n, p in trainable if p.grad is None]
         assert not no_grad, f"{kind}: trainable parameters without a gradient: {no_grad}"
         model.eval()
@@ -37,9 +40,9 @@ def test_forward_backward_and_eval_determinism(family):
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_prefix_tokens_that_cannot_reach_the_head_are_frozen(family):
     model = robustvit.convert(build_model(family))
-    embeddings = getattr(model, "vit", getattr(model, "deit", model))
-    embeddings = getattr(embeddings, "embeddings", embeddings)
-    names = ("cls_token", "dist_token", "distillation_token", "reg_token")
+    adapter = get_family(model)
+    embeddings = adapter.embeddings(model) if family in HF_FAMILIES else model
+    names = ("cls_token", "dist_token", "distillation_token", "reg_token", "register_tokens", "class_embedding")
     tokens = [getattr(embeddings, name) for name in names if getattr(embeddings, name, None) is not None]
     assert tokens and all(not token.requires_grad for token in tokens)
     with_l2 = robustvit.convert(build_model(family), mixer="l2")  # attention mixes them: they stay trainable
@@ -92,8 +95,9 @@ def test_transformers_config_agrees_with_the_model(family):
     for activation in ("gelu", "minmax"):
         model = robustvit.convert(build_model(family), activation=activation)
         config = model.config
-        assert config.num_hidden_layers == len(model.base_model.layers)
-        assert config.hidden_act == activation
+        vision = getattr(config, "vision_config", None) or config  # composite configs (CLIP, SigLIP) nest it
+        assert vision.num_hidden_layers == len(get_family(model).layers(model))
+        assert vision.hidden_act == activation
         assert config.robustvit["convert_config"]["activation"] == activation
 
 
@@ -170,17 +174,20 @@ def test_transformers_output_hidden_states(family):
     """ModelTesterMixin test_hidden_states_output: the embeddings, then one hidden state per layer."""
     for kind, model in _pair(family):
         model.eval()
-        backbone = model.base_model
+        layers = get_family(model).layers(model)
+        first_input = []
+        handle = layers[0].register_forward_pre_hook(lambda module, args, seen=first_input: seen.append(args[0]))
         with torch.no_grad():
             out = model(pixel_values=_pixels(), output_hidden_states=True)
-            states = [backbone.embeddings(_pixels())]
-            for layer in backbone.layers:
+            handle.remove()
+            states = first_input[:1]  # the embeddings (CLIP's: after its pre-LayerNorm)
+            for layer in layers:
                 states.append(layer(states[-1]))
             selected = model(pixel_values=_pixels(), output_hidden_states=[-1]).hidden_states
-        assert len(out.hidden_states) == model.config.num_hidden_layers + 1, kind
+        assert len(out.hidden_states) == len(layers) + 1, kind
         for recorded, expected in zip(out.hidden_states, states, strict=True):
             torch.testing.assert_close(recorded, expected, rtol=0, atol=0)
-        assert selected[:-1] == (None,) * model.config.num_hidden_layers and selected[-1] is not None, kind
+        assert selected[:-1] == (None,) * len(layers) and selected[-1] is not None, kind
         if kind == "converted":  # the recording hooks leave the function, and the bound, as they were
             assert robustvit.lipschitz_bound(model) > 0
             # no attention map (docs/ecosystem.md)

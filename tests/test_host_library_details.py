@@ -264,18 +264,18 @@ def test_transformers_output_capturing_hooks_and_installed_flag():
     install = getattr(output_capturing, "install_output_capuring_hook", None)
     assert callable(install), (
         "transformers.utils.output_capturing.install_output_capuring_hook is gone: robustvit's converted blocks "
-        "record output_hidden_states with it (robustvit/families/hf_vit.py _record_hidden_states)"
+        "record output_hidden_states with it (robustvit/families/hf_base.py record_hidden_states)"
     )
     model = build_model("hf_vit").eval()
     backbone = model.vit
-    backbone._output_capturing_hooks_installed = True  # what _record_hidden_states sets
+    backbone._output_capturing_hooks_installed = True  # what record_hidden_states sets
     pixels = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         model(pixel_values=pixels, output_hidden_states=True)
     hooked = [name for name, module in model.named_modules() if module._forward_hooks]
     assert not hooked, (
         f"transformers installed output-capturing hooks on {hooked} although the backbone's "
-        "_output_capturing_hooks_installed was True: robustvit/families/hf_vit.py _record_hidden_states relies on "
+        "_output_capturing_hooks_installed was True: robustvit/families/hf_base.py record_hidden_states relies on "
         "that flag to keep transformers from hooking the converted model"
     )
     for layer in backbone.layers:
@@ -291,7 +291,7 @@ def test_transformers_output_capturing_hooks_and_installed_flag():
             expected.append(layer(expected[-1]))
     assert hidden is not None and len(hidden) == len(expected), (
         "the hooks of install_output_capuring_hook(module, 'hidden_states', 0) no longer record the first layer's "
-        "input and every layer's output (robustvit/families/hf_vit.py _record_hidden_states)"
+        "input and every layer's output (robustvit/families/hf_base.py record_hidden_states)"
     )
     for got, want in zip(hidden, expected, strict=True):
         torch.testing.assert_close(got, want)

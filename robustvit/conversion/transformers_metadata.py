@@ -5,11 +5,32 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTMSNConfig,
+    ViTMSNForImageClassification,
+)
 
 from robustvit.conversion.metadata import LIBRARY_METADATA, NATIVE_RECORD_KEY, native_record
+from robustvit.families import FAMILIES
 
-__all__ = ["CONVERTED_CONFIGS", "RobustDeiTConfig", "RobustViTConfig", "describe", "processor_for"]
+__all__ = [
+    "CONVERTED_CONFIGS",
+    "RobustDeiTConfig",
+    "RobustDinov2Config",
+    "RobustDinov2WithRegistersConfig",
+    "RobustViTConfig",
+    "RobustViTMSNConfig",
+    "describe",
+    "processor_for",
+]
 
 
 class _ConvertedConfig:
@@ -18,6 +39,12 @@ class _ConvertedConfig:
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
         processor_for(self).save_pretrained(save_directory)
+
+    def converted_input(self) -> tuple[int, tuple[int, int]]:
+        """``(channels, (height, width))`` of the images the converted model takes."""
+        vision = getattr(self, "vision_config", None) or self  # composite configs (CLIP, SigLIP) nest it
+        size = vision.image_size
+        return vision.num_channels, ((size, size) if isinstance(size, int) else tuple(size))
 
 
 @strict
@@ -41,7 +68,38 @@ class RobustDeiTConfig(_ConvertedConfig, DeiTConfig):
     robustvit: dict | None = None
 
 
-CONVERTED_CONFIGS = {ViTForImageClassification: RobustViTConfig, DeiTForImageClassification: RobustDeiTConfig}
+@strict
+class RobustViTMSNConfig(_ConvertedConfig, ViTMSNConfig):
+    """``ViTMSNConfig`` of a converted ``ViTMSNForImageClassification`` (``model_type="robustvit_vit_msn"``)."""
+
+    model_type = "robustvit_vit_msn"
+    robustvit: dict | None = None
+
+
+@strict
+class RobustDinov2Config(_ConvertedConfig, Dinov2Config):
+    """``Dinov2Config`` of a converted ``Dinov2ForImageClassification`` (``model_type="robustvit_dinov2"``)."""
+
+    model_type = "robustvit_dinov2"
+    robustvit: dict | None = None
+
+
+@strict
+class RobustDinov2WithRegistersConfig(_ConvertedConfig, Dinov2WithRegistersConfig):
+    """``Dinov2WithRegistersConfig`` of a converted ``Dinov2WithRegistersForImageClassification``
+    (``model_type="robustvit_dinov2_with_registers"``)."""
+
+    model_type = "robustvit_dinov2_with_registers"
+    robustvit: dict | None = None
+
+
+CONVERTED_CONFIGS = {
+    ViTForImageClassification: RobustViTConfig,
+    DeiTForImageClassification: RobustDeiTConfig,
+    ViTMSNForImageClassification: RobustViTMSNConfig,
+    Dinov2ForImageClassification: RobustDinov2Config,
+    Dinov2WithRegistersForImageClassification: RobustDinov2WithRegistersConfig,
+}
 """Source model class -> the config class of its converted models."""
 
 
@@ -50,17 +108,15 @@ def processor_for(config):
     converted model normalizes inside."""
     from transformers import ViTImageProcessor  # late, for startup time: the image-processing stack is slow to import
 
-    size = config.image_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    channels, (height, width) = config.converted_input()
     return ViTImageProcessor(
         size={"height": height, "width": width},
         do_normalize=False,
-        image_mean=[0.0] * config.num_channels,
-        image_std=[1.0] * config.num_channels,
+        image_mean=[0.0] * channels,
+        image_std=[1.0] * channels,
     )
 
 
-@LIBRARY_METADATA.register("transformers-vit")
 def describe(model: nn.Module) -> None:
     """Swap ``model.config`` for its converted twin (a registered ``robustvit_*`` model type).
 
@@ -74,11 +130,16 @@ def describe(model: nn.Module) -> None:
     for key in ("model_type", "transformers_version", "architectures"):
         values.pop(key, None)
     values[NATIVE_RECORD_KEY] = native_record(model)
-    if convert_config.activation != "gelu":
-        values["hidden_act"] = convert_config.activation
+    if convert_config.activation != "gelu":  # the vision encoder's, nested in a composite config
+        (values.get("vision_config") or values)["hidden_act"] = convert_config.activation
     config = CONVERTED_CONFIGS[type(model)](**values)
     config._attn_implementation = model.config._attn_implementation
     old = model.config
     for module in model.modules():  # the backbone shares the config object with the classifier model
         if getattr(module, "config", None) is old:
             module.config = config
+
+
+for _name, _family in FAMILIES.items():
+    if _family.library == "transformers":
+        LIBRARY_METADATA.register(_name, describe)

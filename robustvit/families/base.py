@@ -105,6 +105,7 @@ class Family(ABC):
     :func:`register_family`."""
 
     name: str = ""
+    library: str = ""  # "timm" or "transformers": which library's metadata, save and load paths serve its models
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:

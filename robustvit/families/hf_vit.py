@@ -1,4 +1,5 @@
-"""transformers 5.x ``ViTForImageClassification`` and ``DeiTForImageClassification``.
+"""transformers 5.x ``ViTForImageClassification``, ``DeiTForImageClassification`` and ``ViTMSNForImageClassification``
+(MSN-pretrained ViTs: the same modules under ViTMSN names).
 
 5.x module names: ``vit.layers[i]`` with ``attention.{q,k,v,o}_proj``, ``mlp.fc1/fc2``,
 ``layernorm_before/after`` (files on disk keep the legacy 4.x key names; transformers renames them on load).
@@ -9,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import transformers
 from torch import Tensor, nn
-from transformers import DeiTConfig, ViTConfig
+from transformers import DeiTConfig, ViTConfig, ViTMSNConfig
 from transformers.activations import GELUActivation
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -35,173 +35,102 @@ from transformers.models.vit.modeling_vit import (
     ViTModel,
     ViTPatchEmbeddings,
 )
-from transformers.utils import output_capturing
+from transformers.models.vit_msn.modeling_vit_msn import (
+    ViTMSNEmbeddings,
+    ViTMSNForImageClassification,
+    ViTMSNLayer,
+    ViTMSNMLP,
+    ViTMSNModel,
+    ViTMSNPatchEmbeddings,
+)
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.families.base import (
-    BlockParts,
-    Family,
-    InputSpec,
-    ViTParts,
-    blocks_bound,
-    linear_bias,
-    linear_weight,
-    one,
-    per_channel,
-    register_family,
-    register_tiny_model,
-)
-from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, mark_lipschitz_neutral, record_methods, register_bound
+from robustvit.families.base import BlockParts, one, register_family, register_tiny_model
+from robustvit.families.hf_base import HFFamily, linear_pair
+from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
 
-# The processors' defaults (ViTImageProcessor: "standard" 0.5; DeiTImageProcessor: ImageNet statistics).
+# The processors' defaults (ViTImageProcessor, also ViTMSN's: "standard" 0.5; DeiTImageProcessor: ImageNet's).
 _DEFAULT_NORMALIZATION = {
     ViTForImageClassification: (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
     DeiTForImageClassification: (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    ViTMSNForImageClassification: (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD),
 }
-_LAYER_TYPES = (ViTLayer, DeiTLayer)
-
-
-def _pair(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
-    return linear.weight.detach(), (linear.bias.detach() if linear.bias is not None else None)
+_LAYER_TYPES = (ViTLayer, DeiTLayer, ViTMSNLayer)
 
 
 @register_family
-class HFViT(Family):
+class HFViT(HFFamily):
     name = "transformers-vit"
+    normalization = _DEFAULT_NORMALIZATION
+    layer_types = _LAYER_TYPES
+    pooling = "token"  # the classifiers read token 0 (DeiT's: the class token)
 
-    def matches(self, model: nn.Module) -> bool:
-        return type(model) in _DEFAULT_NORMALIZATION
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        return model.base_model.embeddings  # vit (ViT, ViTMSN) or deit
 
-    @staticmethod
-    def _backbone(model: nn.Module) -> nn.Module:
-        return model.vit if isinstance(model, ViTForImageClassification) else model.deit
+    def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return model.base_model, "layers"
 
-    def input_spec(self, model: nn.Module) -> InputSpec:
-        mean, std = _DEFAULT_NORMALIZATION[type(model)]
-        size = model.config.image_size
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        channels = model.config.num_channels
-        return InputSpec(channels, size, per_channel(mean, channels), per_channel(std, channels))
+    def _capturing_model(self, model: nn.Module) -> nn.Module:
+        return model.base_model
 
-    def parts(self, model: nn.Module) -> ViTParts:
-        backbone = self._backbone(model)
-        problems = [
-            f"layer {i} is a {type(layer).__name__}"
-            for i, layer in enumerate(backbone.layers)
-            if type(layer) not in _LAYER_TYPES
-        ]
-        if model.config.hidden_act != "gelu":
-            problems.append(f"hidden_act={model.config.hidden_act!r} (supported: 'gelu')")
-        if problems:
-            raise UnsupportedModuleError(f"cannot convert this {type(model).__name__}: " + "; ".join(problems))
-        embeddings = backbone.embeddings
-        blocks = [
-            BlockParts(
-                norm1=layer.layernorm_before,
-                q=_pair(layer.attention.q_proj),
-                k=_pair(layer.attention.k_proj),
-                v=_pair(layer.attention.v_proj),
-                out=layer.attention.o_proj,
-                num_heads=model.config.num_attention_heads,
-                ls1=None,
-                drop1=layer.dropout,
-                norm2=layer.layernorm_after,
-                mlp=layer.mlp,
-                mlp_activation="activation_fn",
-                ls2=None,
-                drop2=layer.dropout,
-            )
-            for layer in backbone.layers
-        ]
-        prefix = [t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None]
-        patches = embeddings.patch_embeddings
-        grid = (patches.image_size[0] // patches.patch_size[0], patches.image_size[1] // patches.patch_size[1])
-        return ViTParts(
-            patch_conv=patches.projection,
-            patch_norm=None,
-            embed_params=[*prefix, embeddings.position_embeddings],
-            pre_norm=None,
-            blocks=blocks,
-            final_norm=backbone.layernorm,
-            head_norm=None,
-            heads=[model.classifier],
-            grid_size=grid,
-            num_prefix_tokens=len(prefix),
-            head_reads_prefix=True,  # the classifiers read token 0
-            prefix_tokens=prefix,
+    def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return self.embeddings(model).patch_embeddings, "projection"
+
+    def _prefix_tokens(self, model: nn.Module) -> list[nn.Parameter]:
+        embeddings = self.embeddings(model)
+        return [t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None]
+
+    def _position_embedding(self, model: nn.Module) -> nn.Parameter:
+        return self.embeddings(model).position_embeddings
+
+    def _norm_owners(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+        return {"final_norm": (model.base_model, "layernorm")}
+
+    def _check(self, model: nn.Module) -> list[str]:
+        act = model.config.hidden_act
+        return [] if act == "gelu" else [f"hidden_act={act!r} (supported: 'gelu')"]
+
+    def _block_parts(self, layer: nn.Module, num_heads: int) -> BlockParts:
+        return BlockParts(
+            norm1=layer.layernorm_before,
+            q=linear_pair(layer.attention.q_proj),
+            k=linear_pair(layer.attention.k_proj),
+            v=linear_pair(layer.attention.v_proj),
+            out=layer.attention.o_proj,
+            num_heads=num_heads,
+            ls1=None,
+            drop1=layer.dropout,
+            norm2=layer.layernorm_after,
+            mlp=layer.mlp,
+            mlp_activation="activation_fn",
+            ls2=None,
+            drop2=layer.dropout,
         )
-
-    def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
-        backbone = self._backbone(model)
-        backbone.layers = nn.ModuleList(blocks)
-        backbone.layernorm = modules["final_norm"]
-        backbone.embeddings.patch_embeddings.projection = modules["patch_conv"]
-        _record_hidden_states(backbone)
-
-    def patch_embedding(self, model: nn.Module) -> nn.Module:
-        return self._backbone(model).embeddings.patch_embeddings
-
-    def patch_projection(self, model: nn.Module) -> nn.Conv2d:
-        return self._backbone(model).embeddings.patch_embeddings.projection
-
-    def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
-        backbone = self._backbone(model)
-        bound = bound_of("embeddings", backbone.embeddings)
-        bound = bound * blocks_bound(list(backbone.layers), "layers", bound_of, tokens_read=1)
-        return bound * bound_of("layernorm", backbone.layernorm)  # per token; then token 0 is selected: 1
-
-    def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [("classifier", model.classifier)]
-
-    def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        return linear_weight(model.classifier), linear_bias(model.classifier)
-
-    def source_spec(self, model: nn.Module) -> dict:
-        return {"library": "transformers", "class": type(model).__name__, "config": model.config.to_dict()}
-
-    def build(self, spec: dict) -> nn.Module:
-        model_class = getattr(transformers, spec["class"])
-        if model_class not in _DEFAULT_NORMALIZATION:
-            raise UnsupportedModuleError(f"unsupported transformers class {spec['class']!r}")
-        config = model_class.config_class.from_dict(spec["config"])
-        return model_class(config)
-
-
-def _record_hidden_states(backbone: nn.Module) -> None:
-    """``output_hidden_states=True`` for the converted blocks. transformers records hidden states with a forward hook
-    on each of its own layers (``ViTLayer``), installed once per model; the converted blocks get the same hook. It only
-    appends the block's input (the first block's: the embeddings) and output to the requested record and returns
-    ``None``, so it leaves the output unchanged: marked Lipschitz-neutral for the bound engine."""
-    for block in backbone.layers:
-        before = set(block._forward_hooks)
-        output_capturing.install_output_capuring_hook(block, "hidden_states", 0)
-        for key in set(block._forward_hooks) - before:
-            mark_lipschitz_neutral(block._forward_hooks[key])
-    backbone._output_capturing_hooks_installed = True  # transformers installs no hooks of its own on it any more
 
 
 # The rules visit the backbones' children, not the backbones: their forward runs unvisited, so record it.
-record_methods(ViTModel, DeiTModel)
+record_methods(ViTModel, DeiTModel, ViTMSNModel)
 
 
-@register_bound(ViTForImageClassification, DeiTForImageClassification)
+@register_bound(ViTForImageClassification, DeiTForImageClassification, ViTMSNForImageClassification)
 def _model_bound(model: nn.Module, bound_of: BoundFn) -> Tensor:
     return HFViT().model_bound(model, bound_of)
 
 
-@register_bound(ViTEmbeddings, DeiTEmbeddings)
+@register_bound(ViTEmbeddings, DeiTEmbeddings, ViTMSNEmbeddings)
 def _embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
     # Prefix tokens and position embeddings are constants (concatenation and addition: 1-Lipschitz). The
     # interpolated position encoding is a constant too; mask tokens are never used by the classifiers.
     return bound_of("patch_embeddings", module.patch_embeddings) * bound_of("dropout", module.dropout)
 
 
-@register_bound(ViTPatchEmbeddings, DeiTPatchEmbeddings)
+@register_bound(ViTPatchEmbeddings, DeiTPatchEmbeddings, ViTMSNPatchEmbeddings)
 def _patch_embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return bound_of("projection", module.projection)  # then flatten + transpose: a permutation
 
 
-@register_bound(ViTMLP, DeiTMLP)
+@register_bound(ViTMLP, DeiTMLP, ViTMSNMLP)
 def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
 
@@ -235,3 +164,4 @@ def _tiny(config_class: type, model_class: type) -> Callable[[int, int, int], nn
 
 register_tiny_model("hf_vit", HFViT.name, _tiny(ViTConfig, ViTForImageClassification), "transformers ViT")
 register_tiny_model("hf_deit", HFViT.name, _tiny(DeiTConfig, DeiTForImageClassification), "transformers DeiT")
+register_tiny_model("hf_vit_msn", HFViT.name, _tiny(ViTMSNConfig, ViTMSNForImageClassification), "transformers ViTMSN")

@@ -40,6 +40,7 @@ def _norm_or_none(module: nn.Module) -> nn.Module | None:
 @register_family
 class TimmViT(Family):
     name = "timm-vit"
+    library = "timm"
 
     def matches(self, model: nn.Module) -> bool:
         return type(model) in (VisionTransformer, VisionTransformerDistilled)

@@ -6,10 +6,10 @@ from __future__ import annotations
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification
 
-from robustvit.conversion.transformers_metadata import RobustDeiTConfig, RobustViTConfig
+from robustvit.conversion.transformers_metadata import CONVERTED_CONFIGS, RobustViTConfig
 from robustvit.persistence.hub import from_pretrained
 
-__all__ = ["AutoLoader", "DeiTAutoLoader"]
+__all__ = ["AUTO_LOADERS", "AutoLoader"]
 
 
 class AutoLoader:
@@ -31,10 +31,14 @@ class AutoLoader:
         return from_pretrained(pretrained_model_name_or_path, verify=verify, **kwargs)
 
 
-class DeiTAutoLoader(AutoLoader):
-    config_class = RobustDeiTConfig
+AUTO_LOADERS = {
+    config_class: AutoLoader
+    if config_class is RobustViTConfig
+    else type(config_class.__name__.replace("Config", "AutoLoader"), (AutoLoader,), {"config_class": config_class})
+    for config_class in CONVERTED_CONFIGS.values()
+}
+"""Converted config class -> its loader (the Auto classes want one model class per config class)."""
 
-
-for _config_class, _loader in ((RobustViTConfig, AutoLoader), (RobustDeiTConfig, DeiTAutoLoader)):
+for _config_class, _loader in AUTO_LOADERS.items():
     AutoConfig.register(_config_class.model_type, _config_class, exist_ok=True)
     AutoModelForImageClassification.register(_config_class, _loader, exist_ok=True)

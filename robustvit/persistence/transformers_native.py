@@ -7,6 +7,7 @@ from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
 from robustvit.conversion.transformers_metadata import processor_for
+from robustvit.families import FAMILIES
 from robustvit.persistence.native_format import NATIVE_FORMATS, NativeFormat
 
 __all__ = ["TransformersFormat"]
@@ -27,4 +28,6 @@ class TransformersFormat(NativeFormat):
         return processor_for(model.config)
 
 
-NATIVE_FORMATS.register("transformers-vit", TransformersFormat())
+for _name, _family in FAMILIES.items():
+    if _family.library == "transformers":
+        NATIVE_FORMATS.register(_name, TransformersFormat())
