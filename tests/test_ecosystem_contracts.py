@@ -28,8 +28,9 @@ def test_forward_backward_and_eval_determinism(family):
         assert out.shape == (2, NUM_CLASSES), kind
         out.sum().backward()
         # Mask tokens serve masked pretraining only (bool_masked_pos, which no classifier passes): DINOv2 with
-        # registers always carries one.
-        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not n.endswith("mask_token")]
+        # registers always carries one. A family's unread modules (CLIP's post_layernorm) never reach the logits.
+        unread = (*getattr(get_family(model), "unread", ()), "mask_token")
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not any(u in n for u in unread)]
         no_grad = [n for n, p in trainable if p.grad is None]
         assert not no_grad, f"{kind}: trainable parameters without a gradient: {no_grad}"
         model.eval()
@@ -92,13 +93,18 @@ def test_timm_feature_extractor_num_classes_0_converts():
 @pytest.mark.parametrize("family", HF_FAMILIES)
 def test_transformers_config_agrees_with_the_model(family):
     """ModelTesterMixin test_config / test_hidden_states_output (layer count)."""
-    for activation in ("gelu", "minmax"):
-        model = robustvit.convert(build_model(family), activation=activation)
-        config = model.config
-        vision = getattr(config, "vision_config", None) or config  # composite configs (CLIP, SigLIP) nest it
-        assert vision.num_hidden_layers == len(get_family(model).layers(model))
-        assert vision.hidden_act == activation
-        assert config.robustvit["convert_config"]["activation"] == activation
+
+    def vision(config):  # composite configs (CLIP, SigLIP) nest the vision encoder's
+        return getattr(config, "vision_config", None) or config
+
+    for activation in ("gelu", "minmax"):  # "gelu": the source's activation is kept
+        source = build_model(family)
+        model = robustvit.convert(source, activation=activation)
+        assert vision(model.config).num_hidden_layers == len(get_family(model).layers(model))
+        assert vision(model.config).hidden_act == (
+            vision(source.config).hidden_act if activation == "gelu" else activation
+        )
+        assert model.config.robustvit["convert_config"]["activation"] == activation
 
 
 @pytest.mark.parametrize("family", HF_FAMILIES)
@@ -182,7 +188,7 @@ def test_transformers_output_hidden_states(family):
             handle.remove()
             states = first_input[:1]  # the embeddings (CLIP's: after its pre-LayerNorm)
             for layer in layers:
-                states.append(layer(states[-1]))
+                states.append(layer(states[-1], None))  # no attention mask (CLIP's layers take it positionally)
             selected = model(pixel_values=_pixels(), output_hidden_states=[-1]).hidden_states
         assert len(out.hidden_states) == len(layers) + 1, kind
         for recorded, expected in zip(out.hidden_states, states, strict=True):

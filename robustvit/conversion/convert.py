@@ -124,6 +124,17 @@ def _rescale_and_absorb(
     if head_reader is not None:
         head_reader.weight.mul_(s_head)
         head_reader.bias.mul_(s_head)
+    elif heads:
+        # The head reads the residual stream itself (CLIP: the mean of its patch tokens): the stream carries the
+        # head's scale from the norm that starts it, and every reader of the stream takes it back out.
+        if "pre_norm" not in norms:
+            raise UnsupportedModuleError(
+                "the head reads the residual stream with no norm before it or before the blocks: nothing can carry "
+                "the head's spectral scale"
+            )
+        norms["pre_norm"].weight.mul_(s_head)
+        norms["pre_norm"].bias.mul_(s_head)
+        _stream_divided_by(1 / s_head, residuals, blocks)
     s_patch = _rescale(conv)
     if conv.bias is not None:
         conv.bias /= s_patch
@@ -136,15 +147,23 @@ def _rescale_and_absorb(
         norms["pre_norm"].weight.mul_(s_patch)
         return
     # The residual stream is now divided by s_patch: every reader of the stream scales it back.
-    for residual in residuals:
-        residual.fn.norm.weight.mul_(s_patch)
-        residual.alpha.div_(s_patch)
-    for block in blocks:
-        if isinstance(block, LipBlock) and isinstance(block.mlp, (SLL, CPL)):
-            block.mlp.bias /= s_patch  # ReLU is positively homogeneous: the layer commutes with the scaling
+    _stream_divided_by(s_patch, residuals, blocks)
     stream_reader = norms.get("final_norm") or norms.get("head_norm")
     if stream_reader is not None:
         stream_reader.weight.mul_(s_patch)
+
+
+@torch.no_grad()
+def _stream_divided_by(scale: Tensor, residuals: list[LipResidual], blocks: list[nn.Module]) -> None:
+    """Keep the blocks' function when their input, the residual stream, is divided by ``scale``: each residual's norm
+    reads it ``scale`` times stronger and its branch writes ``1 / scale`` times weaker (the shift mixer and the
+    prefix pool are linear)."""
+    for residual in residuals:
+        residual.fn.norm.weight.mul_(scale)
+        residual.alpha.div_(scale)
+    for block in blocks:
+        if isinstance(block, LipBlock) and isinstance(block.mlp, (SLL, CPL)):
+            block.mlp.bias /= scale  # ReLU is positively homogeneous: the layer commutes with the scaling
 
 
 # Raw weights are stored at the scale of a fresh timm ViT layer (std 0.02 per entry) after reshaping their spectrum:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
+    CLIPConfig,
+    CLIPForImageClassification,
     DeiTConfig,
     DeiTForImageClassification,
     Dinov2Config,
@@ -23,6 +25,7 @@ from robustvit.families import FAMILIES
 
 __all__ = [
     "CONVERTED_CONFIGS",
+    "RobustCLIPConfig",
     "RobustDeiTConfig",
     "RobustDinov2Config",
     "RobustDinov2WithRegistersConfig",
@@ -93,12 +96,21 @@ class RobustDinov2WithRegistersConfig(_ConvertedConfig, Dinov2WithRegistersConfi
     robustvit: dict | None = None
 
 
+@strict
+class RobustCLIPConfig(_ConvertedConfig, CLIPConfig):
+    """``CLIPConfig`` of a converted ``CLIPForImageClassification`` (``model_type="robustvit_clip"``)."""
+
+    model_type = "robustvit_clip"
+    robustvit: dict | None = None
+
+
 CONVERTED_CONFIGS = {
     ViTForImageClassification: RobustViTConfig,
     DeiTForImageClassification: RobustDeiTConfig,
     ViTMSNForImageClassification: RobustViTMSNConfig,
     Dinov2ForImageClassification: RobustDinov2Config,
     Dinov2WithRegistersForImageClassification: RobustDinov2WithRegistersConfig,
+    CLIPForImageClassification: RobustCLIPConfig,
 }
 """Source model class -> the config class of its converted models."""
 

@@ -67,6 +67,9 @@ class HFFamily(Family):
     """
 
     library = "transformers"
+    unread: tuple[str, ...] = ()
+    """Submodules whose output the classifier's logits never read (CLIP's ``post_layernorm``, which only the
+    discarded ``pooler_output`` goes through): left as the source has them, outside the bound, and without gradients."""
     normalization: dict[type, tuple[tuple[float, ...], tuple[float, ...]]] = {}
     layer_types: tuple[type, ...] = ()
     pooling: str = "token"

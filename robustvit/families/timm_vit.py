@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import timm
 import torch
-from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed
+from timm.layers import Attention, DropPath, LayerScale, Mlp, PatchDropout, PatchEmbed, QuickGELU
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ from robustvit.families.base import (
     register_family,
     register_tiny_model,
 )
-from robustvit.lipschitz.engine import BoundFn, register_bound
+from robustvit.lipschitz.engine import QUICK_GELU_LIPSCHITZ, BoundFn, register_bound
 
 
 def _layer_scale(module: nn.Module) -> Tensor | None:
@@ -252,6 +252,11 @@ def _mlp(module: Mlp, bound_of: BoundFn) -> Tensor:
     for name in ("fc1", "act", "drop1", "norm", "fc2", "drop2"):  # Mlp.forward order
         bound = bound * bound_of(name, getattr(module, name))
     return bound
+
+
+@register_bound(QuickGELU)
+def _quick_gelu(module: QuickGELU, bound_of: BoundFn) -> Tensor:
+    return one() * QUICK_GELU_LIPSCHITZ  # timm's CLIP ViTs (act_layer="quick_gelu")
 
 
 def _model_bound(model: nn.Module, bound_of: BoundFn) -> Tensor:

@@ -49,6 +49,7 @@ __all__ = [
     "BoundEntry",
     "BoundReport",
     "GELU_LIPSCHITZ",
+    "QUICK_GELU_LIPSCHITZ",
     "bound_tensor",
     "compose_bound",
     "lipschitz_bound",
@@ -64,6 +65,13 @@ BoundFn = Callable[[str, nn.Module], Tensor]
 GELU_LIPSCHITZ = 1.129
 """Max slope of GELU, ``Phi(x) + x phi(x)`` at ``x = sqrt(2)``: 1.128904 (exact) and 1.128993 (tanh form), rounded
 up. (Some public code uses 1.12, which is below the true value.)"""
+
+QUICK_GELU_LIPSCHITZ = 1.0999
+"""Max |slope| of quick-GELU ``x sigmoid(1.702 x)`` (CLIP's), rounded up from 1.0998393. Its slope is ``g(1.702 x)``
+with ``g(t) = s(t) (1 + t (1 - s(t)))``, ``s`` the sigmoid (SiLU's slope: the 1.702 cancels), and
+``g'(t) = s (1 - s) (2 - t tanh(t / 2))``. ``t tanh(t / 2)`` is even and increasing in ``|t|``, so ``g`` increases on
+``(-t*, t*)`` and decreases outside, ``t* tanh(t* / 2) = 2`` (``t* = 2.3993573``): its max is ``g(t*) = 1.0998393``,
+and its min ``1 - g(t*)`` (``g(-t) = 1 - g(t)``), smaller in magnitude."""
 
 BOUND_RULES: Registry[Callable[[nn.Module, BoundFn], Tensor]] = Registry("bound rule", keys=type)
 """``rule(module, bound_of) -> Tensor`` per exact module type; fill it with :func:`register_bound`."""
