@@ -14,6 +14,8 @@ from transformers import (
     Dinov2ForImageClassification,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTMSNConfig,
@@ -29,6 +31,7 @@ __all__ = [
     "RobustDeiTConfig",
     "RobustDinov2Config",
     "RobustDinov2WithRegistersConfig",
+    "RobustSiglipConfig",
     "RobustViTConfig",
     "RobustViTMSNConfig",
     "describe",
@@ -104,6 +107,14 @@ class RobustCLIPConfig(_ConvertedConfig, CLIPConfig):
     robustvit: dict | None = None
 
 
+@strict
+class RobustSiglipConfig(_ConvertedConfig, SiglipConfig):
+    """``SiglipConfig`` of a converted ``SiglipForImageClassification`` (``model_type="robustvit_siglip"``)."""
+
+    model_type = "robustvit_siglip"
+    robustvit: dict | None = None
+
+
 CONVERTED_CONFIGS = {
     ViTForImageClassification: RobustViTConfig,
     DeiTForImageClassification: RobustDeiTConfig,
@@ -111,6 +122,7 @@ CONVERTED_CONFIGS = {
     Dinov2ForImageClassification: RobustDinov2Config,
     Dinov2WithRegistersForImageClassification: RobustDinov2WithRegistersConfig,
     CLIPForImageClassification: RobustCLIPConfig,
+    SiglipForImageClassification: RobustSiglipConfig,
 }
 """Source model class -> the config class of its converted models."""
 

@@ -1,0 +1,128 @@
+"""transformers ``SiglipForImageClassification``: SigLIP's vision encoder with a linear head on the mean of all its
+tokens (it has no class token), after ``post_layernorm``.
+
+The vision model's attention-pooling head (``vision_use_head=True``, ``SiglipMultiheadAttentionPoolingHead``) only
+makes ``pooler_output``, which the classifier discards: it is listed as unread (outside the bound). The activation is
+the tanh form of GELU (``gelu_pytorch_tanh``, max slope 1.128993, within
+:data:`~robustvit.lipschitz.GELU_LIPSCHITZ`).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from transformers import SiglipConfig, SiglipVisionConfig
+from transformers.activations import GELUTanh
+from transformers.image_utils import IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD
+from transformers.models.siglip import modeling_siglip as siglip
+
+from robustvit.errors import UnsupportedModuleError
+from robustvit.families.base import BlockParts, one, register_family, register_tiny_model
+from robustvit.families.hf_base import HFFamily, linear_pair
+from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
+
+__all__ = ["HFSiglip"]
+
+
+@register_family
+class HFSiglip(HFFamily):
+    name = "transformers-siglip"
+    normalization = {siglip.SiglipForImageClassification: (IMAGENET_STANDARD_MEAN, IMAGENET_STANDARD_STD)}
+    layer_types = (siglip.SiglipEncoderLayer,)
+    pooling = "mean"
+    unread = ("vision_model.head",)
+
+    def _vision_config(self, model: nn.Module):
+        return model.config.vision_config
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        return model.vision_model.embeddings
+
+    def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return model.vision_model.encoder, "layers"
+
+    def _capturing_model(self, model: nn.Module) -> nn.Module:
+        return model.vision_model
+
+    def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return self.embeddings(model), "patch_embedding"
+
+    def _prefix_tokens(self, model: nn.Module) -> list[nn.Parameter]:
+        return []
+
+    def _position_embedding(self, model: nn.Module) -> nn.Parameter:
+        return self.embeddings(model).position_embedding.weight
+
+    def _norm_owners(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+        return {"final_norm": (model.vision_model, "post_layernorm")}
+
+    def _patch_embeddings_module(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError(
+            "SigLIP's embeddings have no module whose output is the (B, N, D) patch tokens (its convolution's output "
+            "is flattened inside SiglipVisionEmbeddings.forward): token noise is not available for this family"
+        )
+
+    def _block_parts(self, layer: nn.Module, num_heads: int) -> BlockParts:
+        return BlockParts(
+            norm1=layer.layer_norm1,
+            q=linear_pair(layer.self_attn.q_proj),
+            k=linear_pair(layer.self_attn.k_proj),
+            v=linear_pair(layer.self_attn.v_proj),
+            out=layer.self_attn.out_proj,
+            num_heads=num_heads,
+            ls1=None,
+            drop1=nn.Identity(),  # SigLIP's layers have no dropout on the residual branches
+            norm2=layer.layer_norm2,
+            mlp=layer.mlp,
+            mlp_activation="activation_fn",
+            ls2=None,
+            drop2=nn.Identity(),
+        )
+
+
+# The rules visit the vision model's children, not it or its encoder: their forward runs unvisited.
+record_methods(siglip.SiglipVisionModel, siglip.SiglipEncoder)
+
+
+@register_bound(siglip.SiglipForImageClassification)
+def _model_bound(model: nn.Module, bound_of: BoundFn) -> Tensor:
+    return HFSiglip().model_bound(model, bound_of)
+
+
+@register_bound(siglip.SiglipVisionEmbeddings)
+def _embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    # The (interpolated) position embedding is a constant: addition.
+    return bound_of("patch_embedding", module.patch_embedding)  # then flatten + transpose: a permutation
+
+
+@register_bound(siglip.SiglipMLP)
+def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
+
+
+@register_bound(GELUTanh)
+def _gelu_tanh(module: GELUTanh, bound_of: BoundFn) -> Tensor:
+    if module.act != module._gelu_tanh_python and getattr(module.act, "keywords", None) != {"approximate": "tanh"}:
+        raise UnsupportedModuleError(f"GELUTanh with an unknown function {module.act!r}")
+    return one() * GELU_LIPSCHITZ  # the tanh form's max slope, 1.128993, is within it
+
+
+# ------------------------------------------------------------------------------------------------- tiny models
+
+
+def _tiny(image_size: int, num_classes: int, channels: int) -> nn.Module:
+    vision = SiglipVisionConfig(
+        image_size=image_size,
+        patch_size=8,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        num_channels=channels,
+        vision_use_head=False,  # the classifier never reads it (see HFSiglip.unread)
+    )
+    return siglip.SiglipForImageClassification(SiglipConfig(vision_config=vision.to_dict(), num_labels=num_classes))
+
+
+register_tiny_model(
+    "hf_siglip", HFSiglip.name, _tiny, "transformers SigLIP vision classifier: no class token, mean of all tokens"
+)
