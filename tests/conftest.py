@@ -34,6 +34,10 @@ NUM_CLASSES = 10
 ALL_FAMILIES = tuple(tiny_models())
 REPRESENTATIVES = tuple(tiny_models(family)[0] for family in registered_families())  # one per family
 TIMM_FAMILIES = tuple(tiny_models("timm-vit"))  # the library-specific contracts (timm's, transformers')
+# transformers' own encoders (embeddings, layers, a config of the vision encoder): not a timm model in a TimmWrapper.
+HF_ENCODER_FAMILIES = tuple(
+    name for name in ALL_FAMILIES if hasattr(family_by_name(TINY_MODELS[name].family), "layers")
+)
 HF_FAMILIES = tuple(name for name in ALL_FAMILIES if family_by_name(TINY_MODELS[name].family).library == "transformers")
 
 

@@ -11,7 +11,16 @@ import json
 import pytest
 import timm
 import torch
-from conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, REPRESENTATIVES, build_model, logits_of
+from conftest import (
+    ALL_FAMILIES,
+    HF_ENCODER_FAMILIES,
+    HF_FAMILIES,
+    IMG,
+    NUM_CLASSES,
+    REPRESENTATIVES,
+    build_model,
+    logits_of,
+)
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -77,9 +86,8 @@ def test_convert_forward_backward_and_interface(family):
         from transformers.modeling_outputs import ImageClassifierOutput
 
         assert isinstance(out, ImageClassifierOutput) and out.logits.shape == (3, NUM_CLASSES)
-        assert (
-            getattr(model.config, "vision_config", None) or model.config
-        ).hidden_size == 48 and model.config.num_labels == NUM_CLASSES
+        vision = getattr(model.config, "vision_config", None) or model.config  # CLIP / SigLIP nest it
+        assert getattr(vision, "hidden_size", 48) == 48 and model.config.num_labels == NUM_CLASSES  # TimmWrapper: none
         labelled = model(x, labels=torch.tensor([0, 1, 2]))
         assert labelled.loss is not None and torch.isfinite(labelled.loss)
     else:
@@ -511,7 +519,9 @@ def test_scale_moves_are_exact(family, mixer, activation):
     source = build_model(family).eval()
     model = robustvit.convert(source, mixer=mixer, activation=activation).eval()
     x = pixels(4, seed=5)
-    reference = hf_reference if family in HF_FAMILIES else timm_reference
+    reference = hf_reference if family in HF_ENCODER_FAMILIES else timm_reference
+    if family not in HF_ENCODER_FAMILIES:  # a timm model, maybe in transformers' TimmWrapper
+        source, model = getattr(source, "timm_model", source), getattr(model, "timm_model", model)
     with torch.no_grad():
         ref_logits, _ = reference(source, model, x, activation, mixer)
         logits = logits_of(model(x))
@@ -520,7 +530,7 @@ def test_scale_moves_are_exact(family, mixer, activation):
     assert err <= 1e-4 * scale, f"logits differ from the exact re-implementation by {err} (scale {scale})"
     # The token features must also equal the reference up to one global factor (the moved scales).
     with torch.no_grad():
-        if family in HF_FAMILIES:
+        if family in HF_ENCODER_FAMILIES:
             feats = getattr(model, "vision_model", model.base_model)(x).last_hidden_state
         else:
             feats = model.forward_features(x)

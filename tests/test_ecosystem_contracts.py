@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_FAMILIES, build_model, logits_of
+from conftest import (
+    ALL_FAMILIES,
+    HF_ENCODER_FAMILIES,
+    IMG,
+    NUM_CLASSES,
+    TIMM_FAMILIES,
+    build_model,
+    logits_of,
+)
 
 import robustvit
 from robustvit.families import get_family
@@ -42,7 +50,7 @@ def test_forward_backward_and_eval_determinism(family):
 def test_prefix_tokens_that_cannot_reach_the_head_are_frozen(family):
     model = robustvit.convert(build_model(family))
     adapter = get_family(model)
-    embeddings = adapter.embeddings(model) if family in HF_FAMILIES else model
+    embeddings = adapter.embeddings(model) if family in HF_ENCODER_FAMILIES else getattr(model, "timm_model", model)
     names = ("cls_token", "dist_token", "distillation_token", "reg_token", "register_tokens", "class_embedding")
     tokens = [getattr(embeddings, name) for name in names if getattr(embeddings, name, None) is not None]
     assert all(not token.requires_grad for token in tokens)
@@ -92,7 +100,7 @@ def test_timm_feature_extractor_num_classes_0_converts():
     assert 0 < estimate_lipschitz_lower_bound(model, _pixels(), steps=10, restarts=1) <= bound
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", HF_ENCODER_FAMILIES)
 def test_transformers_config_agrees_with_the_model(family):
     """ModelTesterMixin test_config / test_hidden_states_output (layer count)."""
 
@@ -109,7 +117,7 @@ def test_transformers_config_agrees_with_the_model(family):
         assert model.config.robustvit["convert_config"]["activation"] == activation
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", HF_ENCODER_FAMILIES)
 def test_transformers_gradient_checkpointing(family):
     """ModelTesterMixin test_training_gradient_checkpointing: same gradients with and without checkpointing."""
     model = robustvit.convert(build_model(family)).train()
@@ -177,7 +185,7 @@ def test_every_registered_family_is_covered_by_these_checks():
     assert covered == set(registered_families())
 
 
-@pytest.mark.parametrize("family", HF_FAMILIES)
+@pytest.mark.parametrize("family", HF_ENCODER_FAMILIES)
 def test_transformers_output_hidden_states(family):
     """ModelTesterMixin test_hidden_states_output: the embeddings, then one hidden state per layer."""
     for kind, model in _pair(family):

@@ -16,6 +16,8 @@ from transformers import (
     Dinov2WithRegistersForImageClassification,
     SiglipConfig,
     SiglipForImageClassification,
+    TimmWrapperConfig,
+    TimmWrapperForImageClassification,
     ViTConfig,
     ViTForImageClassification,
     ViTMSNConfig,
@@ -23,7 +25,7 @@ from transformers import (
 )
 
 from robustvit.conversion.metadata import LIBRARY_METADATA, NATIVE_RECORD_KEY, native_record
-from robustvit.families import FAMILIES
+from robustvit.families import FAMILIES, get_family
 
 __all__ = [
     "CONVERTED_CONFIGS",
@@ -32,11 +34,16 @@ __all__ = [
     "RobustDinov2Config",
     "RobustDinov2WithRegistersConfig",
     "RobustSiglipConfig",
+    "RobustTimmWrapperConfig",
     "RobustViTConfig",
     "RobustViTMSNConfig",
     "describe",
     "processor_for",
 ]
+
+
+INPUT_KEY = "input"
+"""Key of the rebuild record (``config.robustvit``) that holds the converted model's input channels and size."""
 
 
 class _ConvertedConfig:
@@ -47,10 +54,10 @@ class _ConvertedConfig:
         processor_for(self).save_pretrained(save_directory)
 
     def converted_input(self) -> tuple[int, tuple[int, int]]:
-        """``(channels, (height, width))`` of the images the converted model takes."""
-        vision = getattr(self, "vision_config", None) or self  # composite configs (CLIP, SigLIP) nest it
-        size = vision.image_size
-        return vision.num_channels, ((size, size) if isinstance(size, int) else tuple(size))
+        """``(channels, (height, width))`` of the images the converted model takes, as :func:`describe` recorded
+        them (a timm model in a ``TimmWrapperConfig`` has no image size in the config)."""
+        recorded = self.robustvit[INPUT_KEY]
+        return recorded["channels"], tuple(recorded["image_size"])
 
 
 @strict
@@ -115,6 +122,15 @@ class RobustSiglipConfig(_ConvertedConfig, SiglipConfig):
     robustvit: dict | None = None
 
 
+@strict
+class RobustTimmWrapperConfig(_ConvertedConfig, TimmWrapperConfig):
+    """``TimmWrapperConfig`` of a converted ``TimmWrapperForImageClassification``
+    (``model_type="robustvit_timm_wrapper"``)."""
+
+    model_type = "robustvit_timm_wrapper"
+    robustvit: dict | None = None
+
+
 CONVERTED_CONFIGS = {
     ViTForImageClassification: RobustViTConfig,
     DeiTForImageClassification: RobustDeiTConfig,
@@ -123,6 +139,7 @@ CONVERTED_CONFIGS = {
     Dinov2WithRegistersForImageClassification: RobustDinov2WithRegistersConfig,
     CLIPForImageClassification: RobustCLIPConfig,
     SiglipForImageClassification: RobustSiglipConfig,
+    TimmWrapperForImageClassification: RobustTimmWrapperConfig,
 }
 """Source model class -> the config class of its converted models."""
 
@@ -153,10 +170,12 @@ def describe(model: nn.Module) -> None:
     values = model.config.to_dict()
     for key in ("model_type", "transformers_version", "architectures"):
         values.pop(key, None)
-    values[NATIVE_RECORD_KEY] = native_record(model)
+    spec = get_family(model).input_spec(model)
+    recorded_input = {"channels": spec.channels, "image_size": list(spec.image_size)}
+    values[NATIVE_RECORD_KEY] = {**native_record(model), INPUT_KEY: recorded_input}
     if convert_config.activation != "gelu":  # the vision encoder's, nested in a composite config
         (values.get("vision_config") or values)["hidden_act"] = convert_config.activation
-    config = CONVERTED_CONFIGS[type(model)](**values)
+    config = CONVERTED_CONFIGS[type(model)].from_dict(values)  # as from config.json (TimmWrapper's labels)
     config._attn_implementation = model.config._attn_implementation
     old = model.config
     for module in model.modules():  # the backbone shares the config object with the classifier model

@@ -1,7 +1,7 @@
 """Per-family adapters: one small file per model family, registered with ``@register_family``, with the tiny
 configurations the tests build (``register_tiny_model``)."""
 
-from robustvit.families import hf_clip, hf_dinov2, hf_siglip, hf_vit, timm_vit  # noqa: F401  (registration)
+from robustvit.families import hf_clip, hf_dinov2, hf_siglip, hf_timm_wrapper, hf_vit, timm_vit  # noqa: F401  (registration)
 from robustvit.families.base import (
     FAMILIES,
     TINY_MODELS,
