@@ -1,10 +1,14 @@
-"""The conversion's choices: the registries that ``ConvertConfig.mixer`` / ``activation`` / ``mlp`` name, and how one
-source block becomes a :class:`~robustvit.layers.LipBlock` from them.
+"""The conversion's choices: the registries that ``ConvertConfig.mixer`` / ``activation`` / ``mlp`` / ``gated_mlp`` /
+``attention_pool`` name, and how one source block (and an attention-pooling head) becomes Lipschitz from them.
 
 Each entry of :data:`MIXERS` and :data:`MLPS` is ``build(block, parts, config, norm) -> nn.Module`` (a family's
 :class:`~robustvit.families.BlockParts` and :class:`~robustvit.families.ViTParts`, the
 :class:`~robustvit.conversion.config.ConvertConfig`, and ``norm``: LayerNorm -> matching CenterNorm); register more
-with ``MIXERS.register(name)``.
+with ``MIXERS.register(name)``. :data:`GATED_MLPS` entries are ``build(gated, norm) -> nn.Module`` (a
+:class:`~robustvit.families.GatedMlpParts`, replaced by a plain MLP before the ``mlp`` choice applies);
+:data:`ATTENTION_POOLS` entries are ``build(pool, config, norm) -> nn.Module`` (an
+:class:`~robustvit.families.AttentionPoolParts`) whose module has ``scale_output_(s)``, multiplying its output by ``s``
+exactly (the head's rescaling moves its scale there).
 """
 
 from __future__ import annotations
@@ -12,15 +16,27 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+import dataclasses
+
 import torch
 from torch import Tensor, nn
 
 from robustvit.conversion.config import ConvertConfig
-from robustvit.families import BlockParts, ViTParts
-from robustvit.layers import CPL, SLL, L2Attention, LipBlock, LipResidual, MinMax, TokenShift
+from robustvit.families import AttentionPoolParts, BlockParts, GatedMlpParts, ViTParts
+from robustvit.layers import (
+    CPL,
+    SLL,
+    L2Attention,
+    LipBlock,
+    LipResidual,
+    MeanPoolLatent,
+    MinMax,
+    TokenShift,
+    UngatedMlp,
+)
 from robustvit.registry import Registry
 
-__all__ = ["ACTIVATIONS", "MIXERS", "MLPS", "build_block"]
+__all__ = ["ACTIVATIONS", "ATTENTION_POOLS", "GATED_MLPS", "MIXERS", "MLPS", "build_attention_pool", "build_block"]
 
 
 def _copy_linear(weight: Tensor, bias: Tensor | None, target: nn.Linear) -> None:
@@ -30,10 +46,24 @@ def _copy_linear(weight: Tensor, bias: Tensor | None, target: nn.Linear) -> None
             target.bias.copy_(bias if bias is not None else torch.zeros_like(target.bias))
 
 
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """A new ``nn.Linear`` holding ``(weight, bias)`` (a slice of a fused source projection)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer = layer.to(weight.device, weight.dtype)
+    _copy_linear(weight.detach(), bias.detach() if bias is not None else None, layer)
+    return layer
+
+
+def _norm_or_identity(module: nn.Module | None, norm: Callable) -> nn.Module:
+    return nn.Identity() if module is None else norm(module)
+
+
 # Conversion choices: ConvertConfig.mixer / activation / mlp name an entry of these registries.
 MIXERS: Registry[Callable[..., nn.Module]] = Registry("mixer")
 ACTIVATIONS: Registry[Callable[[], nn.Module] | None] = Registry("activation")
 MLPS: Registry[Callable[..., nn.Module]] = Registry("mlp")
+GATED_MLPS: Registry[Callable[[GatedMlpParts, Callable], nn.Module]] = Registry("gated mlp")
+ATTENTION_POOLS: Registry[Callable[..., nn.Module]] = Registry("attention pool")
 ACTIVATIONS.register("gelu", None)  # kept as the source has it (bound 1.129)
 ACTIVATIONS.register("minmax", MinMax)
 
@@ -90,7 +120,39 @@ MLPS.register("sll", _residual_layer(SLL))
 MLPS.register("cpl", _residual_layer(CPL))
 
 
+def _ungated(branch: str) -> Callable[[GatedMlpParts, Callable], nn.Module]:
+    """``fc2(norm(act(branch(x))))``: the gated MLP without its product, keeping ``branch`` ("value" or "gate"), the
+    source's activation, hidden norm and ``fc2``; the other branch's weights are dropped."""
+
+    def build(gated: GatedMlpParts, norm: Callable) -> nn.Module:
+        fc1 = _linear(*getattr(gated, branch))
+        return UngatedMlp(fc1, gated.activation, _norm_or_identity(gated.norm, norm), gated.fc2)
+
+    return build
+
+
+GATED_MLPS.register("value", _ungated("value"))
+GATED_MLPS.register("gate", _ungated("gate"))
+
+
+@ATTENTION_POOLS.register("mean")
+def _mean_pool(pool: AttentionPoolParts, config: ConvertConfig, norm: Callable) -> nn.Module:
+    make_activation = ACTIVATIONS[config.activation]  # the head's MLP takes the activation the blocks' MLPs take
+    if make_activation is not None:
+        setattr(pool.mlp, pool.mlp_activation, make_activation())
+    dim = pool.proj.out_features
+    branch = nn.Sequential(OrderedDict(norm=_norm_or_identity(pool.norm, norm), mlp=pool.mlp))
+    return MeanPoolLatent(_linear(*pool.value), pool.proj, LipResidual(branch, dim), pool.num_tokens)
+
+
+def build_attention_pool(pool: AttentionPoolParts, config: ConvertConfig, norm: Callable) -> nn.Module:
+    return ATTENTION_POOLS[config.attention_pool](pool, config, norm).to(pool.proj.weight.dtype)
+
+
 def build_block(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> LipBlock:
+    if block.gated_mlp is not None:  # the gated MLP becomes a plain one, which the mlp choice then takes
+        mlp = GATED_MLPS[config.gated_mlp](block.gated_mlp, norm)
+        block = dataclasses.replace(block, mlp=mlp, mlp_activation="act", gated_mlp=None)
     mixer = MIXERS[config.mixer](block, parts, config, norm)
     mlp = MLPS[config.mlp](block, parts, config, norm)
     return LipBlock(mixer, mlp).to(parts.patch_conv.weight.dtype)

@@ -32,12 +32,21 @@ from torch.nn.utils import parametrize
 import robustvit.peft  # noqa: F401  (PEFT tuner layers put on converted models train inside the constraint)
 from robustvit._utils import check_images, refuse_adapters
 from robustvit.conversion import timm_metadata, transformers_metadata  # noqa: F401  (their LIBRARY_METADATA entries)
-from robustvit.conversion.choices import build_block
+from robustvit.conversion.choices import build_attention_pool, build_block
 from robustvit.conversion.config import ConvertConfig
 from robustvit.conversion.metadata import LIBRARY_METADATA
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import ViTParts, get_family
-from robustvit.layers import CPL, SLL, CenterNorm, L2Attention, LipBlock, LipResidual, NormalizedConv2d, PrefixPool
+from robustvit.layers import (
+    CPL,
+    SLL,
+    CenterNorm,
+    L2Attention,
+    LipBlock,
+    LipResidual,
+    NormalizedConv2d,
+    PrefixPool,
+)
 from robustvit.lipschitz.rescale import is_spectrally_rescaled, spectral_rescale
 
 __all__ = ["convert", "export", "is_converted"]
@@ -96,6 +105,7 @@ def _rescale_and_absorb(
     blocks: list[nn.Module],
     heads: list[nn.Linear],
     embed_params: list[nn.Parameter],
+    attention_pool: nn.Module | None,
 ) -> None:
     residuals = [r for b in blocks if isinstance(b, LipBlock) for r in (b.mixer, b.mlp) if isinstance(r, LipResidual)]
     for residual in residuals:
@@ -121,7 +131,9 @@ def _rescale_and_absorb(
         # unparametrized; the engine bounds the pair of heads exactly anyway.
         head.weight /= s_head
     head_reader = norms.get("head_norm") or norms.get("final_norm")
-    if head_reader is not None:
+    if attention_pool is not None and "head_norm" not in norms:  # the head reads the pool: it takes the scale
+        attention_pool.scale_output_(s_head)
+    elif head_reader is not None:
         head_reader.weight.mul_(s_head)
         head_reader.bias.mul_(s_head)
     s_patch = _rescale(conv)
@@ -263,9 +275,15 @@ def convert(
         for key in ("patch_norm", "pre_norm", "final_norm", "head_norm")
         if getattr(parts, key) is not None
     }
+    substitutes = {}
+    if parts.attention_pool is not None:
+        if not norms.keys() & {"final_norm", "patch_norm", "pre_norm"}:
+            # The patch embedding's scale leaves the residual stream and comes back in a norm the pool reads.
+            raise UnsupportedModuleError("an attention-pooling head needs a norm before it (or before the blocks)")
+        substitutes["attention_pool"] = build_attention_pool(parts.attention_pool, config, norm)
     conv = NormalizedConv2d.from_conv(parts.patch_conv, mean, std)
-    family.install(model, blocks, {**norms, "patch_conv": conv})
-    _rescale_and_absorb(conv, norms, blocks, parts.heads, parts.embed_params)
+    family.install(model, blocks, {**norms, **substitutes, "patch_conv": conv})
+    _rescale_and_absorb(conv, norms, blocks, parts.heads, parts.embed_params, substitutes.get("attention_pool"))
     if config.singular_value_power != 1.0:
         _reshape_spectra(model, config.singular_value_power)
     if config.residual_budget is not None:

@@ -5,23 +5,26 @@ from __future__ import annotations
 from torch import nn
 
 from robustvit.conversion.metadata import LIBRARY_METADATA, NATIVE_RECORD_KEY, native_record
-from robustvit.families import family_by_name
+from robustvit.families import get_family
 
-__all__ = ["TIMM_ARCHITECTURE", "describe"]
+__all__ = ["TIMM_ARCHITECTURE", "TIMM_FAMILIES", "describe"]
 
 TIMM_ARCHITECTURE = "robustvit"
 """timm model name of converted models (``pretrained_cfg["architecture"]``, and ``save_for_hf``'s ``config.json``):
 the entrypoint :func:`robustvit.persistence.timm_native.robustvit`."""
 
 
-@LIBRARY_METADATA.register("timm-vit")
+TIMM_FAMILIES = ("timm-vit", "timm-beit", "timm-eva")
+"""The registered families of timm models: their converted models share timm's metadata and native format."""
+
+
 def describe(model: nn.Module) -> None:
     """``pretrained_cfg`` describes the converted model: pixels in [0, 1] (mean 0, std 1) at its real input size,
     so ``timm.data.create_transform(**resolve_data_config(model=m))`` feeds it what it expects. The architecture
     becomes the registered ``robustvit`` entrypoint and ``model_args`` carries the rebuild record, so
     ``timm.models.save_for_hf`` + ``timm.create_model("local-dir:...", pretrained=True)`` (or ``hf-hub:``)
     rebuild the converted model and load its weights strictly (timm without robustvit: "Unknown model")."""
-    spec = family_by_name("timm-vit").input_spec(model)
+    spec = get_family(model).input_spec(model)
     cfg = dict(model.pretrained_cfg or {})
     cfg.update(
         architecture=TIMM_ARCHITECTURE,
@@ -33,3 +36,7 @@ def describe(model: nn.Module) -> None:
     )
     model.pretrained_cfg = model.default_cfg = cfg
     model._model_args = {NATIVE_RECORD_KEY: native_record(model)}
+
+
+for _family in TIMM_FAMILIES:
+    LIBRARY_METADATA.register(_family, describe)

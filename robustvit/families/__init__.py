@@ -1,12 +1,14 @@
 """Per-family adapters: one small file per model family, registered with ``@register_family``, with the tiny
 configurations the tests build (``register_tiny_model``)."""
 
-from robustvit.families import hf_vit, timm_vit  # noqa: F401  (registration)
+from robustvit.families import hf_vit, timm_beit, timm_eva, timm_vit  # noqa: F401  (registration)
 from robustvit.families.base import (
     FAMILIES,
     TINY_MODELS,
+    AttentionPoolParts,
     BlockParts,
     Family,
+    GatedMlpParts,
     InputSpec,
     TinyModel,
     ViTParts,
@@ -23,8 +25,10 @@ from robustvit.families.base import (
 __all__ = [
     "FAMILIES",
     "TINY_MODELS",
+    "AttentionPoolParts",
     "BlockParts",
     "Family",
+    "GatedMlpParts",
     "InputSpec",
     "TinyModel",
     "ViTParts",

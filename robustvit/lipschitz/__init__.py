@@ -3,6 +3,7 @@
 from robustvit.lipschitz.engine import (
     BOUND_RULES,
     GELU_LIPSCHITZ,
+    SILU_LIPSCHITZ,
     BoundEntry,
     BoundFn,
     BoundReport,
@@ -27,6 +28,7 @@ from robustvit.lipschitz.spectral import (
 __all__ = [
     "BOUND_RULES",
     "GELU_LIPSCHITZ",
+    "SILU_LIPSCHITZ",
     "BoundEntry",
     "BoundFn",
     "BoundReport",

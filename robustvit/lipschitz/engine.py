@@ -49,6 +49,7 @@ __all__ = [
     "BoundEntry",
     "BoundReport",
     "GELU_LIPSCHITZ",
+    "SILU_LIPSCHITZ",
     "bound_tensor",
     "compose_bound",
     "lipschitz_bound",
@@ -64,6 +65,10 @@ BoundFn = Callable[[str, nn.Module], Tensor]
 GELU_LIPSCHITZ = 1.129
 """Max slope of GELU, ``Phi(x) + x phi(x)`` at ``x = sqrt(2)``: 1.128904 (exact) and 1.128993 (tanh form), rounded
 up. (Some public code uses 1.12, which is below the true value.)"""
+
+SILU_LIPSCHITZ = 1.0999
+"""Max |slope| of SiLU (swish), ``sigma(x) (1 + x (1 - sigma(x)))``: 1.099839 at ``x = 2.3994`` (the minimum slope is
+-0.0998), rounded up."""
 
 BOUND_RULES: Registry[Callable[[nn.Module, BoundFn], Tensor]] = Registry("bound rule", keys=type)
 """``rule(module, bound_of) -> Tensor`` per exact module type; fill it with :func:`register_bound`."""
@@ -466,6 +471,11 @@ def _one_lipschitz(module: nn.Module, bound_of: BoundFn) -> Tensor:
 @register_bound(nn.GELU)
 def _gelu(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return _one(module) * GELU_LIPSCHITZ
+
+
+@register_bound(nn.SiLU)
+def _silu(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    return _one(module) * SILU_LIPSCHITZ
 
 
 @register_bound(nn.LeakyReLU)
