@@ -8,6 +8,7 @@ import torch
 from conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_FAMILIES, build_model, logits_of
 
 import robustvit
+from robustvit.families import get_family
 
 
 def _pair(family: str) -> list[tuple[str, torch.nn.Module]]:
@@ -36,12 +37,17 @@ def test_forward_backward_and_eval_determinism(family):
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_prefix_tokens_that_cannot_reach_the_head_are_frozen(family):
-    model = robustvit.convert(build_model(family))
+    source = build_model(family)
+    parts = get_family(source).parts(source)
+    if not parts.prefix_tokens:
+        pytest.skip("no prefix tokens (SigLIP-style)")
+    model = robustvit.convert(source)
     embeddings = getattr(model, "vit", getattr(model, "deit", model))
     embeddings = getattr(embeddings, "embeddings", embeddings)
     names = ("cls_token", "dist_token", "distillation_token", "reg_token")
     tokens = [getattr(embeddings, name) for name in names if getattr(embeddings, name, None) is not None]
-    assert tokens and all(not token.requires_grad for token in tokens)
+    # A pooling that reads the prefix tokens (EVA's attention pool reads every token) lets them reach the head.
+    assert tokens and all(token.requires_grad == parts.pool_reads_prefix for token in tokens)
     with_l2 = robustvit.convert(build_model(family), mixer="l2")  # attention mixes them: they stay trainable
     assert all(p.requires_grad for p in with_l2.parameters())
 

@@ -18,6 +18,7 @@ from timm.data import create_transform, resolve_data_config
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import robustvit
+from robustvit.families import TINY_MODELS
 from robustvit.errors import CertificateError
 from robustvit.persistence.hub import UncertifiedModelWarning
 
@@ -156,7 +157,10 @@ def test_timm_save_for_hf_round_trips_through_local_dir(family, tmp_path, images
         timm.create_model(f"local-dir:{tmp_path / 'pickle'}", pretrained=True)
     timm.models.save_for_hf(model, tmp_path, safe_serialization=True)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["architecture"] == "robustvit" and config["model_args"]["robustvit"]["family"] == "timm-vit"
+    assert (
+        config["architecture"] == "robustvit"
+        and config["model_args"]["robustvit"]["family"] == TINY_MODELS[family].family
+    )
     assert config["pretrained_cfg"]["mean"] == [0.0] * 3 and config["pretrained_cfg"]["std"] == [1.0] * 3
     loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
     assert type(loaded) is type(model) and robustvit.is_converted(loaded)

@@ -173,6 +173,7 @@ def _tiny(**kwargs):
 register_tiny_model(
     "timm_beit",
     TimmBeit.name,
-    _tiny(patch_size=8, depth=2, embed_dim=48, num_heads=3),
+    # A head at timm's default scale: BEiT's fine-tuning init (head_init_scale=0.001) hides the head in every test.
+    _tiny(patch_size=8, depth=2, embed_dim=48, num_heads=3, head_init_scale=1.0),
     "BEiT: relative position bias, LayerScale gamma_1/gamma_2, mean pooling with fc_norm",
 )

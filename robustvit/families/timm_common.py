@@ -104,9 +104,7 @@ def mlp_parts(mlp: nn.Module, where: str) -> tuple[nn.Module, GatedMlpParts | No
         biases = bias.chunk(2) if bias is not None else (None, None)
         first, second = zip(weights, biases, strict=True)
         value, gate = (first, second) if mlp.gate_last else (second, first)  # gate_last: x1 * act(x2)
-        return mlp, GatedMlpParts(
-            value=value, gate=gate, activation=mlp.act, norm=norm_or_none(mlp.norm), fc2=mlp.fc2
-        )
+        return mlp, GatedMlpParts(value=value, gate=gate, activation=mlp.act, norm=norm_or_none(mlp.norm), fc2=mlp.fc2)
     raise UnsupportedModuleError(f"{where}: MLP {kind.__name__} (supported: Mlp, SwiGLU, GluMlp)")
 
 
