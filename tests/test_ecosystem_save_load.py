@@ -18,8 +18,8 @@ from timm.data import create_transform, resolve_data_config
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import robustvit
-from robustvit.families import TINY_MODELS
 from robustvit.errors import CertificateError
+from robustvit.families import TINY_MODELS
 from robustvit.persistence.hub import UncertifiedModelWarning
 
 

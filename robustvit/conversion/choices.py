@@ -13,10 +13,9 @@ exactly (the head's rescaling moves its scale there).
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
-
-import dataclasses
 
 import torch
 from torch import Tensor, nn
