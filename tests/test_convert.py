@@ -17,8 +17,8 @@ from torch.nn.utils import parametrize
 
 import robustvit
 from robustvit import ConvertConfig, UnsupportedModuleError
-from robustvit.families import get_family
-from robustvit.layers import CenterNorm, L2Attention, MinMax, NormalizedConv2d, TokenShift
+from robustvit.families import RMS_NORM_TYPES, get_family
+from robustvit.layers import CenterNorm, L2Attention, MinMax, NormalizedConv2d, RmsScale, TokenShift
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
 
 FAMILIES = ALL_FAMILIES
@@ -57,8 +57,8 @@ def test_convert_forward_backward_and_interface(family):
     assert not robustvit.is_converted(source)
     assert all(torch.equal(v, source_state[k]) for k, v in source.state_dict().items())  # source untouched
     kinds = {parametrize.type_before_parametrizations(m) for m in model.modules()}
-    assert NormalizedConv2d in kinds and CenterNorm in kinds and TokenShift in kinds
-    assert nn.LayerNorm not in kinds
+    assert NormalizedConv2d in kinds and kinds & {CenterNorm, RmsScale} and TokenShift in kinds
+    assert not any(issubclass(kind, nn.LayerNorm) or kind in RMS_NORM_TYPES for kind in kinds)
 
     x = pixels(3)
     model.train()
@@ -374,9 +374,12 @@ def test_calibration_images_are_checked():
 
 
 def center(norm: nn.Module, x: torch.Tensor, input_std: float = 1.0) -> torch.Tensor:
-    """What a converted LayerNorm computes: LayerNorm with the token std replaced by a constant."""
+    """What a converted LayerNorm computes: LayerNorm with the token std replaced by a constant (an RMSNorm: with
+    the token RMS replaced by a constant, the default ``rms_norm="scale"``)."""
     if isinstance(norm, nn.Identity):
         return x
+    if type(norm) in RMS_NORM_TYPES:
+        return norm.weight * x / input_std
     return norm.weight * (x - x.mean(-1, keepdim=True)) / input_std + norm.bias
 
 

@@ -25,17 +25,28 @@ from robustvit.families import AttentionPoolParts, BlockParts, GatedMlpParts, Vi
 from robustvit.layers import (
     CPL,
     SLL,
+    CenterNorm,
     L2Attention,
     LipBlock,
     LipResidual,
     MeanPoolLatent,
     MinMax,
+    RmsScale,
     TokenShift,
     UngatedMlp,
 )
 from robustvit.registry import Registry
 
-__all__ = ["ACTIVATIONS", "ATTENTION_POOLS", "GATED_MLPS", "MIXERS", "MLPS", "build_attention_pool", "build_block"]
+__all__ = [
+    "ACTIVATIONS",
+    "ATTENTION_POOLS",
+    "GATED_MLPS",
+    "MIXERS",
+    "MLPS",
+    "RMS_NORMS",
+    "build_attention_pool",
+    "build_block",
+]
 
 
 def _copy_linear(weight: Tensor, bias: Tensor | None, target: nn.Linear) -> None:
@@ -63,6 +74,27 @@ ACTIVATIONS: Registry[Callable[[], nn.Module] | None] = Registry("activation")
 MLPS: Registry[Callable[..., nn.Module]] = Registry("mlp")
 GATED_MLPS: Registry[Callable[[GatedMlpParts, Callable], nn.Module]] = Registry("gated mlp")
 ATTENTION_POOLS: Registry[Callable[..., nn.Module]] = Registry("attention pool")
+RMS_NORMS: Registry[Callable[[int, Tensor, float], nn.Module]] = Registry("rms norm")
+
+
+@RMS_NORMS.register("scale")
+def _rms_scale(dim: int, gamma: Tensor, input_rms: float) -> nn.Module:
+    # RMSNorm without its division: gamma / rms, the calibrated mean RMS (1 without images). No centering is added.
+    norm = RmsScale(dim)
+    with torch.no_grad():
+        norm.weight.copy_(gamma / input_rms)
+    return norm
+
+
+@RMS_NORMS.register("center")
+def _rms_center(dim: int, gamma: Tensor, input_rms: float) -> nn.Module:
+    # A CenterNorm with the RMS frozen: adds the centering RMSNorm does not have (for inputs of mean ~0, the same map).
+    norm = CenterNorm(dim)
+    with torch.no_grad():
+        norm.weight.copy_(gamma * (dim - 1) / dim / input_rms)
+    return norm
+
+
 ACTIVATIONS.register("gelu", None)  # kept as the source has it (bound 1.129)
 ACTIVATIONS.register("minmax", MinMax)
 
@@ -105,9 +137,9 @@ def _residual_layer(layer_type: type[nn.Module]) -> Callable[..., nn.Module]:
     def build(block: BlockParts, parts: ViTParts, config: ConvertConfig, norm: Callable) -> nn.Module:
         fc1 = block.mlp.fc1
         layer = layer_type(parts.embed_dim, fc1.out_features).to(fc1.weight.device, fc1.weight.dtype)
-        center = norm(block.norm2)  # gamma (D - 1) / (D std) and beta, as CenterNorm would take them
+        center = norm(block.norm2)  # the norm's substitute: its per-channel gain and shift
         with torch.no_grad():
-            layer.weight.copy_(fc1.weight * center.weight * center.dim / (center.dim - 1))
+            layer.weight.copy_(fc1.weight * center.channel_gain())
             bias = fc1.bias if fc1.bias is not None else torch.zeros_like(layer.bias)
             layer.bias.copy_(bias + fc1.weight @ center.bias)
         return layer

@@ -42,6 +42,10 @@ class ConvertConfig:
             tokens has no global bound: ``"mean"`` fixes the attention to uniform weights, so the head pools
             ``v(mean(tokens))`` and keeps its value and output projections, norm and MLP
             (:class:`~robustvit.layers.MeanPoolLatent`).
+        rms_norm: the substitute of an RMSNorm ``gamma * x / rms(x)`` (no mean subtracted, so CenterNorm's argument
+            does not carry over): ``"scale"`` keeps ``gamma / r`` as a diagonal map, ``r`` the calibrated mean RMS
+            (:class:`~robustvit.layers.RmsScale`, bound ``max|gamma| / r``); ``"center"`` makes it a CenterNorm, which
+            adds a centering the source does not have.
         residual_alpha: initial residual weight (multiplied by any LayerScale and the moved scales); 1.0 keeps
             the source's function.
         singular_value_power: ``p`` in ``sigma_i -> sigma_max * (sigma_i / sigma_max) ** p`` for every spectrally
@@ -73,6 +77,7 @@ class ConvertConfig:
                          registry="robustvit.conversion.choices:GATED_MLPS")  # fmt: skip
     attention_pool: str = arg("mean", "attention-pooling head (MAP) substitute",
                               registry="robustvit.conversion.choices:ATTENTION_POOLS")  # fmt: skip
+    rms_norm: str = arg("scale", "RMSNorm substitute", registry="robustvit.conversion.choices:RMS_NORMS")
     residual_alpha: float = arg(1.0, "initial residual weight; 1.0 keeps the source's function")
     singular_value_power: float = arg(
         1.0, "flatten every weight's spectrum: 1 keeps the source's weights, 0 keeps their singular vectors only"

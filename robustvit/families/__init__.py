@@ -4,6 +4,7 @@ configurations the tests build (``register_tiny_model``)."""
 from robustvit.families import hf_vit, timm_beit, timm_eva, timm_vit  # noqa: F401  (registration)
 from robustvit.families.base import (
     FAMILIES,
+    RMS_NORM_TYPES,
     TINY_MODELS,
     AttentionPoolParts,
     BlockParts,
@@ -30,6 +31,7 @@ __all__ = [
     "Family",
     "GatedMlpParts",
     "InputSpec",
+    "RMS_NORM_TYPES",
     "TinyModel",
     "ViTParts",
     "create_tiny_model",

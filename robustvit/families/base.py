@@ -32,6 +32,7 @@ __all__ = [
     "Family",
     "GatedMlpParts",
     "InputSpec",
+    "RMS_NORM_TYPES",
     "TinyModel",
     "ViTParts",
     "create_tiny_model",
@@ -200,6 +201,13 @@ class Family(ABC):
     def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The head modules whose weights :meth:`head_weight` reads."""
         return []
+
+
+RMS_NORM_TYPES: Registry[Callable[[nn.Module], Tensor | None]] = Registry("RMS norm", keys=type)
+"""Norm classes that compute ``gamma * x / rms(x)`` over the last dimension (no mean subtracted), each with
+``gamma(module) -> Tensor | None``: the conversion substitutes them as ``ConvertConfig.rms_norm`` says. The family
+files register their libraries' classes."""
+RMS_NORM_TYPES.register(nn.RMSNorm, lambda norm: norm.weight)
 
 
 FAMILIES: Registry[Family] = Registry("family")

@@ -6,11 +6,18 @@ model with :class:`~robustvit.errors.UnsupportedModuleError`.
 
 from __future__ import annotations
 
-from timm.layers import AttentionPoolLatent, GluMlp, Mlp, PatchEmbed, SwiGLU
+from timm.layers import AttentionPoolLatent, GluMlp, Mlp, PatchEmbed, RmsNorm, RmsNormFp32, SwiGLU
 from torch import Tensor, nn
 
 from robustvit.errors import UnsupportedModuleError
-from robustvit.families.base import AttentionPoolParts, BlockParts, GatedMlpParts, InputSpec, per_channel
+from robustvit.families.base import (
+    RMS_NORM_TYPES,
+    AttentionPoolParts,
+    BlockParts,
+    GatedMlpParts,
+    InputSpec,
+    per_channel,
+)
 
 __all__ = [
     "attention_pool_parts",
@@ -23,6 +30,10 @@ __all__ = [
     "norm_or_none",
     "num_patches",
 ]
+
+
+for _rms_norm in (RmsNorm, RmsNormFp32):  # x / sqrt(mean(x^2) + eps) * weight over the last dimension
+    RMS_NORM_TYPES.register(_rms_norm, lambda norm: norm.weight)
 
 
 def norm_or_none(module: nn.Module | None) -> nn.Module | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import timm
-from timm.layers import AttentionRope, Mlp, SwiGLU
+from timm.layers import AttentionRope, Mlp, RmsNorm, SwiGLU, get_norm_layer
 from timm.models.eva import Eva, EvaAttention, EvaBlock
 from torch import Tensor, nn
 
@@ -169,6 +169,8 @@ class TimmEva(Family):
             "use_post_transformer_norm": not isinstance(model.norm, nn.Identity),
             "use_fc_norm": not isinstance(model.fc_norm, nn.Identity),
         }
+        if type(block.norm1) is RmsNorm:  # the norm class, by timm's name for it (LayerNorm is the default)
+            kwargs["norm_layer"] = "rmsnorm"
         if model.attn_pool is not None:
             kwargs["attn_pool_mlp_ratio"] = timm_common.hidden_ratio(model.attn_pool.mlp.fc1.out_features, dim)
         architecture = (model.pretrained_cfg or {}).get("architecture")
@@ -178,6 +180,8 @@ class TimmEva(Family):
         kwargs = dict(
             spec["kwargs"], img_size=tuple(spec["kwargs"]["img_size"]), patch_size=tuple(spec["kwargs"]["patch_size"])
         )
+        if "norm_layer" in kwargs:
+            kwargs["norm_layer"] = get_norm_layer(kwargs["norm_layer"])
         if spec.get("architecture"):
             return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
         return Eva(**kwargs)
@@ -214,6 +218,12 @@ for _name, _architecture, _kwargs, _description in (
         "vit_base_patch16_rope_reg1_gap_256",
         {**_TINY_EVA, "ref_feat_shape": (4, 4)},
         "RoPE ViT: rotary embeddings only, a register token, LayerScale, mean pooling",
+    ),
+    (
+        "timm_eva_rms",
+        "eva02_tiny_patch14_224",
+        {**_TINY_EVA, "ref_feat_shape": (4, 4), "norm_layer": RmsNorm, "scale_mlp": True, "global_pool": "token"},
+        "EVA with RMSNorm everywhere, a SwiGLU with a hidden RMSNorm, class-token pooling",
     ),
     (
         "timm_pe_core",

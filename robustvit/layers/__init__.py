@@ -10,6 +10,7 @@ from robustvit.layers.minmax import MinMax
 from robustvit.layers.normalized_conv import NormalizedConv2d
 from robustvit.layers.prefix_pool import PrefixPool
 from robustvit.layers.residual import LipResidual
+from robustvit.layers.rms_scale import RmsScale
 from robustvit.layers.sll import SLL
 from robustvit.layers.token_shift import TokenShift
 from robustvit.layers.ungated_mlp import UngatedMlp
@@ -26,6 +27,7 @@ record_methods(
     MinMax,
     NormalizedConv2d,
     PrefixPool,
+    RmsScale,
     SLL,
     TokenShift,
     UngatedMlp,
@@ -42,6 +44,7 @@ __all__ = [
     "MinMax",
     "NormalizedConv2d",
     "PrefixPool",
+    "RmsScale",
     "SLL",
     "TokenShift",
     "UngatedMlp",
