@@ -89,9 +89,8 @@ class ConvertConfig:
     std: tuple[float, ...] | None = arg(None, "input normalization std, per channel (default: the source's)")
 
     def __post_init__(self) -> None:
-        check_choices(
-            self, "mixer", "activation", "mlp", "gated_mlp", "attention_pool"
-        )  # their registries: robustvit.conversion.choices
+        # Their registries: robustvit.conversion.choices.
+        check_choices(self, "mixer", "activation", "mlp", "gated_mlp", "attention_pool", "rms_norm")
         if self.shift_div < 4:
             raise ValueError(f"shift_div must be at least 4, got {self.shift_div}")
         if not self.residual_alpha > 0:
