@@ -115,6 +115,15 @@ def rms_norm(seed: int, images: torch.Tensor) -> dict:
     }
 
 
+def table(report: dict) -> str:
+    """The markdown table of docs/soundness.md."""
+    lines = ["| part | choice | branch cosine | top-1 agreement with the source |", "|---|---|---:|---:|"]
+    for part, choices in report["results"].items():
+        for choice, row in choices.items():
+            lines.append(f"| {part} | `{choice}` | {row['branch_cosine']:.3f} | {row['top1_agreement']:.3f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -132,16 +141,13 @@ def main() -> None:
         per_seed = [run(seed) for seed in range(args.seeds)]
         results[part] = {
             choice: {
-                metric: sum(seed[choice][metric] for seed in per_seed) / len(per_seed)
-                for metric in per_seed[0][choice]
+                metric: sum(seed[choice][metric] for seed in per_seed) / len(per_seed) for metric in per_seed[0][choice]
             }
             for choice in per_seed[0]
         }
-    args.out.write_text(json.dumps({"seeds": args.seeds, "tiny": TINY, "results": results}, indent=2) + "\n")
-    print("| part | choice | branch cosine | top-1 agreement |\n|---|---|---:|---:|")
-    for part, choices in results.items():
-        for choice, row in choices.items():
-            print(f"| {part} | {choice} | {row['branch_cosine']:.3f} | {row['top1_agreement']:.3f} |")
+    report = {"seeds": args.seeds, "tiny": TINY, "results": results}
+    args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(table(report))
 
 
 if __name__ == "__main__":

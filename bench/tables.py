@@ -23,7 +23,9 @@ ROOT = BENCH.parent
 RESULTS = BENCH / "results"
 sys.path.insert(0, str(BENCH))
 
+from bench_substitutes import table as substitutes_table  # noqa: E402
 from bench_transfer import table as transfer_table  # noqa: E402  (the table the benchmark prints)
+from coverage_table import table as coverage_table  # noqa: E402
 from nullspace_report import headline, noise_summary  # noqa: E402
 
 MARKED = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
@@ -52,6 +54,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer_mlp": _transfer("transfer_mlp"),  # bench/bench_transfer.py --set mlp
     "nullspace": _nullspace_headline,  # recipes/finetune_nullspace.py -> finetune_nullspace.json
     "nullspace_noise": lambda: noise_summary(_load("finetune_nullspace")),
+    "coverage": lambda: coverage_table(_load("coverage")["rows"]),  # bench/coverage_table.py
+    "substitutes": lambda: substitutes_table(_load("substitutes")),  # bench/bench_substitutes.py
 }
 
 

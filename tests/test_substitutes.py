@@ -165,7 +165,14 @@ def test_unknown_substitute_names_are_refused_with_the_choices(field):
 
 def _eva(**kwargs) -> nn.Module:
     return timm.create_model(
-        "eva02_tiny_patch14_224", img_size=IMG, patch_size=8, depth=1, embed_dim=48, num_heads=3, num_classes=4, **kwargs
+        "eva02_tiny_patch14_224",
+        img_size=IMG,
+        patch_size=8,
+        depth=1,
+        embed_dim=48,
+        num_heads=3,
+        num_classes=4,
+        **kwargs,
     )
 
 
