@@ -1,6 +1,6 @@
 """The coverage table: which popular ViT architectures ``robustvit.convert`` takes, and whether each bound holds.
 
-Run: ``python bench/coverage_table.py`` (offline: every model is created with random weights, two blocks, a small image).
+Run: ``python bench/coverage_table.py`` (offline: each model is created with random weights, two blocks, a small image).
 A fixed list of timm architecture names (the 20 tried in issue 22) and transformers classes with small configs;
 for each it records one of
 
