@@ -312,7 +312,7 @@ def _timm_swin():
         lambda: nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten(), nn.Linear(8 * 64, 10)),
         # ViT configurations the converter does not model
         lambda: timm.create_model(
-            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, global_pool="map", num_classes=3
+            "beit_base_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48, global_pool="", num_classes=3
         ),
         lambda: timm.create_model(
             "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, qk_norm=True, num_classes=3
@@ -330,7 +330,7 @@ def _timm_swin():
         "hf_swin",
         "hf_bert",
         "sequential",
-        "vit_map",
+        "beit_unpooled",
         "vit_qk_norm",
         "vit_dynamic",
         "vit_maxpool",

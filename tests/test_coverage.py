@@ -36,8 +36,13 @@ def test_the_page_links_from_the_readme():
     assert "(docs/coverage.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
 
 
+# The transformers classes (small configs, cheap) and the timm architectures whose outcome this table was made to
+# follow (issue 22: refused before the EVA, BEiT and MAP adapters); the others are base-size models, slow to build.
+RECHECKED = [e for e in ENTRIES if e[0] == "transformers" or any(k in e[1] for k in ("rope", "beit", "eva", "siglip"))]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("library", "name", "build"), ENTRIES, ids=[name for _, name, _ in ENTRIES])
+@pytest.mark.parametrize(("library", "name", "build"), RECHECKED, ids=[name for _, name, _ in RECHECKED])
 def test_the_script_still_gets_the_recorded_outcome(library, name, build):
     status, _, reason = coverage_table.outcome(build)
     row = next(row for row in ROWS if row["name"] == name)

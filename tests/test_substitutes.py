@@ -89,8 +89,8 @@ CHOICES = [
     ("timm_eva02", {"gated_mlp": "value"}),
     ("timm_eva02", {"gated_mlp": "gate"}),
     ("timm_eva02", {"gated_mlp": "gate", "mlp": "sll"}),
-    ("timm_eva_rms", {"rms_norm": "scale"}),
-    ("timm_eva_rms", {"rms_norm": "center", "mixer": "l2"}),
+    ("timm_rope_rms", {"rms_norm": "scale"}),
+    ("timm_rope_rms", {"rms_norm": "center", "mixer": "l2"}),
     ("timm_map", {"attention_pool": "mean"}),
     ("timm_pe_core", {"attention_pool": "mean", "activation": "minmax"}),
 ]
@@ -134,10 +134,10 @@ def test_gated_mlp_choices_keep_the_named_branch():
 
 
 def test_rms_norm_calibration_uses_the_token_rms():
-    source = build_model("timm_eva_rms").eval()
+    source = build_model("timm_rope_rms").eval()
     images = _pixels(4, 4)
     seen = {}
-    hook = source.norm.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
+    hook = source.fc_norm.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0].detach()))
     spec = get_family(source).input_spec(source)
     with torch.no_grad():
         mean, std = torch.tensor(spec.mean).view(1, -1, 1, 1), torch.tensor(spec.std).view(1, -1, 1, 1)
@@ -145,10 +145,10 @@ def test_rms_norm_calibration_uses_the_token_rms():
     hook.remove()
     rms = float(seen["x"].pow(2).mean(-1).sqrt().mean())
     model = robustvit.convert(source, calibration_images=images, residual_alpha=1.0)
-    # The final norm is the stream's last reader and also takes the head's scale: compare against an uncalibrated
-    # conversion, which differs only by the division.
+    # The norm before the head also takes the head's scale: compare against an uncalibrated conversion, which differs
+    # only by the division.
     plain = robustvit.convert(source)
-    torch.testing.assert_close(model.norm.weight * rms, plain.norm.weight, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(model.fc_norm.weight * rms, plain.fc_norm.weight, rtol=1e-4, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------------------------------------

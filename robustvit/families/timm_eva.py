@@ -214,16 +214,11 @@ for _name, _architecture, _kwargs, _description in (
         "EVA-02: fused SwiGLU MLP, rotary and absolute position embeddings, mean pooling with fc_norm",
     ),
     (
-        "timm_rope_reg",
+        "timm_rope_rms",
         "vit_base_patch16_rope_reg1_gap_256",
-        {**_TINY_EVA, "ref_feat_shape": (4, 4)},
-        "RoPE ViT: rotary embeddings only, a register token, LayerScale, mean pooling",
-    ),
-    (
-        "timm_eva_rms",
-        "eva02_tiny_patch14_224",
-        {**_TINY_EVA, "ref_feat_shape": (4, 4), "norm_layer": RmsNorm, "scale_mlp": True, "global_pool": "token"},
-        "EVA with RMSNorm everywhere, a SwiGLU with a hidden RMSNorm, class-token pooling",
+        {**_TINY_EVA, "ref_feat_shape": (4, 4), "norm_layer": RmsNorm, "swiglu_mlp": True, "scale_mlp": True},
+        "RoPE ViT (rotary embeddings only, a register token, LayerScale, mean pooling) with RMSNorm everywhere and a "
+        "SwiGLU with a hidden RMSNorm",
     ),
     (
         "timm_pe_core",
