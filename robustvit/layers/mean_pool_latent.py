@@ -35,7 +35,7 @@ class MeanPoolLatent(nn.Module):
         self.v, self.proj, self.mlp = v, proj, mlp
         self.num_tokens = num_tokens
 
-    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         if not is_traced(x) and x.shape[1] != self.num_tokens:
             raise ValueError(f"MeanPoolLatent expects {self.num_tokens} tokens, got {x.shape[1]}")
         return self.mlp(self.proj(self.v(x.unflatten(1, (self.num_tokens,)).mean(dim=1))))
