@@ -169,7 +169,9 @@ def test_a_run_resumed_inside_an_epoch_trains_with_that_epochs_noise(
     AcceleratorState._reset_state(reset_partial_state=True)
     searches = []
     synthesize = nullspace_finetuning.training_noise
-    monkeypatch.setattr(nullspace_finetuning, "training_noise", lambda *a, **k: searches.append(a[3]) or synthesize(*a, **k))
+    monkeypatch.setattr(
+        nullspace_finetuning, "training_noise", lambda *a, **k: searches.append(a[3]) or synthesize(*a, **k)
+    )
     recipe.main([*argv, "--resume", "--output_dir", str(tmp_path / "B")])
     assert searches == []  # the epoch's noise came back with the checkpoint
     run = Path("runs") / "nullspace" / "seed_0"
