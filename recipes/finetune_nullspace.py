@@ -23,9 +23,9 @@
 #       recipes/finetune_nullspace.py                                      # 2 CPU processes (gloo)
 #
 # Phases (robustvit.workflows.nullspace_finetuning): parse -> build (data, model, optimizers) -> pretrain (the
-# baseline) -> train (each method and seed) -> evaluate -> save. Writes to --output_dir: pretrain/checkpoints/ (while
-# the baseline trains), baseline.safetensors, baseline_noise.safetensors and baseline.json (the baseline, the noise
-# synthesized against it and its evaluation);
+# baseline) -> train (each method and seed) -> evaluate -> save.
+# Writes to --output_dir: pretrain/checkpoints/ (while the baseline trains), baseline.safetensors,
+# baseline_noise.safetensors and baseline.json (the baseline, the noise synthesized against it and its evaluation);
 # runs/<method>/seed_<k>/ with model.safetensors (finetuned weights of the plain timm/transformers model),
 # result.json and, while it runs, checkpoints/checkpoint_<i>/ (Accelerate's save_state + training_state.json);
 # config.json (model description), report.json (the configs as dataclasses.asdict, results) and robustness.png.
