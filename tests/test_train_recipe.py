@@ -26,6 +26,7 @@ from robustvit.losses import LOSSES, EpsSchedule
 from robustvit.registry import Registry
 from robustvit.training import load_model as build_model
 from robustvit.training import loop
+from robustvit.workflows import lipschitz_training, phases
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_lipschitz.py"
@@ -328,7 +329,7 @@ def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run
     assert exact.singular_value_power == 1.0 and exact.residual_budget is None
     run = configs.run
     assert run.model is None and run.dataset is None and not run.resume and run.output_dir == "outputs/train_lipschitz"
-    assert configs.certification.eps == list(_recipe().REPORT_EPS)  # --eps is the training radius
+    assert configs.certification.eps == list(lipschitz_training.REPORT_EPS)  # --eps is the training radius
     for name in LOSSES:
         assert _recipe().parse_args(["--loss", name]).training.loss == name
     assert _recipe().parse_args(["--model", "vit_tiny_patch16_224"]).training.pretrain_epochs == 0
@@ -386,10 +387,10 @@ def _two_process_runs(root: Path) -> None:
         current["eps"] = eps
         return LOSSES["emma"](logits, labels, eps=eps, margins=margins)
 
-    module.LOSSES = Registry("loss")
+    lipschitz_training.LOSSES = Registry("loss")
     for name, fn in LOSSES.items():
-        module.LOSSES.register(name, logged_loss if name == "emma" else fn)
-    train_epoch, save_checkpoint = module.train_epoch, loop.save_checkpoint
+        lipschitz_training.LOSSES.register(name, logged_loss if name == "emma" else fn)
+    train_epoch, save_checkpoint = phases.train_epoch, loop.save_checkpoint
 
     def logged_epoch(accelerator, model, loader, optimizer, loss_fn, **kwargs):
         log = Path(current["dir"]) / f"steps_rank{accelerator.process_index}.jsonl"
@@ -410,7 +411,7 @@ def _two_process_runs(root: Path) -> None:
         torch.save({k: v.detach().clone() for k, v in weights.items()}, path / f"rank{accelerator.process_index}.pt")
         return path
 
-    module.train_epoch = logged_epoch
+    phases.train_epoch = logged_epoch
     for name, argv, stop in (
         ("A", [], None),
         ("B", [], 0),
