@@ -17,7 +17,8 @@
 #
 # Phases (robustvit.workflows.lipschitz_training, which bench/bench_transfer.py runs too): parse -> build (data,
 # model) -> pretrain (the source) -> convert -> train (margin) -> certify -> save.
-# Writes to --output_dir: pretrain/checkpoints/ (while the source trains), source.safetensors (the source model),
+# Writes to --output_dir: pretrain/checkpoints/ (while the source trains), source/ (the source model as a timm or
+# transformers folder: --model <output_dir>/source --pretrain_epochs 0 starts another run from it), source.safetensors,
 # checkpoints/checkpoint_<i>/ (Accelerate's save_state + training_state.json, newest --checkpoints_total_limit kept),
 # model/ (robustvit.save_pretrained: weights, config, certificate, card), certificate.json, certified_accuracy.png
 # and metrics.json (the configs as dataclasses.asdict, history, results).

@@ -99,6 +99,8 @@ def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
     metrics, out = uninterrupted
     for name in ("certificate.json", "certified_accuracy.png", "metrics.json", "source.safetensors"):
         assert (out / name).is_file(), name
+    for name in ("model.safetensors", "config.json"):  # the source as a timm folder (--model <out>/source)
+        assert (out / "source" / name).is_file(), name
     for name in ("model.safetensors", "config.json", "certificate.json", "README.md"):
         assert (out / "model" / name).is_file(), name
     assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -140,6 +142,35 @@ def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
     # The source weights load strictly into the embedded default model at this size.
     source, _ = build_model(None, num_classes=10, image_size=16, channels=3)
     load_model(source, str(out / "source.safetensors"), strict=True)
+
+
+def test_a_runs_source_folder_is_the_source_of_the_next_run(recipe, tmp_path: Path, monkeypatch) -> None:
+    # Run A pretrains a source and saves it as a timm folder; run B starts from it (--model A/source, no
+    # pretraining): B converts exactly the weights A pretrained (the same conversion of the same calibration images).
+    starts: list[dict[str, torch.Tensor]] = []
+    convert = recipe.convert_source
+
+    def recording_convert(configs, source, data):
+        model = convert(configs, source, data)
+        starts.append({key: value.detach().clone() for key, value in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(recipe, "convert_source", recording_convert)
+    tiny = [*TINY, "--epochs", "1", "--max_train_batches", "2"]
+    _run(recipe, [*tiny, "--output_dir", str(tmp_path / "A")])
+    folder = tmp_path / "A" / "source"
+    assert (folder / "model.safetensors").is_file() and json.loads((folder / "config.json").read_text())["architecture"]
+    metrics = _run(
+        recipe, [*tiny, "--model", str(folder), "--pretrain_epochs", "0", "--output_dir", str(tmp_path / "B")]
+    )
+    assert metrics["model"]["library"] == "timm" and metrics["model"]["pretrained"] is True
+    assert metrics["config"]["training"]["pretrain_epochs"] == 0
+    # B's source is A's pretrained source, weight for weight ...
+    expected, actual = _tensors(tmp_path / "A" / "source.safetensors"), _tensors(tmp_path / "B" / "source.safetensors")
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    # ... and its converted start is the conversion of A's source.
+    first, second = starts
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ training -> certify and save. ``bench/bench_transfer.py`` runs its rows through 
 The source model is converted with :func:`robustvit.convert`, then trained with a Lipschitz-margin loss (EMMA by
 default) whose radius ramps up over training (:class:`~robustvit.losses.EpsSchedule`), with optional distillation
 from the unconverted source. Writes to ``run.output_dir``: ``pretrain/checkpoints/`` (while the source trains),
+``source/`` (the source as its library's own folder: ``--model <output_dir>/source`` starts another run from it),
 ``source.safetensors``, ``checkpoints/checkpoint_<i>/``, ``model/`` (:func:`robustvit.save_pretrained`),
 ``certificate.json``, ``certified_accuracy.png`` and ``metrics.json``.
 
@@ -45,6 +46,7 @@ from robustvit.training import (
     SamplerGenerator,
     cosine_schedule,
     epoch_batches,
+    save_model_folder,
 )
 from robustvit.workflows.phases import (
     Trainer,
@@ -63,6 +65,7 @@ __all__ = [
     "Data",
     "REPORT_EPS",
     "RUN_DEFAULTS",
+    "SOURCE_DIR",
     "SOURCE_WEIGHTS",
     "TRAINING_DEFAULTS",
     "build_data",
@@ -80,10 +83,11 @@ __all__ = [
 logger = get_logger(__name__)
 
 RECIPE = "train_lipschitz"
-SOURCE_WEIGHTS = "source.safetensors"
+SOURCE_WEIGHTS = "source.safetensors"  # the source phase's finished marker, written last
+SOURCE_DIR = "source"  # the source as a timm / transformers folder (robustvit.training.save_model_folder)
 PRETRAIN_DIR = "pretrain"  # the source pretraining's project folder: pretrain/checkpoints/checkpoint_<i>
-OUTPUTS = (PRETRAIN_DIR, SOURCE_WEIGHTS, CHECKPOINTS_DIR, "model", "certificate.json", "certified_accuracy.png",
-           "metrics.json", RUN_SETTINGS_FILE)  # fmt: skip
+OUTPUTS = (PRETRAIN_DIR, SOURCE_DIR, SOURCE_WEIGHTS, CHECKPOINTS_DIR, "model", "certificate.json",
+           "certified_accuracy.png", "metrics.json", RUN_SETTINGS_FILE)  # fmt: skip
 # What a resumed run may change (everything else it must share with the run it continues, or it mixes two settings):
 # more --epochs (the documented way to extend a run), how it is run and checkpointed, and what is certified at the end.
 RESUMABLE_TRAINING_FIELDS = ("epochs",)  # --epochs 30 --resume extends a run
@@ -201,7 +205,8 @@ def read_source(source: torch.nn.Module, weights: str | Path) -> torch.nn.Module
 
 
 def pretrain_source(accelerator: Accelerator, configs: Configs, source: torch.nn.Module, data: Data) -> torch.nn.Module:
-    """The source: pretrained weights, or (embedded default) a short plain training run, resumable, saved once done."""
+    """The source: pretrained weights, or (embedded default) a short plain training run, resumable, saved once done
+    as ``source/`` (a folder timm or transformers loads, and ``--model`` too) and ``source.safetensors``."""
     run, training = configs.run, configs.training
     output_dir = Path(run.output_dir)
     weights = output_dir / SOURCE_WEIGHTS
@@ -225,8 +230,9 @@ def pretrain_source(accelerator: Accelerator, configs: Configs, source: torch.nn
         return trained
 
     def save(model: torch.nn.Module) -> None:
+        save_model_folder(model, output_dir / SOURCE_DIR)
         save_model(model, str(weights), metadata={"format": "pt"})
-        logger.info(f"source: saved to {weights}")
+        logger.info(f"source: saved to {output_dir / SOURCE_DIR} and {weights}")
 
     return done_once(
         accelerator, weights, resume=run.resume, produce=train, save=save,
