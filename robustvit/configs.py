@@ -105,13 +105,18 @@ class RunConfig:
     cpu: bool = arg(False, "run on CPU even if an accelerator is available")
     num_workers: int = arg(0, "DataLoader workers")
     max_train_batches: int | None = arg(None, "cap batches per epoch and process (smoke tests)")
+    max_train_images: int | None = arg(None, "train on a class-stratified subset of this many training images, "
+                                       "drawn with --seed (a low-data setting)")  # fmt: skip
+    image_transform: str | None = arg(None, "transform every image of both splits (labels kept): a shifted copy of "
+                                      "the data, e.g. to pretrain a source on images the target never sees",
+                                      registry="robustvit.data:IMAGE_TRANSFORMS")  # fmt: skip
     require_pretrained: bool = arg(False, "refuse to start from random weights (--no_require_pretrained: allow)",
                                    negatable=True)  # fmt: skip
 
     def __post_init__(self) -> None:
         check_positive(self, "image_size", "gradient_accumulation_steps")
         check_positive(self, "num_workers", allow_zero=True)
-        check_positive(self, "checkpoints_total_limit", "max_train_batches", allow_none=True)
+        check_positive(self, "checkpoints_total_limit", "max_train_batches", "max_train_images", allow_none=True)
         check(self.channels in (1, 3), f"--channels must be 1 or 3, got {self.channels}")
         check(not (self.resume and self.overwrite_output_dir), "--resume and --overwrite_output_dir contradict")
         steps = self.checkpointing_steps

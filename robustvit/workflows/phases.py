@@ -88,13 +88,19 @@ def start_run(
 
 def load_splits(accelerator: Accelerator, run: RunConfig) -> tuple[ImageDataset, ImageDataset]:
     """The training and evaluation splits of ``run.dataset``; the evaluation labels follow the training split's
-    classes (matched by name)."""
+    classes (matched by name). ``run.image_transform`` transforms both; ``run.max_train_images`` keeps a
+    class-stratified subset of the training split, drawn with ``run.seed``."""
     with accelerator.main_process_first():  # a Hub dataset is downloaded once
         train_set, test_set = (
             load_image_dataset(run.dataset, split=split, image_size=run.image_size, channels=run.channels)
             for split in (run.train_split, run.eval_split)
         )
-    return train_set, test_set.align_labels(train_set.class_names)
+    test_set = test_set.align_labels(train_set.class_names)
+    if run.image_transform is not None:
+        train_set, test_set = train_set.transformed(run.image_transform), test_set.transformed(run.image_transform)
+    if run.max_train_images is not None:
+        train_set = train_set.stratified(run.max_train_images, seed=run.seed)
+    return train_set, test_set
 
 
 def load_source_model(run: RunConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
