@@ -29,6 +29,14 @@ the MLP forms (``ConvertConfig(mlp="sll" | "cpl")``, pretrained and random init)
 ``bench/results/transfer_mlp.json``, the README's second table; ``--set ablation`` the recipe defaults' ablations
 (the previous residual budget, no gradient clipping) into ``bench/results/transfer_ablation.json``.
 
+Where the source knows more (docs/results.md): ``--set curve`` runs both starts at 3, 9 and 27 Lipschitz epochs
+(``transfer_curve.json``, drawn by ``bench/tables.py --write``); ``--set low_data`` pretrains the source on the whole
+training split and gives the Lipschitz stage a class-stratified 10 % of it (``RunConfig.max_train_images``, drawn
+with the seed), against random init on the same images, at 9, 27 and 81 epochs of those images
+(``transfer_low_data.json``); ``--set other_data`` pretrains the source on rotated digits
+(``RunConfig.image_transform="rot90"``: images the target never sees) and trains on upright ones, at 3 and 9 epochs
+(``transfer_other_data.json``). ``--budget_epochs 1 2`` replaces any set's budgets (a quick check).
+
 A new row is one entry of ``ROWS`` (and of a set in ``ROW_SETS``), e.g.
 ``"converted, CPL MLP": Row("pretrained", {"mlp": "cpl"})``.
 """
@@ -61,14 +69,24 @@ from robustvit.workflows.lipschitz_training import DEFAULT_PRETRAIN_EPOCHS, SOUR
 class Row:
     """Where Lipschitz training starts: a converted ``"pretrained"`` or ``"random"`` source (with ``convert``
     overrides of the recipe's ConvertConfig), or a fresh ``"lipshift"`` network (``lipshift``:
-    :func:`create_lipshift` arguments). ``train`` overrides the recipe's LipschitzTrainingConfig (ablations)."""
+    :func:`create_lipshift` arguments). ``train`` overrides the recipe's LipschitzTrainingConfig (ablations),
+    ``run`` its RunConfig (the data the Lipschitz stage sees), ``source_run`` the RunConfig of a pretrained row's
+    source pretraining (the data the source sees; sources are shared by the rows with the same one)."""
 
     start: Literal["pretrained", "random", "lipshift"]
     convert: dict[str, Any] = field(default_factory=dict)
     lipshift: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+    source_run: dict[str, Any] = field(default_factory=dict)
+
+    def source_key(self) -> str:
+        """Names the source this row starts from (its pretraining's RunConfig overrides)."""
+        return "_".join(f"{key}-{value}" for key, value in sorted(self.source_run.items())) or "digits"
 
 
+# 10 % of digits' 1437 training images: RunConfig.max_train_images, a class-stratified subset drawn with the seed.
+LOW_DATA_IMAGES = 144
 # LipShiFT at the default ViT's patch grid (4x4 tokens of 8x8 pixels), 0.16M parameters (the ViT: 0.21M).
 LIPSHIFT = dict(patch_size=8, embed_dim=64, depth=4)
 
@@ -86,13 +104,35 @@ ROWS: dict[str, Row] = {
     "converted pretrained, residual budget 3": Row("pretrained", {"residual_budget": 3.0}),
     "converted pretrained, no gradient clipping": Row("pretrained", train={"max_grad_norm": 0.0}),
     "random init, no gradient clipping": Row("random", train={"max_grad_norm": 0.0}),
+    # Low data: the source is pretrained on the whole training split, the Lipschitz stage sees 10 % of it.
+    "converted pretrained, 10 % of the images": Row("pretrained", run={"max_train_images": LOW_DATA_IMAGES}),
+    "random init, 10 % of the images": Row("random", run={"max_train_images": LOW_DATA_IMAGES}),
+    # Other data: the source is pretrained on digits turned a quarter (images the target never sees).
+    "converted pretrained on rotated digits": Row("pretrained", source_run={"image_transform": "rot90"}),
 }
 
-# Row sets (``--set``) and where they are written: the README's main table, and the MLP forms of ``ConvertConfig``.
-ROW_SETS: dict[str, tuple[list[str], str]] = {
-    "main": (list(ROWS)[:4], "bench/results/transfer.json"),
-    "mlp": (list(ROWS)[4:8], "bench/results/transfer_mlp.json"),
-    "ablation": (list(ROWS)[8:], "bench/results/transfer_ablation.json"),
+
+@dataclass(frozen=True)
+class RowSet:
+    """The rows of one ``--set``, where they are written, and their Lipschitz-epoch budgets (``None``: the
+    recipe's default and a third of it, ``--epochs`` / ``--budgets``)."""
+
+    rows: list[str]
+    output: str
+    epochs: tuple[int, ...] | None = None
+
+
+_PRETRAINED, _RANDOM = "converted pretrained (recipe default)", "random init (`--pretrain_epochs 0`)"
+# Row sets (``--set``): the README's main table, the MLP forms of ``ConvertConfig``, the defaults' ablations, the
+# transfer curve (both starts at 3x more epochs each), and the settings where the source knows more than the target's
+# data (low data: fewer images per epoch, so longer budgets).
+ROW_SETS: dict[str, RowSet] = {
+    "main": RowSet(list(ROWS)[:4], "bench/results/transfer.json"),
+    "mlp": RowSet(list(ROWS)[4:8], "bench/results/transfer_mlp.json"),
+    "ablation": RowSet(list(ROWS)[8:11], "bench/results/transfer_ablation.json"),
+    "curve": RowSet([_PRETRAINED, _RANDOM], "bench/results/transfer_curve.json", epochs=(3, 9, 27)),
+    "low_data": RowSet(list(ROWS)[11:13], "bench/results/transfer_low_data.json", epochs=(9, 27, 81)),
+    "other_data": RowSet([list(ROWS)[13], _RANDOM], "bench/results/transfer_other_data.json", epochs=(3, 9)),
 }
 
 
@@ -111,17 +151,19 @@ def row_configs(base: Configs, name: str, *, seed: int, epochs: int, output_dir:
     row = ROWS[name]
     pretrain_epochs = base.training.pretrain_epochs if row.start == "pretrained" else 0
     return base._replace(
-        run=dataclasses.replace(base.run, seed=seed, output_dir=str(output_dir)),
+        run=dataclasses.replace(base.run, seed=seed, output_dir=str(output_dir), **row.run),
         training=dataclasses.replace(base.training, epochs=epochs, pretrain_epochs=pretrain_epochs, **row.train),
         convert=dataclasses.replace(base.convert, **row.convert),
     )
 
 
-def pretrain_source(base: Configs, seed: int, output_dir: str) -> float:
+def pretrain_source(base: Configs, seed: int, output_dir: str, source_run: dict[str, Any] | None = None) -> float:
     """The recipe's source for ``seed``: its pretraining phase (``base.training.pretrain_epochs`` of
-    cross-entropy), saved to ``<output_dir>/source.safetensors``; returns its wall time."""
+    cross-entropy, on the data of ``base.run`` with the ``source_run`` overrides), saved to
+    ``<output_dir>/source.safetensors``; returns its wall time."""
     torch.set_num_threads(1)
-    configs = base._replace(run=dataclasses.replace(base.run, seed=seed, output_dir=output_dir))
+    run = dataclasses.replace(base.run, seed=seed, output_dir=output_dir, **(source_run or {}))
+    configs = base._replace(run=run)
     accelerator, _ = recipe.start(configs)
     data = recipe.build_data(accelerator, configs)
     source, _ = recipe.build_source(configs, data)
@@ -221,28 +263,34 @@ def main() -> None:
     parser.add_argument(
         "--budgets", nargs="+", default=["full", "short"], choices=["full", "short"], help="short: a third of full"
     )
+    parser.add_argument("--budget_epochs", type=int, nargs="+", default=None, help="instead of the set's budgets")
     parser.add_argument("--pretrain_epochs", type=int, default=DEFAULT_PRETRAIN_EPOCHS, help="of the source")
     parser.add_argument("--set", default="main", choices=list(ROW_SETS), help="rows and output of a README table")
     parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="instead of the set's rows")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", default=None, help="default: the set's JSON under bench/results/")
     args = parser.parse_args()
-    rows, output = ROW_SETS[args.set]
-    args.rows = args.rows or rows
-    args.output = args.output or output
+    row_set = ROW_SETS[args.set]
+    args.rows = args.rows or row_set.rows
+    args.output = args.output or row_set.output
     base = recipe.default_configs()
     base = base._replace(training=dataclasses.replace(base.training, pretrain_epochs=args.pretrain_epochs))
     full = args.epochs or base.training.epochs
-    budgets = sorted({{"full": full, "short": max(1, round(full / 3))}[budget] for budget in args.budgets})
+    budgets = sorted(
+        args.budget_epochs
+        or row_set.epochs
+        or {{"full": full, "short": max(1, round(full / 3))}[budget] for budget in args.budgets}
+    )
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp, context.Pool(args.workers) as pool:
-        sources = {seed: str(Path(tmp) / f"source_{seed}") for seed in args.seeds}
-        needs_source = any(ROWS[name].start == "pretrained" for name in args.rows)
-        pretrain = (
-            pool.starmap(pretrain_source, [(base, seed, folder) for seed, folder in sources.items()])
-            if needs_source
-            else []
+        # One source per seed and source setting, shared by the pretrained rows that start from it.
+        source_runs = {
+            ROWS[name].source_key(): ROWS[name].source_run for name in args.rows if ROWS[name].start == "pretrained"
+        }
+        sources = {(seed, key): str(Path(tmp) / f"source_{key}_{seed}") for key in source_runs for seed in args.seeds}
+        pretrain = pool.starmap(
+            pretrain_source, [(base, seed, folder, source_runs[key]) for (seed, key), folder in sources.items()]
         )
         jobs = [
             (
@@ -251,7 +299,7 @@ def main() -> None:
                 seed,
                 epochs,
                 str(Path(tmp) / f"row{list(ROWS).index(name)}_seed{seed}_{epochs}"),
-                sources[seed],
+                sources.get((seed, ROWS[name].source_key())),
             )
             for epochs in budgets
             for name in args.rows
@@ -268,7 +316,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": multiprocessing.cpu_count(), "workers": args.workers},
         "recipe_defaults": recipe_defaults(),
         "pretrain_epochs": args.pretrain_epochs,
-        "pretrain_seconds": pretrain,
+        "pretrain_seconds": pretrain,  # one per seed and source setting
+        "budgets": budgets,
         "seeds": args.seeds,
         "rows": {name: asdict(ROWS[name]) for name in args.rows},
         "summaries": summaries,

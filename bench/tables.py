@@ -4,9 +4,11 @@ A generated table sits between ``<!-- table: NAME -->`` and ``<!-- /table -->``;
 
     python bench/tables.py            # print every table
     python bench/tables.py transfer   # print one
-    python bench/tables.py --write    # rewrite the tables in README.md and docs/*.md in place
+    python bench/tables.py --write    # rewrite the tables in README.md and docs/*.md in place, redraw the plots
 
 tests/test_tables.py checks that every marked table reads what this script renders from the committed JSON.
+:data:`PLOTS` are the pictures drawn from it (``--write`` redraws them): the transfer curve,
+``docs/transfer_curve.png``.
 """
 
 from __future__ import annotations
@@ -66,6 +68,39 @@ TABLES: dict[str, Callable[[], str]] = {
 }
 
 
+def curve_plot(report: dict, path: str | Path, *, radius: str = "72/255") -> Path:
+    """Certified accuracy at ``radius`` against Lipschitz epochs, one line per row of a bench_transfer report
+    (mean ± standard deviation over its seeds), saved as a PNG (matplotlib's Agg canvas: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.0, 3.4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for row in dict.fromkeys(summary["row"] for summary in report["summaries"]):
+        points = sorted((s["epochs"], s["certified"][radius]) for s in report["summaries"] if s["row"] == row)
+        epochs = [epoch for epoch, _ in points]
+        means, stds = [100 * c["mean"] for _, c in points], [100 * c["std"] for _, c in points]
+        axes.errorbar(epochs, means, yerr=stds, marker="o", capsize=3, label=row)
+    axes.set_xscale("log", base=3)
+    axes.set_xticks(sorted({s["epochs"] for s in report["summaries"]}), labels=None)
+    axes.get_xaxis().set_major_formatter("{x:.0f}")
+    axes.set_xlabel("Lipschitz-training epochs")
+    axes.set_ylabel(f"certified accuracy at {radius} (%)")
+    axes.set_title(f"digits, {len(report['seeds'])} seeds (mean ± std)", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return Path(path)
+
+
+PLOTS: dict[str, tuple[str, Path]] = {
+    "transfer_curve": ("transfer_curve", ROOT / "docs" / "transfer_curve.png"),  # bench_transfer.py --set curve
+}
+"""Picture name -> (the bench/results JSON it is drawn from, where it is saved)."""
+
+
 def documents() -> list[Path]:
     return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -90,6 +125,8 @@ def main() -> None:
             if (new := rewrite(text)) != text:
                 path.write_text(new, encoding="utf-8")
                 print(f"rewrote {path.relative_to(ROOT)}")
+        for results, picture in PLOTS.values():
+            print(f"drew {curve_plot(_load(results), picture).relative_to(ROOT)}")
         return
     for name in args.names or TABLES:
         print(f"<!-- table: {name} -->\n{TABLES[name]()}\n<!-- /table -->\n")
