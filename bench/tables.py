@@ -63,6 +63,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer": _transfer("transfer"),  # bench/bench_transfer.py
     "transfer_ablation": _transfer("transfer_ablation"),  # bench/bench_transfer.py --set ablation
     "transfer_mlp": _transfer("transfer_mlp"),  # bench/bench_transfer.py --set mlp
+    "transfer_curve": _transfer("transfer_curve"),  # bench/bench_transfer.py --set curve
+    "transfer_low_data": _transfer("transfer_low_data"),  # bench/bench_transfer.py --set low_data
+    "transfer_other_data": _transfer("transfer_other_data"),  # bench/bench_transfer.py --set other_data
     "nullspace": _nullspace_headline,  # recipes/finetune_nullspace.py -> finetune_nullspace.json
     "nullspace_noise": lambda: noise_summary(_load("finetune_nullspace")),
 }
