@@ -49,10 +49,11 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 
-from train_lipschitz import DEFAULT_PRETRAIN_EPOCHS, REPORT_EPS, parse_args  # noqa: E402
+from train_lipschitz import DEFAULT_PRETRAIN_EPOCHS, parse_args  # noqa: E402
 from transformers import get_cosine_schedule_with_warmup  # noqa: E402
 
 import robustvit  # noqa: E402
+from robustvit.constants import DEFAULT_EPS  # noqa: E402
 from robustvit.data import load_image_dataset, stack_examples  # noqa: E402
 from robustvit.lipshift import create_lipshift  # noqa: E402
 from robustvit.losses import LOSSES, EpsSchedule, head_margins  # noqa: E402
@@ -194,7 +195,7 @@ def train_and_certify(name: str, seed: int, epochs: int, source_path: str) -> di
         "seed": seed,
         "epochs": epochs,
         "clean": result.certified_accuracy(0.0),
-        "certified": {f"{round(eps * 255)}/255": result.certified_accuracy(eps) for eps in REPORT_EPS},
+        "certified": {f"{round(eps * 255)}/255": result.certified_accuracy(eps) for eps in DEFAULT_EPS},
         "start_bound": start_bound,
         "bound": result.lipschitz,
         "seconds": time.perf_counter() - start,

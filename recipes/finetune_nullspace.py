@@ -292,32 +292,15 @@ def evaluate(setup: Setup, configs: Configs, noise: torch.Tensor) -> dict[str, A
     """The robustness evaluation's JSON record (``RobustnessResult.to_dict()``)."""
     evaluation, seed = configs.evaluation, configs.run.seed
     result = evaluate_robustness(
-        setup.net,
-        setup.test_set,
-        noise=noise,
-        eps_linf=[radius / 255 for radius in evaluation.linf_radii],
-        eps_l2=[radius / 255 for radius in evaluation.l2_radii],
-        corruptions=evaluation.corruptions,
-        severities=evaluation.severities,
-        pgd_steps=evaluation.pgd_steps,
-        pgd_restarts=evaluation.pgd_restarts,
-        batch_size=evaluation.eval_batch_size,
-        max_images=evaluation.max_eval_images,
-        accelerator=setup.accelerator,
+        setup.net, setup.test_set, evaluation, noise=noise, accelerator=setup.accelerator,
         seed=seed,  # the same images and attack starts for every model
         progress=True,
-    )
+    )  # fmt: skip
     if setup.eval_sets:
         result.eval_sets = {
             name: evaluate_accuracy(
-                setup.net,
-                data,
-                class_indices=indices,
-                batch_size=evaluation.eval_batch_size,
-                max_images=evaluation.max_eval_images,
-                accelerator=setup.accelerator,
-                seed=seed,
-            )  # fmt: skip
+                setup.net, data, evaluation, class_indices=indices, accelerator=setup.accelerator, seed=seed
+            )
             for name, data, indices in setup.eval_sets
         }
     return result.to_dict()
@@ -330,12 +313,7 @@ def synthesize(
     return synthesize_noise(
         setup.net,
         setup.noise_loader,
-        eps=finetuning.nullspace_tol,
-        kind=kind,
-        init_limit=finetuning.init_limit,
-        lr=finetuning.noise_lr,
-        rounds=setup.noise_rounds,
-        max_batches=setup.noise_batches,
+        finetuning.noise_synthesis(kind=kind, rounds=setup.noise_rounds, max_batches=setup.noise_batches),
         init=init,
         accelerator=setup.accelerator,
         progress=True,

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader
 
 import robustvit
 import robustvit.peft
+from robustvit.certify_split import METRICS_NAME, certify_split
 from robustvit.configs import (
     CertificationConfig,
     ConvertConfig,
@@ -86,7 +87,6 @@ DEFAULT_EPOCHS = 9  # of margin training (bench/bench_transfer.py runs it and a 
 # brings on some seeds. A random init (--pretrain_epochs 0) gets the same conversion and clipping.
 DEFAULT_SINGULAR_VALUE_POWER = 0.0
 DEFAULT_RESIDUAL_BUDGET = 12.0
-REPORT_EPS = (36 / 255, 72 / 255, 108 / 255)
 
 
 class Configs(NamedTuple):
@@ -256,26 +256,6 @@ def train_margin(
     return unwrapped, state["history"]
 
 
-def certify_and_save(
-    accelerator: Accelerator, configs: Configs, model: torch.nn.Module, data: Data
-) -> tuple[robustvit.Certificate, Path]:
-    """Certify the eval split (main process: certificates are cheap; PGD checks them) and save the model folder."""
-    output_dir, certification = Path(configs.run.output_dir), configs.certification
-    images, labels = stack_examples(data.test_set, certification.max_eval_images)
-    model = robustvit.peft.merged(model)  # LoRA merged: the plain converted model is certified and saved
-    model.eval()
-    result = robustvit.certify(model, images, labels, batch_size=certification.eval_batch_size, progress=True)
-    certificate = result.to_certificate(
-        model, dataset=data.test_set.name, split=data.test_set.split, eps=certification.eps,
-        pgd_steps=certification.pgd_steps, progress=True,
-    )  # fmt: skip
-    curve = result.plot(output_dir / "certified_accuracy.png", title=f"{data.test_set.name} ({data.test_set.split})")
-    folder = robustvit.save_pretrained(model, output_dir / "model", certificate, curve=curve)
-    certificate = robustvit.Certificate.load(folder / "certificate.json")  # with the weights' sha256
-    certificate.save(output_dir / "certificate.json")
-    return certificate, folder
-
-
 # --------------------------------------------------------------------------------------------------- the run
 
 
@@ -295,20 +275,21 @@ def training_function(configs: Configs) -> dict[str, Any]:
     model, history = train_margin(accelerator, configs, model, source, data)
 
     metrics: dict[str, Any] = {}
-    if accelerator.is_main_process:
-        certificate, folder = certify_and_save(accelerator, configs, model, data)
-        metrics = {
+    if accelerator.is_main_process:  # certificates are cheap; PGD checks them
+        record = {
             "config": {name: dataclasses.asdict(config) for name, config in configs._asdict().items()},
             "model": description,
             "num_processes": accelerator.num_processes,
-            "clean_accuracy": certificate.clean_accuracy,
-            "certified_accuracy": {r.label: r.certified_accuracy for r in certificate.results},
-            "pgd_accuracy": {r.label: r.pgd_accuracy for r in certificate.results},
-            "lipschitz": certificate.lipschitz,
             "history": history,
-            "run_seconds": time.perf_counter() - started,
+            "train_seconds": time.perf_counter() - started,
         }
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        # LoRA merged: the plain converted model is certified and saved.
+        certificate = certify_split(
+            robustvit.peft.merged(model), data.test_set, configs.certification, output_dir=output_dir,
+            model_dir=output_dir / "model", name=configs.run.model or "the embedded ViT", record=record,
+        )  # fmt: skip
+        metrics = json.loads((output_dir / METRICS_NAME).read_text())
+        folder = output_dir / "model"
         accelerator.print(certificate.accuracy_table())
         logger.info(
             f"end-to-end Lipschitz bound {certificate.lipschitz:.4g}; wrote the certified model to {folder}, and "
@@ -321,7 +302,7 @@ def training_function(configs: Configs) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's flags: one per field of its configs (``--eps`` is the training radius; the certificate reports
-    REPORT_EPS)."""
+    CertificationConfig's default radii, robustvit.constants.DEFAULT_EPS)."""
     parser = argparse.ArgumentParser(
         description="Lipschitz-margin training and certification of a converted ViT.", allow_abbrev=False
     )
@@ -353,8 +334,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Configs:
         parser, args, RunConfig, LipschitzTrainingConfig, ConvertConfig, CertificationConfig,
         exclude={CertificationConfig: ("eps",)},
     )  # fmt: skip
-    run, training, convert, certification = configs
-    return Configs(run, training, convert, dataclasses.replace(certification, eps=list(REPORT_EPS)))
+    return Configs(*configs)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
