@@ -37,6 +37,7 @@ from robustvit.settings import (
     file_defaults,
     from_args,
     parse_configs,
+    parse_radius,
     resolve_config,
 )
 
@@ -187,7 +188,7 @@ class LipschitzTrainingConfig(TrainingConfig):
     """
 
     loss: str = arg("emma", "Lipschitz-margin loss", registry="robustvit.losses:LOSSES")
-    eps: float = arg(36 / 255, "target l2 radius of the margin (pixels in [0, 1])")
+    eps: float = arg(36 / 255, "target l2 radius of the margin (pixels in [0, 1]; 36/255 works)", parse=parse_radius)
     eps_start: float = arg(0.1, "training radius at the start of the ramp, times --eps")
     eps_end: float = arg(2.0, "training radius after the ramp, times --eps")
     distill: float = arg(0.0, "weight of the distillation from the source model")
