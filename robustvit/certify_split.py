@@ -92,38 +92,40 @@ def certify_split(
         ...
     """
     config = resolve_config(CertificationConfig, config, overrides)
-    if isinstance(data, str):
-        data = model_dataset(model, data, split or "test")
-    elif split is not None:
-        raise ValueError(f"split={split!r} goes with a dataset name; the dataset object holds split {data.split!r}")
-    else:
-        _check_classes(model, data)
-    started = time.perf_counter()
-    images, labels = stack_examples(data, config.max_eval_images)
-    with eval_mode(model):  # the PGD column attacks the deployed model, as the certificate's bound describes it
+    # Eval mode throughout: the deployed model is certified, attacked and saved, and a rescaled weight read in
+    # training mode would take a step of its power iteration (robustvit.lipschitz.rescale), changing the model.
+    with eval_mode(model):
+        if isinstance(data, str):
+            data = model_dataset(model, data, split or "test")
+        elif split is not None:
+            raise ValueError(f"split={split!r} goes with a dataset name; the dataset object holds split {data.split!r}")
+        else:
+            _check_classes(model, data)
+        started = time.perf_counter()
+        images, labels = stack_examples(data, config.max_eval_images)
         result = certify(model, images, labels, batch_size=config.eval_batch_size, progress=True)
         certificate = result.to_certificate(
             model, dataset=data.name, split=data.split, eps=config.eps, pgd_steps=config.pgd_steps, progress=True
         )
-    output = Path(output_dir)
-    folder = Path(model_dir) if model_dir is not None else output
-    curve = result.plot(output / CURVE_NAME, title=f"{name} on {data.name} ({data.split})")
-    save_pretrained(model, folder, certificate, curve=curve, license=license)
-    certificate = Certificate.load(folder / CERTIFICATE_NAME)  # as saved: with the weights' sha256
-    if folder.resolve() != output.resolve():
-        certificate.save(output / CERTIFICATE_NAME)
-    metrics = {
-        "model": name,
-        "dataset": data.name,
-        "split": data.split,
-        "num_samples": certificate.num_samples,
-        "clean_accuracy": certificate.clean_accuracy,
-        "certified_accuracy": {r.label: r.certified_accuracy for r in certificate.results},
-        "pgd_accuracy": {r.label: r.pgd_accuracy for r in certificate.results},
-        "lipschitz": certificate.lipschitz,
-        "features_lipschitz": certificate.features_lipschitz,
-        "certify_seconds": time.perf_counter() - started,
-        **(record or {}),
-    }
+        output = Path(output_dir)
+        folder = Path(model_dir) if model_dir is not None else output
+        curve = result.plot(output / CURVE_NAME, title=f"{name} on {data.name} ({data.split})")
+        save_pretrained(model, folder, certificate, curve=curve, license=license)
+        certificate = Certificate.load(folder / CERTIFICATE_NAME)  # as saved: with the weights' sha256
+        if folder.resolve() != output.resolve():
+            certificate.save(output / CERTIFICATE_NAME)
+        metrics = {
+            "model": name,
+            "dataset": data.name,
+            "split": data.split,
+            "num_samples": certificate.num_samples,
+            "clean_accuracy": certificate.clean_accuracy,
+            "certified_accuracy": {r.label: r.certified_accuracy for r in certificate.results},
+            "pgd_accuracy": {r.label: r.pgd_accuracy for r in certificate.results},
+            "lipschitz": certificate.lipschitz,
+            "features_lipschitz": certificate.features_lipschitz,
+            "certify_seconds": time.perf_counter() - started,
+            **(record or {}),
+        }
     (output / METRICS_NAME).write_text(json.dumps(metrics, indent=2) + "\n")
     return certificate
