@@ -243,7 +243,7 @@ def test_synthesized_noise_meets_eps_and_beats_a_same_norm_control(digits_vit) -
     result = synthesize_noise(
         model, loader, tolerance=0.03, rounds=30, progress=False, generator=torch.Generator().manual_seed(0)
     )
-    assert result.reached_eps and result.prob_mse < 0.03 and result.steps > 0
+    assert result.reached_tolerance and result.prob_mse < 0.03 and result.steps > 0
     assert result.noise.shape == (1, (SIZE // PATCH) ** 2, DIM)
     assert result.l2_norm == pytest.approx(float(result.noise.norm()))
     # The model is untouched: same weights, no gradients, training mode restored.
@@ -272,7 +272,7 @@ def test_random_control_shrinks_gaussian_noise_until_within_eps() -> None:
     result = synthesize_noise(
         _confident_model(), _loader(), tolerance=0.01, kind="random", rounds=20, progress=False, generator=generator
     )
-    assert result.kind == "random" and result.reached_eps and result.steps > 0 and result.lr_range is None
+    assert result.kind == "random" and result.reached_tolerance and result.steps > 0 and result.lr_range is None
     start = torch.randn(result.noise.shape, generator=torch.Generator().manual_seed(0))  # the same draw
     torch.testing.assert_close(result.noise, start * RANDOM_SHRINK**result.steps)
     # One step less would not have been within eps: it stops at the first noise that is.
@@ -281,7 +281,7 @@ def test_random_control_shrinks_gaussian_noise_until_within_eps() -> None:
 
 def test_noise_learning_rate_stays_near_constant_as_in_the_paper() -> None:
     result = synthesize_noise(_confident_model(), _loader(), tolerance=1e-9, rounds=3, lr=0.1, progress=False)
-    assert result.kind == "nullspace" and result.steps == 6 and not result.reached_eps
+    assert result.kind == "nullspace" and result.steps == 6 and not result.reached_tolerance
     first, last = result.lr_range
     assert first == pytest.approx(0.1) and 0.97 * first < last < first  # cosine over 10x the planned steps
     decaying = synthesize_noise(
@@ -300,13 +300,13 @@ def test_synthesis_continues_from_a_given_noise() -> None:
 
 def test_synthesis_stops_at_once_when_the_initial_noise_is_within_eps() -> None:
     result = synthesize_noise(_confident_model(), _loader(), tolerance=10.0, progress=False)
-    assert result.reached_eps and result.steps == 0
+    assert result.reached_tolerance and result.steps == 0
     assert result.noise.abs().max() <= 3.0
 
 
 def test_synthesis_reports_noise_that_did_not_reach_eps() -> None:
     result = synthesize_noise(_confident_model(), _loader(), tolerance=1e-9, rounds=1, max_batches=1, progress=False)
-    assert not result.reached_eps and result.steps == 1 and result.prob_mse >= 1e-9
+    assert not result.reached_tolerance and result.steps == 1 and result.prob_mse >= 1e-9
 
 
 def test_synthesis_rejects_bad_input() -> None:
@@ -332,6 +332,20 @@ def test_noise_save_load_round_trip(tmp_path) -> None:
     save_file({"noise": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a NullspaceNoise"):
         NullspaceNoise.load(tmp_path / "other.safetensors")
+
+
+def test_a_noise_file_written_before_the_tolerance_had_its_own_name_still_loads(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    old_stats = {"l2_norm": 1.5, "prob_mse": 0.02, "top1_agreement": 0.9, "steps": 7, "reached_eps": True,
+                 "eps": 0.03, "kind": "nullspace", "lr_range": [0.1, 0.099]}  # fmt: skip
+    metadata = {"format": "pt", "robustvit.nullspace_noise": json.dumps(old_stats)}
+    save_file({"noise": torch.ones(1, 4, DIM)}, str(tmp_path / "old.safetensors"), metadata=metadata)
+    loaded = NullspaceNoise.load(tmp_path / "old.safetensors")
+    assert loaded.reached_tolerance is True and loaded.tolerance == 0.03 and loaded.steps == 7
+    assert "eps" not in loaded.stats() and loaded.stats()["tolerance"] == 0.03  # written back with today's names
 
 
 def _distributed_synthesis() -> None:

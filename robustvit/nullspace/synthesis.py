@@ -111,8 +111,8 @@ def synthesize_noise(
         **overrides: Fields of the config to change.
 
     Returns:
-        The noise ``(1, N, D)`` (detached, on the model's device) with its statistics; ``reached_eps`` says
-        whether it ended inside the approximate nullspace (``prob_mse < tolerance``).
+        The noise ``(1, N, D)`` (detached, on the model's device) with its statistics; ``reached_tolerance``
+        says whether it ended inside the approximate nullspace (``prob_mse < tolerance``).
 
     Raises:
         TypeError: An override that is not a field of the config.
@@ -121,7 +121,7 @@ def synthesize_noise(
 
     Example:
         >>> result = synthesize_noise(model, loader, tolerance=0.03, max_batches=2, progress=False)
-        >>> result.reached_eps, result.noise.shape  # one row per patch token (4 x 4 patches)
+        >>> result.reached_tolerance, result.noise.shape  # one row per patch token (4 x 4 patches)
         (True, torch.Size([1, 16, 48]))
         >>> control = synthesize_noise(model, loader, NoiseSynthesisConfig(kind="random"))
         >>> with token_noise(model, result.noise):
@@ -202,8 +202,8 @@ def synthesize_noise(
         prob_mse=float(stats[0]),
         top1_agreement=float(stats[1]),
         steps=steps,
-        reached_eps=reached,
-        eps=float(tolerance),
+        reached_tolerance=reached,
+        tolerance=float(tolerance),
         kind=kind,
         lr_range=[first_lr, last_lr] if first_lr is not None else None,
     )
