@@ -51,7 +51,7 @@ def unmasked(x: Tensor, mask: object, is_causal: object) -> Tensor:
     """``x``, once the block's attention arguments are checked to ask for nothing a mixer cannot do: no causal
     attention, no mask that hides anything. A call of its own in a ``torch.fx`` graph (``torch.fx.wrap``): timm's
     tracer passes ``attn_mask`` and ``is_causal`` as placeholders, so the graph checks their values at run time."""
-    if is_causal is not False and is_causal is not None and bool(is_causal):
+    if is_causal:
         raise ValueError("converted robustvit blocks do not support causal attention (is_causal=True)")
     if mask is not None:
         _check_masks_nothing(mask)
