@@ -12,19 +12,30 @@ tests/test_tables.py checks that every marked table reads what this script rende
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
-sys.path.insert(0, str(BENCH))
 
-from bench_transfer import table as transfer_table  # noqa: E402  (the table the benchmark prints)
-from nullspace_report import headline, noise_summary  # noqa: E402
+
+def _bench_script(name: str) -> ModuleType:
+    """A sibling script of bench/ (a folder of scripts, not a package), loaded by path: importers of this module
+    (tests/test_tables.py) need not have bench/ on sys.path."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+transfer_table = _bench_script("bench_transfer").table  # the table the benchmark prints
+headline, noise_summary = (getattr(_bench_script("nullspace_report"), name) for name in ("headline", "noise_summary"))
 
 MARKED = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 

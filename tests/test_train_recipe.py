@@ -27,6 +27,7 @@ from robustvit.losses import LOSSES, EpsSchedule
 from robustvit.registry import Registry
 from robustvit.training import load_model as build_model
 from robustvit.training import loop
+from robustvit.workflows import lipschitz_training, phases
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_lipschitz.py"
@@ -387,10 +388,10 @@ def _two_process_runs(root: Path) -> None:
         current["eps"] = eps
         return LOSSES["emma"](logits, labels, eps=eps, margins=margins)
 
-    module.LOSSES = Registry("loss")
+    lipschitz_training.LOSSES = Registry("loss")
     for name, fn in LOSSES.items():
-        module.LOSSES.register(name, logged_loss if name == "emma" else fn)
-    train_epoch, save_checkpoint = module.train_epoch, loop.save_checkpoint
+        lipschitz_training.LOSSES.register(name, logged_loss if name == "emma" else fn)
+    train_epoch, save_checkpoint = phases.train_epoch, loop.save_checkpoint
 
     def logged_epoch(accelerator, model, loader, optimizer, loss_fn, **kwargs):
         log = Path(current["dir"]) / f"steps_rank{accelerator.process_index}.jsonl"
@@ -411,7 +412,7 @@ def _two_process_runs(root: Path) -> None:
         torch.save({k: v.detach().clone() for k, v in weights.items()}, path / f"rank{accelerator.process_index}.pt")
         return path
 
-    module.train_epoch = logged_epoch
+    phases.train_epoch = logged_epoch
     for name, argv, stop in (
         ("A", [], None),
         ("B", [], 0),
