@@ -75,7 +75,7 @@ def training_function(configs: Configs) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The recipe's flags: one per field of its configs (``--eps`` is the training radius; the certificate reports
-    REPORT_EPS)."""
+    CertificationConfig's default radii)."""
     parser = argparse.ArgumentParser(
         description="Lipschitz-margin training and certification of a converted ViT.", allow_abbrev=False
     )

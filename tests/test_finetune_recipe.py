@@ -207,7 +207,7 @@ def test_unconverged_noise_is_reported_and_the_user_chooses(recipe: ModuleType, 
         )
     report = recipe.main([*strict, "--unconverged_noise", "train", "--output_dir", str(tmp_path / "b")])
     run = report["methods"]["nullspace"]["seeds"][0]
-    assert run["noise_reached_eps"] == "0 of 1" and run["history"][0]["noise"]["reached_eps"] is False
+    assert run["noise_reached_tolerance"] == "0 of 1" and run["history"][0]["noise"]["reached_tolerance"] is False
     assert report["config"]["finetuning"]["nullspace_tol"] == 1e-12 and "eps" not in report["config"]["finetuning"]
 
 

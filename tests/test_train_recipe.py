@@ -21,6 +21,7 @@ from safetensors.torch import load_file, load_model
 
 import robustvit
 from robustvit.certification.certificate import Certificate, sha256_file
+from robustvit.constants import DEFAULT_EPS
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule
 from robustvit.registry import Registry
@@ -360,7 +361,7 @@ def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run
     assert exact.singular_value_power == 1.0 and exact.residual_budget is None
     run = configs.run
     assert run.model is None and run.dataset is None and not run.resume and run.output_dir == "outputs/train_lipschitz"
-    assert configs.certification.eps == list(lipschitz_training.REPORT_EPS)  # --eps is the training radius
+    assert configs.certification.eps == list(DEFAULT_EPS)  # --eps is the training radius
     for name in LOSSES:
         assert _recipe().parse_args(["--loss", name]).training.loss == name
     assert _recipe().parse_args(["--model", "vit_tiny_patch16_224"]).training.pretrain_epochs == 0

@@ -48,9 +48,6 @@ DEFAULT_MODEL: dict[str, Any] = {
 }
 """The embedded default: a small timm ViT whose exact patch-embedding nullspace is non-trivial."""
 
-CHECKPOINTS_DIR = "checkpoints"
-TRAINING_STATE_FILE = "training_state.json"
-
 
 @dataclass(frozen=True)
 class ModelSource:

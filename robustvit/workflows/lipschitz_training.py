@@ -36,7 +36,9 @@ from torch.utils.data import DataLoader
 
 import robustvit
 import robustvit.peft
+from robustvit.certify_split import CERTIFICATE_NAME, METRICS_NAME, certify_split
 from robustvit.configs import CertificationConfig, ConvertConfig, LipschitzTrainingConfig, RunConfig
+from robustvit.constants import CURVE_NAME
 from robustvit.data import ImageDataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule, distillation_loss, head_margins
 from robustvit.training import (
@@ -63,7 +65,6 @@ __all__ = [
     "CONVERT_DEFAULTS",
     "Configs",
     "Data",
-    "REPORT_EPS",
     "RUN_DEFAULTS",
     "SOURCE_DIR",
     "SOURCE_WEIGHTS",
@@ -100,7 +101,6 @@ DEFAULT_EPOCHS = 9  # of margin training (bench/bench_transfer.py runs it and a 
 # brings on some seeds. A random init (--pretrain_epochs 0) gets the same conversion and clipping.
 DEFAULT_SINGULAR_VALUE_POWER = 0.0
 DEFAULT_RESIDUAL_BUDGET = 12.0
-REPORT_EPS = (36 / 255, 72 / 255, 108 / 255)
 # The recipe's defaults where they differ from the configs' own (its flags and default_configs() share them).
 TRAINING_DEFAULTS: dict[str, Any] = {"epochs": DEFAULT_EPOCHS}
 CONVERT_DEFAULTS: dict[str, Any] = {
@@ -132,12 +132,12 @@ def recipe_configs(
     run: RunConfig, training: LipschitzTrainingConfig, convert: ConvertConfig, certification: CertificationConfig
 ) -> Configs:
     """The run's configs with the recipe's rules applied: ``pretrain_epochs=None`` is DEFAULT_PRETRAIN_EPOCHS for
-    the embedded model (random weights) and 0 for a named one; the certificate reports REPORT_EPS (``--eps`` is the
-    training radius)."""
+    the embedded model (random weights) and 0 for a named one; the certificate reports CertificationConfig's default
+    radii (``--eps`` is the training radius)."""
     if training.pretrain_epochs is None:
         pretrain_epochs = DEFAULT_PRETRAIN_EPOCHS if run.model is None else 0
         training = dataclasses.replace(training, pretrain_epochs=pretrain_epochs)
-    return Configs(run, training, convert, dataclasses.replace(certification, eps=list(REPORT_EPS)))
+    return Configs(run, training, convert, certification)
 
 
 def default_configs(**run: Any) -> Configs:
@@ -313,41 +313,31 @@ def certify_and_save(
     history: list[dict[str, Any]],
     started: float,
 ) -> dict[str, Any]:
-    """Certify the eval split (main process: certificates are cheap; PGD checks them), save the model folder,
-    certificate.json, certified_accuracy.png and metrics.json; returns the metrics.
+    """Certify the eval split through :func:`robustvit.certify_split.certify_split` (main process: certificates are
+    cheap; PGD checks them): the model folder, certificate.json, certified_accuracy.png and metrics.json; returns the
+    metrics.
 
     ``description`` is the source's (``build_source``), ``history`` the margin training's, ``started`` the
-    ``time.perf_counter()`` the run started at (``run_seconds``).
+    ``time.perf_counter()`` the run started at (``train_seconds``: until certification).
     """
-    output_dir, certification = Path(configs.run.output_dir), configs.certification
-    images, labels = stack_examples(data.test_set, certification.max_eval_images)
-    model = robustvit.peft.merged(model)  # LoRA merged: the plain converted model is certified and saved
-    model.eval()
-    result = robustvit.certify(model, images, labels, batch_size=certification.eval_batch_size, progress=True)
-    certificate = result.to_certificate(
-        model, dataset=data.test_set.name, split=data.test_set.split, eps=certification.eps,
-        pgd_steps=certification.pgd_steps, progress=True,
-    )  # fmt: skip
-    curve = result.plot(output_dir / "certified_accuracy.png", title=f"{data.test_set.name} ({data.test_set.split})")
-    folder = robustvit.save_pretrained(model, output_dir / "model", certificate, curve=curve)
-    certificate = robustvit.Certificate.load(folder / "certificate.json")  # with the weights' sha256
-    certificate.save(output_dir / "certificate.json")
-    metrics = {
+    output_dir = Path(configs.run.output_dir)
+    record = {
         "config": {name: dataclasses.asdict(config) for name, config in configs._asdict().items()},
         "model": description,
         "num_processes": accelerator.num_processes,
-        "clean_accuracy": certificate.clean_accuracy,
-        "certified_accuracy": {r.label: r.certified_accuracy for r in certificate.results},
-        "pgd_accuracy": {r.label: r.pgd_accuracy for r in certificate.results},
-        "lipschitz": certificate.lipschitz,
         "history": history,
-        "run_seconds": time.perf_counter() - started,
+        "train_seconds": time.perf_counter() - started,
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    folder = output_dir / "model"
+    certificate = certify_split(
+        robustvit.peft.merged(model),  # LoRA merged: the plain converted model is certified and saved
+        data.test_set, configs.certification, output_dir=output_dir, model_dir=folder,
+        name=configs.run.model or "the embedded ViT", record=record,
+    )  # fmt: skip
     accelerator.print(certificate.accuracy_table())
     logger.info(
         f"end-to-end Lipschitz bound {certificate.lipschitz:.4g}; wrote the certified model to {folder}, and "
-        f"certificate.json, certified_accuracy.png and metrics.json to {output_dir}",
+        f"{CERTIFICATE_NAME}, {CURVE_NAME} and {METRICS_NAME} to {output_dir}",
         main_process_only=True,
     )
-    return metrics
+    return json.loads((output_dir / METRICS_NAME).read_text())

@@ -160,7 +160,8 @@ class EpochNoise:
         return {"noise": self.noise.noise.detach().cpu(), "stats": self.noise.stats(), "attempts": self.attempts}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.noise = NullspaceNoise(noise=state["noise"], **state["stats"]) if state else None
+        stats = NullspaceNoise.read_stats(state["stats"]) if state else None  # names as written, possibly before
+        self.noise = NullspaceNoise(noise=state["noise"], **stats) if state else None
         self.attempts = state.get("attempts", 0)
 
 
@@ -317,32 +318,15 @@ def evaluate(setup: Setup, configs: Configs, noise: torch.Tensor) -> dict[str, A
     """The robustness evaluation's JSON record (``RobustnessResult.to_dict()``)."""
     evaluation, seed = configs.evaluation, configs.run.seed
     result = evaluate_robustness(
-        setup.net,
-        setup.data.test_set,
-        noise=noise,
-        eps_linf=[radius / 255 for radius in evaluation.linf_radii],
-        eps_l2=[radius / 255 for radius in evaluation.l2_radii],
-        corruptions=evaluation.corruptions,
-        severities=evaluation.severities,
-        pgd_steps=evaluation.pgd_steps,
-        pgd_restarts=evaluation.pgd_restarts,
-        batch_size=evaluation.eval_batch_size,
-        max_images=evaluation.max_eval_images,
-        accelerator=setup.accelerator,
+        setup.net, setup.data.test_set, evaluation, noise=noise, accelerator=setup.accelerator,
         seed=seed,  # the same images and attack starts for every model
         progress=True,
-    )
+    )  # fmt: skip
     if setup.data.eval_sets:
         result.eval_sets = {
             name: evaluate_accuracy(
-                setup.net,
-                data,
-                class_indices=indices,
-                batch_size=evaluation.eval_batch_size,
-                max_images=evaluation.max_eval_images,
-                accelerator=setup.accelerator,
-                seed=seed,
-            )  # fmt: skip
+                setup.net, data, evaluation, class_indices=indices, accelerator=setup.accelerator, seed=seed
+            )
             for name, data, indices in setup.data.eval_sets
         }
     return result.to_dict()
@@ -355,12 +339,7 @@ def synthesize(
     return synthesize_noise(
         setup.net,
         setup.data.noise_loader,
-        eps=finetuning.nullspace_tol,
-        kind=kind,
-        init_limit=finetuning.init_limit,
-        lr=finetuning.noise_lr,
-        rounds=setup.data.noise_rounds,
-        max_batches=setup.data.noise_batches,
+        finetuning.noise_synthesis(kind=kind, rounds=setup.data.noise_rounds, max_batches=setup.data.noise_batches),
         init=init,
         accelerator=setup.accelerator,
         progress=True,
@@ -372,7 +351,7 @@ def training_noise(setup: Setup, configs: Configs, kind: str, label: str) -> tup
     """The epoch's noise; with --unconverged_noise resynthesize, searched on until it reaches the tolerance."""
     finetuning = configs.finetuning
     noise, attempts = synthesize(setup, configs, kind), 1
-    while not noise.reached_eps and finetuning.unconverged_noise == "resynthesize":
+    while not noise.reached_tolerance and finetuning.unconverged_noise == "resynthesize":
         if attempts > finetuning.noise_retries:
             raise RuntimeError(
                 f"{label}: the {kind} noise did not reach the tolerance {finetuning.nullspace_tol} after "
@@ -381,7 +360,7 @@ def training_noise(setup: Setup, configs: Configs, kind: str, label: str) -> tup
                 "--resume continues from the last finished epoch"
             )
         noise, attempts = synthesize(setup, configs, kind, init=noise.noise), attempts + 1
-    if not noise.reached_eps:
+    if not noise.reached_tolerance:
         logger.warning(
             f"{label}: the {kind} noise did NOT reach the tolerance (prob mse {noise.prob_mse:.4f} >= "
             f"{finetuning.nullspace_tol}); training with it, as --unconverged_noise train asks",
@@ -466,8 +445,8 @@ def finetune(
             + (
                 ""
                 if noise is None
-                else f", noise |v| {noise.l2_norm:.2f} (prob mse {noise.prob_mse:.4f}, reached eps "
-                f"{noise.reached_eps}, {noise.steps} steps in {epoch_noise.attempts} search(es), "
+                else f", noise |v| {noise.l2_norm:.2f} (prob mse {noise.prob_mse:.4f}, reached tolerance "
+                f"{noise.reached_tolerance}, {noise.steps} steps in {epoch_noise.attempts} search(es), "
                 f"{noise_seconds:.1f} s)"
             ),
             main_process_only=True,
@@ -497,7 +476,8 @@ def finetune(
             "seed": seed_index,
             "evaluation": evaluation,
             "history": state["history"],
-            "noise_reached_eps": f"{sum(n['reached_eps'] for n in noises)} of {len(noises)}",
+            "noise_reached_tolerance": f"{sum(NullspaceNoise.read_stats(n)['reached_tolerance'] for n in noises)} "
+            f"of {len(noises)}",
             "final_nullspace_noise": final_noise.stats(),
             "seconds": time.perf_counter() - tick,
         }
@@ -546,10 +526,14 @@ def write_report(
     table = format_methods(baseline_result, summaries, reference="ce")
     accelerator.print(table)
     for name, summary in methods.items():
-        reached = [run["noise_reached_eps"] for run in summary["seeds"] if FINETUNING_METHODS[name].noise_kind]
+        reached = [  # runs finished before the rename: noise_reached_eps
+            run.get("noise_reached_tolerance", run.get("noise_reached_eps"))
+            for run in summary["seeds"]
+            if FINETUNING_METHODS[name].noise_kind
+        ]
         norms = [run["final_nullspace_noise"]["l2_norm"] for run in summary["seeds"]]
         accelerator.print(
-            f"{name}: training noises that reached eps per seed {reached or '-'}; nullspace noise norm after "
+            f"{name}: training noises that reached the tolerance per seed {reached or '-'}; nullspace noise norm after "
             f"finetuning {[round(n, 2) for n in norms]} (baseline {baseline_noise.l2_norm:.2f})"
         )
     num_images = baseline["evaluation"]["num_images"]
