@@ -4,8 +4,10 @@ every registered family's source and converted copy. What cannot hold is listed 
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from conftest import ALL_FAMILIES, HF_FAMILIES, IMG, NUM_CLASSES, TIMM_FAMILIES, build_model, logits_of
+from timm.layers import create_feature_extractor, get_graph_node_names
 
 import robustvit
 from robustvit.families import get_family
@@ -71,13 +73,58 @@ def test_timm_forward_intermediates_and_grad_checkpointing(family):
 
 @pytest.mark.parametrize("family", TIMM_FAMILIES)
 def test_timm_pretrained_cfg_describes_the_converted_model(family):
-    """timm test_model_default_cfgs: the cfg's input size is the model's, and it names existing modules."""
+    """timm test_model_default_cfgs: the cfg's input size is the model's, and it names existing modules. timm also
+    asks for ``<classifier>.weight`` in the state dict; a parametrized weight is stored as
+    ``<classifier>.parametrizations.weight.original``, and the cfg's notes say so (docs/ecosystem.md)."""
     model = robustvit.convert(build_model(family))
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, IMG, IMG) and cfg["mean"] == (0.0,) * 3 and cfg["std"] == (1.0,) * 3
-    modules = dict(model.named_modules())
+    state = model.state_dict()
     classifiers = cfg["classifier"] if isinstance(cfg["classifier"], (tuple, list)) else (cfg["classifier"],)
-    assert all(name in modules for name in (cfg["first_conv"], *classifiers))
+    for name in (cfg["first_conv"], *classifiers):  # a head the bound never reads (DeiT's head_dist) stays plain
+        assert (f"{name}.weight" in state) != (f"{name}.parametrizations.weight.original" in state), name
+    assert any("parametrizations.weight.original" in note for note in cfg["notes"])
+    timm.models.PretrainedCfg(**cfg)  # timm reads a saved cfg back through its dataclass: no field of our own
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_fx_feature_extraction_forward_and_backward(family):
+    """timm test_model_forward_fx / test_model_backward_fx, through timm's own tracer settings (leaf modules,
+    autowrapped functions): the eval graph computes the model, and still refuses normalized pixels; in the train graph
+    every parameter gets a gradient except the prefix tokens the cfg's notes name as frozen (they cannot change any
+    output under the token shift). Only the converted model: timm's own attention does not trace on every torch the
+    declared range allows (torch 2.7 hands a traced ``is_causal`` to scaled_dot_product_attention)."""
+    model = robustvit.convert(build_model(family))
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    model.eval()
+    graph = create_feature_extractor(model, [eval_nodes[-1]]).eval()
+    with torch.no_grad():
+        (out,) = graph(_pixels()).values()
+        torch.testing.assert_close(out, model(_pixels()))
+    with pytest.raises(ValueError, match=r"pixels must lie in \[0, 1\]"):
+        graph(_pixels() * 2 - 1)
+    model.train()
+    graph = create_feature_extractor(model, [train_nodes[-1]]).train()
+    (out,) = graph(_pixels()).values()
+    out.mean().backward()
+    no_grad = {name for name, p in model.named_parameters() if p.grad is None}
+    notes = " ".join(model.pretrained_cfg.get("notes") or ())
+    assert all(name in notes and "frozen" in notes for name in no_grad), no_grad
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_grad_checkpointing_gives_the_same_gradients(family):
+    """ModelTesterMixin test_training_gradient_checkpointing, on timm's set_grad_checkpointing."""
+    model = robustvit.convert(build_model(family)).train()
+    gradients = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        model(_pixels()).sum().backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, msg=name)
 
 
 def test_timm_feature_extractor_num_classes_0_converts():

@@ -26,6 +26,8 @@ def describe(model: nn.Module) -> None:
     rebuild the converted model and load its weights strictly (timm without robustvit: "Unknown model")."""
     spec = get_family(model).input_spec(model)
     cfg = dict(model.pretrained_cfg or {})
+    kept = [note for note in cfg.get("notes") or () if not note.startswith(_NOTE)]  # a rebuild writes them anew
+    cfg["notes"] = (*kept, *_notes(model))
     cfg.update(
         architecture=TIMM_ARCHITECTURE,
         input_size=(spec.channels, *spec.image_size),
@@ -36,6 +38,27 @@ def describe(model: nn.Module) -> None:
     )
     model.pretrained_cfg = model.default_cfg = cfg
     model._model_args = {NATIVE_RECORD_KEY: native_record(model)}
+
+
+_NOTE = "robustvit: "
+_PREFIX_TOKENS = ("cls_token", "reg_token", "dist_token")  # timm VisionTransformer's (and DeiT's) prefix tokens
+
+
+def _notes(model: nn.Module) -> tuple[str, ...]:
+    """What a converted model does differently from timm's model contracts (``PretrainedCfg.notes``, the one free
+    text field timm keeps when it reads a ``pretrained_cfg`` back)."""
+    notes = [
+        f"{_NOTE}spectrally rescaled weights are torch.nn.utils.parametrize parametrizations: the state dict "
+        "holds <module>.parametrizations.weight.original, not <module>.weight (classifier and first_conv included)"
+    ]
+    tokens = {name: getattr(model, name, None) for name in _PREFIX_TOKENS}
+    frozen = [name for name, token in tokens.items() if token is not None and not token.requires_grad]
+    if frozen:
+        notes.append(
+            f"{_NOTE}{', '.join(frozen)} cannot change any output (the token shift never mixes prefix tokens "
+            "into the pooled patches), so they are frozen and get no gradient"
+        )
+    return tuple(notes)
 
 
 for _family in TIMM_FAMILIES:

@@ -3,13 +3,54 @@ that records how to rebuild it and saves the image processor of the converted mo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import DeiTConfig, DeiTForImageClassification, ViTConfig, ViTForImageClassification
 
 from robustvit.conversion.metadata import LIBRARY_METADATA, NATIVE_RECORD_KEY, native_record
 
-__all__ = ["CONVERTED_CONFIGS", "RobustDeiTConfig", "RobustViTConfig", "describe", "processor_for"]
+__all__ = [
+    "CONVERTED_CONFIGS",
+    "REMOTE_CODE",
+    "REMOTE_CODE_FILE",
+    "RobustDeiTConfig",
+    "RobustViTConfig",
+    "describe",
+    "processor_for",
+    "write_remote_code",
+]
+
+
+REMOTE_CODE_FILE = "robustvit_loader.py"
+REMOTE_CODE = '''"""This folder holds a robustvit-converted model: `pip install robustvit`, then load it with
+`robustvit.from_pretrained(folder)`, or with transformers' Auto classes and `pipeline` after
+`import robustvit.persistence`.
+
+transformers runs this file only when asked to (`trust_remote_code=True`): it imports robustvit, which registers the
+converted model types with the Auto classes, and hands the config back to them.
+"""
+
+import robustvit.persistence  # noqa: F401  (registers the robustvit_* model types with the Auto classes)
+from transformers import AutoConfig
+
+
+class RobustViTConfigLoader:
+    """What transformers' ``auto_map["AutoConfig"]`` names: the registered robustvit config, through AutoConfig."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Nothing to register: ``import robustvit`` registered the config classes."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        return AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+'''
+"""The loader a converted folder carries for transformers without robustvit imported. transformers gives custom
+model types one way to explain themselves: ``auto_map`` plus code in the folder, which it refuses to run unless
+``trust_remote_code=True`` and refuses to import without robustvit installed; both errors say what to do."""
+REMOTE_CODE_AUTO_MAP = {"AutoConfig": f"{REMOTE_CODE_FILE.removesuffix('.py')}.RobustViTConfigLoader"}
 
 
 class _ConvertedConfig:
@@ -17,7 +58,13 @@ class _ConvertedConfig:
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
         processor_for(self).save_pretrained(save_directory)
+
+
+def write_remote_code(directory: str | Path) -> None:
+    """Write :data:`REMOTE_CODE` into a converted model's folder (its config's ``auto_map`` names it)."""
+    (Path(directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
 
 
 @strict
@@ -65,9 +112,11 @@ def describe(model: nn.Module) -> None:
     """Swap ``model.config`` for its converted twin (a registered ``robustvit_*`` model type).
 
     ``save_pretrained`` then writes a ``config.json`` whose ``model_type`` says the model was converted and whose
-    ``robustvit`` record says how to rebuild it, and an image processor that does not normalize (the model does).
+    ``robustvit`` record says how to rebuild it, the loader its ``auto_map`` names (:data:`REMOTE_CODE`), and an
+    image processor that does not normalize (the model does).
     ``AutoModelForImageClassification`` loads it back once robustvit's loaders are registered
-    (:mod:`robustvit.persistence.transformers_native`); without robustvit, transformers refuses the unknown model type.
+    (:mod:`robustvit.persistence.transformers_native`); without them, transformers refuses to run the folder's loader
+    unless ``trust_remote_code=True``, and to import it without robustvit installed.
     """
     convert_config = model.robustvit_config
     values = model.config.to_dict()
@@ -76,6 +125,7 @@ def describe(model: nn.Module) -> None:
     values[NATIVE_RECORD_KEY] = native_record(model)
     if convert_config.activation != "gelu":
         values["hidden_act"] = convert_config.activation
+    values["auto_map"] = dict(REMOTE_CODE_AUTO_MAP)
     config = CONVERTED_CONFIGS[type(model)](**values)
     config._attn_implementation = model.config._attn_implementation
     old = model.config
