@@ -14,16 +14,13 @@ import argparse
 import copy
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
+from bench_certify import build  # bench/ is the script's folder, so first on sys.path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_certify import build  # noqa: E402
-
-import robustvit  # noqa: E402
-from robustvit.certification.rounding import forward_error_bound  # noqa: E402
+import robustvit
+from robustvit.certification.rounding import forward_error_bound
 
 CASES = [
     (None, None),

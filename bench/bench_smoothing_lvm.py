@@ -16,15 +16,12 @@ import json
 import math
 import platform
 import statistics
-import sys
 from pathlib import Path
 
 import torch
+from bench_certify import build  # bench/ is the script's folder, so first on sys.path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_certify import build  # noqa: E402
-
-from robustvit.certification import certify_smoothing  # noqa: E402
+from robustvit.certification import certify_smoothing
 
 VARIANTS = {
     "cohen": {"method": "cohen"},

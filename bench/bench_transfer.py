@@ -14,13 +14,28 @@ trained model starts:
 * alternatives (the exact conversion that keeps the source's scales and spectra, ...);
 * LipShiFT's own architecture (:func:`robustvit.lipshift.create_lipshift`) with sound bounds.
 
-Each row certifies the 360 test digits (``robustvit.certify``: guaranteed bounds, pairwise head radii) and reports
-clean and certified accuracy at 36/72/108 /255 as mean ± standard deviation over the seeds, the end-to-end bound
-and the wall time (training + certification, one worker). Jobs run in ``--workers`` processes with one thread each.
+Every row runs through the functions ``accelerate launch recipes/train_lipschitz.py`` runs
+(:mod:`robustvit.workflows.lipschitz_training`), its configs the recipe's defaults with the row's overrides: the source
+is pretrained once per seed (``pretrain_source``, the recipe's pretraining phase) and read back by the rows that start
+from it, as the recipe's ``--resume`` reads ``source.safetensors`` back; then ``convert_source``, ``train_margin`` and
+``certify_and_save`` (the recipe's certificate of the 360 test digits: guaranteed bounds, pairwise head radii, its PGD
+column). A random-init row is the recipe with ``--pretrain_epochs 0``. LipShiFT is built by
+:func:`robustvit.lipshift.create_lipshift` and trained by the same ``train_margin``; it is no converted timm model
+(``save_pretrained`` refuses it), so it is certified by ``robustvit.certify`` alone. Each row reports clean and
+certified accuracy at 36/72/108 /255 as mean ± standard deviation over the seeds, the end-to-end bound and the wall
+time (training + certification, one worker). Jobs run in ``--workers`` processes with one thread each.
 Writes ``bench/results/transfer.json`` and prints the markdown table of the README. ``--set mlp`` runs the rows of
 the MLP forms (``ConvertConfig(mlp="sll" | "cpl")``, pretrained and random init) into
 ``bench/results/transfer_mlp.json``, the README's second table; ``--set ablation`` the recipe defaults' ablations
 (the previous residual budget, no gradient clipping) into ``bench/results/transfer_ablation.json``.
+
+Where the source knows more (docs/results.md): ``--set curve`` runs both starts at 3, 9 and 27 Lipschitz epochs
+(``transfer_curve.json``, drawn by ``bench/tables.py --write``); ``--set low_data`` pretrains the source on the whole
+training split and gives the Lipschitz stage a class-stratified 10 % of it (``RunConfig.max_train_images``, drawn
+with the seed), against random init on the same images, at 9, 27 and 81 epochs of those images
+(``transfer_low_data.json``); ``--set other_data`` pretrains the source on rotated digits
+(``RunConfig.image_transform="rot90"``: images the target never sees) and trains on upright ones, at 3 and 9 epochs
+(``transfer_other_data.json``). ``--budget_epochs 1 2`` replaces any set's budgets (a quick check).
 
 A new row is one entry of ``ROWS`` (and of a set in ``ROW_SETS``), e.g.
 ``"converted, CPL MLP": Row("pretrained", {"mlp": "cpl"})``.
@@ -34,7 +49,6 @@ import json
 import multiprocessing
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,35 +56,37 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_model as load_weights
-from safetensors.torch import save_model
-from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-
-from train_lipschitz import DEFAULT_PRETRAIN_EPOCHS, REPORT_EPS, parse_args  # noqa: E402
-from transformers import get_cosine_schedule_with_warmup  # noqa: E402
-
-import robustvit  # noqa: E402
-from robustvit.data import load_image_dataset, stack_examples  # noqa: E402
-from robustvit.lipshift import create_lipshift  # noqa: E402
-from robustvit.losses import LOSSES, EpsSchedule, head_margins  # noqa: E402
-from robustvit.training import PixelModel, load_model  # noqa: E402
+import robustvit
+from robustvit.data import stack_examples
+from robustvit.lipshift import create_lipshift
+from robustvit.training import finish
+from robustvit.workflows import lipschitz_training as recipe  # the phases of recipes/train_lipschitz.py
+from robustvit.workflows.lipschitz_training import DEFAULT_PRETRAIN_EPOCHS, SOURCE_WEIGHTS, Configs
 
 
 @dataclass(frozen=True)
 class Row:
     """Where Lipschitz training starts: a converted ``"pretrained"`` or ``"random"`` source (with ``convert``
-    overrides on top of the recipe's conversion defaults), or a fresh ``"lipshift"`` network (``lipshift``:
-    :func:`create_lipshift` arguments). ``train`` overrides the recipe's margin-phase hyper-parameters (ablations)."""
+    overrides of the recipe's ConvertConfig), or a fresh ``"lipshift"`` network (``lipshift``:
+    :func:`create_lipshift` arguments). ``train`` overrides the recipe's LipschitzTrainingConfig (ablations),
+    ``run`` its RunConfig (the data the Lipschitz stage sees), ``source_run`` the RunConfig of a pretrained row's
+    source pretraining (the data the source sees; sources are shared by the rows with the same one)."""
 
     start: Literal["pretrained", "random", "lipshift"]
     convert: dict[str, Any] = field(default_factory=dict)
     lipshift: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+    source_run: dict[str, Any] = field(default_factory=dict)
+
+    def source_key(self) -> str:
+        """Names the source this row starts from (its pretraining's RunConfig overrides)."""
+        return "_".join(f"{key}-{value}" for key, value in sorted(self.source_run.items())) or "digits"
 
 
+# 10 % of digits' 1437 training images: RunConfig.max_train_images, a class-stratified subset drawn with the seed.
+LOW_DATA_IMAGES = 144
 # LipShiFT at the default ViT's patch grid (4x4 tokens of 8x8 pixels), 0.16M parameters (the ViT: 0.21M).
 LIPSHIFT = dict(patch_size=8, embed_dim=64, depth=4)
 
@@ -88,19 +104,41 @@ ROWS: dict[str, Row] = {
     "converted pretrained, residual budget 3": Row("pretrained", {"residual_budget": 3.0}),
     "converted pretrained, no gradient clipping": Row("pretrained", train={"max_grad_norm": 0.0}),
     "random init, no gradient clipping": Row("random", train={"max_grad_norm": 0.0}),
+    # Low data: the source is pretrained on the whole training split, the Lipschitz stage sees 10 % of it.
+    "converted pretrained, 10 % of the images": Row("pretrained", run={"max_train_images": LOW_DATA_IMAGES}),
+    "random init, 10 % of the images": Row("random", run={"max_train_images": LOW_DATA_IMAGES}),
+    # Other data: the source is pretrained on digits turned a quarter (images the target never sees).
+    "converted pretrained on rotated digits": Row("pretrained", source_run={"image_transform": "rot90"}),
 }
 
-# Row sets (``--set``) and where they are written: the README's main table, and the MLP forms of ``ConvertConfig``.
-ROW_SETS: dict[str, tuple[list[str], str]] = {
-    "main": (list(ROWS)[:4], "bench/results/transfer.json"),
-    "mlp": (list(ROWS)[4:8], "bench/results/transfer_mlp.json"),
-    "ablation": (list(ROWS)[8:], "bench/results/transfer_ablation.json"),
+
+@dataclass(frozen=True)
+class RowSet:
+    """The rows of one ``--set``, where they are written, and their Lipschitz-epoch budgets (``None``: the
+    recipe's default and a third of it, ``--epochs`` / ``--budgets``)."""
+
+    rows: list[str]
+    output: str
+    epochs: tuple[int, ...] | None = None
+
+
+_PRETRAINED, _RANDOM = "converted pretrained (recipe default)", "random init (`--pretrain_epochs 0`)"
+# Row sets (``--set``): the README's main table, the MLP forms of ``ConvertConfig``, the defaults' ablations, the
+# transfer curve (both starts at 3x more epochs each), and the settings where the source knows more than the target's
+# data (low data: fewer images per epoch, so longer budgets).
+ROW_SETS: dict[str, RowSet] = {
+    "main": RowSet(list(ROWS)[:4], "bench/results/transfer.json"),
+    "mlp": RowSet(list(ROWS)[4:8], "bench/results/transfer_mlp.json"),
+    "ablation": RowSet(list(ROWS)[8:11], "bench/results/transfer_ablation.json"),
+    "curve": RowSet([_PRETRAINED, _RANDOM], "bench/results/transfer_curve.json", epochs=(3, 9, 27)),
+    "low_data": RowSet(list(ROWS)[11:13], "bench/results/transfer_low_data.json", epochs=(9, 27, 81)),
+    "other_data": RowSet([list(ROWS)[13], _RANDOM], "bench/results/transfer_other_data.json", epochs=(3, 9)),
 }
 
 
 def recipe_defaults() -> dict[str, Any]:
     """The recipe's default run, conversion and training settings, one flat dict (``eps``: the training radius)."""
-    configs = parse_args([])
+    configs = recipe.default_configs()
     return {
         k: v
         for config in (configs.run, configs.convert, configs.training)
@@ -108,96 +146,82 @@ def recipe_defaults() -> dict[str, Any]:
     }
 
 
-def _datasets(config: dict[str, Any]):
-    size, channels = config["image_size"], config["channels"]
-    train = load_image_dataset(None, split="train", image_size=size, channels=channels)
-    test = load_image_dataset(None, split="test", image_size=size, channels=channels)
-    return train, test
+def row_configs(base: Configs, name: str, *, seed: int, epochs: int, output_dir: str | Path) -> Configs:
+    """``base`` (the recipe's configs) with the row's overrides, its seed, budget and output folder."""
+    row = ROWS[name]
+    pretrain_epochs = base.training.pretrain_epochs if row.start == "pretrained" else 0
+    return base._replace(
+        run=dataclasses.replace(base.run, seed=seed, output_dir=str(output_dir), **row.run),
+        training=dataclasses.replace(base.training, epochs=epochs, pretrain_epochs=pretrain_epochs, **row.train),
+        convert=dataclasses.replace(base.convert, **row.convert),
+    )
 
 
-def pretrain_source(seed: int, path: str, epochs: int) -> float:
-    """The recipe's source: the default model, ``epochs`` epochs of cross-entropy (as the recipe)."""
+def pretrain_source(base: Configs, seed: int, output_dir: str, source_run: dict[str, Any] | None = None) -> float:
+    """The recipe's source for ``seed``: its pretraining phase (``base.training.pretrain_epochs`` of
+    cross-entropy, on the data of ``base.run`` with the ``source_run`` overrides), saved to
+    ``<output_dir>/source.safetensors``; returns its wall time."""
     torch.set_num_threads(1)
-    config = recipe_defaults()
-    train, _ = _datasets(config)
-    torch.manual_seed(seed)
-    source, _ = load_model(None, num_classes=train.num_classes, image_size=config["image_size"], channels=3)
-    loader = DataLoader(train, batch_size=config["batch_size"], shuffle=True)
-    net = PixelModel(source)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config["pretrain_lr"], weight_decay=0.05)
-    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=epochs * len(loader))
+    run = dataclasses.replace(base.run, seed=seed, output_dir=output_dir, **(source_run or {}))
+    configs = base._replace(run=run)
+    accelerator, _ = recipe.start(configs)
+    data = recipe.build_data(accelerator, configs)
+    source, _ = recipe.build_source(configs, data)
     start = time.perf_counter()
-    for _ in range(epochs):
-        for images, labels in loader:
-            loss = F.cross_entropy(net(images), labels)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-    save_model(source, path, metadata={"format": "pt"})
+    recipe.pretrain_source(accelerator, configs, source, data)
+    finish(accelerator)
     return time.perf_counter() - start
 
 
-def _start_model(row: Row, seed: int, source_path: str, config: dict[str, Any], train) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    if row.start == "lipshift":
-        return create_lipshift(train.num_classes, img_size=config["image_size"], **row.lipshift)
-    source, _ = load_model(None, num_classes=train.num_classes, image_size=config["image_size"], channels=3)
-    if row.start == "pretrained":
-        load_weights(source, source_path)
-    overrides = {
-        "mixer": config["mixer"],
-        "activation": config["activation"],
-        "singular_value_power": config["singular_value_power"],
-        "residual_budget": config["residual_budget"] or None,
-        "mlp": config["mlp"],
-        **row.convert,
-    }
-    return robustvit.convert(source, calibration_images=stack_examples(train, 64)[0], **overrides)
+def _certify_lipshift(configs: Configs, model: torch.nn.Module, data: recipe.Data) -> dict[str, Any]:
+    """LipShiFT has no certificate record (it is no converted timm / transformers model): robustvit.certify's
+    radii on the images the recipe certifies, at its radii."""
+    certification = configs.certification
+    images, labels = stack_examples(data.test_set, certification.max_eval_images)
+    result = robustvit.certify(model.eval(), images, labels, batch_size=certification.eval_batch_size)
+    certified = {f"{round(eps * 255)}/255": result.certified_accuracy(eps) for eps in certification.eps}
+    return {"clean_accuracy": result.clean_accuracy, "certified_accuracy": certified, "lipschitz": result.lipschitz}
 
 
-def train_and_certify(name: str, seed: int, epochs: int, source_path: str) -> dict[str, Any]:
-    """The recipe's margin phase from ``ROWS[name]``'s start, then certification of the test split."""
+def train_and_certify(
+    base: Configs, name: str, seed: int, epochs: int, output_dir: str, source_dir: str | None
+) -> dict[str, Any]:
+    """One row, one seed, one budget: the recipe's phases from ``ROWS[name]``'s start (a pretrained one read back
+    from ``source_dir``, where :func:`pretrain_source` saved it), into ``output_dir``."""
     torch.set_num_threads(1)
-    config = {**recipe_defaults(), **ROWS[name].train}
-    train, test = _datasets(config)
-    start = time.perf_counter()
-    model = _start_model(ROWS[name], seed, source_path, config, train)
+    row = ROWS[name]
+    configs = row_configs(base, name, seed=seed, epochs=epochs, output_dir=output_dir)
+    accelerator, _ = recipe.start(configs)
+    started = time.perf_counter()
+    data = recipe.build_data(accelerator, configs)
+    if row.start == "lipshift":
+        source = None
+        model = create_lipshift(data.train_set.num_classes, img_size=configs.run.image_size, **row.lipshift)
+    else:
+        source, description = recipe.build_source(configs, data)
+        if row.start == "pretrained":  # the seed's pretraining, read back as the recipe's --resume does
+            source = recipe.read_source(source, Path(source_dir) / SOURCE_WEIGHTS)
+        else:  # --pretrain_epochs 0: the source is saved as built
+            source = recipe.pretrain_source(accelerator, configs, source, data)
+        model = recipe.convert_source(configs, source, data)
     start_bound = robustvit.lipschitz_bound(model)
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=config["batch_size"], shuffle=True, generator=generator)
-    total = max(1, epochs * len(loader))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], weight_decay=config["weight_decay"])
-    schedule = get_cosine_schedule_with_warmup(
-        optimizer, num_warmup_steps=min(len(loader), total), num_training_steps=total
-    )
-    schedule_eps = EpsSchedule(config["eps"], start=config["eps_start"], end=config["eps_end"])
-    loss_fn = LOSSES[config["loss"]]
-    step = 0
-    model.train()
-    for _ in range(epochs):
-        for images, labels in loader:
-            eps = schedule_eps(step / total)
-            step += 1
-            loss = loss_fn(model(images), labels, eps=eps, margins=head_margins(model))
-            optimizer.zero_grad()
-            loss.backward()
-            if config["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
-            optimizer.step()
-            schedule.step()
-    model.eval()
-    images, labels = stack_examples(test, None)
-    result = robustvit.certify(model, images, labels)
+    model, history = recipe.train_margin(accelerator, configs, model, source, data)
+    if row.start == "lipshift":
+        metrics = _certify_lipshift(configs, model, data)
+    else:
+        metrics = recipe.certify_and_save(
+            accelerator, configs, model, data, description=description, history=history, started=started
+        )
+    finish(accelerator)
     return {
         "row": name,
         "seed": seed,
         "epochs": epochs,
-        "clean": result.certified_accuracy(0.0),
-        "certified": {f"{round(eps * 255)}/255": result.certified_accuracy(eps) for eps in REPORT_EPS},
+        "clean": metrics["clean_accuracy"],
+        "certified": metrics["certified_accuracy"],
         "start_bound": start_bound,
-        "bound": result.lipschitz,
-        "seconds": time.perf_counter() - start,
+        "bound": metrics["lipschitz"],
+        "seconds": time.perf_counter() - started,
     }
 
 
@@ -239,29 +263,49 @@ def main() -> None:
     parser.add_argument(
         "--budgets", nargs="+", default=["full", "short"], choices=["full", "short"], help="short: a third of full"
     )
+    parser.add_argument("--budget_epochs", type=int, nargs="+", default=None, help="instead of the set's budgets")
     parser.add_argument("--pretrain_epochs", type=int, default=DEFAULT_PRETRAIN_EPOCHS, help="of the source")
     parser.add_argument("--set", default="main", choices=list(ROW_SETS), help="rows and output of a README table")
     parser.add_argument("--rows", nargs="+", default=None, choices=list(ROWS), help="instead of the set's rows")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--output", default=None, help="default: the set's JSON under bench/results/")
     args = parser.parse_args()
-    rows, output = ROW_SETS[args.set]
-    args.rows = args.rows or rows
-    args.output = args.output or output
-    full = args.epochs or recipe_defaults()["epochs"]
-    budgets = sorted({{"full": full, "short": max(1, round(full / 3))}[budget] for budget in args.budgets})
+    row_set = ROW_SETS[args.set]
+    args.rows = args.rows or row_set.rows
+    args.output = args.output or row_set.output
+    base = recipe.default_configs()
+    base = base._replace(training=dataclasses.replace(base.training, pretrain_epochs=args.pretrain_epochs))
+    full = args.epochs or base.training.epochs
+    budgets = sorted(
+        args.budget_epochs
+        or row_set.epochs
+        or {{"full": full, "short": max(1, round(full / 3))}[budget] for budget in args.budgets}
+    )
     started = time.perf_counter()
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp, context.Pool(args.workers) as pool:
-        sources = {seed: str(Path(tmp) / f"source_{seed}.safetensors") for seed in args.seeds}
-        needs_source = any(ROWS[name].start == "pretrained" for name in args.rows)
-        pretrain = (
-            pool.starmap(pretrain_source, [(s, p, args.pretrain_epochs) for s, p in sources.items()])
-            if needs_source
-            else []
+        # One source per seed and source setting, shared by the pretrained rows that start from it.
+        source_runs = {
+            ROWS[name].source_key(): ROWS[name].source_run for name in args.rows if ROWS[name].start == "pretrained"
+        }
+        sources = {(seed, key): str(Path(tmp) / f"source_{key}_{seed}") for key in source_runs for seed in args.seeds}
+        pretrain = pool.starmap(
+            pretrain_source, [(base, seed, folder, source_runs[key]) for (seed, key), folder in sources.items()]
         )
-        jobs = [(name, seed, epochs, sources[seed]) for epochs in budgets for name in args.rows for seed in args.seeds]
-        jobs.sort(key=lambda job: -job[2])  # long jobs first: the two workers finish together
+        jobs = [
+            (
+                base,
+                name,
+                seed,
+                epochs,
+                str(Path(tmp) / f"row{list(ROWS).index(name)}_seed{seed}_{epochs}"),
+                sources.get((seed, ROWS[name].source_key())),
+            )
+            for epochs in budgets
+            for name in args.rows
+            for seed in args.seeds
+        ]
+        jobs.sort(key=lambda job: -job[3])  # long jobs first: the two workers finish together
         runs = pool.starmap(train_and_certify, jobs)
     summaries = []
     for epochs in sorted(budgets, reverse=True):
@@ -272,7 +316,8 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": multiprocessing.cpu_count(), "workers": args.workers},
         "recipe_defaults": recipe_defaults(),
         "pretrain_epochs": args.pretrain_epochs,
-        "pretrain_seconds": pretrain,
+        "pretrain_seconds": pretrain,  # one per seed and source setting
+        "budgets": budgets,
         "seeds": args.seeds,
         "rows": {name: asdict(ROWS[name]) for name in args.rows},
         "summaries": summaries,

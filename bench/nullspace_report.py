@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from robustvit.evaluation import RobustnessResult, SeedSummary, format_methods
+from robustvit.nullspace.noise import NullspaceNoise
 
 DEFAULT_REPORT = Path(__file__).parent / "results" / "finetune_nullspace.json"
 HEADLINE = ("clean accuracy", "noise agreement", "fgsm", "pgd", "corruption accuracy (mean)")
@@ -42,7 +43,8 @@ def noise_summary(report: dict) -> str:
     for name, method in report["methods"].items():
         noises = [entry["noise"] for run in method["seeds"] for entry in run["history"] if "noise" in entry]
         final = [run["final_nullspace_noise"]["l2_norm"] for run in method["seeds"]]
-        within = f"{sum(n['reached_eps'] for n in noises)} of {len(noises)}" if noises else "-"
+        reached = sum(NullspaceNoise.read_stats(n)["reached_tolerance"] for n in noises)
+        within = f"{reached} of {len(noises)}" if noises else "-"
         steps = f"{statistics.median(n['steps'] for n in noises):.0f}" if noises else "-"
         norm = f"{statistics.mean(n['l2_norm'] for n in noises):.1f}" if noises else "-"
         finals = " / ".join(f"{value:.1f}" for value in final)

@@ -4,27 +4,42 @@ A generated table sits between ``<!-- table: NAME -->`` and ``<!-- /table -->``;
 
     python bench/tables.py            # print every table
     python bench/tables.py transfer   # print one
-    python bench/tables.py --write    # rewrite the tables in README.md and docs/*.md in place
+    python bench/tables.py --write    # rewrite the tables in README.md and docs/*.md in place, redraw the plots
 
 tests/test_tables.py checks that every marked table reads what this script renders from the committed JSON.
+:data:`PLOTS` are the pictures drawn from it (``--write`` redraws them): the transfer curve,
+``docs/transfer_curve.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
-sys.path.insert(0, str(BENCH))
 
-from bench_transfer import table as transfer_table  # noqa: E402  (the table the benchmark prints)
-from nullspace_report import headline, noise_summary  # noqa: E402
+
+def _bench_script(name: str) -> ModuleType:
+    """A sibling script of bench/ (a folder of scripts, not a package), loaded by path: importers of this module
+    (tests/test_tables.py) need not have bench/ on sys.path."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+transfer_table = _bench_script("bench_transfer").table  # the table the benchmark prints
+coverage_table = _bench_script("coverage_table").table
+substitutes_table = _bench_script("bench_substitutes").table
+headline, noise_summary = (getattr(_bench_script("nullspace_report"), name) for name in ("headline", "noise_summary"))
 
 MARKED = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
@@ -50,9 +65,47 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer": _transfer("transfer"),  # bench/bench_transfer.py
     "transfer_ablation": _transfer("transfer_ablation"),  # bench/bench_transfer.py --set ablation
     "transfer_mlp": _transfer("transfer_mlp"),  # bench/bench_transfer.py --set mlp
+    "transfer_curve": _transfer("transfer_curve"),  # bench/bench_transfer.py --set curve
+    "transfer_low_data": _transfer("transfer_low_data"),  # bench/bench_transfer.py --set low_data
+    "transfer_other_data": _transfer("transfer_other_data"),  # bench/bench_transfer.py --set other_data
     "nullspace": _nullspace_headline,  # recipes/finetune_nullspace.py -> finetune_nullspace.json
     "nullspace_noise": lambda: noise_summary(_load("finetune_nullspace")),
+    "coverage": lambda: coverage_table(_load("coverage")["rows"]),  # bench/coverage_table.py
+    "substitutes": lambda: substitutes_table(_load("substitutes")),  # bench/bench_substitutes.py
 }
+
+
+def curve_plot(report: dict, path: str | Path, *, radius: str = "72/255") -> Path:
+    """Certified accuracy at ``radius`` against Lipschitz epochs, one line per row of a bench_transfer report
+    (mean ± standard deviation over its seeds), saved as a PNG (matplotlib's Agg canvas: no display needed)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(5.0, 3.4), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for row in dict.fromkeys(summary["row"] for summary in report["summaries"]):
+        points = sorted((s["epochs"], s["certified"][radius]) for s in report["summaries"] if s["row"] == row)
+        epochs = [epoch for epoch, _ in points]
+        means, stds = [100 * c["mean"] for _, c in points], [100 * c["std"] for _, c in points]
+        axes.errorbar(epochs, means, yerr=stds, marker="o", capsize=3, label=row)
+    axes.set_xscale("log", base=3)
+    axes.set_xticks(sorted({s["epochs"] for s in report["summaries"]}), labels=None)
+    axes.get_xaxis().set_major_formatter("{x:.0f}")
+    axes.set_xlabel("Lipschitz-training epochs")
+    axes.set_ylabel(f"certified accuracy at {radius} (%)")
+    axes.set_title(f"digits, {len(report['seeds'])} seeds (mean ± std)", fontsize=9)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return Path(path)
+
+
+PLOTS: dict[str, tuple[str, Path]] = {
+    "transfer_curve": ("transfer_curve", ROOT / "docs" / "transfer_curve.png"),  # bench_transfer.py --set curve
+}
+"""Picture name -> (the bench/results JSON it is drawn from, where it is saved)."""
 
 
 def documents() -> list[Path]:
@@ -79,6 +132,8 @@ def main() -> None:
             if (new := rewrite(text)) != text:
                 path.write_text(new, encoding="utf-8")
                 print(f"rewrote {path.relative_to(ROOT)}")
+        for results, picture in PLOTS.values():
+            print(f"drew {curve_plot(_load(results), picture).relative_to(ROOT)}")
         return
     for name in args.names or TABLES:
         print(f"<!-- table: {name} -->\n{TABLES[name]()}\n<!-- /table -->\n")

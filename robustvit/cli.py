@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from robustvit.certification.config import CertificationConfig
+from robustvit.certification.config import CertificationConfig, EvaluationBudget
 from robustvit.constants import CURVE_NAME, DEFAULT_LICENSE, DIGITS
 from robustvit.conversion.config import ConvertConfig
 from robustvit.errors import CertificateError, UnsupportedModuleError
@@ -125,15 +125,12 @@ def _certify(args: argparse.Namespace) -> int:
     model = _load_unverified(args.model, args.revision)
     certificate = certify_split(
         model,
-        args.output,
-        dataset=args.dataset,
+        args.dataset,
+        from_args(CertificationConfig, args),
+        output_dir=args.output,
         split=args.split,
-        max_images=args.max_eval_images,
-        batch_size=args.eval_batch_size,
-        eps=args.eps,
-        pgd_steps=args.pgd_steps,
-        license=args.license,
         name=args.model,
+        license=args.license,
     )
     print(f"end-to-end l2 Lipschitz bound: {certificate.lipschitz:.6g}")
     print(certificate.accuracy_table())
@@ -176,10 +173,11 @@ def _verify(args: argparse.Namespace) -> int:
     if args.dataset is None and args.split is None:
         return 0
 
+    budget = from_args(EvaluationBudget, args)
     dataset = args.dataset or certificate.dataset
     data = model_dataset(model, dataset, args.split or certificate.split)
-    images, labels = stack_examples(data, args.max_eval_images or certificate.num_samples)
-    result = certify(model, images, labels, batch_size=args.eval_batch_size)
+    images, labels = stack_examples(data, budget.max_eval_images or certificate.num_samples)
+    result = certify(model, images, labels, batch_size=budget.eval_batch_size)
     claimed_data = (certificate.dataset, certificate.split, certificate.num_samples)
     same_data = (data.name, data.split, len(labels)) == claimed_data
     print(f"\nre-certified on {len(labels)} images of {data.name} ({data.split}):")
@@ -293,8 +291,8 @@ def _parser() -> argparse.ArgumentParser:
         )
         split_help = f"default: {split_default}" if split_default else "default: the certificate's split"
         p.add_argument("--split", default=split_default, help=split_help)
-        # Certification budget: the fields of CertificationConfig (eps and PGD: certify only).
-        add_arguments(p, CertificationConfig, only=("max_eval_images", "eval_batch_size"))
+        # The budget: EvaluationBudget's fields; certify adds CertificationConfig's own (eps and PGD).
+        add_arguments(p, EvaluationBudget, only=("max_eval_images", "eval_batch_size"))
 
     p = commands.add_parser("certify", help="certify a saved model on a dataset; write a certified model folder")
     p.add_argument("model", help="a folder written by robustvit (convert --output) or a Hub repository")

@@ -1,11 +1,13 @@
 """Typed settings of the recipes and the command line: the run, training, evaluation; one import for all of them.
 
 :class:`RunConfig` (where a recipe reads and writes, how it runs), :class:`LipschitzTrainingConfig` and
-:class:`NullspaceFinetuningConfig` (the two recipes' training) and :class:`EvaluationConfig` live here; the
-conversion's and the certification's own settings live with them (:class:`robustvit.conversion.config.ConvertConfig`,
-:class:`robustvit.certification.config.CertificationConfig`) and, like the flag generator of
-:mod:`robustvit.settings`, are named here too. The recipes save ``dataclasses.asdict`` of each in their metrics. This
-module imports no torch (``robustvit --help`` stays fast).
+:class:`NullspaceFinetuningConfig` (the two recipes' training), :class:`EvaluationConfig` (the finetuning recipe's
+evaluation) and the library's own settings of :func:`robustvit.evaluation.evaluate_robustness`
+(:class:`RobustnessConfig`) and :func:`robustvit.nullspace.synthesize_noise` (:class:`NoiseSynthesisConfig`) live
+here; the conversion's and the certification's own settings live with them
+(:class:`robustvit.conversion.config.ConvertConfig`, :class:`robustvit.certification.config.CertificationConfig`)
+and, like the flag generator of :mod:`robustvit.settings`, are named here too. The recipes save
+``dataclasses.asdict`` of each in their metrics. This module imports no torch (``robustvit --help`` stays fast).
 
 Example:
     >>> parser = argparse.ArgumentParser()
@@ -30,10 +32,13 @@ from robustvit.settings import (
     arg,
     build_configs,
     check,
+    check_choices,
     check_positive,
     file_defaults,
     from_args,
     parse_configs,
+    parse_radius,
+    resolve_config,
 )
 
 __all__ = [
@@ -41,7 +46,9 @@ __all__ = [
     "ConvertConfig",
     "EvaluationConfig",
     "LipschitzTrainingConfig",
+    "NoiseSynthesisConfig",
     "NullspaceFinetuningConfig",
+    "RobustnessConfig",
     "RunConfig",
     "add_arguments",
     "arg",
@@ -49,6 +56,7 @@ __all__ = [
     "file_defaults",
     "from_args",
     "parse_configs",
+    "resolve_config",
 ]
 
 CHECKPOINT_EVERY_EPOCH = "epoch"
@@ -105,13 +113,18 @@ class RunConfig:
     cpu: bool = arg(False, "run on CPU even if an accelerator is available")
     num_workers: int = arg(0, "DataLoader workers")
     max_train_batches: int | None = arg(None, "cap batches per epoch and process (smoke tests)")
+    max_train_images: int | None = arg(None, "train on a class-stratified subset of this many training images, "
+                                       "drawn with --seed (a low-data setting)")  # fmt: skip
+    image_transform: str | None = arg(None, "transform every image of both splits (labels kept): a shifted copy of "
+                                      "the data, e.g. to pretrain a source on images the target never sees",
+                                      registry="robustvit.data:IMAGE_TRANSFORMS")  # fmt: skip
     require_pretrained: bool = arg(False, "refuse to start from random weights (--no_require_pretrained: allow)",
                                    negatable=True)  # fmt: skip
 
     def __post_init__(self) -> None:
         check_positive(self, "image_size", "gradient_accumulation_steps")
         check_positive(self, "num_workers", allow_zero=True)
-        check_positive(self, "checkpoints_total_limit", "max_train_batches", allow_none=True)
+        check_positive(self, "checkpoints_total_limit", "max_train_batches", "max_train_images", allow_none=True)
         check(self.channels in (1, 3), f"--channels must be 1 or 3, got {self.channels}")
         check(not (self.resume and self.overwrite_output_dir), "--resume and --overwrite_output_dir contradict")
         steps = self.checkpointing_steps
@@ -180,7 +193,7 @@ class LipschitzTrainingConfig(TrainingConfig):
     """
 
     loss: str = arg("emma", "Lipschitz-margin loss", registry="robustvit.losses:LOSSES")
-    eps: float = arg(36 / 255, "target l2 radius of the margin (pixels in [0, 1])")
+    eps: float = arg(36 / 255, "target l2 radius of the margin (pixels in [0, 1]; 36/255 works)", parse=parse_radius)
     eps_start: float = arg(0.1, "training radius at the start of the ramp, times --eps")
     eps_end: float = arg(2.0, "training radius after the ramp, times --eps")
     distill: float = arg(0.0, "weight of the distillation from the source model")
@@ -190,6 +203,41 @@ class LipschitzTrainingConfig(TrainingConfig):
         super().__post_init__()
         for name in ("eps", "eps_start", "eps_end", "distill", "max_grad_norm"):
             check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class NoiseSynthesisConfig:
+    """The settings of :func:`robustvit.nullspace.synthesize_noise` (defaults: the paper's final ones).
+
+    Example:
+        >>> NoiseSynthesisConfig(tolerance=0.01, kind="random").rounds
+        3
+    """
+
+    kind: str = arg("nullspace", "'nullspace': the paper's AdamW search; 'random': its shrinking-Gaussian control",
+                    registry="robustvit.nullspace.synthesis:NOISE_KINDS")  # fmt: skip
+    tolerance: float = arg(
+        0.03, "the paper's epsilon: tolerance on the mean squared softmax-probability change under the noise "
+        "(a probability, not a radius)",
+    )  # fmt: skip
+    init_limit: float = arg(3.0, "noise init U(-init_limit, init_limit) ('nullspace')")
+    lr: float = arg(0.1, "AdamW learning rate of the noise ('nullspace')")
+    rounds: int = arg(3, "passes over (at most max_batches of) the dataloader")
+    max_batches: int | None = arg(None, "batches per round ('none': the whole dataloader; the paper: 10% of it)")
+    schedule_steps: int | None = arg(
+        None, "period of the cosine on lr ('none': ten times the planned steps, as the paper's)"
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self, "kind")
+        for name in ("tolerance", "init_limit", "lr"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int | float) and math.isfinite(value) and value > 0,
+                f"{name} must be a finite number > 0, got {value!r}",
+            )
+        check_positive(self, "rounds")
+        check_positive(self, "max_batches", "schedule_steps", allow_none=True)
 
 
 @dataclass
@@ -241,29 +289,73 @@ class NullspaceFinetuningConfig(TrainingConfig):
         check(self.nullspace_tol > 0, f"--nullspace_tol must be > 0, got {self.nullspace_tol}")
         check(0 <= self.drop_path < 1, f"--drop_path must be in [0, 1), got {self.drop_path}")
 
+    def noise_synthesis(self, **overrides: Any) -> NoiseSynthesisConfig:
+        """The :class:`NoiseSynthesisConfig` of these flags (``--nullspace_tol``, ``--init_limit``, ``--noise_lr``,
+        ``--noise_rounds``), with ``overrides`` (the ``kind`` and ``max_batches`` of a run).
+
+        Example:
+            >>> NullspaceFinetuningConfig(nullspace_tol=0.01).noise_synthesis(kind="random").tolerance
+            0.01
+        """
+        settings = {"tolerance": self.nullspace_tol, "init_limit": self.init_limit, "lr": self.noise_lr,
+                    "rounds": self.noise_rounds}  # fmt: skip
+        return resolve_config(NoiseSynthesisConfig, None, {**settings, **overrides})
+
 
 # --------------------------------------------------------------------------------------------------- evaluation
 
+LINF_RADII_HELP = "FGSM / PGD linf radii (pixels in [0, 1]; the flag is in 1/255: 2 means 2/255)"
+L2_RADII_HELP = "FGSM / PGD l2 radii (pixels in [0, 1]; the flag is in 1/255: 72 means 72/255)"
+
 
 @dataclass
-class EvaluationConfig(EvaluationBudget):
-    """Empirical robustness evaluation (``robustvit.evaluation.evaluate_robustness``) of finetuned models: FGSM and
-    PGD radii in 1/255 per norm, corruptions and their severities, and extra test sets.
+class RobustnessConfig(EvaluationBudget):
+    """The settings of :func:`robustvit.evaluation.evaluate_robustness`: FGSM and PGD radii per norm (pixel units of
+    ``[0, 1]`` images; their flags are spelled in 1/255), corruptions and their severities, and the budget.
 
     Example:
-        >>> EvaluationConfig(l2_radii=[], corruptions=["contrast"]).linf_radii
-        [2.0]
+        >>> [round(r * 255) for r in RobustnessConfig().l2_radii]
+        [36, 72]
     """
 
     eval_batch_size: int = arg(128, "evaluation batch size")
     pgd_restarts: int = arg(2, "random restarts of each PGD attack")
-    # One radius per norm by default: PGD with 50 steps x 2 restarts dominates the run time on CPU.
-    linf_radii: list[float] = arg([2.0], "FGSM / PGD linf radii, in 1/255")
-    l2_radii: list[float] = arg([72.0], "FGSM / PGD l2 radii, in 1/255")
+    linf_radii: list[float] = arg([1 / 255, 2 / 255], LINF_RADII_HELP, per_255=True)
+    l2_radii: list[float] = arg([36 / 255, 72 / 255], L2_RADII_HELP, per_255=True)
     corruptions: list[str] | None = arg(
         None, "corruptions (default: all)", registry="robustvit.corruptions:CORRUPTIONS"
     )
-    severities: list[int] = arg([1, 3, 5], "corruption severities")
+    severities: list[int] = arg([1, 3, 5], "corruption severities (1 to 5)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive(self, "pgd_restarts")
+        self.linf_radii, self.l2_radii = [float(r) for r in self.linf_radii], [float(r) for r in self.l2_radii]
+        radii = [*self.linf_radii, *self.l2_radii]
+        check(all(math.isfinite(r) and r > 0 for r in radii), f"attack radii must be finite and > 0, got {radii}")
+        if self.corruptions is not None:
+            self.corruptions = list(self.corruptions)
+            check_choices(self, "corruptions")
+        self.severities = list(self.severities)
+        check(
+            bool(self.severities) and all(type(s) is int and 1 <= s <= 5 for s in self.severities),
+            f"--severities must be ints from 1 to 5, got {self.severities}",
+        )
+
+
+@dataclass
+class EvaluationConfig(RobustnessConfig):
+    """The robustness evaluation of ``recipes/finetune_nullspace.py``: :class:`RobustnessConfig` with one radius per
+    norm, and extra test sets.
+
+    Example:
+        >>> [round(r * 255) for r in EvaluationConfig(l2_radii=[], corruptions=["contrast"]).linf_radii]
+        [2]
+    """
+
+    # One radius per norm by default: PGD with 50 steps x 2 restarts dominates the run time on CPU.
+    linf_radii: list[float] = arg([2 / 255], LINF_RADII_HELP, per_255=True)
+    l2_radii: list[float] = arg([72 / 255], L2_RADII_HELP, per_255=True)
     eval_sets: list[str] = arg(
         [], "extra test sets NAME=PATH (imagefolder dir or HF id, e.g. ImageNet-R/-A), scored by clean accuracy over "
         "their classes, matched to the training classes by name",
@@ -271,10 +363,6 @@ class EvaluationConfig(EvaluationBudget):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive(self, "pgd_restarts")
-        radii = [*self.linf_radii, *self.l2_radii]
-        check(all(math.isfinite(r) and r > 0 for r in radii), f"attack radii must be > 0, got {radii}")
-        check(bool(self.severities) and all(1 <= s <= 5 for s in self.severities), "--severities must be in 1..5")
         for spec in self.eval_sets:
             name, _, source = spec.partition("=")
             check(bool(name and source), f"--eval_sets takes NAME=PATH, got {spec!r}")

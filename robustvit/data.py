@@ -34,13 +34,16 @@ from timm.data.mixup import mixup_target
 from torch.utils.data import Dataset, Subset
 from torchvision.transforms.functional import to_pil_image
 
+from robustvit.registry import Registry
 from robustvit.settings import arg
 
 __all__ = [
+    "IMAGE_TRANSFORMS",
     "Augmentation",
     "AugmentedDataset",
     "HFImageDataset",
     "ImageDataset",
+    "ImageDatasetView",
     "TensorImageDataset",
     "dataset_labels",
     "load_image_dataset",
@@ -127,6 +130,28 @@ class ImageDataset(Dataset, ABC):
     @abstractmethod
     def _relabelled(self, label_map: list[int], class_names: list[str]) -> ImageDataset:
         """A copy whose label ``i`` reads ``label_map[i]``, with ``class_names``."""
+
+    def stratified(self, count: int, *, seed: int = 0) -> ImageDataset:
+        """A seeded, class-stratified subset of ``count`` items (:func:`stratified_subset`), still an
+        ImageDataset (this one if ``count`` covers it): e.g. a low-data training split.
+
+        Example:
+            >>> few = load_image_dataset(split="train").stratified(144, seed=0)
+            >>> len(few), few.num_classes, torch.bincount(dataset_labels(few)).min().item()
+            (144, 10, 14)
+        """
+        chosen = stratified_subset(self, count, seed=seed)
+        return self if chosen is self else ImageDatasetView(self, indices=chosen.indices)
+
+    def transformed(self, name: str) -> ImageDataset:
+        """Every image through ``IMAGE_TRANSFORMS[name]``, the labels kept: a shifted copy of the data.
+
+        Example:
+            >>> test = load_image_dataset(split="test", image_size=16)
+            >>> torch.equal(test.transformed("rot90")[0][0], torch.rot90(test[0][0], 1, dims=(-2, -1)))
+            True
+        """
+        return ImageDatasetView(self, transform=name)
 
     @classmethod
     def from_hf(
@@ -229,6 +254,46 @@ class TensorImageDataset(ImageDataset):
     def _relabelled(self, label_map: list[int], class_names: list[str]) -> TensorImageDataset:
         labels = torch.as_tensor(label_map, dtype=torch.int64)[self.labels]
         return TensorImageDataset(self.images, labels, class_names=class_names, name=self.name, split=self.split)
+
+
+IMAGE_TRANSFORMS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("image transform")
+"""Label-preserving image transforms by name (:meth:`ImageDataset.transformed`, ``--image_transform``): each maps
+an image ``(C, H, W)`` in ``[0, 1]`` to another in ``[0, 1]``."""
+IMAGE_TRANSFORMS.register(
+    "rot90", lambda image: torch.rot90(image, 1, dims=(-2, -1))
+)  # a quarter turn, counter-clockwise
+IMAGE_TRANSFORMS.register("invert", lambda image: 1.0 - image)  # dark strokes on a light background
+
+
+class ImageDatasetView(ImageDataset):
+    """Some items of an ImageDataset (``indices``, default all), each image through ``IMAGE_TRANSFORMS[transform]``
+    (default none), with the dataset's class metadata (a torch ``Subset`` keeps none).
+
+    Example:
+        >>> view = ImageDatasetView(load_image_dataset(split="test"), indices=[3, 1], transform="invert")
+        >>> len(view), view[0][1] == load_image_dataset(split="test")[3][1]
+        (2, True)
+    """
+
+    def __init__(
+        self, dataset: ImageDataset, *, indices: Sequence[int] | None = None, transform: str | None = None
+    ) -> None:
+        super().__init__(class_names=dataset.class_names, name=dataset.name, split=dataset.split)
+        self.dataset = dataset
+        self.indices = list(range(len(dataset))) if indices is None else [int(index) for index in indices]
+        self.transform = transform
+        self._apply = (lambda image: image) if transform is None else IMAGE_TRANSFORMS[transform]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[self.indices[index]]
+        return self._apply(image), label
+
+    def _relabelled(self, label_map: list[int], class_names: list[str]) -> ImageDatasetView:
+        relabelled = self.dataset._relabelled(label_map, class_names)
+        return ImageDatasetView(relabelled, indices=self.indices, transform=self.transform)
 
 
 class HFImageDataset(ImageDataset):
@@ -495,7 +560,7 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
         return dataset.labels.clone()
     if isinstance(dataset, HFImageDataset):
         return dataset.labels()
-    if isinstance(dataset, Subset):
+    if isinstance(dataset, (Subset, ImageDatasetView)):
         return dataset_labels(dataset.dataset)[torch.as_tensor(dataset.indices, dtype=torch.int64)]
     return torch.tensor([int(dataset[index][1]) for index in range(len(dataset))], dtype=torch.int64)
 

@@ -8,9 +8,9 @@ Attack accuracies count an image only when it is classified correctly both clean
 true robustness: the attacks are empirical).
 
 Example:
-    >>> baseline = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+    >>> baseline = evaluate_robustness(model, test_set, max_eval_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
     >>> finetuned_per_seed = [model, model]  # in practice one finetuned copy per seed
-    >>> runs = [evaluate_robustness(m, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+    >>> runs = [evaluate_robustness(m, test_set, max_eval_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
     ...         for m in finetuned_per_seed]
     >>> print(format_methods(baseline, {"nullspace": aggregate_seeds(runs)}, reference=None))
     | metric | baseline | nullspace (2 seeds) |
@@ -41,9 +41,11 @@ from tqdm.auto import tqdm
 from robustvit._utils import check_images, eval_mode, model_logits
 from robustvit.certification.attacks import ATTACKS
 from robustvit.certification.plot import eps_label
-from robustvit.corruptions import MAX_SEVERITY, corrupt, corruption_names
+from robustvit.configs import RobustnessConfig
+from robustvit.corruptions import corrupt, corruption_names
 from robustvit.data import stratified_subset
 from robustvit.nullspace import token_noise
+from robustvit.settings import resolve_config
 
 __all__ = [
     "RobustnessResult",
@@ -78,7 +80,8 @@ class RobustnessResult:
         eval_sets: Accuracy on extra test sets by name (:func:`evaluate_accuracy`), set by the caller.
 
     Example:
-        >>> result = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+        >>> result = evaluate_robustness(model, test_set, max_eval_images=16, pgd_steps=2,
+        ...                              corruptions=["gaussian_noise"])
         >>> import json
         >>> RobustnessResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
         True
@@ -185,95 +188,64 @@ def _loader(
     return (accelerator.prepare_data_loader(loader) if accelerator is not None else loader), len(dataset)
 
 
-def _validate(
-    eps_linf: Sequence[float],
-    eps_l2: Sequence[float],
-    corruptions: Sequence[str],
-    severities: Sequence[int],
-    pgd_steps: int,
-    pgd_restarts: int,
-    batch_size: int,
-    max_images: int | None,
-) -> None:
-    for eps in (*eps_linf, *eps_l2):
-        if not (math.isfinite(eps) and eps > 0):
-            raise ValueError(f"attack radii must be finite and > 0, got {eps!r}")
-    unknown = sorted(set(corruptions) - set(corruption_names()))
-    if unknown:
-        raise ValueError(f"unknown corruptions {unknown}; available: {corruption_names()}")
-    if corruptions and not severities:
-        raise ValueError("corruptions need at least one severity")
-    for severity in severities:
-        if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= MAX_SEVERITY:
-            raise ValueError(f"severities must be ints from 1 to {MAX_SEVERITY}, got {severity!r}")
-    for name, value in (
-        ("pgd_steps", pgd_steps),
-        ("pgd_restarts", pgd_restarts),
-        ("batch_size", batch_size),
-        ("max_images", max_images),
-    ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
 def evaluate_robustness(
     model: nn.Module,
     dataset_or_loader: Dataset | DataLoader,
+    config: RobustnessConfig | None = None,
     *,
     noise: Tensor | None = None,
-    eps_linf: Sequence[float] = (1 / 255, 2 / 255),
-    eps_l2: Sequence[float] = (36 / 255, 72 / 255),
-    corruptions: Sequence[str] | None = None,
-    severities: Sequence[int] = (1, 3, 5),
-    pgd_steps: int = 50,
-    pgd_restarts: int = 2,
-    batch_size: int = 128,
-    max_images: int | None = None,
     accelerator: Accelerator | None = None,
     seed: int = 0,
     progress: bool = False,
+    **overrides: Any,
 ) -> RobustnessResult:
     """Clean accuracy, token-noise agreement, FGSM/PGD robust accuracy and corruption accuracy on one image set.
+
+    The settings are a :class:`~robustvit.configs.RobustnessConfig` (``config``, default: its defaults) with
+    ``overrides``, any of its fields by name (``max_eval_images=16``, ``l2_radii=[36 / 255]``...).
 
     Args:
         model: Classifier taking pixels in ``[0, 1]`` (a converted model, or a
             :class:`~robustvit.training.PixelModel`); its train/eval modes are restored afterwards.
         dataset_or_loader: ``(image, label)`` items, images ``(C, H, W)`` in ``[0, 1]``. A DataLoader contributes
             its dataset and batch size: the images are always read in order, without shuffling.
+        config: The settings: ``linf_radii``, ``l2_radii`` (attack radii in pixel units of ``[0, 1]`` images; FGSM
+            and PGD run at each), ``corruptions`` (names from :func:`robustvit.corruptions.corruption_names`;
+            ``None`` for all of them), ``severities`` (1 to 5), ``pgd_steps`` (per restart, step size
+            ``2.5 * eps / steps``), ``pgd_restarts`` (the strongest candidate per image counts; FGSM runs alongside
+            as a check for gradient masking: PGD should never do worse than FGSM at the same radius, and the radii
+            where it does are listed in ``pgd_weaker_than_fgsm``), ``eval_batch_size`` (unless a DataLoader gives
+            its own) and ``max_eval_images`` (a stratified random subset drawn with ``seed``, the same for every
+            model evaluated with that seed, never the first images of a possibly class-sorted split).
         noise: Token noise ``(1, N, D)`` (e.g. ``synthesize_noise(...).noise``); adds ``noise_agreement`` (top-1
             unchanged by the noise) and ``noise_accuracy``. Needs a model with a supported patch embedding.
-        eps_linf, eps_l2: Attack radii (FGSM and PGD run at each).
-        corruptions: Names from :func:`robustvit.corruptions.corruption_names`; ``None`` for all of them.
-        severities: Corruption severities (1 to 5).
-        pgd_steps: PGD steps per restart (step size ``2.5 * eps / steps``).
-        pgd_restarts: PGD random restarts; the strongest candidate per image counts. FGSM runs alongside as a
-            check for gradient masking: PGD should never do worse than FGSM at the same radius, and the radii
-            where it does are listed in ``pgd_weaker_than_fgsm``.
-        batch_size: Images per batch (unless a DataLoader gives its own).
-        max_images: Evaluate a stratified random subset of ``max_images`` images (drawn with ``seed``, the same
-            for every model evaluated with that seed), never the first ones of a possibly class-sorted split.
         accelerator: Shards the images over processes and gathers the results (``gather_for_metrics``, so each
             image counts once); every process returns the same numbers.
-        seed: Seeds PGD's random starts and the random corruptions (offset by the process index).
+        seed: Seeds the image subset, PGD's random starts and the random corruptions (offset by the process index).
         progress: Show a progress bar (on the local main process only).
+        **overrides: Fields of the config to change.
 
     Returns:
         A :class:`RobustnessResult` (``to_dict()`` for JSON).
 
     Raises:
+        TypeError: An override that is not a field of the config.
         ValueError: An empty dataset, items without labels, or invalid settings.
 
     Example:
-        >>> result = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+        >>> result = evaluate_robustness(model, test_set, max_eval_images=16, pgd_steps=2,
+        ...                              corruptions=["gaussian_noise"])
         >>> result.num_images, sorted(result.adversarial)[:2]
         (16, ['fgsm_l2@36/255', 'fgsm_l2@72/255'])
         >>> result.adversarial["pgd_linf@2/255"] <= result.clean_accuracy
         True
     """
-    corruptions = corruption_names() if corruptions is None else list(corruptions)
-    _validate(eps_linf, eps_l2, corruptions, severities, pgd_steps, pgd_restarts, batch_size, max_images)
+    config = resolve_config(RobustnessConfig, config, overrides)
+    corruptions = corruption_names() if config.corruptions is None else list(config.corruptions)
+    severities, eps_linf, eps_l2 = config.severities, config.linf_radii, config.l2_radii
+    pgd_steps, pgd_restarts, max_images = config.pgd_steps, config.pgd_restarts, config.max_eval_images
     start = time.perf_counter()
-    loader, num_images = _loader(dataset_or_loader, batch_size, max_images, accelerator, seed)
+    loader, num_images = _loader(dataset_or_loader, config.eval_batch_size, max_images, accelerator, seed)
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed + (accelerator.process_index if accelerator is not None else 0))
     attacks = [
@@ -357,31 +329,34 @@ def evaluate_robustness(
 def evaluate_accuracy(
     model: nn.Module,
     dataset: Dataset,
+    config: RobustnessConfig | None = None,
     *,
     class_indices: Sequence[int] | None = None,
-    batch_size: int = 128,
-    max_images: int | None = None,
     accelerator: Accelerator | None = None,
     seed: int = 0,
+    **overrides: Any,
 ) -> float:
     """Top-1 accuracy on ``dataset``, whose classes may be a subset of the model's (ImageNet-A/R style).
 
     Args:
         model: Classifier taking pixels in ``[0, 1]``.
         dataset: ``(image, label)`` items.
+        config: The evaluation's settings, as for :func:`evaluate_robustness`; only its budget counts here
+            (``eval_batch_size``, ``max_eval_images``: a stratified subset drawn with ``seed``).
         class_indices: The model's output index of each of the dataset's labels; the logits are restricted to
             these classes before the argmax (as the paper scores ImageNet-A and -R on their 200 classes).
             ``None`` when the dataset's labels are the model's classes.
-        batch_size, max_images, accelerator, seed: As in :func:`evaluate_robustness` (stratified subset, sharding).
+        accelerator, seed: As in :func:`evaluate_robustness` (sharding, the subset).
+        **overrides: Fields of the config to change.
 
     Example:
         >>> subset = [(image, label) for image, label in test_set if label in (3, 7)]  # a 2-class test set
         >>> subset = [(image, [3, 7].index(label)) for image, label in subset]  # its own labels 0, 1
-        >>> 0.0 <= evaluate_accuracy(model, subset, class_indices=[3, 7], max_images=16) <= 1.0
+        >>> 0.0 <= evaluate_accuracy(model, subset, class_indices=[3, 7], max_eval_images=16) <= 1.0
         True
     """
-    _validate((), (), [], [], 1, 1, batch_size, max_images)
-    loader, _ = _loader(dataset, batch_size, max_images, accelerator, seed)
+    config = resolve_config(RobustnessConfig, config, overrides)
+    loader, _ = _loader(dataset, config.eval_batch_size, config.max_eval_images, accelerator, seed)
     device = next(model.parameters()).device
     mapping = None if class_indices is None else torch.as_tensor(list(class_indices), dtype=torch.long, device=device)
     correct: list[Tensor] = []
@@ -399,7 +374,8 @@ def summary_rows(result: RobustnessResult) -> dict[str, float]:
     """The headline numbers of an :func:`evaluate_robustness` result, one row each, in table order.
 
     Example:
-        >>> result = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+        >>> result = evaluate_robustness(model, test_set, max_eval_images=16, pgd_steps=2,
+        ...                              corruptions=["gaussian_noise"])
         >>> list(summary_rows(result))[:2]
         ['clean accuracy', 'fgsm linf@1/255']
     """
@@ -423,7 +399,7 @@ def aggregate_seeds(results: Sequence[RobustnessResult]) -> SeedSummary:
         results: One :func:`evaluate_robustness` result per seed (all over the same images).
 
     Example:
-        >>> run_a, run_b = (evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=[])
+        >>> run_a, run_b = (evaluate_robustness(model, test_set, max_eval_images=16, pgd_steps=2, corruptions=[])
         ...                 for _ in range(2))
         >>> summary = aggregate_seeds([run_a, run_b])
         >>> summary.num_seeds, summary.std["clean accuracy"]
@@ -466,7 +442,8 @@ def format_methods(
             comparison column.
 
     Example:
-        >>> baseline = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+        >>> baseline = evaluate_robustness(model, test_set, max_eval_images=16, pgd_steps=2,
+        ...                                corruptions=["gaussian_noise"])
         >>> ce = ns = [baseline, baseline]  # in practice one result per finetuning seed
         >>> print(format_methods(baseline, {"ce": aggregate_seeds(ce), "nullspace": aggregate_seeds(ns)}))
         | metric | baseline | ce (2 seeds) | nullspace (2 seeds) | nullspace - ce |
@@ -512,7 +489,8 @@ def plot_methods(baseline: RobustnessResult, methods: Mapping[str, SeedSummary],
     Drawn with matplotlib's Agg canvas directly, so no display is needed and pyplot's global state is left alone.
 
     Example:
-        >>> baseline = evaluate_robustness(model, test_set, max_images=16, pgd_steps=2, corruptions=["gaussian_noise"])
+        >>> baseline = evaluate_robustness(model, test_set, max_eval_images=16, pgd_steps=2,
+        ...                                corruptions=["gaussian_noise"])
         >>> ce = ns = [baseline, baseline]  # in practice one result per finetuning seed
         >>> plot_methods(baseline, {"ce": aggregate_seeds(ce), "nullspace": aggregate_seeds(ns)}, "robustness.png")
         PosixPath('robustness.png')

@@ -30,7 +30,9 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, TypeVar
+
+ConfigT = TypeVar("ConfigT")
 
 __all__ = [
     "add_arguments",
@@ -43,13 +45,16 @@ __all__ = [
     "from_args",
     "parse_configs",
     "parse_radius",
+    "parse_radius_per_255",
+    "resolve_config",
 ]
 
 
 def arg(default: Any = dataclasses.MISSING, help: str = "", *, registry: str | None = None, **metadata: Any) -> Any:
     """A dataclass field that describes its flag: ``help``, and the choices: ``registry`` (``"module:NAME"`` of a
     :class:`~robustvit.registry.Registry`, a mapping or an enum, read only when a parser resolves choices) or a
-    fixed ``choices=(...)``. Further keywords: ``parse`` (the flag's ``type``), ``negatable`` (adds ``--no_<name>``).
+    fixed ``choices=(...)``. Further keywords: ``parse`` (the flag's ``type``), ``negatable`` (adds ``--no_<name>``),
+    ``per_255`` (a radius in pixel units whose flag is spelled in 1/255: ``--l2_radii 72`` is 72/255).
 
     Mutable defaults (lists) are copied for each instance.
 
@@ -104,8 +109,10 @@ def _flag(field: dataclasses.Field, annotation: Any, default: Any, resolve: bool
     choices = _choices(field, resolve)
     if choices is None and field.metadata.get("registry") and not resolve:
         help_text += f" (one of {field.metadata['registry'].replace(':', '.')})"
+    per_255 = field.metadata.get("per_255", False)
     if default is not None and default is not dataclasses.MISSING and not isinstance(default, bool):
-        help_text += f" (default: {default})"
+        shown = [_in_255ths(r) for r in default] if per_255 else default  # the flag's spelling
+        help_text += f" (default: {' '.join(shown) if per_255 else shown})"
     kwargs: dict[str, Any] = {"help": help_text, "default": default}
     if kind is bool:
         kwargs["action"] = "store_true"
@@ -114,7 +121,9 @@ def _flag(field: dataclasses.Field, annotation: Any, default: Any, resolve: bool
         kind = typing.get_args(kind)[0]
         kwargs["nargs"] = "*"  # an empty list may mean "none" (--l2_radii); the dataclass refuses where it does not
         optional = False
-    if "parse" in field.metadata:
+    if per_255:
+        kwargs["type"] = parse_radius_per_255
+    elif "parse" in field.metadata:
         kwargs["type"] = field.metadata["parse"]
     elif kind in (int, float, str):
         kwargs["type"] = _none_or(kind) if optional else kind
@@ -273,13 +282,66 @@ def _registry(location: str) -> Any:
 
 def check_choices(config: Any, *names: str) -> None:
     """Raise a ``ValueError`` listing the known names unless each field ``names`` of the dataclass ``config`` holds a
-    name of the registry its ``arg(registry=...)`` names (registered entries included)."""
+    name (a list field: names) of the registry its ``arg(registry=...)`` names (registered entries included)."""
     fields = {field.name: field for field in dataclasses.fields(config)}
     for name in names:
         registry = _registry(fields[name].metadata["registry"])
         value = getattr(config, name)
-        if value not in registry:
-            raise ValueError(f"{name} must be one of {registry.list()}, got {value!r}")
+        for item in value if isinstance(value, list) else [value]:  # a list field: each of its names
+            if item not in registry:
+                known = registry.list() if hasattr(registry, "list") else sorted(registry)
+                raise ValueError(f"{name} must be one of {known}, got {item!r}")
+
+
+def resolve_config(config_class: type[ConfigT], config: ConfigT | None, overrides: Mapping[str, Any]) -> ConfigT:
+    """The settings a library function ``f(model, data, config=None, **overrides)`` runs with: ``config`` (default:
+    ``config_class()``) with the ``overrides`` applied, built through the dataclass so that its validation runs.
+
+    Raises:
+        TypeError: ``config`` is not a ``config_class``, or an override is not one of its fields (the error lists
+            them).
+        ValueError: the dataclass's validation refuses a value.
+
+    Example:
+        >>> from robustvit.certification.config import CertificationConfig
+        >>> resolve_config(CertificationConfig, None, {"pgd_steps": 5}).pgd_steps
+        5
+        >>> resolve_config(CertificationConfig, CertificationConfig(eps=[0.5]), {"pgd_step": 5})
+        Traceback (most recent call last):
+        ...
+        TypeError: unknown setting(s) ['pgd_step'] of CertificationConfig; its fields: eps, eval_batch_size, ...
+    """
+    if config is not None and not isinstance(config, config_class):
+        raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
+    names = [field.name for field in dataclasses.fields(config_class) if field.init]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise TypeError(
+            f"unknown setting(s) {unknown} of {config_class.__name__}; its fields: {', '.join(sorted(names))}"
+        )
+    if config is None:
+        return config_class(**overrides)
+    return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _in_255ths(radius: float) -> str:
+    return f"{radius * 255:.6g}"
+
+
+def parse_radius_per_255(text: str) -> float:
+    """A radius flag spelled in 1/255 (``72``) as pixel units of ``[0, 1]`` images (``72 / 255``).
+
+    Example:
+        >>> parse_radius_per_255("72") == 72 / 255
+        True
+    """
+    try:
+        value = float(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a radius in 1/255 like 72 (meaning 72/255), got {text!r}") from err
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"a radius must be a finite number > 0, got {text!r}")
+    return value / 255
 
 
 def parse_radius(text: str) -> float:

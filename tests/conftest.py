@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from robustvit.conversion import timm_metadata
 from robustvit.families import TINY_MODELS, create_tiny_model, family_by_name, registered_families, tiny_models
 
 # Many tiny ops: with two busy shared cores, intra-op threads mostly spin and wait for each other (a 200-step
@@ -33,7 +34,8 @@ NUM_CLASSES = 10
 # family and its tiny models puts it in every test parametrized over these.
 ALL_FAMILIES = tuple(tiny_models())
 REPRESENTATIVES = tuple(tiny_models(family)[0] for family in registered_families())  # one per family
-TIMM_FAMILIES = tuple(tiny_models("timm-vit"))  # the library-specific contracts (timm's, transformers')
+# The library-specific contracts (timm's, transformers'): every timm family's tiny models.
+TIMM_FAMILIES = tuple(name for family in timm_metadata.TIMM_FAMILIES for name in tiny_models(family))
 # transformers' own encoders (embeddings, layers, a config of the vision encoder): not a timm model in a TimmWrapper.
 HF_ENCODER_FAMILIES = tuple(
     name for name in ALL_FAMILIES if hasattr(family_by_name(TINY_MODELS[name].family), "layers")

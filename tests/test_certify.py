@@ -237,11 +237,9 @@ def test_l2_attention_certificates_survive_pgd(l2_model, digits) -> None:
 def _head_rows(model: nn.Module) -> torch.Tensor:
     """The rows of the linear map from the features the certificate bounds to the logits, read off the model."""
     model = getattr(model, "timm_model", model)  # transformers' TimmWrapper
-    if isinstance(model, timm.models.vision_transformer.VisionTransformer):
-        if hasattr(model, "head_dist"):  # eval mode: (head(x_cls) + head_dist(x_dist)) / 2
-            return torch.cat([model.head.weight, model.head_dist.weight], dim=1) / 2
-        return model.head.weight
-    return model.classifier.weight
+    if hasattr(model, "head_dist"):  # timm's distilled ViT in eval mode: (head(x_cls) + head_dist(x_dist)) / 2
+        return torch.cat([model.head.weight, model.head_dist.weight], dim=1) / 2
+    return model.classifier.weight if hasattr(model, "classifier") else model.head.weight  # transformers / timm
 
 
 def brute_force(model: nn.Module, images: torch.Tensor) -> tuple[list[int], list[float]]:

@@ -235,3 +235,35 @@ def test_an_existing_output_folder_is_refused_unless_overwrite(
         assert (output / "README.md").read_text() == "my notes"
     assert main([*certify, "--overwrite"]) == 0
     assert Certificate.load(output / "certificate.json").num_samples == 8
+
+
+def test_certify_split_certifies_a_dataset_object_and_leaves_a_training_model_as_it_was(tmp_path: Path) -> None:
+    import timm
+    import torch
+
+    from robustvit.certify_split import certify_split
+    from robustvit.data import load_image_dataset
+
+    torch.manual_seed(0)
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48, num_heads=3, num_classes=10
+    )
+    model = robustvit.convert(vit).train()  # as a recipe's training leaves it
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    data = load_image_dataset(split="test", image_size=32)
+    certificate = certify_split(
+        model, data, output_dir=tmp_path, model_dir=tmp_path / "model", max_eval_images=8, pgd_steps=1,
+        record={"history": [{"epoch": 0}]},
+    )  # fmt: skip
+    assert model.training  # modes restored, and no rescaled weight took a power-iteration step on the way
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+    assert Certificate.load(tmp_path / "certificate.json") == certificate
+    assert robustvit.from_pretrained(tmp_path / "model").certificate == certificate
+    assert certificate.weights_sha256 is not None
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["history"] == [{"epoch": 0}] and metrics["num_samples"] == 8 and metrics["dataset"] == "digits"
+    assert metrics["certified_accuracy"] == {r.label: r.certified_accuracy for r in certificate.results}
+    with pytest.raises(ValueError, match="split='train' goes with a dataset name"):
+        certify_split(model, data, output_dir=tmp_path / "again", split="train")
+    with pytest.raises(TypeError, match="unknown setting"):
+        certify_split(model, data, output_dir=tmp_path / "again", max_images=8)

@@ -15,7 +15,9 @@ from robustvit.configs import (
     ConvertConfig,
     EvaluationConfig,
     LipschitzTrainingConfig,
+    NoiseSynthesisConfig,
     NullspaceFinetuningConfig,
+    RobustnessConfig,
     RunConfig,
     add_arguments,
     parse_configs,
@@ -27,6 +29,7 @@ from robustvit.nullspace.methods import FINETUNING_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [ConvertConfig, RunConfig, LipschitzTrainingConfig, NullspaceFinetuningConfig, CertificationConfig,
+           NoiseSynthesisConfig, RobustnessConfig,
            EvaluationConfig]  # fmt: skip
 
 

@@ -26,8 +26,8 @@ from torch.nn.utils import parametrize
 
 import robustvit
 from robustvit import ConvertConfig, UnsupportedModuleError
-from robustvit.families import get_family
-from robustvit.layers import CenterNorm, L2Attention, MinMax, NormalizedConv2d, TokenShift
+from robustvit.families import RMS_NORM_TYPES, get_family
+from robustvit.layers import CenterNorm, L2Attention, MinMax, NormalizedConv2d, RmsScale, TokenShift
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
 
 FAMILIES = ALL_FAMILIES
@@ -68,8 +68,8 @@ def test_convert_forward_backward_and_interface(family):
     unread = getattr(get_family(model), "unread", ())  # outside the logits' function, left as they are
     read = [m for name, m in model.named_modules() if not any(name.startswith(u) for u in unread)]
     kinds = {parametrize.type_before_parametrizations(m) for m in read}
-    assert NormalizedConv2d in kinds and CenterNorm in kinds and TokenShift in kinds
-    assert nn.LayerNorm not in kinds
+    assert NormalizedConv2d in kinds and kinds & {CenterNorm, RmsScale} and TokenShift in kinds
+    assert not any(issubclass(kind, nn.LayerNorm) or kind in RMS_NORM_TYPES for kind in kinds)
 
     x = pixels(3)
     model.train()
@@ -324,7 +324,7 @@ def _timm_swin():
         lambda: nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Flatten(), nn.Linear(8 * 64, 10)),
         # ViT configurations the converter does not model
         lambda: timm.create_model(
-            "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, global_pool="map", num_classes=3
+            "beit_base_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=48, global_pool="", num_classes=3
         ),
         lambda: timm.create_model(
             "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, qk_norm=True, num_classes=3
@@ -342,7 +342,7 @@ def _timm_swin():
         "hf_swin",
         "hf_bert",
         "sequential",
-        "vit_map",
+        "beit_unpooled",
         "vit_qk_norm",
         "vit_dynamic",
         "vit_maxpool",
@@ -388,9 +388,12 @@ def test_calibration_images_are_checked():
 
 
 def center(norm: nn.Module, x: torch.Tensor, input_std: float = 1.0) -> torch.Tensor:
-    """What a converted LayerNorm computes: LayerNorm with the token std replaced by a constant."""
+    """What a converted LayerNorm computes: LayerNorm with the token std replaced by a constant (an RMSNorm: with
+    the token RMS replaced by a constant, the default ``rms_norm="scale"``)."""
     if isinstance(norm, nn.Identity):
         return x
+    if type(norm) in RMS_NORM_TYPES:
+        return norm.weight * x / input_std
     return norm.weight * (x - x.mean(-1, keepdim=True)) / input_std + norm.bias
 
 
@@ -424,13 +427,54 @@ def prefix_pool(x, prefix):
     return torch.cat((patches.mean(dim=1, keepdim=True).expand(-1, prefix, -1), patches), dim=1)
 
 
+def _layer_scale(blk, i):
+    """timm ViT's LayerScale module ``ls{i}`` or BEiT / EVA's bare ``gamma_{i}`` parameter, as a function."""
+    if hasattr(blk, f"ls{i}"):
+        return getattr(blk, f"ls{i}")
+    gamma = getattr(blk, f"gamma_{i}")
+    return (lambda h: h) if gamma is None else (lambda h: gamma * h)
+
+
+def _mlp_reference(mlp, x, activation):
+    """A timm MLP with its activation swapped; a gated one (SwiGLU / GluMlp) as the default ``gated_mlp="value"``
+    substitute: its value branch, activation, hidden norm and fc2, without the gate."""
+    if isinstance(mlp, timm.layers.SwiGLU):
+        fc1 = mlp.fc1_x
+    elif isinstance(mlp, timm.layers.GluMlp):
+        value = mlp.fc1.weight.chunk(2)[0 if mlp.gate_last else 1], mlp.fc1.bias.chunk(2)[0 if mlp.gate_last else 1]
+        fc1 = lambda h: h @ value[0].T + value[1]  # noqa: E731
+    else:
+        fc1 = mlp.fc1
+    h = fc1(x)
+    h = MinMax()(h) if activation == "minmax" else mlp.act(h)
+    return mlp.fc2(center(mlp.norm, h))
+
+
+def _embed(source, x):
+    if hasattr(source, "_pos_embed"):
+        x = source._pos_embed(x)
+        return x[0] if isinstance(x, tuple) else x  # EVA's also returns the rotary embedding
+    x = torch.cat((source.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # BEiT
+    return x + source.pos_embed if source.pos_embed is not None else x
+
+
+def _attention_pool_reference(source, x, activation):
+    """A MAP head with uniform attention: ``y = proj(v(mean(tokens)))``, then ``y + mlp(norm(y))``."""
+    pool = source.attn_pool
+    if isinstance(source, timm.models.vision_transformer.VisionTransformer) and not source.pool_include_prefix:
+        x = x[:, source.num_prefix_tokens :]
+    w, b = pool.kv.weight.chunk(2)[1], pool.kv.bias.chunk(2)[1]
+    y = pool.proj(x.mean(1) @ w.T + b)
+    return y + _mlp_reference(pool.mlp, center(pool.norm, y), activation)
+
+
 def timm_reference(source, model, x_raw, activation, mixer):
     spec = get_family(source).input_spec(source)
     x = (x_raw - torch.tensor(spec.mean).view(1, -1, 1, 1)) / torch.tensor(spec.std).view(1, -1, 1, 1)
     x = source.patch_embed.proj(x).flatten(2).transpose(1, 2)
     x = center(source.patch_embed.norm, x)
-    x = source._pos_embed(x)
-    x = center(source.norm_pre, x)
+    x = _embed(source, x)
+    x = center(getattr(source, "norm_pre", nn.Identity()), x)
     grid, prefix, dim = tuple(source.patch_embed.grid_size), source.num_prefix_tokens, source.embed_dim
     for i, blk in enumerate(source.blocks):
         if mixer == "shift":
@@ -442,19 +486,17 @@ def timm_reference(source, model, x_raw, activation, mixer):
             ref = ReferenceL2(
                 dim, blk.attn.num_heads, x.shape[1], q, v, bv, blk.attn.proj, None, scale_of(conv_attn.q_proj)
             )
-            x = x + blk.ls1(ref(center(blk.norm1, x)))
-        h = blk.mlp.fc2(
-            MinMax()(blk.mlp.fc1(center(blk.norm2, x)))
-            if activation == "minmax"
-            else blk.mlp.act(blk.mlp.fc1(center(blk.norm2, x)))
-        )
-        x = x + blk.ls2(h)
+            x = x + _layer_scale(blk, 1)(ref(center(blk.norm1, x)))
+        x = x + _layer_scale(blk, 2)(_mlp_reference(blk.mlp, center(blk.norm2, x), activation))
     if mixer == "shift" and (source.global_pool == "token" or hasattr(source, "dist_token")):
         x = prefix_pool(x, source.num_prefix_tokens)
     x = center(source.norm, x)
     if type(source).__name__ == "VisionTransformerDistilled":
         return (source.head(x[:, 0]) + source.head_dist(x[:, 1])) / 2, x
-    pooled = x[:, 0] if source.global_pool == "token" else x[:, prefix:].mean(1)
+    if source.global_pool == "map":
+        pooled = _attention_pool_reference(source, x, activation)
+    else:
+        pooled = x[:, 0] if source.global_pool == "token" else x[:, prefix:].mean(1)
     return source.head(center(source.fc_norm, pooled)), x
 
 

@@ -288,3 +288,32 @@ def test_test_split_labels_map_by_class_name_from_the_training_split(tmp_path):
         r"Its classes: \['8', '9'\]; the training split's: \['cat', 'dog'\]",
     ):
         alone.align_labels(["cat", "dog"])
+
+
+def test_a_run_can_train_on_a_stratified_subset_of_transformed_images() -> None:
+    # RunConfig.max_train_images / image_transform, as the recipes' load_splits reads them: the low-data and the
+    # other-data settings of bench/bench_transfer.py.
+    from accelerate import Accelerator
+
+    from robustvit.configs import RunConfig
+    from robustvit.data import dataset_labels
+    from robustvit.workflows.phases import load_splits
+
+    accelerator = Accelerator(cpu=True)
+    plain_train, plain_test = load_splits(accelerator, RunConfig(image_size=16))
+    train, test = load_splits(accelerator, RunConfig(image_size=16, max_train_images=144, image_transform="invert"))
+    assert len(train) == 144 and len(test) == len(plain_test) == 360 and train.num_classes == 10
+    counts = torch.bincount(dataset_labels(train), minlength=10)
+    assert counts.min() >= 14 and counts.max() <= 15  # 10 % of each class
+    assert all(torch.equal(test[i][0], 1.0 - plain_test[i][0]) and test[i][1] == plain_test[i][1] for i in (0, 99))
+    # The subset is seeded: another --seed, other images; the same seed, the same ones.
+    again, _ = load_splits(accelerator, RunConfig(image_size=16, max_train_images=144, image_transform="invert"))
+    other, _ = load_splits(accelerator, RunConfig(image_size=16, max_train_images=144, seed=1))
+    assert again.indices == train.indices != other.indices
+    assert torch.equal(train[0][0], 1.0 - plain_train[train.indices[0]][0])
+    rotated, _ = load_splits(accelerator, RunConfig(image_size=16, image_transform="rot90"))
+    assert torch.equal(rotated[5][0], torch.rot90(plain_train[5][0], 1, dims=(-2, -1)))
+    with pytest.raises(KeyError, match="rot90"):  # an unknown transform names the known ones
+        load_splits(accelerator, RunConfig(image_size=16, image_transform="rot45"))
+    with pytest.raises(ValueError, match="max_train_images"):
+        RunConfig(max_train_images=0)

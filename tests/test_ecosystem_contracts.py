@@ -4,6 +4,7 @@ every registered family's source and converted copy. What cannot hold is listed 
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 from conftest import (
     ALL_FAMILIES,
@@ -14,6 +15,7 @@ from conftest import (
     build_model,
     logits_of,
 )
+from timm.layers import create_feature_extractor, get_graph_node_names
 
 import robustvit
 from robustvit.families import get_family
@@ -48,12 +50,14 @@ def test_forward_backward_and_eval_determinism(family):
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_prefix_tokens_that_cannot_reach_the_head_are_frozen(family):
-    model = robustvit.convert(build_model(family))
-    adapter = get_family(model)
-    embeddings = adapter.embeddings(model) if family in HF_ENCODER_FAMILIES else getattr(model, "timm_model", model)
-    names = ("cls_token", "dist_token", "distillation_token", "reg_token", "register_tokens", "class_embedding")
-    tokens = [getattr(embeddings, name) for name in names if getattr(embeddings, name, None) is not None]
-    assert all(not token.requires_grad for token in tokens)
+    source = build_model(family)
+    parts = get_family(source).parts(source)
+    names = {id(parameter): name for name, parameter in source.named_parameters()}
+    tokens = [names[id(token)] for token in parts.prefix_tokens]
+    model = robustvit.convert(source)
+    parameters = dict(model.named_parameters())
+    # A pooling that reads the prefix tokens (EVA's attention pool reads every token) lets them reach the head.
+    assert all(parameters[name].requires_grad == parts.pool_reads_prefix for name in tokens)
     if not tokens:  # SigLIP has no prefix tokens: the shift model freezes nothing
         assert family == "hf_siglip" and all(p.requires_grad for p in model.parameters())
     with_l2 = robustvit.convert(build_model(family), mixer="l2")  # attention mixes them: they stay trainable
@@ -79,13 +83,58 @@ def test_timm_forward_intermediates_and_grad_checkpointing(family):
 
 @pytest.mark.parametrize("family", TIMM_FAMILIES)
 def test_timm_pretrained_cfg_describes_the_converted_model(family):
-    """timm test_model_default_cfgs: the cfg's input size is the model's, and it names existing modules."""
+    """timm test_model_default_cfgs: the cfg's input size is the model's, and it names existing modules. timm also
+    asks for ``<classifier>.weight`` in the state dict; a parametrized weight is stored as
+    ``<classifier>.parametrizations.weight.original``, and the cfg's notes say so (docs/ecosystem.md)."""
     model = robustvit.convert(build_model(family))
     cfg = model.pretrained_cfg
     assert cfg["input_size"] == (3, IMG, IMG) and cfg["mean"] == (0.0,) * 3 and cfg["std"] == (1.0,) * 3
-    modules = dict(model.named_modules())
+    state = model.state_dict()
     classifiers = cfg["classifier"] if isinstance(cfg["classifier"], (tuple, list)) else (cfg["classifier"],)
-    assert all(name in modules for name in (cfg["first_conv"], *classifiers))
+    for name in (cfg["first_conv"], *classifiers):  # a head the bound never reads (DeiT's head_dist) stays plain
+        assert (f"{name}.weight" in state) != (f"{name}.parametrizations.weight.original" in state), name
+    assert any("parametrizations.weight.original" in note for note in cfg["notes"])
+    timm.models.PretrainedCfg(**cfg)  # timm reads a saved cfg back through its dataclass: no field of our own
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_fx_feature_extraction_forward_and_backward(family):
+    """timm test_model_forward_fx / test_model_backward_fx, through timm's own tracer settings (leaf modules,
+    autowrapped functions): the eval graph computes the model, and still refuses normalized pixels; in the train graph
+    every parameter gets a gradient except the prefix tokens the cfg's notes name as frozen (they cannot change any
+    output under the token shift). Only the converted model: timm's own attention does not trace on every torch the
+    declared range allows (torch 2.7 hands a traced ``is_causal`` to scaled_dot_product_attention)."""
+    model = robustvit.convert(build_model(family))
+    train_nodes, eval_nodes = get_graph_node_names(model)
+    model.eval()
+    graph = create_feature_extractor(model, [eval_nodes[-1]]).eval()
+    with torch.no_grad():
+        (out,) = graph(_pixels()).values()
+        torch.testing.assert_close(out, model(_pixels()))
+    with pytest.raises(ValueError, match=r"pixels must lie in \[0, 1\]"):
+        graph(_pixels() * 2 - 1)
+    model.train()
+    graph = create_feature_extractor(model, [train_nodes[-1]]).train()
+    (out,) = graph(_pixels()).values()
+    out.mean().backward()
+    no_grad = {name for name, p in model.named_parameters() if p.grad is None}
+    notes = " ".join(model.pretrained_cfg.get("notes") or ())
+    assert all(name in notes and "frozen" in notes for name in no_grad), no_grad
+
+
+@pytest.mark.parametrize("family", TIMM_FAMILIES)
+def test_timm_grad_checkpointing_gives_the_same_gradients(family):
+    """ModelTesterMixin test_training_gradient_checkpointing, on timm's set_grad_checkpointing."""
+    model = robustvit.convert(build_model(family)).train()
+    gradients = []
+    for checkpointing in (False, True):
+        model.set_grad_checkpointing(checkpointing)
+        model.zero_grad()
+        model(_pixels()).sum().backward()
+        gradients.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys()
+    for name, grad in gradients[0].items():
+        torch.testing.assert_close(gradients[1][name], grad, msg=name)
 
 
 def test_timm_feature_extractor_num_classes_0_converts():

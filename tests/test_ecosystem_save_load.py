@@ -163,7 +163,10 @@ def test_timm_save_for_hf_round_trips_through_local_dir(family, tmp_path, images
         timm.create_model(f"local-dir:{tmp_path / 'pickle'}", pretrained=True)
     timm.models.save_for_hf(model, tmp_path, safe_serialization=True)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["architecture"] == "robustvit" and config["model_args"]["robustvit"]["family"] == "timm-vit"
+    assert (
+        config["architecture"] == "robustvit"
+        and config["model_args"]["robustvit"]["family"] == TINY_MODELS[family].family
+    )
     assert config["pretrained_cfg"]["mean"] == [0.0] * 3 and config["pretrained_cfg"]["std"] == [1.0] * 3
     loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
     assert type(loaded) is type(model) and robustvit.is_converted(loaded)
@@ -178,26 +181,63 @@ def test_timm_save_for_hf_round_trips_through_local_dir(family, tmp_path, images
         timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=5)
 
 
+# Runs in a fresh interpreter: robustvit not imported, or (BLOCK) not installed at all.
+_LOAD_WITHOUT_ROBUSTVIT = """
+import importlib.abc, sys, timm, torch, transformers
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "robustvit":
+            raise ModuleNotFoundError("No module named 'robustvit'")
+timm_dir, hf_dir, hub_dir, pixels = sys.argv[1:5]
+def report(load):
+    try:
+        model = load()
+    except Exception as err:
+        print(chr(10) + "REFUSED", str(err).replace(chr(10), " ")[:600])  # after transformers' unanswered prompt
+    else:
+        with torch.no_grad():
+            same = torch.equal(model.eval()(torch.load(pixels)).logits, torch.load(pixels + ".logits"))
+        print(chr(10) + "LOADED", type(model.config).__name__, "same outputs" if same else "OTHER OUTPUTS")
+auto = transformers.AutoModelForImageClassification.from_pretrained
+report(lambda: timm.create_model("local-dir:" + timm_dir, pretrained=True))
+report(lambda: auto(hf_dir))
+report(lambda: auto(hub_dir))
+sys.meta_path.insert(0, Blocked())
+report(lambda: auto(hf_dir, trust_remote_code=True))
+sys.meta_path.pop(0)
+report(lambda: auto(hf_dir, trust_remote_code=True))
+report(lambda: auto(hub_dir, trust_remote_code=True))
+"""
+
+
 @pytest.mark.slow
-def test_libraries_without_robustvit_refuse_converted_folders(tmp_path):
+def test_libraries_without_robustvit_refuse_converted_folders_and_say_how_to_load(tmp_path):
     timm_dir, hf_dir = tmp_path / "timm", tmp_path / "hf"
     timm.models.save_for_hf(_converted("timm_token"), timm_dir, safe_serialization=True)
-    _converted("hf_vit").save_pretrained(hf_dir)
-    script = (
-        "import sys, timm, transformers\n"
-        "for load in (lambda: timm.create_model('local-dir:' + sys.argv[1], pretrained=True),\n"
-        "             lambda: transformers.AutoModelForImageClassification.from_pretrained(sys.argv[2])):\n"
-        "    try:\n"
-        "        load()\n"
-        "    except Exception as err:\n"
-        "        print('REFUSED', str(err).replace(chr(10), ' ')[:300])\n"
-        "    else:\n"
-        "        print('LOADED')\n"
-    )
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    hf = _converted("hf_vit")
+    hf.save_pretrained(hf_dir)
+    robustvit.save_pretrained(hf, tmp_path / "hub")  # robustvit's own format, uncertified
+    pixels = torch.rand(2, 3, IMG, IMG)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    with torch.no_grad():
+        torch.save(hf(pixels).logits, tmp_path / "pixels.pt.logits")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    folders = (timm_dir, hf_dir, tmp_path / "hub", tmp_path / "pixels.pt")
     result = subprocess.run(
-        [sys.executable, "-c", script, str(timm_dir), str(hf_dir)], capture_output=True, text=True, env=env, timeout=120
-    )
+        [sys.executable, "-c", _LOAD_WITHOUT_ROBUSTVIT, *map(str, folders)],
+        capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
     lines = [line for line in result.stdout.splitlines() if line.startswith(("REFUSED", "LOADED"))]
-    assert len(lines) == 2 and all(line.startswith("REFUSED") for line in lines), result.stdout + result.stderr
-    assert "robustvit" in lines[0] and "robustvit" in lines[1]
+    assert len(lines) == 6, result.stdout + result.stderr
+    timm_refusal, auto_refusal, hub_refusal, not_installed, trusted, hub_trusted = lines
+    assert timm_refusal.startswith("REFUSED") and "robustvit" in timm_refusal
+    # transformers runs a folder's own loader only when asked: its refusal names the switch ...
+    assert auto_refusal.startswith("REFUSED") and "trust_remote_code=True" in auto_refusal, auto_refusal
+    # ... which imports robustvit and hands over to its registered loader: the converted model, unchanged
+    assert trusted == "LOADED RobustViTConfig same outputs", result.stdout + result.stderr
+    # and without robustvit installed, transformers says what to install
+    assert not_installed.startswith("REFUSED") and "pip install robustvit" in not_installed, not_installed
+    assert "robustvit.from_pretrained" in (hf_dir / "robustvit_loader.py").read_text()
+    # robustvit's own folders carry the same config record and loader
+    assert hub_refusal.startswith("REFUSED") and "trust_remote_code=True" in hub_refusal, hub_refusal
+    assert hub_trusted == "LOADED RobustViTConfig same outputs", result.stdout + result.stderr

@@ -29,8 +29,8 @@ from robustvit.training import PixelModel
 
 SIZE = 16
 FAST = {
-    "eps_linf": (2 / 255,),
-    "eps_l2": (0.5,),
+    "linf_radii": (2 / 255,),
+    "l2_radii": (0.5,),
     "corruptions": ["contrast", "jpeg"],
     "severities": (1, 5),
     "pgd_steps": 3,
@@ -72,7 +72,7 @@ def _vit() -> PixelModel:
 
 
 def test_constant_classifier_is_exactly_as_robust_as_it_is_accurate() -> None:
-    result = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, **FAST)
+    result = evaluate_robustness(ConstantClassifier(), _dataset(), eval_batch_size=4, **FAST)
     share_of_class_0 = 0.5
     assert result.num_images == 10
     assert result.clean_accuracy == pytest.approx(share_of_class_0)
@@ -90,7 +90,9 @@ def test_max_images_is_a_stratified_random_subset_not_the_first_images() -> None
     labels = torch.tensor([0] * 6 + [1] * 6 + [2] * 6)
     images = torch.rand(18, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     data = TensorImageDataset(images, labels, class_names=["a", "b", "c"], name="sorted", split="test")
-    result = evaluate_robustness(ConstantClassifier(), data, max_images=6, corruptions=[], eps_linf=(), eps_l2=())
+    result = evaluate_robustness(
+        ConstantClassifier(), data, max_eval_images=6, corruptions=[], linf_radii=(), l2_radii=()
+    )
     assert result.num_images == 6
     assert result.clean_accuracy == pytest.approx(1 / 3)  # 2 images of each class; the constant says class 0
     from robustvit.data import stratified_subset
@@ -104,7 +106,7 @@ def test_vit_results_are_consistent_and_respect_max_images() -> None:
     model = _vit()
     model.train()
     zero_noise = torch.zeros(1, 4, 32)
-    result = evaluate_robustness(model, _dataset(), noise=zero_noise, max_images=7, batch_size=3, **FAST)
+    result = evaluate_robustness(model, _dataset(), noise=zero_noise, max_eval_images=7, eval_batch_size=3, **FAST)
     assert model.training  # modes restored
     assert result.num_images == 7
     assert result.noise_agreement == 1.0 and result.noise_accuracy == result.clean_accuracy
@@ -112,14 +114,14 @@ def test_vit_results_are_consistent_and_respect_max_images() -> None:
     assert all(value <= result.clean_accuracy for value in result.adversarial.values())
     # A DataLoader contributes its dataset and batch size; results are identical.
     from_loader = evaluate_robustness(
-        model, DataLoader(_dataset(), batch_size=3), noise=zero_noise, max_images=7, **FAST
+        model, DataLoader(_dataset(), batch_size=3), noise=zero_noise, max_eval_images=7, **FAST
     )
     assert dataclasses.replace(from_loader, seconds=0.0) == dataclasses.replace(result, seconds=0.0)
 
 
 def test_token_noise_lowers_agreement() -> None:
     noise = 50 * torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0))
-    result = evaluate_robustness(_vit(), _dataset(), noise=noise, corruptions=[], eps_linf=(), eps_l2=())
+    result = evaluate_robustness(_vit(), _dataset(), noise=noise, corruptions=[], linf_radii=(), l2_radii=())
     assert result.noise_agreement < 1.0
     assert result.adversarial == {} and result.corruptions == {} and result.corruption_accuracy is None
     assert "corruption_accuracy" not in result.to_dict()
@@ -142,12 +144,12 @@ def test_bad_input_gives_clear_errors() -> None:
         evaluate_robustness(model, empty)
     with pytest.raises(ValueError, match="Labelled data is needed"):
         evaluate_robustness(model, _Unlabelled())
-    with pytest.raises(ValueError, match="unknown corruptions"):
+    with pytest.raises(ValueError, match="corruptions must be one of"):
         evaluate_robustness(model, _dataset(), corruptions=["fog"])
     with pytest.raises(ValueError, match="severities"):
         evaluate_robustness(model, _dataset(), severities=(6,))
     with pytest.raises(ValueError, match="radii"):
-        evaluate_robustness(model, _dataset(), eps_linf=(-1.0,))
+        evaluate_robustness(model, _dataset(), linf_radii=(-1.0,))
 
 
 def _two_process_evaluation(expected: RobustnessResult) -> None:
@@ -156,7 +158,7 @@ def _two_process_evaluation(expected: RobustnessResult) -> None:
     torch.set_num_threads(1)
     accelerator = Accelerator(cpu=True)
     # 10 images over 2 processes in batches of 4: the last batch is padded, gather_for_metrics drops the padding.
-    result = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, accelerator=accelerator, **FAST)
+    result = evaluate_robustness(ConstantClassifier(), _dataset(), eval_batch_size=4, accelerator=accelerator, **FAST)
     assert accelerator.num_processes == 2
     assert result.num_images == 10
     assert result.clean_accuracy == pytest.approx(expected.clean_accuracy)
@@ -166,7 +168,7 @@ def _two_process_evaluation(expected: RobustnessResult) -> None:
 
 @pytest.mark.distributed
 def test_results_are_gathered_across_processes() -> None:
-    expected = evaluate_robustness(ConstantClassifier(), _dataset(), batch_size=4, **FAST)
+    expected = evaluate_robustness(ConstantClassifier(), _dataset(), eval_batch_size=4, **FAST)
     debug_launcher(_two_process_evaluation, args=(expected,), num_processes=2)
 
 
@@ -185,7 +187,7 @@ def test_accuracy_on_a_subset_of_the_classes_restricts_the_logits() -> None:
     subset = TensorImageDataset(images, torch.tensor([0, 0, 0, 1]), class_names=["c", "b"], name="r", split="test")
     assert evaluate_accuracy(Fixed(), subset, class_indices=[2, 1]) == pytest.approx(0.75)
     full = TensorImageDataset(images, torch.tensor([0, 0, 1, 2]), class_names=["a", "b", "c"], name="f", split="t")
-    assert evaluate_accuracy(Fixed(), full, batch_size=3) == pytest.approx(0.5)
+    assert evaluate_accuracy(Fixed(), full, eval_batch_size=3) == pytest.approx(0.5)
 
 
 def _result(clean: float, pgd: float) -> RobustnessResult:
@@ -232,7 +234,7 @@ def test_within_spread() -> None:
 
 
 def test_results_are_dataclasses_whose_dicts_are_the_report_records() -> None:
-    result = evaluate_robustness(ConstantClassifier(), _dataset(), noise=None, batch_size=4, **FAST)
+    result = evaluate_robustness(ConstantClassifier(), _dataset(), noise=None, eval_batch_size=4, **FAST)
     result.eval_sets = {"imagenet_r": 0.25}
     record = json.loads(json.dumps(result.to_dict()))  # JSON-ready
     assert list(record) == [

@@ -22,6 +22,7 @@ import robustvit
 from robustvit.nullspace import NullspaceNoise, patch_embedding_nullspace
 from robustvit.training import PixelModel, cosine_schedule, latest_checkpoint, loop, models
 from robustvit.training import load_model as build_model
+from robustvit.workflows import nullspace_finetuning, phases
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "finetune_nullspace.py"
@@ -113,7 +114,7 @@ def test_resume_in_the_middle_of_the_controls(recipe: ModuleType, tmp_path: Path
     # Calls to train_epoch: pretraining 1, nullspace 2 epochs, ce 2 epochs. Interrupt the 5th (ce's epoch 1).
     argv = [*TINY, "--epochs", "2", "--output_dir", str(tmp_path)]
     calls = []
-    train_epoch = recipe.train_epoch
+    train_epoch = phases.train_epoch
 
     def interrupted(*args, **kwargs):
         calls.append(kwargs["description"])
@@ -121,7 +122,7 @@ def test_resume_in_the_middle_of_the_controls(recipe: ModuleType, tmp_path: Path
             raise _Interrupted
         return train_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(recipe, "train_epoch", interrupted)
+    monkeypatch.setattr(phases, "train_epoch", interrupted)
     with pytest.raises(_Interrupted):
         recipe.main(argv)
     assert calls[-1] == "ce seed 0 epoch 1"
@@ -167,8 +168,10 @@ def test_a_run_resumed_inside_an_epoch_trains_with_that_epochs_noise(
     monkeypatch.setattr(loop, "save_checkpoint", save)
     AcceleratorState._reset_state(reset_partial_state=True)
     searches = []
-    synthesize = recipe.training_noise
-    monkeypatch.setattr(recipe, "training_noise", lambda *a, **k: searches.append(a[3]) or synthesize(*a, **k))
+    synthesize = nullspace_finetuning.training_noise
+    monkeypatch.setattr(
+        nullspace_finetuning, "training_noise", lambda *a, **k: searches.append(a[3]) or synthesize(*a, **k)
+    )
     recipe.main([*argv, "--resume", "--output_dir", str(tmp_path / "B")])
     assert searches == []  # the epoch's noise came back with the checkpoint
     run = Path("runs") / "nullspace" / "seed_0"
@@ -204,7 +207,7 @@ def test_unconverged_noise_is_reported_and_the_user_chooses(recipe: ModuleType, 
         )
     report = recipe.main([*strict, "--unconverged_noise", "train", "--output_dir", str(tmp_path / "b")])
     run = report["methods"]["nullspace"]["seeds"][0]
-    assert run["noise_reached_eps"] == "0 of 1" and run["history"][0]["noise"]["reached_eps"] is False
+    assert run["noise_reached_tolerance"] == "0 of 1" and run["history"][0]["noise"]["reached_tolerance"] is False
     assert report["config"]["finetuning"]["nullspace_tol"] == 1e-12 and "eps" not in report["config"]["finetuning"]
 
 

@@ -241,9 +241,9 @@ def test_synthesized_noise_meets_eps_and_beats_a_same_norm_control(digits_vit) -
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     loader = DataLoader(TensorDataset(images[:256]), batch_size=64)
     result = synthesize_noise(
-        model, loader, eps=0.03, rounds=30, progress=False, generator=torch.Generator().manual_seed(0)
+        model, loader, tolerance=0.03, rounds=30, progress=False, generator=torch.Generator().manual_seed(0)
     )
-    assert result.reached_eps and result.prob_mse < 0.03 and result.steps > 0
+    assert result.reached_tolerance and result.prob_mse < 0.03 and result.steps > 0
     assert result.noise.shape == (1, (SIZE // PATCH) ** 2, DIM)
     assert result.l2_norm == pytest.approx(float(result.noise.norm()))
     # The model is untouched: same weights, no gradients, training mode restored.
@@ -270,9 +270,9 @@ def test_synthesized_noise_meets_eps_and_beats_a_same_norm_control(digits_vit) -
 def test_random_control_shrinks_gaussian_noise_until_within_eps() -> None:
     generator = torch.Generator().manual_seed(0)
     result = synthesize_noise(
-        _confident_model(), _loader(), eps=0.01, kind="random", rounds=20, progress=False, generator=generator
+        _confident_model(), _loader(), tolerance=0.01, kind="random", rounds=20, progress=False, generator=generator
     )
-    assert result.kind == "random" and result.reached_eps and result.steps > 0 and result.lr_range is None
+    assert result.kind == "random" and result.reached_tolerance and result.steps > 0 and result.lr_range is None
     start = torch.randn(result.noise.shape, generator=torch.Generator().manual_seed(0))  # the same draw
     torch.testing.assert_close(result.noise, start * RANDOM_SHRINK**result.steps)
     # One step less would not have been within eps: it stops at the first noise that is.
@@ -280,40 +280,42 @@ def test_random_control_shrinks_gaussian_noise_until_within_eps() -> None:
 
 
 def test_noise_learning_rate_stays_near_constant_as_in_the_paper() -> None:
-    result = synthesize_noise(_confident_model(), _loader(), eps=1e-9, rounds=3, lr=0.1, progress=False)
-    assert result.kind == "nullspace" and result.steps == 6 and not result.reached_eps
+    result = synthesize_noise(_confident_model(), _loader(), tolerance=1e-9, rounds=3, lr=0.1, progress=False)
+    assert result.kind == "nullspace" and result.steps == 6 and not result.reached_tolerance
     first, last = result.lr_range
     assert first == pytest.approx(0.1) and 0.97 * first < last < first  # cosine over 10x the planned steps
     decaying = synthesize_noise(
-        _confident_model(), _loader(), eps=1e-9, rounds=3, schedule_steps=6, progress=False
+        _confident_model(), _loader(), tolerance=1e-9, rounds=3, schedule_steps=6, progress=False
     )  # a cosine over the steps used, what the recipe did before, ends near 0
     assert decaying.lr_range[1] < 0.01
 
 
 def test_synthesis_continues_from_a_given_noise() -> None:
     start = torch.full((1, (SIZE // PATCH) ** 2, DIM), 0.01)
-    result = synthesize_noise(_confident_model(), _loader(), eps=10.0, init=start, progress=False)
+    result = synthesize_noise(_confident_model(), _loader(), tolerance=10.0, init=start, progress=False)
     assert result.steps == 0 and torch.equal(result.noise, start)
     with pytest.raises(ValueError, match="kind"):
         synthesize_noise(_confident_model(), _loader(), kind="uniform", progress=False)
 
 
 def test_synthesis_stops_at_once_when_the_initial_noise_is_within_eps() -> None:
-    result = synthesize_noise(_confident_model(), _loader(), eps=10.0, progress=False)
-    assert result.reached_eps and result.steps == 0
+    result = synthesize_noise(_confident_model(), _loader(), tolerance=10.0, progress=False)
+    assert result.reached_tolerance and result.steps == 0
     assert result.noise.abs().max() <= 3.0
 
 
 def test_synthesis_reports_noise_that_did_not_reach_eps() -> None:
-    result = synthesize_noise(_confident_model(), _loader(), eps=1e-9, rounds=1, max_batches=1, progress=False)
-    assert not result.reached_eps and result.steps == 1 and result.prob_mse >= 1e-9
+    result = synthesize_noise(_confident_model(), _loader(), tolerance=1e-9, rounds=1, max_batches=1, progress=False)
+    assert not result.reached_tolerance and result.steps == 1 and result.prob_mse >= 1e-9
 
 
 def test_synthesis_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="empty"):
         synthesize_noise(_confident_model(), DataLoader(TensorDataset(torch.zeros(0, 3, SIZE, SIZE))), progress=False)
-    with pytest.raises(ValueError, match="eps"):
-        synthesize_noise(_confident_model(), _loader(), eps=0.0)
+    with pytest.raises(ValueError, match="tolerance"):
+        synthesize_noise(_confident_model(), _loader(), tolerance=0.0)
+    with pytest.raises(TypeError, match="unknown setting.*'eps'.*its fields: .*tolerance"):
+        synthesize_noise(_confident_model(), _loader(), eps=0.03)
     with pytest.raises(ValueError, match="images"):
         synthesize_noise(_confident_model(), [[torch.zeros(3)]], progress=False)
     with pytest.raises(UnsupportedModuleError):
@@ -332,6 +334,20 @@ def test_noise_save_load_round_trip(tmp_path) -> None:
         NullspaceNoise.load(tmp_path / "other.safetensors")
 
 
+def test_a_noise_file_written_before_the_tolerance_had_its_own_name_still_loads(tmp_path) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    old_stats = {"l2_norm": 1.5, "prob_mse": 0.02, "top1_agreement": 0.9, "steps": 7, "reached_eps": True,
+                 "eps": 0.03, "kind": "nullspace", "lr_range": [0.1, 0.099]}  # fmt: skip
+    metadata = {"format": "pt", "robustvit.nullspace_noise": json.dumps(old_stats)}
+    save_file({"noise": torch.ones(1, 4, DIM)}, str(tmp_path / "old.safetensors"), metadata=metadata)
+    loaded = NullspaceNoise.load(tmp_path / "old.safetensors")
+    assert loaded.reached_tolerance is True and loaded.tolerance == 0.03 and loaded.steps == 7
+    assert "eps" not in loaded.stats() and loaded.stats()["tolerance"] == 0.03  # written back with today's names
+
+
 def _distributed_synthesis() -> None:
     # One thread per forked worker, or two processes oversubscribe the CPU (Accelerate reads the variable).
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -342,7 +358,7 @@ def _distributed_synthesis() -> None:
     loader = accelerator.prepare(_loader(count=64))
     generator = torch.Generator().manual_seed(accelerator.process_index)
     result = synthesize_noise(
-        model, loader, eps=0.01, rounds=3, accelerator=accelerator, progress=False, generator=generator
+        model, loader, tolerance=0.01, rounds=3, accelerator=accelerator, progress=False, generator=generator
     )
     gathered = accelerator.gather(result.noise)
     assert accelerator.num_processes == 2 and result.steps > 0

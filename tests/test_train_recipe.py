@@ -21,11 +21,13 @@ from safetensors.torch import load_file, load_model
 
 import robustvit
 from robustvit.certification.certificate import Certificate, sha256_file
+from robustvit.constants import DEFAULT_EPS
 from robustvit.data import load_image_dataset, stack_examples
 from robustvit.losses import LOSSES, EpsSchedule
 from robustvit.registry import Registry
 from robustvit.training import load_model as build_model
 from robustvit.training import loop
+from robustvit.workflows import lipschitz_training, phases
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "train_lipschitz.py"
@@ -98,6 +100,8 @@ def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
     metrics, out = uninterrupted
     for name in ("certificate.json", "certified_accuracy.png", "metrics.json", "source.safetensors"):
         assert (out / name).is_file(), name
+    for name in ("model.safetensors", "config.json"):  # the source as a timm folder (--model <out>/source)
+        assert (out / "source" / name).is_file(), name
     for name in ("model.safetensors", "config.json", "certificate.json", "README.md"):
         assert (out / "model" / name).is_file(), name
     assert (out / "certified_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -139,6 +143,35 @@ def test_a_run_writes_its_outputs_and_a_verifiable_model(uninterrupted) -> None:
     # The source weights load strictly into the embedded default model at this size.
     source, _ = build_model(None, num_classes=10, image_size=16, channels=3)
     load_model(source, str(out / "source.safetensors"), strict=True)
+
+
+def test_a_runs_source_folder_is_the_source_of_the_next_run(recipe, tmp_path: Path, monkeypatch) -> None:
+    # Run A pretrains a source and saves it as a timm folder; run B starts from it (--model A/source, no
+    # pretraining): B converts exactly the weights A pretrained (the same conversion of the same calibration images).
+    starts: list[dict[str, torch.Tensor]] = []
+    convert = recipe.convert_source
+
+    def recording_convert(configs, source, data):
+        model = convert(configs, source, data)
+        starts.append({key: value.detach().clone() for key, value in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(recipe, "convert_source", recording_convert)
+    tiny = [*TINY, "--epochs", "1", "--max_train_batches", "2"]
+    _run(recipe, [*tiny, "--output_dir", str(tmp_path / "A")])
+    folder = tmp_path / "A" / "source"
+    assert (folder / "model.safetensors").is_file() and json.loads((folder / "config.json").read_text())["architecture"]
+    metrics = _run(
+        recipe, [*tiny, "--model", str(folder), "--pretrain_epochs", "0", "--output_dir", str(tmp_path / "B")]
+    )
+    assert metrics["model"]["library"] == "timm" and metrics["model"]["pretrained"] is True
+    assert metrics["config"]["training"]["pretrain_epochs"] == 0
+    # B's source is A's pretrained source, weight for weight ...
+    expected, actual = _tensors(tmp_path / "A" / "source.safetensors"), _tensors(tmp_path / "B" / "source.safetensors")
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    # ... and its converted start is the conversion of A's source.
+    first, second = starts
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 @pytest.mark.slow
@@ -328,7 +361,7 @@ def test_every_registered_loss_is_a_choice_and_the_defaults_are_the_embedded_run
     assert exact.singular_value_power == 1.0 and exact.residual_budget is None
     run = configs.run
     assert run.model is None and run.dataset is None and not run.resume and run.output_dir == "outputs/train_lipschitz"
-    assert configs.certification.eps == list(_recipe().REPORT_EPS)  # --eps is the training radius
+    assert configs.certification.eps == list(DEFAULT_EPS)  # --eps is the training radius
     for name in LOSSES:
         assert _recipe().parse_args(["--loss", name]).training.loss == name
     assert _recipe().parse_args(["--model", "vit_tiny_patch16_224"]).training.pretrain_epochs == 0
@@ -386,10 +419,10 @@ def _two_process_runs(root: Path) -> None:
         current["eps"] = eps
         return LOSSES["emma"](logits, labels, eps=eps, margins=margins)
 
-    module.LOSSES = Registry("loss")
+    lipschitz_training.LOSSES = Registry("loss")
     for name, fn in LOSSES.items():
-        module.LOSSES.register(name, logged_loss if name == "emma" else fn)
-    train_epoch, save_checkpoint = module.train_epoch, loop.save_checkpoint
+        lipschitz_training.LOSSES.register(name, logged_loss if name == "emma" else fn)
+    train_epoch, save_checkpoint = phases.train_epoch, loop.save_checkpoint
 
     def logged_epoch(accelerator, model, loader, optimizer, loss_fn, **kwargs):
         log = Path(current["dir"]) / f"steps_rank{accelerator.process_index}.jsonl"
@@ -410,7 +443,7 @@ def _two_process_runs(root: Path) -> None:
         torch.save({k: v.detach().clone() for k, v in weights.items()}, path / f"rank{accelerator.process_index}.pt")
         return path
 
-    module.train_epoch = logged_epoch
+    phases.train_epoch = logged_epoch
     for name, argv, stop in (
         ("A", [], None),
         ("B", [], 0),

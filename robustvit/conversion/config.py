@@ -33,6 +33,19 @@ class ConvertConfig:
             width with bound 1. Its ``W`` and ``b`` start as the source's ``fc1`` applied after the LayerNorm's affine
             (gamma folded into ``W``, beta into ``b``); its output map is ``W^T`` times a step fixed by ``W``, so it
             cannot copy ``fc2``: the converted function departs from the source's there, and needs finetuning.
+        gated_mlp: the substitute of a gated MLP ``fc2(act(gate(x)) * value(x))`` (SwiGLU: EVA-02), whose product of
+            two branches has no global bound: ``"value"`` keeps the value branch (the up projection) and ``fc2`` (the
+            down projection) around the source's activation, ``fc2(act(value(x)))``; ``"gate"`` keeps the gate branch
+            instead, ``fc2(act(gate(x)))``. Either way the dropped branch's weights are lost and the function changes
+            (measured in docs/soundness.md); ``mlp="sll"`` / ``"cpl"`` start from the kept branch.
+        attention_pool: the substitute of an attention-pooling head (MAP: SigLIP, PE-core), whose softmax over the
+            tokens has no global bound: ``"mean"`` fixes the attention to uniform weights, so the head pools
+            ``v(mean(tokens))`` and keeps its value and output projections, norm and MLP
+            (:class:`~robustvit.layers.MeanPoolLatent`).
+        rms_norm: the substitute of an RMSNorm ``gamma * x / rms(x)`` (no mean subtracted, so CenterNorm's argument
+            does not carry over): ``"scale"`` keeps ``gamma / r`` as a diagonal map, ``r`` the calibrated mean RMS
+            (:class:`~robustvit.layers.RmsScale`, bound ``max|gamma| / r``); ``"center"`` makes it a CenterNorm, which
+            adds a centering the source does not have.
         residual_alpha: initial residual weight (multiplied by any LayerScale and the moved scales); 1.0 keeps
             the source's function.
         singular_value_power: ``p`` in ``sigma_i -> sigma_max * (sigma_i / sigma_max) ** p`` for every spectrally
@@ -51,7 +64,7 @@ class ConvertConfig:
 
     Example:
         >>> ConvertConfig(mixer="shift", activation="minmax").to_json()
-        '{"activation": "minmax", "mean": null, "mixer": "shift", "mlp": "keep", "residual_alpha": 1.0, ...}'
+        '{"activation": "minmax", "attention_pool": "mean", "gated_mlp": "value", "mean": null, "mixer": "shift", ...}'
     """
 
     mixer: str = arg("shift", "token mixer", registry="robustvit.conversion.choices:MIXERS")
@@ -60,6 +73,11 @@ class ConvertConfig:
                           registry="robustvit.conversion.choices:ACTIVATIONS")  # fmt: skip
     mlp: str = arg("keep", "MLP form: the source's in a weighted residual, or a bound-1 residual layer",
                    registry="robustvit.conversion.choices:MLPS")  # fmt: skip
+    gated_mlp: str = arg("value", "gated MLP (SwiGLU) substitute: the branch kept around the activation",
+                         registry="robustvit.conversion.choices:GATED_MLPS")  # fmt: skip
+    attention_pool: str = arg("mean", "attention-pooling head (MAP) substitute",
+                              registry="robustvit.conversion.choices:ATTENTION_POOLS")  # fmt: skip
+    rms_norm: str = arg("scale", "RMSNorm substitute", registry="robustvit.conversion.choices:RMS_NORMS")
     residual_alpha: float = arg(1.0, "initial residual weight; 1.0 keeps the source's function")
     singular_value_power: float = arg(
         1.0, "flatten every weight's spectrum: 1 keeps the source's weights, 0 keeps their singular vectors only"
@@ -71,7 +89,8 @@ class ConvertConfig:
     std: tuple[float, ...] | None = arg(None, "input normalization std, per channel (default: the source's)")
 
     def __post_init__(self) -> None:
-        check_choices(self, "mixer", "activation", "mlp")  # their registries: robustvit.conversion.choices
+        # Their registries: robustvit.conversion.choices.
+        check_choices(self, "mixer", "activation", "mlp", "gated_mlp", "attention_pool", "rms_norm")
         if self.shift_div < 4:
             raise ValueError(f"shift_div must be at least 4, got {self.shift_div}")
         if not self.residual_alpha > 0:

@@ -32,21 +32,46 @@ from torch.nn.utils import parametrize
 import robustvit.peft  # noqa: F401  (PEFT tuner layers put on converted models train inside the constraint)
 from robustvit._utils import check_images, refuse_adapters
 from robustvit.conversion import timm_metadata, transformers_metadata  # noqa: F401  (their LIBRARY_METADATA entries)
-from robustvit.conversion.choices import build_block
+from robustvit.conversion.choices import RMS_NORMS, build_attention_pool, build_block
 from robustvit.conversion.config import ConvertConfig
 from robustvit.conversion.metadata import LIBRARY_METADATA
 from robustvit.errors import UnsupportedModuleError
-from robustvit.families import ViTParts, get_family
-from robustvit.layers import CPL, SLL, CenterNorm, L2Attention, LipBlock, LipResidual, NormalizedConv2d, PrefixPool
+from robustvit.families import RMS_NORM_TYPES, ViTParts, get_family
+from robustvit.layers import (
+    CPL,
+    SLL,
+    CenterNorm,
+    L2Attention,
+    LipBlock,
+    LipResidual,
+    NormalizedConv2d,
+    PrefixPool,
+)
 from robustvit.lipschitz.rescale import is_spectrally_rescaled, spectral_rescale
 
 __all__ = ["convert", "export", "is_converted"]
 
 
+def _substitute_norm(norm: nn.Module, input_scale: float, config: ConvertConfig) -> nn.Module:
+    """The Lipschitz substitute of ``norm`` on inputs whose per-token std (RMS for an RMSNorm) is ``input_scale``."""
+    gamma = RMS_NORM_TYPES.get(type(norm))
+    if gamma is None:
+        return _center_norm(norm, input_scale)
+    if len(norm.normalized_shape) != 1:
+        raise UnsupportedModuleError(f"expected an RMSNorm over the last dimension, got {norm!r}")
+    dim = norm.normalized_shape[0]
+    weight = gamma(norm)
+    weight = weight.detach() if weight is not None else torch.ones(dim)
+    return RMS_NORMS[config.rms_norm](dim, weight, input_scale).to(device=weight.device, dtype=weight.dtype)
+
+
 def _center_norm(norm: nn.Module, input_std: float) -> CenterNorm:
     """A CenterNorm matching LayerNorm ``norm`` on inputs whose per-token std is ``input_std``."""
     if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-        raise UnsupportedModuleError(f"expected a LayerNorm over the last dimension, got {norm!r}")
+        raise UnsupportedModuleError(
+            f"expected a LayerNorm or an RMSNorm over the last dimension, got {norm!r}"
+            " (register an RMSNorm class in robustvit.families.RMS_NORM_TYPES)"
+        )
     dim = norm.normalized_shape[0]
     ref = norm.weight if norm.weight is not None else torch.ones(dim)
     center = CenterNorm(dim).to(device=ref.device, dtype=ref.dtype)
@@ -61,13 +86,15 @@ def _center_norm(norm: nn.Module, input_std: float) -> CenterNorm:
 
 @torch.no_grad()
 def _calibrate(model: nn.Module, parts: ViTParts, images: Tensor, mean: Tensor, std: Tensor) -> dict[int, float]:
-    """Mean per-token std at the input of every LayerNorm of the source model, keyed by ``id(norm)``."""
+    """Mean per-token std (RMS for an RMSNorm) at the input of every norm of the source model, keyed by ``id(norm)``."""
     norms = [n for n in (parts.patch_norm, parts.pre_norm, parts.final_norm, parts.head_norm) if n is not None]
     norms += [n for b in parts.blocks for n in (b.norm1, b.norm2)]
     stats: dict[int, float] = {}
 
     def record(module: nn.Module, args: tuple) -> None:
-        stats[id(module)] = float(args[0].float().std(dim=-1, unbiased=False).mean())
+        x = args[0].float()
+        scale = x.pow(2).mean(dim=-1).sqrt() if type(module) in RMS_NORM_TYPES else x.std(dim=-1, unbiased=False)
+        stats[id(module)] = float(scale.mean())
 
     handles = [n.register_forward_pre_hook(record) for n in norms]
     was_training = model.training
@@ -96,6 +123,7 @@ def _rescale_and_absorb(
     blocks: list[nn.Module],
     heads: list[nn.Linear],
     embed_params: list[nn.Parameter],
+    attention_pool: nn.Module | None,
 ) -> None:
     residuals = [r for b in blocks if isinstance(b, LipBlock) for r in (b.mixer, b.mlp) if isinstance(r, LipResidual)]
     for residual in residuals:
@@ -121,7 +149,9 @@ def _rescale_and_absorb(
         # unparametrized; the engine bounds the pair of heads exactly anyway.
         head.weight /= s_head
     head_reader = norms.get("head_norm") or norms.get("final_norm")
-    if head_reader is not None:
+    if attention_pool is not None and "head_norm" not in norms:  # the head reads the pool: it takes the scale
+        attention_pool.scale_output_(s_head)
+    elif head_reader is not None:
         head_reader.weight.mul_(s_head)
         head_reader.bias.mul_(s_head)
     elif heads:
@@ -266,8 +296,8 @@ def convert(
             torch.tensor(std, device=device),
         )
 
-    def norm(layer_norm: nn.Module) -> CenterNorm:
-        return _center_norm(layer_norm, stats.get(id(layer_norm), 1.0))
+    def norm(layer_norm: nn.Module) -> nn.Module:
+        return _substitute_norm(layer_norm, stats.get(id(layer_norm), 1.0), config)
 
     blocks: list[nn.Module] = [build_block(block, parts, config, norm) for block in parts.blocks]
     if config.mixer == "shift" and parts.head_reads_prefix:
@@ -282,9 +312,15 @@ def convert(
         for key in ("patch_norm", "pre_norm", "final_norm", "head_norm")
         if getattr(parts, key) is not None
     }
+    substitutes = {}
+    if parts.attention_pool is not None:
+        if not norms.keys() & {"final_norm", "patch_norm", "pre_norm"}:
+            # The patch embedding's scale leaves the residual stream and comes back in a norm the pool reads.
+            raise UnsupportedModuleError("an attention-pooling head needs a norm before it (or before the blocks)")
+        substitutes["attention_pool"] = build_attention_pool(parts.attention_pool, config, norm)
     conv = NormalizedConv2d.from_conv(parts.patch_conv, mean, std)
-    family.install(model, blocks, {**norms, "patch_conv": conv})
-    _rescale_and_absorb(conv, norms, blocks, parts.heads, parts.embed_params)
+    family.install(model, blocks, {**norms, **substitutes, "patch_conv": conv})
+    _rescale_and_absorb(conv, norms, blocks, parts.heads, parts.embed_params, substitutes.get("attention_pool"))
     if config.singular_value_power != 1.0:
         _reshape_spectra(model, config.singular_value_power)
     if config.residual_budget is not None:

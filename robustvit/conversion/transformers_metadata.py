@@ -3,6 +3,8 @@ that records how to rebuild it and saves the image processor of the converted mo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
@@ -29,6 +31,8 @@ from robustvit.families import FAMILIES, get_family
 
 __all__ = [
     "CONVERTED_CONFIGS",
+    "REMOTE_CODE",
+    "REMOTE_CODE_FILE",
     "RobustCLIPConfig",
     "RobustDeiTConfig",
     "RobustDinov2Config",
@@ -39,11 +43,41 @@ __all__ = [
     "RobustViTMSNConfig",
     "describe",
     "processor_for",
+    "write_remote_code",
 ]
 
 
 INPUT_KEY = "input"
 """Key of the rebuild record (``config.robustvit``) that holds the converted model's input channels and size."""
+
+REMOTE_CODE_FILE = "robustvit_loader.py"
+REMOTE_CODE = '''"""This folder holds a robustvit-converted model: `pip install robustvit`, then load it with
+`robustvit.from_pretrained(folder)`, or with transformers' Auto classes and `pipeline` after
+`import robustvit.persistence`.
+
+transformers runs this file only when asked to (`trust_remote_code=True`): it imports robustvit, which registers the
+converted model types with the Auto classes, and hands the config back to them.
+"""
+
+import robustvit.persistence  # noqa: F401  (registers the robustvit_* model types with the Auto classes)
+from transformers import AutoConfig
+
+
+class RobustViTConfigLoader:
+    """What transformers' ``auto_map["AutoConfig"]`` names: the registered robustvit config, through AutoConfig."""
+
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """Nothing to register: ``import robustvit`` registered the config classes."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        return AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+'''
+"""The loader a converted folder carries for transformers without robustvit imported. transformers gives custom
+model types one way to explain themselves: ``auto_map`` plus code in the folder, which it refuses to run unless
+``trust_remote_code=True`` and refuses to import without robustvit installed; both errors say what to do."""
+REMOTE_CODE_AUTO_MAP = {"AutoConfig": f"{REMOTE_CODE_FILE.removesuffix('.py')}.RobustViTConfigLoader"}
 
 
 class _ConvertedConfig:
@@ -51,6 +85,7 @@ class _ConvertedConfig:
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
         processor_for(self).save_pretrained(save_directory)
 
     def converted_input(self) -> tuple[int, tuple[int, int]]:
@@ -58,6 +93,11 @@ class _ConvertedConfig:
         them (a timm model in a ``TimmWrapperConfig`` has no image size in the config)."""
         recorded = self.robustvit[INPUT_KEY]
         return recorded["channels"], tuple(recorded["image_size"])
+
+
+def write_remote_code(directory: str | Path) -> None:
+    """Write :data:`REMOTE_CODE` into a converted model's folder (its config's ``auto_map`` names it)."""
+    (Path(directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
 
 
 @strict
@@ -162,9 +202,11 @@ def describe(model: nn.Module) -> None:
     """Swap ``model.config`` for its converted twin (a registered ``robustvit_*`` model type).
 
     ``save_pretrained`` then writes a ``config.json`` whose ``model_type`` says the model was converted and whose
-    ``robustvit`` record says how to rebuild it, and an image processor that does not normalize (the model does).
+    ``robustvit`` record says how to rebuild it, the loader its ``auto_map`` names (:data:`REMOTE_CODE`), and an
+    image processor that does not normalize (the model does).
     ``AutoModelForImageClassification`` loads it back once robustvit's loaders are registered
-    (:mod:`robustvit.persistence.transformers_native`); without robustvit, transformers refuses the unknown model type.
+    (:mod:`robustvit.persistence.transformers_native`); without them, transformers refuses to run the folder's loader
+    unless ``trust_remote_code=True``, and to import it without robustvit installed.
     """
     convert_config = model.robustvit_config
     values = model.config.to_dict()
@@ -173,6 +215,7 @@ def describe(model: nn.Module) -> None:
     spec = get_family(model).input_spec(model)
     recorded_input = {"channels": spec.channels, "image_size": list(spec.image_size)}
     values[NATIVE_RECORD_KEY] = {**native_record(model), INPUT_KEY: recorded_input}
+    values["auto_map"] = dict(REMOTE_CODE_AUTO_MAP)
     if convert_config.activation != "gelu":  # the vision encoder's, nested in a composite config
         (values.get("vision_config") or values)["hidden_act"] = convert_config.activation
     config = CONVERTED_CONFIGS[type(model)].from_dict(values)  # as from config.json (TimmWrapper's labels)

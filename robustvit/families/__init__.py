@@ -1,12 +1,24 @@
 """Per-family adapters: one small file per model family, registered with ``@register_family``, with the tiny
 configurations the tests build (``register_tiny_model``)."""
 
-from robustvit.families import hf_clip, hf_dinov2, hf_siglip, hf_timm_wrapper, hf_vit, timm_vit  # noqa: F401  (registration)
+from robustvit.families import (  # noqa: F401  (registration)
+    hf_clip,
+    hf_dinov2,
+    hf_siglip,
+    hf_timm_wrapper,
+    hf_vit,
+    timm_beit,
+    timm_eva,
+    timm_vit,
+)
 from robustvit.families.base import (
     FAMILIES,
+    RMS_NORM_TYPES,
     TINY_MODELS,
+    AttentionPoolParts,
     BlockParts,
     Family,
+    GatedMlpParts,
     InputSpec,
     TinyModel,
     ViTParts,
@@ -23,9 +35,12 @@ from robustvit.families.base import (
 __all__ = [
     "FAMILIES",
     "TINY_MODELS",
+    "AttentionPoolParts",
     "BlockParts",
     "Family",
+    "GatedMlpParts",
     "InputSpec",
+    "RMS_NORM_TYPES",
     "TinyModel",
     "ViTParts",
     "create_tiny_model",

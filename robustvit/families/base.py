@@ -27,9 +27,12 @@ __all__ = [
     "FAMILIES",
     "GREYSCALE_WEIGHTS",
     "TINY_MODELS",
+    "AttentionPoolParts",
     "BlockParts",
     "Family",
+    "GatedMlpParts",
     "InputSpec",
+    "RMS_NORM_TYPES",
     "TinyModel",
     "ViTParts",
     "create_tiny_model",
@@ -59,6 +62,32 @@ class InputSpec:
 
 
 @dataclass
+class GatedMlpParts:
+    """A gated MLP, ``fc2(norm(act(gate(x)) * value(x)))`` (timm ``SwiGLU`` / ``GluMlp``): the product of two
+    branches has no global Lipschitz bound, so the conversion replaces it (``ConvertConfig.gated_mlp``)."""
+
+    value: tuple[Tensor, Tensor | None]  # (weight (H, D), bias) of the branch that is multiplied
+    gate: tuple[Tensor, Tensor | None]  # (weight (H, D), bias) of the branch the activation reads
+    activation: nn.Module
+    norm: nn.Module | None  # the norm on the hidden features (timm scale_mlp), if any
+    fc2: nn.Linear
+
+
+@dataclass
+class AttentionPoolParts:
+    """An attention-pooling head (timm ``AttentionPoolLatent``, "MAP"): one learned query attends over the
+    ``num_tokens`` tokens it reads, then ``y + mlp(norm(y))``. The softmax over data-dependent keys has no global
+    bound, so the conversion replaces it (``ConvertConfig.attention_pool``)."""
+
+    value: tuple[Tensor, Tensor | None]  # (weight (D, D), bias) of the value projection
+    proj: nn.Linear
+    norm: nn.Module | None
+    mlp: nn.Module  # exposes fc1 and fc2 (nn.Linear) and an activation attribute
+    mlp_activation: str
+    num_tokens: int  # tokens the pool reads (the patches, and the prefix tokens where the forward passes them)
+
+
+@dataclass
 class BlockParts:
     """One pre-norm transformer block: ``x + ls1 * attn(norm1(x))`` then ``x + ls2 * mlp(norm2(x))``."""
 
@@ -75,6 +104,7 @@ class BlockParts:
     mlp_activation: str  # attribute name of the activation inside ``mlp``
     ls2: Tensor | None
     drop2: nn.Module
+    gated_mlp: GatedMlpParts | None = None  # set when ``mlp`` is a gated MLP, which the conversion replaces
 
 
 @dataclass
@@ -93,7 +123,8 @@ class ViTParts:
     num_prefix_tokens: int
     head_reads_prefix: bool  # the head reads prefix tokens (class / distillation) rather than pooled patches
     prefix_tokens: list[nn.Parameter] = field(default_factory=list)  # class / distillation / register tokens
-    pool_reads_prefix: bool = False  # the head's average pooling includes the prefix tokens
+    pool_reads_prefix: bool = False  # the head's pooling includes the prefix tokens
+    attention_pool: AttentionPoolParts | None = None  # an attention-pooling head before ``head_norm``, if any
     embed_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -122,7 +153,8 @@ class Family(ABC):
     @abstractmethod
     def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
         """Put converted blocks and modules back (keys: ``patch_conv``, and the norms ``patch_norm``,
-        ``pre_norm``, ``final_norm``, ``head_norm`` that the model has)."""
+        ``pre_norm``, ``final_norm``, ``head_norm`` that the model has, and ``attention_pool``, the substitute of
+        :attr:`ViTParts.attention_pool`)."""
 
     @abstractmethod
     def patch_embedding(self, model: nn.Module) -> nn.Module:
@@ -170,6 +202,13 @@ class Family(ABC):
     def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         """The head modules whose weights :meth:`head_weight` reads."""
         return []
+
+
+RMS_NORM_TYPES: Registry[Callable[[nn.Module], Tensor | None]] = Registry("RMS norm", keys=type)
+"""Norm classes that compute ``gamma * x / rms(x)`` over the last dimension (no mean subtracted), each with
+``gamma(module) -> Tensor | None``: the conversion substitutes them as ``ConvertConfig.rms_norm`` says. The family
+files register their libraries' classes."""
+RMS_NORM_TYPES.register(nn.RMSNorm, lambda norm: norm.weight)
 
 
 FAMILIES: Registry[Family] = Registry("family")

@@ -1,4 +1,5 @@
-"""timm ``VisionTransformer`` family: ViT and DeiT, including ``VisionTransformerDistilled``."""
+"""timm ``VisionTransformer`` family: ViT and DeiT, including ``VisionTransformerDistilled``, and attention pooling
+(``global_pool='map'``: SigLIP)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
 from robustvit.errors import UnsupportedModuleError
+from robustvit.families import timm_common
 from robustvit.families.base import (
     BlockParts,
     Family,
@@ -22,19 +24,15 @@ from robustvit.families.base import (
     linear_bias,
     linear_weight,
     one,
-    per_channel,
     register_family,
     register_tiny_model,
 )
+from robustvit.layers import MeanPoolLatent
 from robustvit.lipschitz.engine import QUICK_GELU_LIPSCHITZ, BoundFn, register_bound
 
 
 def _layer_scale(module: nn.Module) -> Tensor | None:
     return module.gamma.detach() if isinstance(module, LayerScale) else None
-
-
-def _norm_or_none(module: nn.Module) -> nn.Module | None:
-    return None if isinstance(module, nn.Identity) else module
 
 
 @register_family
@@ -46,23 +44,14 @@ class TimmViT(Family):
         return type(model) in (VisionTransformer, VisionTransformerDistilled)
 
     def input_spec(self, model: nn.Module) -> InputSpec:
-        cfg = model.pretrained_cfg or {}
-        channels = model.patch_embed.proj.in_channels
-        return InputSpec(
-            channels=channels,
-            image_size=tuple(model.patch_embed.img_size),
-            mean=per_channel(cfg.get("mean", (0.5,) * channels), channels),
-            std=per_channel(cfg.get("std", (0.5,) * channels), channels),
-        )
+        return timm_common.input_spec(model)
 
     @staticmethod
     def _check(model: VisionTransformer, *, source: bool) -> None:
         """Refuse configurations whose forward the converter or the bound rule does not model."""
         problems = []
-        if model.attn_pool is not None:
-            problems.append(f"attention pooling (global_pool={model.global_pool!r})")
-        if model.global_pool not in ("token", "avg"):
-            problems.append(f"global_pool={model.global_pool!r} (supported: 'token', 'avg')")
+        if model.global_pool not in ("token", "avg", "map"):
+            problems.append(f"global_pool={model.global_pool!r} (supported: 'token', 'avg', 'map')")
         if model.dynamic_img_size or not model.patch_embed.flatten:
             problems.append("dynamic image size")
         if isinstance(model.patch_drop, PatchDropout) and not source:  # convert replaces it (see install)
@@ -96,17 +85,21 @@ class TimmViT(Family):
                 f"patch_embed.num_patches={model.patch_embed.num_patches} but its convolution makes "
                 f"{TimmViT._num_patches(model)} patches of a {tuple(model.patch_embed.img_size)} image"
             )
+        pool = model.attn_pool
+        if (pool is not None) != (model.global_pool == "map") or (
+            pool is not None and (type(pool) is not MeanPoolLatent or pool.num_tokens != TimmViT._pooled(model))
+        ):
+            problems.append(f"attention pool {type(pool).__name__} that does not read the tokens the forward passes")
         return problems
 
     @staticmethod
     def _num_patches(model: VisionTransformer) -> int:
-        """Patches the projection makes of the fixed input size (the converted mixers check the token count)."""
-        conv, size = model.patch_embed.proj, model.patch_embed.img_size
-        count = 1
-        for i in range(2):
-            span = conv.dilation[i] * (conv.kernel_size[i] - 1) + 1
-            count *= (size[i] + 2 * conv.padding[i] - span) // conv.stride[i] + 1
-        return count
+        return timm_common.num_patches(model.patch_embed)
+
+    @staticmethod
+    def _pooled(model: VisionTransformer) -> int:
+        """Tokens the average or attention pooling reads: the patches, with the prefix tokens if it includes them."""
+        return TimmViT._num_patches(model) + (model.num_prefix_tokens if model.pool_include_prefix else 0)
 
     def parts(self, model: nn.Module) -> ViTParts:
         self._check(model, source=True)
@@ -133,20 +126,22 @@ class TimmViT(Family):
                 )
             )
         tokens = [model.cls_token, getattr(model, "dist_token", None), model.reg_token, model.pos_embed]
+        pool = model.attn_pool
         return ViTParts(
             patch_conv=model.patch_embed.proj,
-            patch_norm=_norm_or_none(model.patch_embed.norm),
+            patch_norm=timm_common.norm_or_none(model.patch_embed.norm),
             embed_params=[t for t in tokens if t is not None],
-            pre_norm=_norm_or_none(model.norm_pre),
+            pre_norm=timm_common.norm_or_none(model.norm_pre),
             blocks=blocks,
-            final_norm=_norm_or_none(model.norm),
-            head_norm=_norm_or_none(model.fc_norm),
+            final_norm=timm_common.norm_or_none(model.norm),
+            head_norm=timm_common.norm_or_none(model.fc_norm),
             heads=[head for _, head in self.heads(model)],  # none for a feature extractor (num_classes=0)
             grid_size=tuple(model.patch_embed.grid_size),
             num_prefix_tokens=model.num_prefix_tokens,
             head_reads_prefix=self._tokens_read(model) > 0,
             prefix_tokens=[t for t in tokens[:3] if t is not None],
-            pool_reads_prefix=model.global_pool == "avg" and model.pool_include_prefix,
+            pool_reads_prefix=model.global_pool in ("avg", "map") and model.pool_include_prefix,
+            attention_pool=timm_common.attention_pool_parts(pool, self._pooled(model)) if pool is not None else None,
         )
 
     @staticmethod
@@ -167,6 +162,7 @@ class TimmViT(Family):
             "pre_norm": (model, "norm_pre"),
             "final_norm": (model, "norm"),
             "head_norm": (model, "fc_norm"),
+            "attention_pool": (model, "attn_pool"),
         }
         for key, module in modules.items():
             setattr(*targets[key], module)
@@ -183,11 +179,13 @@ class TimmViT(Family):
         for name in ("patch_embed", "pos_drop", "patch_drop", "norm_pre"):
             bound = bound * bound_of(name, getattr(model, name))
         bound = bound * blocks_bound(list(model.blocks), "blocks", bound_of, self._tokens_read(model))
-        for name in ("norm", "fc_norm", "head_drop"):  # per-token layers
+        bound = bound * bound_of("norm", model.norm)
+        if model.attn_pool is not None:  # its bound counts the tokens it pools
+            bound = bound * bound_of("attn_pool", model.attn_pool)
+        for name in ("fc_norm", "head_drop"):  # per-token (per-feature) layers
             bound = bound * bound_of(name, getattr(model, name))
         if model.global_pool == "avg":  # the mean of n tokens is 1/sqrt(n)-Lipschitz
-            pooled = self._num_patches(model) + (model.num_prefix_tokens if model.pool_include_prefix else 0)
-            bound = bound / math.sqrt(pooled)
+            bound = bound / math.sqrt(self._pooled(model))
         return bound  # token pooling (and the distilled pair of tokens) is a coordinate selection: 1
 
     def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -289,6 +287,12 @@ for _name, _architecture, _kwargs, _description in (
         "average pooling, fc_norm, LayerScale and register tokens",
     ),
     ("timm_distilled", "deit_tiny_distilled_patch16_224", _TINY_VIT, "DeiT with a distillation token and head"),
+    (
+        "timm_map",
+        "vit_tiny_patch16_224",
+        {**_TINY_VIT, "global_pool": "map", "class_token": False},
+        "attention pooling (a MAP head) without a class token, as SigLIP",
+    ),
     (
         "timm_patch4",
         "vit_tiny_patch16_224",

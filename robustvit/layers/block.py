@@ -36,10 +36,7 @@ class LipBlock(GradientCheckpointingLayer):
 
     def forward(self, x: Tensor, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor:
         mask = attention_mask if attention_mask is not None else kwargs.get("attn_mask")
-        if kwargs.get("is_causal"):
-            raise ValueError("converted robustvit blocks do not support causal attention (is_causal=True)")
-        if mask is not None:
-            _check_masks_nothing(mask)
+        x = unmasked(x, mask, kwargs.get("is_causal", False))
         x = self.mlp(self.mixer(x))
         return self.pool(x) if self.pool is not None else x
 
@@ -48,6 +45,20 @@ class LipBlock(GradientCheckpointingLayer):
             return bound_tensor(self)
         bound = bound_of("mixer", self.mixer) * bound_of("mlp", self.mlp)
         return bound * bound_of("pool", self.pool) if self.pool is not None else bound
+
+
+def unmasked(x: Tensor, mask: object, is_causal: object) -> Tensor:
+    """``x``, once the block's attention arguments are checked to ask for nothing a mixer cannot do: no causal
+    attention, no mask that hides anything. A call of its own in a ``torch.fx`` graph (``torch.fx.wrap``): timm's
+    tracer passes ``attn_mask`` and ``is_causal`` as placeholders, so the graph checks their values at run time."""
+    if is_causal:
+        raise ValueError("converted robustvit blocks do not support causal attention (is_causal=True)")
+    if mask is not None:
+        _check_masks_nothing(mask)
+    return x
+
+
+torch.fx.wrap("unmasked")
 
 
 def _check_masks_nothing(mask: object) -> None:

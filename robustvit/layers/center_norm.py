@@ -32,6 +32,11 @@ class CenterNorm(nn.Module):
         scale = self.dim / (self.dim - 1)
         return (x - x.mean(dim=-1, keepdim=True)) * (self.weight * scale) + self.bias
 
+    def channel_gain(self) -> Tensor:
+        """The per-channel factor of the map's linear part, centering aside (what an SLL / CPL layer folds into its
+        weight)."""
+        return self.weight * (self.dim / (self.dim - 1))
+
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:
         return self.dim / (self.dim - 1) * self.weight.abs().max().to(torch.float64)
 

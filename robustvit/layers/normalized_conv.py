@@ -12,6 +12,17 @@ from robustvit.lipschitz.engine import BoundFn
 from robustvit.lipschitz.spectral import conv_spectral_norm
 
 
+def eval_pixels(x: Tensor) -> Tensor:
+    """``x``, once its values are checked to lie in [0, 1] (normalized pixels would silently give another function).
+    A call of its own in a ``torch.fx`` graph (``torch.fx.wrap``), so a traced eval-mode model checks at run time."""
+    if pixels_checked() and holds_values(x):
+        check_pixel_range(x)
+    return x
+
+
+torch.fx.wrap("eval_pixels")
+
+
 class NormalizedConv2d(nn.Conv2d):
     """``conv((x - mean) / std)``: a ``Conv2d`` that takes pixels in [0, 1] and normalizes them first.
 
@@ -20,9 +31,10 @@ class NormalizedConv2d(nn.Conv2d):
 
     In eval mode it refuses inputs outside [0, 1] with a ``ValueError`` that names the fix: pixels normalized by the
     source's preprocessing would be normalized twice, another function than the certified one. The check costs a
-    min and a max of the batch (``bench/bench_pixel_check.py``); it steps aside while ``torch.fx``, ``torch.export``,
+    min and a max of the batch (``bench/bench_pixel_check.py``); it steps aside while ``torch.export``,
     ``torch.compile`` or ``torch.func`` trace the model, in training, and inside
-    :func:`robustvit._utils.unchecked_pixels` (randomized smoothing's noisy samples).
+    :func:`robustvit._utils.unchecked_pixels` (randomized smoothing's noisy samples). A ``torch.fx`` graph of the
+    model in eval mode keeps the check as a call of its own (:func:`eval_pixels`).
 
     Example:
         >>> conv = NormalizedConv2d(3, 192, kernel_size=16, stride=16, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -68,8 +80,8 @@ class NormalizedConv2d(nn.Conv2d):
                 f"expected images shaped (batch, {self.in_channels}, height, width) with pixels in [0, 1], "
                 f"got shape {tuple(x.shape)}"
             )
-        if not self.training and pixels_checked() and holds_values(x):
-            check_pixel_range(x)  # normalized pixels would silently give another function
+        if not self.training:
+            x = eval_pixels(x)
         return super().forward((x - self.input_mean) / self.input_std)
 
     def lipschitz_bound(self, bound_of: BoundFn | None = None) -> Tensor:

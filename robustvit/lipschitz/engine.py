@@ -50,6 +50,7 @@ __all__ = [
     "BoundReport",
     "GELU_LIPSCHITZ",
     "QUICK_GELU_LIPSCHITZ",
+    "SILU_LIPSCHITZ",
     "bound_tensor",
     "compose_bound",
     "lipschitz_bound",
@@ -66,12 +67,14 @@ GELU_LIPSCHITZ = 1.129
 """Max slope of GELU, ``Phi(x) + x phi(x)`` at ``x = sqrt(2)``: 1.128904 (exact) and 1.128993 (tanh form), rounded
 up. (Some public code uses 1.12, which is below the true value.)"""
 
-QUICK_GELU_LIPSCHITZ = 1.0999
-"""Max |slope| of quick-GELU ``x sigmoid(1.702 x)`` (CLIP's), rounded up from 1.0998393. Its slope is ``g(1.702 x)``
-with ``g(t) = s(t) (1 + t (1 - s(t)))``, ``s`` the sigmoid (SiLU's slope: the 1.702 cancels), and
-``g'(t) = s (1 - s) (2 - t tanh(t / 2))``. ``t tanh(t / 2)`` is even and increasing in ``|t|``, so ``g`` increases on
-``(-t*, t*)`` and decreases outside, ``t* tanh(t* / 2) = 2`` (``t* = 2.3993573``): its max is ``g(t*) = 1.0998393``,
-and its min ``1 - g(t*)`` (``g(-t) = 1 - g(t)``), smaller in magnitude."""
+SILU_LIPSCHITZ = 1.0999
+"""Max |slope| of SiLU (swish) ``x s(x)``, ``s`` the sigmoid: ``g(x) = s(x) (1 + x (1 - s(x)))``, with
+``g'(x) = s (1 - s) (2 - x tanh(x / 2))``. ``x tanh(x / 2)`` is even and increasing in ``|x|``, so ``g`` increases on
+``(-x*, x*)`` and decreases outside, ``x* tanh(x* / 2) = 2`` (``x* = 2.3993573``): its max is ``g(x*) = 1.0998393``,
+rounded up, and its min ``1 - g(x*)`` (``g(-x) = 1 - g(x)``), smaller in magnitude."""
+
+QUICK_GELU_LIPSCHITZ = SILU_LIPSCHITZ
+"""Max |slope| of quick-GELU ``x s(1.702 x)`` (CLIP's): its slope is SiLU's at ``1.702 x`` (the 1.702 cancels)."""
 
 BOUND_RULES: Registry[Callable[[nn.Module, BoundFn], Tensor]] = Registry("bound rule", keys=type)
 """``rule(module, bound_of) -> Tensor`` per exact module type; fill it with :func:`register_bound`."""
@@ -474,6 +477,11 @@ def _one_lipschitz(module: nn.Module, bound_of: BoundFn) -> Tensor:
 @register_bound(nn.GELU)
 def _gelu(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return _one(module) * GELU_LIPSCHITZ
+
+
+@register_bound(nn.SiLU)
+def _silu(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    return _one(module) * SILU_LIPSCHITZ
 
 
 @register_bound(nn.LeakyReLU)

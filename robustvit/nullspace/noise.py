@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -15,6 +17,7 @@ from torch import Tensor
 __all__ = ["NullspaceNoise", "permuted"]
 
 _METADATA_KEY = "robustvit.nullspace_noise"
+_LEGACY_NAMES = {"eps": "tolerance", "reached_eps": "reached_tolerance"}  # the names of files written before
 
 
 @dataclass
@@ -30,8 +33,8 @@ class NullspaceNoise:
         prob_mse: Mean over images of ``|softmax(noisy logits) - softmax(clean logits)|^2``.
         top1_agreement: Fraction of images whose top-1 prediction the noise did not change.
         steps: Optimisation steps taken.
-        reached_eps: Whether ``prob_mse < eps`` (the noise is inside the eps-approximate nullspace).
-        eps: The tolerance it was synthesized for.
+        reached_tolerance: Whether ``prob_mse < tolerance`` (the noise is inside the approximate nullspace).
+        tolerance: The tolerance it was synthesized for (the paper's epsilon: a probability, not a radius).
         kind: How it was searched: ``"nullspace"`` (the method) or ``"random"`` (the paper's shrinking Gaussian
             control); see :data:`robustvit.nullspace.NOISE_KINDS`.
         lr_range: The noise learning rate at the first and the last step (``None`` for ``"random"``): the paper
@@ -51,14 +54,25 @@ class NullspaceNoise:
     prob_mse: float
     top1_agreement: float
     steps: int
-    reached_eps: bool
-    eps: float
+    reached_tolerance: bool
+    tolerance: float
     kind: str = "nullspace"
     lr_range: list[float] | None = None
 
     def stats(self) -> dict[str, float | int | bool]:
         """Everything but the tensor, JSON-ready."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "noise"}
+
+    @staticmethod
+    def read_stats(stats: Mapping[str, Any]) -> dict[str, Any]:
+        """A :meth:`stats` record as written now or before the tolerance had its own name (``eps``,
+        ``reached_eps``), with today's names.
+
+        Example:
+            >>> NullspaceNoise.read_stats({"reached_eps": True, "eps": 0.03})
+            {'reached_tolerance': True, 'tolerance': 0.03}
+        """
+        return {_LEGACY_NAMES.get(key, key): value for key, value in stats.items()}
 
     def save(self, path: str | Path) -> Path:
         """Write the noise and its statistics (as JSON metadata) to a safetensors file."""
@@ -79,7 +93,7 @@ class NullspaceNoise:
             metadata = f.metadata() or {}
             if _METADATA_KEY not in metadata or "noise" not in f.keys():
                 raise ValueError(f"{path} is not a NullspaceNoise file (no 'noise' tensor with {_METADATA_KEY!r})")
-            return cls(noise=f.get_tensor("noise").to(device), **json.loads(metadata[_METADATA_KEY]))
+            return cls(noise=f.get_tensor("noise").to(device), **cls.read_stats(json.loads(metadata[_METADATA_KEY])))
 
 
 def permuted(noise: Tensor, generator: torch.Generator | None = None) -> Tensor:

@@ -1,18 +1,19 @@
-"""Synthesize a universal noise in the eps-approximate nullspace of a ViT's encoder (Liu et al., CPAL 2025).
+"""Synthesize a universal noise in the approximate nullspace of a ViT's encoder (Liu et al., CPAL 2025).
 
 The noise ``v`` (shape ``(1, N, D)``) is added to the patch tokens of every image. It starts large,
 ``U(-init_limit, init_limit)``, and AdamW shrinks it along the directions the model is sensitive to, minimising the
 mean squared logit difference between noisy and clean outputs. It stops as soon as the mean squared
-softmax-probability difference is below ``eps``: the noise then sits near the boundary of the eps-approximate
-nullspace ``{v : E |softmax(f(u + v)) - softmax(f(u))|^2 < eps}``, as large as that set allows along the way.
-The paper's control (``kind="random"``) starts from Gaussian noise and only shrinks it, x0.8 per step, until it is
-within ``eps``: as close to the set's boundary, in a random direction.
+softmax-probability difference is below ``tolerance`` (the paper's epsilon, a probability, not a radius): the noise
+then sits near the boundary of the approximate nullspace ``{v : E |softmax(f(u + v)) - softmax(f(u))|^2 <
+tolerance}``, as large as that set allows along the way. The paper's control (``kind="random"``) starts from Gaussian
+noise and only shrinks it, x0.8 per step, until it is within the tolerance: as close to the set's boundary, in a
+random direction.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from robustvit._utils import eval_mode, model_logits
+from robustvit.configs import NoiseSynthesisConfig
 from robustvit.nullspace._model import supported_model
 from robustvit.nullspace.noise import NullspaceNoise
 from robustvit.nullspace.token_noise import token_noise
+from robustvit.settings import resolve_config
 
 __all__ = ["NOISE_KINDS", "PAPER_SCHEDULE_FACTOR", "RANDOM_SHRINK", "synthesize_noise"]
 
@@ -68,29 +71,25 @@ class _Outputs:
 def synthesize_noise(
     model: nn.Module,
     dataloader: Iterable,
+    config: NoiseSynthesisConfig | None = None,
     *,
-    eps: float = 0.03,
-    kind: str = "nullspace",
-    init_limit: float = 3.0,
-    lr: float = 0.1,
-    rounds: int = 3,
-    max_batches: int | None = None,
-    schedule_steps: int | None = None,
     init: Tensor | None = None,
     accelerator: Accelerator | None = None,
     progress: bool = True,
     generator: torch.Generator | None = None,
+    **overrides: Any,
 ) -> NullspaceNoise:
     """Find a large universal token noise that barely changes ``model``'s predictions.
 
-    ``kind="nullspace"`` is the paper's procedure (defaults: its final hyper-parameters): the noise starts at
-    ``U(-init_limit, init_limit)``; AdamW (``lr``, torch's default weight decay 0.01) with a cosine schedule
-    minimises the mean squared logit difference; before each step the mean squared probability difference is
-    measured on the batch, and the search stops as soon as it is below ``eps``. The paper's cosine spans the whole
-    loader times the rounds while only 10 % of the batches are used, so its rate stays within 2.5 % of ``lr`` over
-    the steps taken; by default the cosine period here is likewise ten times the planned steps
-    (``schedule_steps`` overrides it). ``kind="random"`` is the paper's control: Gaussian noise ``N(0, 1)``
-    shrunk by x0.8 per step until within ``eps`` (no gradient, no ``lr``).
+    The settings are a :class:`~robustvit.configs.NoiseSynthesisConfig` (``config``, default: the paper's final
+    hyper-parameters) with ``overrides``, any of its fields by name (``tolerance=0.01``, ``kind="random"``...).
+    ``kind="nullspace"`` is the paper's procedure: the noise starts at ``U(-init_limit, init_limit)``; AdamW
+    (``lr``, torch's default weight decay 0.01) with a cosine schedule minimises the mean squared logit difference;
+    before each step the mean squared probability difference is measured on the batch, and the search stops as soon
+    as it is below ``tolerance``. The paper's cosine spans the whole loader times the rounds while only 10 % of the
+    batches are used, so its rate stays within 2.5 % of ``lr`` over the steps taken; by default the cosine period
+    here is likewise ten times the planned steps (``schedule_steps`` overrides it). ``kind="random"`` is the paper's
+    control: Gaussian noise ``N(0, 1)`` shrunk by x0.8 per step until within ``tolerance`` (no gradient, no ``lr``).
 
     The model runs in eval mode (its modes are restored) and only the noise receives gradients: the model's
     parameters and their ``.grad`` are left untouched. With an ``accelerator``, rank 0's initial noise is
@@ -101,44 +100,35 @@ def synthesize_noise(
         model: timm or transformers ViT/DeiT (converted or not), possibly in a pixel wrapper such as
             :class:`robustvit.training.PixelModel` or prepared by Accelerate; it is fed the batches' images.
         dataloader: Yields images ``(B, C, H, W)`` or ``(images, labels)`` pairs.
-        eps: Tolerance on the mean squared softmax-probability difference (the paper's epsilon: 0.03).
-        kind: ``"nullspace"`` (optimised) or ``"random"`` (the shrinking Gaussian control); see
-            :data:`NOISE_KINDS`.
-        init_limit: Half-width of the uniform initialisation (``"nullspace"``).
-        lr: AdamW learning rate of the noise (``"nullspace"``).
-        rounds: Passes over (at most ``max_batches`` of) the dataloader.
-        max_batches: Batches per round; ``None`` for the whole dataloader (the paper uses 10% of it).
-        schedule_steps: Period of the cosine on ``lr``; ``None`` for ten times the planned steps (see above).
+        config: The settings (``tolerance``: the paper's epsilon, a probability tolerance, not a radius; ``kind``,
+            ``init_limit``, ``lr``, ``rounds``, ``max_batches``, ``schedule_steps``): see
+            :class:`~robustvit.configs.NoiseSynthesisConfig`.
         init: Start from this noise ``(1, N, D)`` instead of a random draw, e.g. to continue a search that did
-            not reach ``eps`` (the optimiser state starts afresh).
+            not reach the tolerance (the optimiser state starts afresh).
         accelerator: Averages over processes when given.
         progress: Show a progress bar (on the local main process only).
         generator: Random source of the initial noise.
+        **overrides: Fields of the config to change.
 
     Returns:
-        The noise ``(1, N, D)`` (detached, on the model's device) with its statistics; ``reached_eps`` says whether
-        it ended inside the eps-approximate nullspace.
+        The noise ``(1, N, D)`` (detached, on the model's device) with its statistics; ``reached_tolerance``
+        says whether it ended inside the approximate nullspace (``prob_mse < tolerance``).
 
     Raises:
-        ValueError: Invalid hyper-parameters, or a dataloader without batches.
+        TypeError: An override that is not a field of the config.
+        ValueError: Invalid settings, or a dataloader without batches.
         UnsupportedModuleError: ``model`` has no supported patch embedding.
 
     Example:
-        >>> result = synthesize_noise(model, loader, eps=0.03, max_batches=2, progress=False)
-        >>> result.reached_eps, result.noise.shape  # one row per patch token (4 x 4 patches)
+        >>> result = synthesize_noise(model, loader, tolerance=0.03, max_batches=2, progress=False)
+        >>> result.reached_tolerance, result.noise.shape  # one row per patch token (4 x 4 patches)
         (True, torch.Size([1, 16, 48]))
-        >>> control = synthesize_noise(model, loader, eps=0.03, kind="random")
+        >>> control = synthesize_noise(model, loader, NoiseSynthesisConfig(kind="random"))
         >>> with token_noise(model, result.noise):
         ...     noisy_logits = model(images)
     """
-    if kind not in NOISE_KINDS:
-        raise ValueError(f"kind must be one of {sorted(NOISE_KINDS)}, got {kind!r}")
-    for name, value in (("eps", eps), ("init_limit", init_limit), ("lr", lr)):
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    for name, value in (("rounds", rounds), ("max_batches", max_batches), ("schedule_steps", schedule_steps)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    config = resolve_config(NoiseSynthesisConfig, config, overrides)
+    kind, tolerance, rounds, max_batches = config.kind, config.tolerance, config.rounds, config.max_batches
     inner, family = supported_model(model)
     net = extract_model_from_parallel(model)  # DDP syncs parameter gradients; only the noise gets any here
     device = family.patch_projection(inner).weight.device
@@ -167,7 +157,9 @@ def synthesize_noise(
         raise ValueError("the dataloader is empty: noise synthesis needs at least one batch")
     planned = rounds * per_round
     search = NOISE_KINDS[kind](
-        init_limit=init_limit, lr=lr, schedule_steps=schedule_steps or PAPER_SCHEDULE_FACTOR * planned
+        init_limit=config.init_limit,
+        lr=config.lr,
+        schedule_steps=config.schedule_steps or PAPER_SCHEDULE_FACTOR * planned,
     )
     bar = tqdm(total=planned, desc=f"{kind} noise", disable=not progress or not _local_main(accelerator))
     with eval_mode(net), bar:
@@ -184,7 +176,7 @@ def synthesize_noise(
             out = outputs(images)
             stats = mean_over_processes(out.stats())
             bar.set_postfix(prob_mse=f"{float(stats[0]):.4f}", norm=f"{float(noise.detach().norm()):.1f}")
-            if float(stats[0]) < eps:
+            if float(stats[0]) < tolerance:
                 reached = True
                 break
             grad = None
@@ -200,7 +192,7 @@ def synthesize_noise(
                 # Out of batches: the statistics must describe the returned noise, so measure it once more.
                 with torch.no_grad():
                     stats = mean_over_processes(outputs(images).stats())
-                reached = float(stats[0]) < eps
+                reached = float(stats[0]) < tolerance
                 break
             images = following.to(device)
     noise = noise.detach()
@@ -210,8 +202,8 @@ def synthesize_noise(
         prob_mse=float(stats[0]),
         top1_agreement=float(stats[1]),
         steps=steps,
-        reached_eps=reached,
-        eps=float(eps),
+        reached_tolerance=reached,
+        tolerance=float(tolerance),
         kind=kind,
         lr_range=[first_lr, last_lr] if first_lr is not None else None,
     )

@@ -417,7 +417,9 @@ def save_pretrained(
         certificate.save(directory / CERTIFICATE_NAME)
     else:
         (directory / CERTIFICATE_NAME).unlink(missing_ok=True)
-    processor = native_format(model).image_processor(model)
+    library = native_format(model)
+    library.write_library_files(model, directory)
+    processor = library.image_processor(model)
     if processor is not None:  # the library's preprocessing for this model: [0, 1] pixels, no normalization
         processor.save_pretrained(directory)
     else:

@@ -5,6 +5,8 @@ writes, the config it reads back, the preprocessing it ships. One :class:`Native
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 
 from robustvit.families import get_family
@@ -29,6 +31,9 @@ class NativeFormat:
     def image_processor(self, model: nn.Module):
         """The library's preprocessing object to ship next to the weights (``save_pretrained``), or ``None``."""
         return None
+
+    def write_library_files(self, model: nn.Module, directory: Path) -> None:
+        """Write the other files the library's own loaders read from a converted model's folder (none for timm)."""
 
 
 NATIVE_FORMATS: Registry[NativeFormat] = Registry("native format")

@@ -11,13 +11,15 @@ from timm.models import register_model
 from torch import nn
 
 from robustvit.conversion.metadata import NATIVE_RECORD_KEY
+from robustvit.conversion.timm_metadata import TIMM_FAMILIES
 from robustvit.persistence.native_format import NATIVE_FORMATS, NativeFormat
 from robustvit.persistence.rebuild import rebuild_converted
 from robustvit.persistence.weights import load_strictly
 
 __all__ = ["robustvit"]
 
-NATIVE_FORMATS.register("timm-vit", NativeFormat())  # save_for_hf writes the state_dict names, no config of its own
+for _family in TIMM_FAMILIES:  # save_for_hf writes the state_dict names, no config of its own
+    NATIVE_FORMATS.register(_family, NativeFormat())
 
 
 # The entrypoint's name is the architecture that robustvit.conversion.timm_metadata.TIMM_ARCHITECTURE records.

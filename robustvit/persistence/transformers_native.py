@@ -3,10 +3,12 @@ Auto classes read, the image processor it ships."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
-from robustvit.conversion.transformers_metadata import processor_for
+from robustvit.conversion.transformers_metadata import processor_for, write_remote_code
 from robustvit.families import FAMILIES
 from robustvit.persistence.native_format import NATIVE_FORMATS, NativeFormat
 
@@ -26,6 +28,9 @@ class TransformersFormat(NativeFormat):
 
     def image_processor(self, model: nn.Module):
         return processor_for(model.config)
+
+    def write_library_files(self, model: nn.Module, directory: Path) -> None:
+        write_remote_code(directory)  # the loader that the config's auto_map names
 
 
 for _name, _family in FAMILIES.items():

@@ -44,6 +44,7 @@ from robustvit.training.models import (
     ModelSource,
     PixelModel,
     load_model,
+    save_model_folder,
     set_drop_path,
 )
 from robustvit.training.run import (
@@ -73,6 +74,7 @@ __all__ = [
     "project_configuration",
     "resume_from_checkpoint",
     "save_checkpoint",
+    "save_model_folder",
     "set_drop_path",
     "train_epoch",
     "train_phase",

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Callable, Sequence
@@ -23,13 +24,21 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from timm.layers import DropPath
 from torch import Tensor, nn
-from transformers import AutoModelForImageClassification
+from transformers import AutoModelForImageClassification, PreTrainedModel
 
 from robustvit.families import get_family
 from robustvit.layers import NormalizedConv2d
 from robustvit.registry import Registry
 
-__all__ = ["DEFAULT_MODEL", "MODEL_SOURCES", "ModelSource", "PixelModel", "load_model", "set_drop_path"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "MODEL_SOURCES",
+    "ModelSource",
+    "PixelModel",
+    "load_model",
+    "save_model_folder",
+    "set_drop_path",
+]
 
 DEFAULT_MODEL: dict[str, Any] = {
     "model_name": "vit_tiny_patch16_224",
@@ -38,9 +47,6 @@ DEFAULT_MODEL: dict[str, Any] = {
     "kwargs": {"patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4},
 }
 """The embedded default: a small timm ViT whose exact patch-embedding nullspace is non-trivial."""
-
-CHECKPOINTS_DIR = "checkpoints"
-TRAINING_STATE_FILE = "training_state.json"
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,24 @@ def _load_timm(spec: str, num_classes: int, image_size: int, channels: int) -> t
     return _create_timm(spec, kwargs, pretrained=pretrained)
 
 
+def _is_timm_folder(spec: str | None) -> bool:
+    """A folder written by ``timm.models.save_for_hf``: its config.json names a timm ``architecture``."""
+    config = os.path.join(spec, "config.json") if isinstance(spec, str) else ""
+    if not os.path.isfile(config):
+        return False
+    with open(config) as file:
+        return "architecture" in json.load(file)
+
+
+@_model_source("timm folder", _is_timm_folder)
+def _load_timm_folder(spec: str, num_classes: int, image_size: int, channels: int) -> tuple[nn.Module, dict]:
+    # timm rebuilds the saved architecture from the folder's model_args and loads its weights; a head of another
+    # size is new (timm drops the saved classifier), the position embedding is resampled to image_size.
+    kwargs = {"img_size": image_size, "in_chans": channels, "num_classes": num_classes}
+    model = timm.create_model(f"local-dir:{spec}", pretrained=True, **kwargs)
+    return model, {"library": "timm", "model_name": f"local-dir:{spec}", "pretrained": True, "kwargs": kwargs}
+
+
 @_model_source("transformers", lambda spec: True)
 def _load_transformers(spec: str, num_classes: int, image_size: int, channels: int) -> tuple[nn.Module, dict]:
     if os.path.isdir(spec) and not os.path.isfile(os.path.join(spec, "config.json")):
@@ -127,8 +151,9 @@ def load_model(
     Args:
         spec: ``None`` for the embedded default (:data:`DEFAULT_MODEL`, a small timm ViT with random weights); a
             timm model name (its pretrained weights are used when ``model.safetensors`` is in the local Hugging
-            Face cache, otherwise a warning is issued and the weights are random); anything else is loaded with
-            transformers ``AutoModelForImageClassification`` (a local directory with a ``config.json``, or a
+            Face cache, otherwise a warning is issued and the weights are random); a timm folder (written by
+            :func:`save_model_folder` or ``timm.models.save_for_hf``: ``local-dir:<folder>``); anything else is
+            loaded with transformers ``AutoModelForImageClassification`` (a local directory with a ``config.json``, or a
             Hugging Face id that must be cached when offline), with a new head of ``num_classes`` outputs.
         num_classes: Number of classes of the head.
         image_size: Side of the input images (timm models are built for it; transformers models must match it).
@@ -161,6 +186,18 @@ def load_model(
     }
     description["num_classes"] = num_classes
     return model, description
+
+
+def save_model_folder(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Save a (plain, unconverted) timm or transformers classifier as the folder its own library loads, in
+    safetensors: ``save_pretrained`` for transformers, ``timm.models.save_for_hf`` for timm. :func:`load_model`
+    loads it back (``--model <folder>``)."""
+    if isinstance(model, PreTrainedModel):
+        model.save_pretrained(folder)
+    elif isinstance(model, timm.models.VisionTransformer):
+        timm.models.save_for_hf(model, str(folder), safe_serialization=True)
+    else:
+        raise TypeError(f"save_model_folder saves timm ViTs and transformers models, not {type(model).__name__}")
 
 
 class PixelModel(nn.Module):
