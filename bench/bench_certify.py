@@ -166,6 +166,28 @@ def bench_training(model, images, labels, args) -> dict:
     }
 
 
+MARGIN_LOSSES = {"emma (with head_margins)": "EMMA", "margin CE (with head_margins)": "margin CE"}
+"""The margin-loss training steps of certify.json that docs/performance.md shows, by their name there."""
+
+
+def performance_rows(report: dict) -> list[str]:
+    """The rows of docs/performance.md's table that certify.json holds (bench/tables.py renders the table)."""
+    certification, training = report["certification"], report["training"]
+    lip, smooth = certification["lipschitz"], certification["smoothing"]
+    steps = {"CE": training["steps"]["cross-entropy"]} | {
+        label: training["steps"][name] for name, label in MARGIN_LOSSES.items()
+    }
+    times = "; ".join(f"{label} {1e3 * step['median_s']:.0f} ms" for label, step in steps.items())
+    ratios = " / ".join(f"{steps[label]['ratio_vs_ce']:.2f}x" for label in MARGIN_LOSSES.values())
+    return [
+        f"| Certification throughput, same converted model | Lipschitz `certify` {lip['images_per_s']:.0f} img/s; "
+        f"randomized smoothing (n0={smooth['n0']}, n={smooth['n']}) {smooth['images_per_s']:.1f} img/s | "
+        f"**{certification['speedup_lipschitz_vs_smoothing']:.0f}x** |",
+        f"| Margin training step vs cross-entropy (batch {training['batch_size']}, `head_margins` included) | "
+        f"{times} | {ratios} |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)

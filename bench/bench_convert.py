@@ -79,6 +79,29 @@ def bench(name: str, spec: dict, repeats: int) -> dict:
     }
 
 
+def _rate(images_per_s: float) -> str:
+    """Two significant digits, whole numbers from 100 up (no exponent)."""
+    return f"{images_per_s:.2g}" if images_per_s < 100 else f"{images_per_s:.0f}"
+
+
+def performance_rows(rows: list[dict]) -> list[str]:
+    """The rows of docs/performance.md's table that convert.json holds (bench/tables.py renders the table)."""
+    inference = "; ".join(
+        f"{r['model']}, batch {r['batch']}: {_rate(r['infer_images_per_s']['source'])} -> "
+        f"{_rate(r['infer_images_per_s']['converted'])} img/s"
+        for r in rows
+    )
+    training = "; ".join(
+        f"{r['model']}: {r['train_step_s']['source']:.2f} -> {r['train_step_s']['converted']:.2f} s" for r in rows
+    )
+    speedups = " / ".join(f"{r['infer_speedup']:.2f}x" for r in rows)
+    ratios = " / ".join(f"{r['train_ratio']:.2f}x" for r in rows)
+    return [
+        f"| Converted (shift mixer) vs source, inference | {inference} | **{speedups} faster** |",
+        f"| Converted vs source, train step (rescaling included) | {training} | {ratios} |",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)

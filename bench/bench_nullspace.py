@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from robustvit.data import load_image_dataset
-from robustvit.nullspace import nullspace_finetuning_loss, synthesize_noise
+from robustvit.nullspace import NullspaceNoise, nullspace_finetuning_loss, synthesize_noise
 from robustvit.training import PixelModel, load_model
 
 RESULTS = Path(__file__).parent / "results" / "nullspace.json"
@@ -58,6 +58,23 @@ def step_timer(model: torch.nn.Module, loss_fn: Callable, batch: tuple[torch.Ten
         return (time.perf_counter() - start) / steps
 
     return run
+
+
+def performance_rows(report: dict) -> list[str]:
+    """The rows of docs/performance.md's table that nullspace.json holds (bench/tables.py renders the table)."""
+    median, epoch = report["median_seconds"], report["epoch_seconds_estimate"]
+    runs = [NullspaceNoise.read_stats(run) for run in report["synthesis_runs"]]  # files before: reached_eps
+    steps = statistics.median(run["steps"] for run in runs)
+    reached = f"{sum(run['reached_tolerance'] for run in runs)} of {len(runs)} runs reached the tolerance"
+    return [
+        f"| Nullspace finetuning step vs plain finetuning step | {1e3 * median['nullspace_step']:.1f} ms vs "
+        f"{1e3 * median['plain_step']:.1f} ms (clean + noisy batch) | "
+        f"{report['step_ratio_nullspace_over_plain']:.2f}x |",
+        f"| Noise synthesis vs one nullspace finetuning epoch (digits, {report['batches_per_epoch']} batches) | "
+        f"{median['synthesis']:.2f} s ({steps:.0f} AdamW steps, {reached}, near-constant noise lr) vs "
+        f"{epoch['nullspace']:.2f} s | {report['synthesis_fraction_of_nullspace_epoch']:.2f}x (an ImageNet epoch "
+        "dwarfs it) |",
+    ]
 
 
 def main() -> None:

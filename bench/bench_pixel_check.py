@@ -36,6 +36,17 @@ def _seconds(model: torch.nn.Module, images: torch.Tensor, checked: bool) -> flo
     return time.perf_counter() - start
 
 
+def performance_rows(report: dict) -> list[str]:
+    """The row of docs/performance.md's table that pixel_check.json holds (bench/tables.py renders the table)."""
+    cases = "; ".join(
+        f"{row['case']}: {1e3 * row['checked_s']:.0f} vs {1e3 * row['unchecked_s']:.0f} ms" for row in report["rows"]
+    )
+    ratios = " / ".join(f"{row['ratio']:.2f}x" for row in report["rows"])
+    return [
+        f"| Pixel check in eval forwards: converted ViT-Ti with the [0, 1] check vs without it | {cases} | {ratios} |"
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)

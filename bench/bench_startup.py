@@ -29,6 +29,16 @@ COMMANDS = {
 }
 
 
+def performance_rows(report: dict) -> list[str]:
+    """The row of docs/performance.md's table that startup.json holds (bench/tables.py renders the table)."""
+    median = report["median_s"]
+    return [
+        '| Startup: `robustvit --help` vs `python -c "import torch"` (fresh processes, interleaved) | '
+        f"{median['robustvit --help']:.2f} s vs {median['import torch']:.2f} s (the CLI imports torch only inside a "
+        f"command) | **{report['ratio_cli_vs_import_torch']:.2f}x** |"
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)

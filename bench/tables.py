@@ -40,6 +40,10 @@ transfer_table = _bench_script("bench_transfer").table  # the table the benchmar
 coverage_table = _bench_script("coverage_table").table
 substitutes_table = _bench_script("bench_substitutes").table
 headline, noise_summary = (getattr(_bench_script("nullspace_report"), name) for name in ("headline", "noise_summary"))
+PERFORMANCE = ("spectral", "startup", "pixel_check", "convert", "certify", "nullspace")
+"""The row groups of docs/performance.md's table, in its order: bench/bench_NAME.py writes NAME.json and formats
+its rows."""
+performance_rows = {name: _bench_script(f"bench_{name}").performance_rows for name in PERFORMANCE}
 
 MARKED = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
 
@@ -61,6 +65,11 @@ def _nullspace_headline() -> str:
     return headline(table).rstrip()
 
 
+def _performance() -> str:
+    rows = [row for name, rows_of in performance_rows.items() for row in rows_of(_load(name))]
+    return "\n".join(["| benchmark | measured | ratio |", "|---|---|---|", *rows])
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "transfer": _transfer("transfer"),  # bench/bench_transfer.py
     "transfer_ablation": _transfer("transfer_ablation"),  # bench/bench_transfer.py --set ablation
@@ -72,6 +81,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "nullspace_noise": lambda: noise_summary(_load("finetune_nullspace")),
     "coverage": lambda: coverage_table(_load("coverage")["rows"]),  # bench/coverage_table.py
     "substitutes": lambda: substitutes_table(_load("substitutes")),  # bench/bench_substitutes.py
+    "performance": _performance,  # bench/bench_{spectral,startup,pixel_check,convert,certify,nullspace}.py
 }
 
 
