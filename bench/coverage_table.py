@@ -64,6 +64,17 @@ def _hf(model_class: str, config_class: str, **config) -> Callable[[], nn.Module
     return build
 
 
+def _with_head(build_vision: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """A CLIPVisionModel with the linear head robustvit converts it with (issue 22: "CLIPVisionModel plus a head")."""
+
+    def build() -> nn.Module:
+        from robustvit.families.hf_clip import clip_classifier
+
+        return clip_classifier(build_vision(), num_labels=10)
+
+    return build
+
+
 _TEXT = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64}
 
 TRANSFORMERS_MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -94,7 +105,7 @@ TRANSFORMERS_MODELS: dict[str, Callable[[], nn.Module]] = {
         text_config=_TEXT,
         num_labels=10,
     ),
-    "CLIPVisionModel": _hf("CLIPVisionModel", "CLIPVisionConfig", **_SMALL, **_IMAGE),
+    "CLIPVisionModel + clip_classifier": _with_head(_hf("CLIPVisionModel", "CLIPVisionConfig", **_SMALL, **_IMAGE)),
     "SiglipForImageClassification": _hf(
         "SiglipForImageClassification",
         "SiglipConfig",

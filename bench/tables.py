@@ -5,6 +5,7 @@ A generated table sits between ``<!-- table: NAME -->`` and ``<!-- /table -->``;
     python bench/tables.py            # print every table
     python bench/tables.py transfer   # print one
     python bench/tables.py --write    # rewrite the tables in README.md and docs/*.md in place, redraw the plots
+    python bench/tables.py coverage --write    # only the named tables (and plots)
 
 tests/test_tables.py checks that every marked table reads what this script renders from the committed JSON.
 :data:`PLOTS` are the pictures drawn from it (``--write`` redraws them): the transfer curve,
@@ -18,7 +19,7 @@ import importlib.util
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from types import ModuleType
 
@@ -127,25 +128,28 @@ def marked_tables(text: str) -> list[tuple[str, str]]:
     return [(match["name"], match["body"].rstrip("\n")) for match in MARKED.finditer(text)]
 
 
-def rewrite(text: str) -> str:
-    return MARKED.sub(lambda m: f"{m[1]}{TABLES[m['name']]()}\n{m[4]}", text)
+def rewrite(text: str, names: Collection[str] = TABLES) -> str:
+    """``text`` with its marked tables among ``names`` rendered anew."""
+    return MARKED.sub(lambda m: f"{m[1]}{TABLES[m['name']]()}\n{m[4]}" if m["name"] in names else m[0], text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", choices=[[], *TABLES], default=[])
+    parser.add_argument("names", nargs="*", choices=[[], *TABLES], default=[], help="default: every table")
     parser.add_argument("--write", action="store_true", help="rewrite the marked tables of README.md and docs/*.md")
     args = parser.parse_args()
+    names = args.names or list(TABLES)
     if args.write:
         for path in documents():
             text = path.read_text(encoding="utf-8")
-            if (new := rewrite(text)) != text:
+            if (new := rewrite(text, names)) != text:
                 path.write_text(new, encoding="utf-8")
                 print(f"rewrote {path.relative_to(ROOT)}")
-        for results, picture in PLOTS.values():
+        for name in PLOTS.keys() & set(names):
+            results, picture = PLOTS[name]
             print(f"drew {curve_plot(_load(results), picture).relative_to(ROOT)}")
         return
-    for name in args.names or TABLES:
+    for name in names:
         print(f"<!-- table: {name} -->\n{TABLES[name]()}\n<!-- /table -->\n")
 
 

@@ -111,6 +111,8 @@ def test_clip_vision_model_with_a_linear_head():
     assert 0 < estimate_lipschitz_lower_bound(lip, x, steps=20, restarts=1) <= lipschitz_bound(lip)
     with pytest.raises(TypeError, match="CLIPVisionModel"):
         clip_classifier(model, num_labels=10)
+    with pytest.raises(UnsupportedModuleError, match=r"CLIPVisionModel has no classifier: .*clip_classifier"):
+        robustvit.convert(vision)  # the bare encoder is refused, with the way to convert it
 
 
 def test_siglip_with_its_attention_pooling_head_converts_and_the_head_stays_unread():

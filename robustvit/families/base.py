@@ -26,6 +26,7 @@ from robustvit.registry import Registry
 __all__ = [
     "FAMILIES",
     "GREYSCALE_WEIGHTS",
+    "REFUSAL_HINTS",
     "TINY_MODELS",
     "AttentionPoolParts",
     "BlockParts",
@@ -214,6 +215,10 @@ RMS_NORM_TYPES.register(nn.RMSNorm, lambda norm: norm.weight)
 FAMILIES: Registry[Family] = Registry("family")
 """Family adapters by name, in registration order: :func:`get_family` tries them in that order."""
 
+REFUSAL_HINTS: Registry[str] = Registry("refusal hint", keys=type)
+"""What to do with an unsupported model class that a family can take in another form (``CLIPVisionModel``: give it
+a head); :func:`get_family`'s refusal ends with it."""
+
 
 def register_family(cls: type[Family]) -> type[Family]:
     """Class decorator: register a family adapter under ``cls.name`` (first registered match wins)."""
@@ -286,9 +291,10 @@ def get_family(model: nn.Module) -> Family:
     for _, family in FAMILIES.items():
         if family.matches(model):
             return family
+    hint = REFUSAL_HINTS.get(type(model))
     raise UnsupportedModuleError(
         f"{type(model).__module__}.{type(model).__name__} is not a supported model; robustvit supports "
-        f"{', '.join(FAMILIES.list())}"
+        f"{', '.join(FAMILIES.list())}" + (f". {hint}" if hint else "")
     )
 
 

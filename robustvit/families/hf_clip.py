@@ -15,7 +15,7 @@ from transformers.activations import QuickGELUActivation
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.clip import modeling_clip as clip
 
-from robustvit.families.base import BlockParts, one, register_family, register_tiny_model
+from robustvit.families.base import REFUSAL_HINTS, BlockParts, one, register_family, register_tiny_model
 from robustvit.families.hf_base import HFFamily, linear_pair
 from robustvit.lipschitz.engine import QUICK_GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
 
@@ -100,6 +100,12 @@ def clip_classifier(vision_model: clip.CLIPVisionModel, num_labels: int) -> clip
     model.vision_model.load_state_dict(vision_model.state_dict(), strict=True)
     return model.to(vision_model.device)
 
+
+REFUSAL_HINTS.register(
+    clip.CLIPVisionModel,
+    "A CLIPVisionModel has no classifier: robustvit.families.hf_clip.clip_classifier(model, num_labels) gives it "
+    "a linear head, and that model converts",
+)
 
 # The rules visit the vision model's children, not it or its encoder: their forward runs unvisited.
 record_methods(clip.CLIPVisionModel, clip.CLIPEncoder)
