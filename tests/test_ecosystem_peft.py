@@ -558,7 +558,7 @@ def test_head_in_modules_to_save_trains_inside_the_constraint_and_its_bound_hold
     for (original, saved), name in zip(copies, heads, strict=True):
         # The trained copy moved, stays about 1-Lipschitz; the original (what disable_adapter() runs) did not move.
         assert not torch.equal(saved.weight, original.weight)
-        torch.testing.assert_close(original.weight, getattr(base, name).weight, atol=0, rtol=0)
+        torch.testing.assert_close(original.weight, base.get_submodule(name).weight, atol=0, rtol=0)
         if is_spectrally_rescaled(saved):  # DeiT's pair of heads is plain, bounded together with its exact norm
             assert float(torch.linalg.matrix_norm(saved.weight.detach().double(), ord=2)) <= 1.1
     bound = robustvit.lipschitz_bound(model)
@@ -592,7 +592,7 @@ def test_head_in_modules_to_save_trains_inside_the_constraint_and_its_bound_hold
     with model.disable_adapter(), torch.no_grad():
         assert (logits_of(model(images)) - adapted).abs().max() > 1e-3
         for (original, _), name in zip(copies, heads, strict=True):  # what head margins and DeiT's pair bound read
-            assert torch.equal(linear_weight(getattr(model.get_base_model(), name)), original.weight)
+            assert torch.equal(linear_weight(model.get_base_model().get_submodule(name)), original.weight)
         if len(heads) == 1:
             assert _head_path(model, heads[0]) == f"{heads[0]}.original_module"
 

@@ -262,7 +262,7 @@ def tiny_models(family: str | None = None) -> list[str]:
 
     Example:
         >>> tiny_models("transformers-vit")
-        ['hf_vit', 'hf_deit']
+        ['hf_vit', 'hf_deit', 'hf_vit_msn']
     """
     if family is not None:
         family_by_name(family)
