@@ -33,7 +33,7 @@ __all__ = ["POOLINGS", "HFFamily", "linear_pair", "num_prefix_tokens", "record_h
 
 POOLINGS = ("token", "token_and_patch_mean", "patch_mean", "mean")
 """What a transformers classifier reads of the last hidden state: token 0 (ViT); token 0 concatenated with the mean
-of the patch tokens (DINOv2); the mean of the patch tokens (CLIP); the mean of all tokens (SigLIP)."""
+of the patch tokens (DINOv2); the mean of the patch tokens (CLIP, BEiT); the mean of all tokens (SigLIP)."""
 
 
 def linear_pair(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
