@@ -532,7 +532,8 @@ def hf_reference(source, model, x_raw, activation, mixer):
         h = parts.mlp.fc1(center(parts.norm2, x))
         h = MinMax()(h) if activation == "minmax" else getattr(parts.mlp, parts.mlp_activation)(h)
         x = x + ls2 * parts.mlp.fc2(h)
-    if mixer == "shift" and adapter.pooling in ("token", "token_and_patch_mean"):
+    pooling = adapter.pooling_of(source)
+    if mixer == "shift" and pooling in ("token", "token_and_patch_mean"):
         x = prefix_pool(x, prefix)
     if "final_norm" in norms:
         x = center(norms["final_norm"], x)
@@ -541,7 +542,9 @@ def hf_reference(source, model, x_raw, activation, mixer):
         "token_and_patch_mean": lambda: torch.cat((x[:, 0], x[:, prefix:].mean(1)), dim=1),
         "patch_mean": lambda: x[:, prefix:].mean(1),
         "mean": lambda: x.mean(1),
-    }[adapter.pooling]()
+    }[pooling]()
+    if "head_norm" in norms:  # on the pooled features (BEiT's pooler)
+        features = center(norms["head_norm"], features)
     return source.classifier(features), x
 
 

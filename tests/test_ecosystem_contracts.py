@@ -240,14 +240,17 @@ def test_transformers_output_hidden_states(family):
     for kind, model in _pair(family):
         model.eval()
         layers = get_family(model).layers(model)
-        first_input = []
-        handle = layers[0].register_forward_pre_hook(lambda module, args, seen=first_input: seen.append(args[0]))
+        first_call = []
+        handle = layers[0].register_forward_pre_hook(
+            lambda module, args, kwargs, seen=first_call: seen.append((args, kwargs)), with_kwargs=True
+        )
         with torch.no_grad():
             out = model(pixel_values=_pixels(), output_hidden_states=True)
             handle.remove()
-            states = first_input[:1]  # the embeddings (CLIP's: after its pre-LayerNorm)
-            for layer in layers:
-                states.append(layer(states[-1], None))  # no attention mask (CLIP's layers take it positionally)
+            (first_input, *other_args), kwargs = first_call[0]
+            states = [first_input]  # the embeddings (CLIP's: after its pre-LayerNorm)
+            for layer in layers:  # with what the model passes every layer (BEiT's: the resolution of its bias)
+                states.append(layer(states[-1], *other_args, **kwargs))
             selected = model(pixel_values=_pixels(), output_hidden_states=[-1]).hidden_states
         assert len(out.hidden_states) == len(layers) + 1, kind
         for recorded, expected in zip(out.hidden_states, states, strict=True):

@@ -1,6 +1,6 @@
 """What the transformers family adapters add beyond the suites parametrized over every tiny model: the activation
 bounds they register (against a dense grid of the true slope), the DINOv2 head's pooling bound (attacked), the
-refusals, and the "CLIPVisionModel with a linear head" form."""
+refusals, the "CLIPVisionModel with a linear head" form, and BEiT's class-token configuration."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from robustvit.errors import UnsupportedModuleError
 from robustvit.families import get_family
 from robustvit.lipschitz import GELU_LIPSCHITZ, QUICK_GELU_LIPSCHITZ, lipschitz_bound
 from robustvit.lipschitz.estimate import estimate_lipschitz_lower_bound
+from robustvit.persistence.hub import UncertifiedModelWarning
 
 
 def _max_slope(activation: nn.Module) -> float:
@@ -134,3 +135,50 @@ def test_siglip_with_its_attention_pooling_head_converts_and_the_head_stays_unre
         model.vision_model.head.probe.mul_(-3)  # the unread head changes: the logits do not
         torch.testing.assert_close(model(x).logits, logits, rtol=0, atol=0)
     assert 0 < estimate_lipschitz_lower_bound(model, x, steps=20, restarts=1) <= lipschitz_bound(model)
+
+
+def _beit(**config):
+    from transformers import BeitConfig, BeitForImageClassification
+
+    defaults = dict(
+        image_size=IMG, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
+        intermediate_size=96, num_labels=10,
+    )  # fmt: skip
+    return BeitForImageClassification(BeitConfig(**{**defaults, **config}))
+
+
+def test_beit_class_token_variant_with_a_shared_bias_converts_and_round_trips(tmp_path):
+    """BEiT's other configuration (use_mean_pooling=False: the class token after beit.layernorm), with a shared
+    relative position bias that is not zero, absolute position embeddings, a mask token, no LayerScale and drop path:
+    the bias leaves with the attention, the bound holds under attack, and save_pretrained / from_pretrained give the
+    same function."""
+    from robustvit.layers import PrefixPool
+
+    torch.manual_seed(0)
+    source = _beit(
+        use_mean_pooling=False, use_shared_relative_position_bias=True, use_absolute_position_embeddings=True,
+        use_mask_token=True, layer_scale_init_value=0.0, drop_path_rate=0.2,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        source.beit.shared_position_bias.relative_position_bias_table.normal_()
+    model = robustvit.convert(source).eval()
+    assert model.beit.shared_position_bias is None and isinstance(model.beit.layers[-1].pool, PrefixPool)
+    x = torch.rand(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(0))
+    assert 0 < estimate_lipschitz_lower_bound(model, x, steps=20, restarts=1) <= lipschitz_bound(model)
+    model.save_pretrained(tmp_path)
+    with pytest.warns(UncertifiedModelWarning):
+        loaded = robustvit.from_pretrained(tmp_path, verify=False)
+    assert loaded.beit.shared_position_bias is None
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=0, rtol=0)
+
+
+def test_beit_refusals_name_the_part():
+    from transformers.models.beit.modeling_beit import BeitRelativePositionBias
+
+    with pytest.raises(UnsupportedModuleError, match="hidden_act='relu'"):
+        robustvit.convert(_beit(hidden_act="relu"))
+    model = robustvit.convert(_beit(use_shared_relative_position_bias=True))
+    model.beit.shared_position_bias = BeitRelativePositionBias(model.config)  # put back on the converted model
+    with pytest.raises(UnsupportedModuleError, match="shared relative position bias"):
+        lipschitz_bound(model)

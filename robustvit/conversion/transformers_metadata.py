@@ -8,6 +8,8 @@ from pathlib import Path
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
+    BeitConfig,
+    BeitForImageClassification,
     CLIPConfig,
     CLIPForImageClassification,
     DeiTConfig,
@@ -33,6 +35,7 @@ __all__ = [
     "CONVERTED_CONFIGS",
     "REMOTE_CODE",
     "REMOTE_CODE_FILE",
+    "RobustBeitConfig",
     "RobustCLIPConfig",
     "RobustDeiTConfig",
     "RobustDinov2Config",
@@ -147,6 +150,14 @@ class RobustDinov2WithRegistersConfig(_ConvertedConfig, Dinov2WithRegistersConfi
 
 
 @strict
+class RobustBeitConfig(_ConvertedConfig, BeitConfig):
+    """``BeitConfig`` of a converted ``BeitForImageClassification`` (``model_type="robustvit_beit"``)."""
+
+    model_type = "robustvit_beit"
+    robustvit: dict | None = None
+
+
+@strict
 class RobustCLIPConfig(_ConvertedConfig, CLIPConfig):
     """``CLIPConfig`` of a converted ``CLIPForImageClassification`` (``model_type="robustvit_clip"``)."""
 
@@ -177,6 +188,7 @@ CONVERTED_CONFIGS = {
     ViTMSNForImageClassification: RobustViTMSNConfig,
     Dinov2ForImageClassification: RobustDinov2Config,
     Dinov2WithRegistersForImageClassification: RobustDinov2WithRegistersConfig,
+    BeitForImageClassification: RobustBeitConfig,
     CLIPForImageClassification: RobustCLIPConfig,
     SiglipForImageClassification: RobustSiglipConfig,
     TimmWrapperForImageClassification: RobustTimmWrapperConfig,

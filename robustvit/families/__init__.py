@@ -2,6 +2,7 @@
 configurations the tests build (``register_tiny_model``)."""
 
 from robustvit.families import (  # noqa: F401  (registration)
+    hf_beit,
     hf_clip,
     hf_dinov2,
     hf_siglip,

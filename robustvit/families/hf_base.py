@@ -33,7 +33,7 @@ __all__ = ["POOLINGS", "HFFamily", "linear_pair", "num_prefix_tokens", "record_h
 
 POOLINGS = ("token", "token_and_patch_mean", "patch_mean", "mean")
 """What a transformers classifier reads of the last hidden state: token 0 (ViT); token 0 concatenated with the mean
-of the patch tokens (DINOv2); the mean of the patch tokens (CLIP); the mean of all tokens (SigLIP)."""
+of the patch tokens (DINOv2); the mean of the patch tokens (CLIP, BEiT); the mean of all tokens (SigLIP)."""
 
 
 def linear_pair(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
@@ -63,7 +63,8 @@ class HFFamily(Family):
     """A transformers image classifier around a pre-norm ViT encoder.
 
     Subclasses set ``normalization`` (classifier class -> the mean and std of the source's image processor),
-    ``layer_types``, ``pooling`` (one of :data:`POOLINGS`), and implement the ``_`` accessors.
+    ``layer_types``, ``pooling`` (one of :data:`POOLINGS`; a family whose pooling depends on the config overrides
+    :meth:`pooling_of`), and implement the ``_`` accessors.
     """
 
     library = "transformers"
@@ -105,13 +106,17 @@ class HFFamily(Family):
         """Class / register tokens, in token order."""
 
     @abstractmethod
-    def _position_embedding(self, model: nn.Module) -> nn.Parameter:
-        """The absolute position embedding (added to the tokens)."""
+    def _position_embedding(self, model: nn.Module) -> nn.Parameter | None:
+        """The absolute position embedding (added to the tokens), if the model has one."""
 
     def _norm_owners(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-        """``{"pre_norm" | "final_norm": (owner, attribute)}`` of the norms before the layers and before the head
-        (only those the classifier's function goes through)."""
+        """``{"pre_norm" | "final_norm" | "head_norm": (owner, attribute)}`` of the norms before the layers, on the
+        last hidden state, and on the pooled features (only those the classifier's function goes through)."""
         return {}
+
+    def pooling_of(self, model: nn.Module) -> str:
+        """What ``model``'s classifier reads of the last hidden state (one of :data:`POOLINGS`)."""
+        return self.pooling
 
     def _patch_embeddings_module(self, model: nn.Module) -> nn.Module:
         """The module whose output is the ``(B, N, D)`` patch tokens."""
@@ -163,19 +168,20 @@ class HFFamily(Family):
                     f"(hidden_act={config.hidden_act!r}) has no registered Lipschitz bound"
                 )
         prefix = self._prefix_tokens(model)
+        position = self._position_embedding(model)
         norms = {key: getattr(*owner) for key, owner in self._norm_owners(model).items()}
         return ViTParts(
             patch_conv=getattr(*self._projection_owner(model)),
             patch_norm=None,
-            embed_params=[*prefix, self._position_embedding(model)],
+            embed_params=[*prefix, *([position] if position is not None else [])],
             pre_norm=norms.get("pre_norm"),
             blocks=blocks,
             final_norm=norms.get("final_norm"),
-            head_norm=None,
+            head_norm=norms.get("head_norm"),
             heads=[head for _, head in self.heads(model)],
             grid_size=self._grid(model),
             num_prefix_tokens=num_prefix_tokens(prefix),
-            head_reads_prefix=self.pooling in ("token", "token_and_patch_mean"),
+            head_reads_prefix=self.pooling_of(model) in ("token", "token_and_patch_mean"),
             prefix_tokens=prefix,
         )
 
@@ -198,8 +204,9 @@ class HFFamily(Family):
         norms = self._norm_owners(model)
         if "pre_norm" in norms:
             bound = bound * bound_of(norms["pre_norm"][1], getattr(*norms["pre_norm"]))
+        pooling = self.pooling_of(model)
         # Only a head that reads token 0 alone gets the pool's tighter bound of the tokens it reads.
-        tokens_read = 1 if self.pooling == "token" else 0
+        tokens_read = 1 if pooling == "token" else 0
         bound = bound * blocks_bound(list(self.layers(model)), "layers", bound_of, tokens_read)
         if "final_norm" in norms:  # per token
             bound = bound * bound_of(norms["final_norm"][1], getattr(*norms["final_norm"]))
@@ -209,8 +216,11 @@ class HFFamily(Family):
         # token: a coordinate selection (1). token_and_patch_mean: [h_0, mean of the patches] is A (x) I_D on the
         # tokens, with A's two rows of disjoint support and norms 1 and 1/sqrt(n): orthogonal rows, so ||A|| = 1.
         # patch_mean / mean: the mean of n tokens is 1/sqrt(n)-Lipschitz on them, and they are part of the tensor.
-        pooled = {"token": 1, "token_and_patch_mean": 1, "patch_mean": patches, "mean": tokens}[self.pooling]
-        return bound / math.sqrt(pooled)
+        pooled = {"token": 1, "token_and_patch_mean": 1, "patch_mean": patches, "mean": tokens}[pooling]
+        bound = bound / math.sqrt(pooled)
+        if "head_norm" in norms:  # on the pooled features
+            bound = bound * bound_of(norms["head_norm"][1], getattr(*norms["head_norm"]))
+        return bound
 
     def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [] if isinstance(model.classifier, nn.Identity) else [("classifier", model.classifier)]
