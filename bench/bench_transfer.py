@@ -55,12 +55,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import timm
 import torch
 
 import robustvit
 from robustvit.data import stack_examples
 from robustvit.lipshift import create_lipshift
-from robustvit.training import finish
+from robustvit.training import DEFAULT_MODEL, PixelModel, finish, save_model_folder
 from robustvit.workflows import lipschitz_training as recipe  # the phases of recipes/train_lipschitz.py
 from robustvit.workflows.lipschitz_training import DEFAULT_PRETRAIN_EPOCHS, SOURCE_WEIGHTS, Configs
 
@@ -71,7 +72,10 @@ class Row:
     overrides of the recipe's ConvertConfig), or a fresh ``"lipshift"`` network (``lipshift``:
     :func:`create_lipshift` arguments). ``train`` overrides the recipe's LipschitzTrainingConfig (ablations),
     ``run`` its RunConfig (the data the Lipschitz stage sees), ``source_run`` the RunConfig of a pretrained row's
-    source pretraining (the data the source sees; sources are shared by the rows with the same one)."""
+    source pretraining (the data the source sees; sources are shared by the rows with the same one). ``model``
+    (``{"model_name": ..., "kwargs": {...}}``, as :data:`~robustvit.training.DEFAULT_MODEL`) is a timm architecture
+    instead of the embedded default: built with random weights per seed and saved as the folder ``--model`` reads,
+    the same initial weights for the pretrained and the random-init row of that seed."""
 
     start: Literal["pretrained", "random", "lipshift"]
     convert: dict[str, Any] = field(default_factory=dict)
@@ -79,16 +83,26 @@ class Row:
     train: dict[str, Any] = field(default_factory=dict)
     run: dict[str, Any] = field(default_factory=dict)
     source_run: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
 
     def source_key(self) -> str:
-        """Names the source this row starts from (its pretraining's RunConfig overrides)."""
-        return "_".join(f"{key}-{value}" for key, value in sorted(self.source_run.items())) or "digits"
+        """Names the source this row starts from (its architecture and its pretraining's RunConfig overrides)."""
+        parts = [self.model_key()] if self.model else []
+        parts += [f"{key}-{value}" for key, value in sorted(self.source_run.items())]
+        return "_".join(parts) or "digits"
+
+    def model_key(self) -> str:
+        return self.model["model_name"] if self.model else "default"
 
 
 # 10 % of digits' 1437 training images: RunConfig.max_train_images, a class-stratified subset drawn with the seed.
 LOW_DATA_IMAGES = 144
+NUM_CLASSES = 10  # scikit-learn digits, the benchmark's data
 # LipShiFT at the default ViT's patch grid (4x4 tokens of 8x8 pixels), 0.16M parameters (the ViT: 0.21M).
 LIPSHIFT = dict(patch_size=8, embed_dim=64, depth=4)
+# An EVA-02-style source at the default ViT's sizes: rotary position embeddings and a SwiGLU MLP (scaled, as EVA-02's),
+# which conversion replaces (the shift mixer; ConvertConfig.gated_mlp's default substitute).
+EVA02 = {"model_name": "eva02_tiny_patch14_224", "kwargs": {**DEFAULT_MODEL["kwargs"], "mlp_ratio": 4.0}}
 
 ROWS: dict[str, Row] = {
     "converted pretrained (recipe default)": Row("pretrained"),
@@ -109,6 +123,9 @@ ROWS: dict[str, Row] = {
     "random init, 10 % of the images": Row("random", run={"max_train_images": LOW_DATA_IMAGES}),
     # Other data: the source is pretrained on digits turned a quarter (images the target never sees).
     "converted pretrained on rotated digits": Row("pretrained", source_run={"image_transform": "rot90"}),
+    # A family that is new: EVA-02 (rotary embeddings, SwiGLU), pretrained and converted, against random init.
+    "EVA-02-style, converted pretrained": Row("pretrained", model=EVA02),
+    "EVA-02-style, random init": Row("random", model=EVA02),
 }
 
 
@@ -133,6 +150,7 @@ ROW_SETS: dict[str, RowSet] = {
     "curve": RowSet([_PRETRAINED, _RANDOM], "bench/results/transfer_curve.json", epochs=(3, 9, 27)),
     "low_data": RowSet(list(ROWS)[11:13], "bench/results/transfer_low_data.json", epochs=(9, 27, 81)),
     "other_data": RowSet([list(ROWS)[13], _RANDOM], "bench/results/transfer_other_data.json", epochs=(3, 9)),
+    "eva02": RowSet(list(ROWS)[14:16], "bench/results/transfer_eva02.json"),
 }
 
 
@@ -146,23 +164,38 @@ def recipe_defaults() -> dict[str, Any]:
     }
 
 
-def row_configs(base: Configs, name: str, *, seed: int, epochs: int, output_dir: str | Path) -> Configs:
-    """``base`` (the recipe's configs) with the row's overrides, its seed, budget and output folder."""
+def write_model_folder(row: Row, base: Configs, seed: int, folder: str | Path) -> str:
+    """The row's timm architecture with random weights drawn with ``seed``, saved as the folder ``--model`` loads."""
+    torch.manual_seed(seed)
+    kwargs = {**row.model["kwargs"], "img_size": base.run.image_size, "num_classes": NUM_CLASSES}
+    save_model_folder(timm.create_model(row.model["model_name"], pretrained=False, **kwargs), folder)
+    return str(folder)
+
+
+def row_configs(
+    base: Configs, name: str, *, seed: int, epochs: int, output_dir: str | Path, model_dir: str | None = None
+) -> Configs:
+    """``base`` (the recipe's configs) with the row's overrides, its seed, budget and output folder (``model_dir``:
+    the folder of a row's own architecture, :func:`write_model_folder`)."""
     row = ROWS[name]
     pretrain_epochs = base.training.pretrain_epochs if row.start == "pretrained" else 0
+    model = {"model": model_dir} if row.model else {}
     return base._replace(
-        run=dataclasses.replace(base.run, seed=seed, output_dir=str(output_dir), **row.run),
+        run=dataclasses.replace(base.run, seed=seed, output_dir=str(output_dir), **row.run, **model),
         training=dataclasses.replace(base.training, epochs=epochs, pretrain_epochs=pretrain_epochs, **row.train),
         convert=dataclasses.replace(base.convert, **row.convert),
     )
 
 
-def pretrain_source(base: Configs, seed: int, output_dir: str, source_run: dict[str, Any] | None = None) -> float:
+def pretrain_source(
+    base: Configs, seed: int, output_dir: str, source_run: dict[str, Any] | None = None, model_dir: str | None = None
+) -> float:
     """The recipe's source for ``seed``: its pretraining phase (``base.training.pretrain_epochs`` of
-    cross-entropy, on the data of ``base.run`` with the ``source_run`` overrides), saved to
-    ``<output_dir>/source.safetensors``; returns its wall time."""
+    cross-entropy, on the data of ``base.run`` with the ``source_run`` overrides; ``model_dir``: the architecture's
+    folder), saved to ``<output_dir>/source.safetensors``; returns its wall time."""
     torch.set_num_threads(1)
-    run = dataclasses.replace(base.run, seed=seed, output_dir=output_dir, **(source_run or {}))
+    model = {"model": model_dir} if model_dir else {}
+    run = dataclasses.replace(base.run, seed=seed, output_dir=output_dir, **(source_run or {}), **model)
     configs = base._replace(run=run)
     accelerator, _ = recipe.start(configs)
     data = recipe.build_data(accelerator, configs)
@@ -183,14 +216,33 @@ def _certify_lipshift(configs: Configs, model: torch.nn.Module, data: recipe.Dat
     return {"clean_accuracy": result.clean_accuracy, "certified_accuracy": certified, "lipschitz": result.lipschitz}
 
 
+def _clean_accuracy(model: torch.nn.Module, configs: Configs, data: recipe.Data) -> float:
+    """Accuracy of a source (normalized inputs) or converted model (pixels) on the images the recipe certifies, in
+    eval mode (the model's mode is restored)."""
+    images, labels = stack_examples(data.test_set, configs.certification.max_eval_images)
+    training = model.training
+    with torch.no_grad():
+        accuracy = (PixelModel(model).eval()(images).argmax(1) == labels).float().mean().item()
+    model.train(training)
+    return accuracy
+
+
 def train_and_certify(
-    base: Configs, name: str, seed: int, epochs: int, output_dir: str, source_dir: str | None
+    base: Configs,
+    name: str,
+    seed: int,
+    epochs: int,
+    output_dir: str,
+    source_dir: str | None,
+    model_dir: str | None = None,
 ) -> dict[str, Any]:
     """One row, one seed, one budget: the recipe's phases from ``ROWS[name]``'s start (a pretrained one read back
-    from ``source_dir``, where :func:`pretrain_source` saved it), into ``output_dir``."""
+    from ``source_dir``, where :func:`pretrain_source` saved it; ``model_dir``: the row's architecture), into
+    ``output_dir``. A converted row also reports the clean accuracy of its source and of the converted model before
+    Lipschitz training (what conversion costs)."""
     torch.set_num_threads(1)
     row = ROWS[name]
-    configs = row_configs(base, name, seed=seed, epochs=epochs, output_dir=output_dir)
+    configs = row_configs(base, name, seed=seed, epochs=epochs, output_dir=output_dir, model_dir=model_dir)
     accelerator, _ = recipe.start(configs)
     started = time.perf_counter()
     data = recipe.build_data(accelerator, configs)
@@ -204,6 +256,10 @@ def train_and_certify(
         else:  # --pretrain_epochs 0: the source is saved as built
             source = recipe.pretrain_source(accelerator, configs, source, data)
         model = recipe.convert_source(configs, source, data)
+        conversion = {
+            "source_clean": _clean_accuracy(source, configs, data),
+            "converted_clean": _clean_accuracy(model, configs, data),
+        }
     start_bound = robustvit.lipschitz_bound(model)
     model, history = recipe.train_margin(accelerator, configs, model, source, data)
     if row.start == "lipshift":
@@ -222,6 +278,7 @@ def train_and_certify(
         "start_bound": start_bound,
         "bound": metrics["lipschitz"],
         "seconds": time.perf_counter() - started,
+        **({} if row.start == "lipshift" else conversion),
     }
 
 
@@ -235,24 +292,34 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "start_bound": stats([r["start_bound"] for r in runs]),
         "bound": stats([r["bound"] for r in runs]),
         "seconds": stats([r["seconds"] for r in runs]),
+        **{key: stats([r[key] for r in runs]) for key in ("source_clean", "converted_clean") if key in runs[0]},
     }
 
 
 def table(summaries: list[dict[str, Any]]) -> str:
+    """The markdown table of a set; with a column for what conversion costs (clean accuracy of the source, then of the
+    converted model before Lipschitz training) where the runs measured it."""
+
     def pct(s: dict[str, float]) -> str:
         return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
+    conversion = any("source_clean" in s for s in summaries)
     lines = [
-        "| start | epochs | clean | cert. 36/255 | cert. 72/255 | cert. 108/255 | bound (start → end) | time / run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| start | epochs | clean | cert. 36/255 | cert. 72/255 | cert. 108/255 | bound (start → end) | time / run |"
+        + (" clean: source → converted |" if conversion else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if conversion else ""),
     ]
     for s in summaries:
         cert = s["certified"]
-        lines.append(
+        line = (
             f"| {s['row']} | {s['epochs']} | {pct(s['clean'])} | {pct(cert['36/255'])} | {pct(cert['72/255'])} | "
             f"{pct(cert['108/255'])} | {s['start_bound']['mean']:.3g} → {s['bound']['mean']:.3g} | "
             f"{s['seconds']['mean']:.0f} s |"
         )
+        if conversion:
+            cost = f" {pct(s['source_clean'])} → {pct(s['converted_clean'])} |" if "source_clean" in s else " |"
+            line += cost
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -288,9 +355,22 @@ def main() -> None:
         source_runs = {
             ROWS[name].source_key(): ROWS[name].source_run for name in args.rows if ROWS[name].start == "pretrained"
         }
+        models = {  # a row's own architecture: one random-weight folder per seed, written here, read by the workers
+            (seed, ROWS[name].model_key()): write_model_folder(
+                ROWS[name], base, seed, Path(tmp) / f"model_{ROWS[name].model_key()}_{seed}"
+            )
+            for name in args.rows
+            if ROWS[name].model
+            for seed in args.seeds
+        }
         sources = {(seed, key): str(Path(tmp) / f"source_{key}_{seed}") for key in source_runs for seed in args.seeds}
+        source_models = {key: ROWS[name].model_key() for name in args.rows for key in [ROWS[name].source_key()]}
         pretrain = pool.starmap(
-            pretrain_source, [(base, seed, folder, source_runs[key]) for (seed, key), folder in sources.items()]
+            pretrain_source,
+            [
+                (base, seed, folder, source_runs[key], models.get((seed, source_models[key])))
+                for (seed, key), folder in sources.items()
+            ],
         )
         jobs = [
             (
@@ -300,6 +380,7 @@ def main() -> None:
                 epochs,
                 str(Path(tmp) / f"row{list(ROWS).index(name)}_seed{seed}_{epochs}"),
                 sources.get((seed, ROWS[name].source_key())),
+                models.get((seed, ROWS[name].model_key())),
             )
             for epochs in budgets
             for name in args.rows

@@ -106,3 +106,25 @@ def test_bench_rows_run_the_recipes_phases_with_the_recipes_results(bench: Modul
     written = json.loads((tmp_path / "bench" / "metrics.json").read_text())
     untimed = lambda history: [{k: v for k, v in entry.items() if k != "seconds"} for entry in history]  # noqa: E731
     assert untimed(written["history"]) == untimed(metrics["history"])
+
+
+def test_a_row_of_another_architecture_is_the_recipe_on_its_folder(bench: ModuleType, tmp_path: Path) -> None:
+    # The EVA-02-style rows: a random-weight folder per seed, read by the recipe's --model; random init is the recipe
+    # with --model <folder> --pretrain_epochs 0, and a converted row reports what conversion cost.
+    recipe = _load(ROOT / "recipes" / "train_lipschitz.py")
+    base = recipe.parse_args([*TINY, "--pretrain_epochs", "1"])
+    name = "EVA-02-style, random init"
+    folder = bench.write_model_folder(bench.ROWS[name], base, 0, tmp_path / "eva")
+    assert json.loads((tmp_path / "eva" / "config.json").read_text())["architecture"] == "eva02_tiny_patch14_224"
+    metrics = recipe.main(
+        [*TINY, "--model", folder, "--pretrain_epochs", "0", "--epochs", "1", "--output_dir", str(tmp_path / "recipe")]
+    )
+    _reset()
+    result = bench.train_and_certify(base, name, 0, 1, str(tmp_path / "bench"), None, folder)
+    assert result["clean"] == metrics["clean_accuracy"] and result["bound"] == metrics["lipschitz"]
+    assert metrics["model"]["model_name"] == f"local-dir:{folder}"
+    assert 0 <= result["converted_clean"] <= 1 and 0 <= result["source_clean"] <= 1
+    header, _, line = bench.table([{"row": name, "epochs": 1, **bench._summary([result])}]).splitlines()
+    assert header.endswith("| clean: source → converted |")
+    cost = f"{100 * result['source_clean']:.1f} ± 0.0 → {100 * result['converted_clean']:.1f} ± 0.0"
+    assert line.endswith(f"| {cost} |")

@@ -320,3 +320,10 @@ def test_every_family_registers_tiny_models_of_its_own_family():
         register_tiny_model("nothing", "no-such-family", lambda *_: None, "")
     with pytest.raises(ValueError, match="already registered"):
         register_tiny_model("timm_token", "timm-vit", lambda *_: None, "")
+
+
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_every_family_names_the_library_its_models_come_from(family):
+    """``Family.library`` picks the metadata, native save/load and source folders a family's models get."""
+    model = build_model(family)
+    assert get_family(model).library == type(model).__module__.split(".")[0]

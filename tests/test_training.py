@@ -142,15 +142,19 @@ def test_a_saved_model_folder_loads_back_as_the_same_model_for_timm_and_transfor
     # save_model_folder writes the library's own folder (the recipe's <output_dir>/source/); load_model reads it.
     from transformers import ViTConfig, ViTForImageClassification
 
+    from robustvit.families import create_tiny_model
     from robustvit.training import load_model, save_model_folder
 
     timm_model, _ = load_model(None, num_classes=10, image_size=16, channels=3)
     config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64, num_labels=10)  # fmt: skip
-    for name, model in (("timm", timm_model), ("transformers", ViTForImageClassification(config))):
+    eva = create_tiny_model("timm_eva02", image_size=16)  # every timm family, not only VisionTransformer
+    hf_model = ViTForImageClassification(config)
+    for name, library, model in (("timm", "timm", timm_model), ("eva", "timm", eva), ("hf", "transformers", hf_model)):
         save_model_folder(model, tmp_path / name)
         again, description = load_model(str(tmp_path / name), num_classes=10, image_size=16, channels=3)
-        assert description["library"] == name and (tmp_path / name / "model.safetensors").is_file()
+        assert description["library"] == library and (tmp_path / name / "model.safetensors").is_file()
+        assert type(again) is type(model)
         expected, actual = model.state_dict(), again.state_dict()
         assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
     with pytest.raises(TypeError, match="Linear"):

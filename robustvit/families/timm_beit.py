@@ -32,6 +32,7 @@ from robustvit.lipschitz.engine import BoundFn, register_bound
 @register_family
 class TimmBeit(Family):
     name = "timm-beit"
+    library = "timm"
 
     def matches(self, model: nn.Module) -> bool:
         return type(model) is Beit

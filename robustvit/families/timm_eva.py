@@ -35,6 +35,7 @@ from robustvit.lipschitz.engine import BoundFn, register_bound
 @register_family
 class TimmEva(Family):
     name = "timm-eva"
+    library = "timm"
 
     def matches(self, model: nn.Module) -> bool:
         return type(model) is Eva

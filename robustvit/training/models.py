@@ -26,7 +26,7 @@ from timm.layers import DropPath
 from torch import Tensor, nn
 from transformers import AutoModelForImageClassification, PreTrainedModel
 
-from robustvit.families import get_family
+from robustvit.families import FAMILIES, get_family
 from robustvit.layers import NormalizedConv2d
 from robustvit.registry import Registry
 
@@ -192,12 +192,15 @@ def save_model_folder(model: nn.Module, folder: str | os.PathLike) -> None:
     """Save a (plain, unconverted) timm or transformers classifier as the folder its own library loads, in
     safetensors: ``save_pretrained`` for transformers, ``timm.models.save_for_hf`` for timm. :func:`load_model`
     loads it back (``--model <folder>``)."""
+    library = next((family.library for _, family in FAMILIES.items() if family.matches(model)), None)
     if isinstance(model, PreTrainedModel):
         model.save_pretrained(folder)
-    elif isinstance(model, timm.models.VisionTransformer):
+    elif library == "timm":  # every timm family robustvit converts (VisionTransformer, Eva, Beit)
         timm.models.save_for_hf(model, str(folder), safe_serialization=True)
     else:
-        raise TypeError(f"save_model_folder saves timm ViTs and transformers models, not {type(model).__name__}")
+        raise TypeError(
+            f"save_model_folder saves the timm and transformers models robustvit converts, not {type(model).__name__}"
+        )
 
 
 class PixelModel(nn.Module):
