@@ -100,9 +100,10 @@ LOW_DATA_IMAGES = 144
 NUM_CLASSES = 10  # scikit-learn digits, the benchmark's data
 # LipShiFT at the default ViT's patch grid (4x4 tokens of 8x8 pixels), 0.16M parameters (the ViT: 0.21M).
 LIPSHIFT = dict(patch_size=8, embed_dim=64, depth=4)
-# An EVA-02-style source at the default ViT's sizes: rotary position embeddings and a SwiGLU MLP (scaled, as EVA-02's),
-# which conversion replaces (the shift mixer; ConvertConfig.gated_mlp's default substitute).
-EVA02 = {"model_name": "eva02_tiny_patch14_224", "kwargs": {**DEFAULT_MODEL["kwargs"], "mlp_ratio": 4.0}}
+# An EVA-02-style source at the default ViT's sizes (EVA-02 tiny's own SwiGLU width, 8/3 of the embedding): rotary
+# position embeddings, which leave with the attention the shift mixer replaces, and a SwiGLU MLP, which becomes
+# ConvertConfig.gated_mlp's default substitute.
+EVA02 = {"model_name": "eva02_tiny_patch14_224", "kwargs": DEFAULT_MODEL["kwargs"]}
 
 ROWS: dict[str, Row] = {
     "converted pretrained (recipe default)": Row("pretrained"),
