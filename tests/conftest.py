@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from torch import nn
 
 from robustvit.conversion import timm_metadata
@@ -60,6 +61,14 @@ def build_model(name: str, seed: int = 0, *, channels: int = 3, num_classes: int
     model = create_tiny_model(name, image_size=IMG, num_classes=num_classes, channels=channels)
     _perturb_norms(model, torch.Generator().manual_seed(seed + 1))
     return model
+
+
+@pytest.fixture(autouse=True)
+def _no_accelerate_state_left_behind() -> Iterator[None]:
+    """Each test leaves no Accelerate process state behind: the processes debug_launcher starts would inherit a
+    leftover one and see a single process."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @contextlib.contextmanager
