@@ -57,6 +57,13 @@ def _transfer(name: str) -> Callable[[], str]:
     return lambda: transfer_table(_load(name)["summaries"])
 
 
+def _transfer_summary() -> str:
+    """The README's table: the rows of the main set and of the new-family set at the recipe's default budget."""
+    main, eva = _load("transfer"), _load("transfer_eva02")
+    full = max(summary["epochs"] for summary in main["summaries"])
+    return transfer_table([s for report in (main, eva) for s in report["summaries"] if s["epochs"] == full])
+
+
 def _nullspace_headline() -> str:
     from robustvit.evaluation import RobustnessResult, SeedSummary, format_methods
 
@@ -72,7 +79,9 @@ def _performance() -> str:
 
 
 TABLES: dict[str, Callable[[], str]] = {
+    "transfer_summary": _transfer_summary,  # the README's: --set main and --set eva02 at the default budget
     "transfer": _transfer("transfer"),  # bench/bench_transfer.py
+    "transfer_eva02": _transfer("transfer_eva02"),  # bench/bench_transfer.py --set eva02
     "transfer_ablation": _transfer("transfer_ablation"),  # bench/bench_transfer.py --set ablation
     "transfer_mlp": _transfer("transfer_mlp"),  # bench/bench_transfer.py --set mlp
     "transfer_curve": _transfer("transfer_curve"),  # bench/bench_transfer.py --set curve

@@ -21,8 +21,8 @@ MARKED = [
 ]
 
 
-def test_the_readme_shows_the_transfer_table_and_every_table_is_shown() -> None:
-    assert ("README.md", "transfer") in {(path, name) for path, name, _ in MARKED}
+def test_the_readme_shows_the_transfer_summary_and_every_table_is_shown() -> None:
+    assert ("README.md", "transfer_summary") in {(path, name) for path, name, _ in MARKED}
     assert {name for _, name, _ in MARKED} == set(tables.TABLES)
 
 
