@@ -23,7 +23,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from robustvit.certification.config import CertificationConfig, EvaluationBudget
 from robustvit.conversion.config import ConvertConfig
@@ -214,6 +214,7 @@ class NoiseSynthesisConfig:
         3
     """
 
+    RENAMED: ClassVar[dict[str, str]] = {"eps": "tolerance"}  # the 0.1 keyword: a tolerance, not a radius
     kind: str = arg("nullspace", "'nullspace': the paper's AdamW search; 'random': its shrinking-Gaussian control",
                     registry="robustvit.nullspace.synthesis:NOISE_KINDS")  # fmt: skip
     tolerance: float = arg(
@@ -318,6 +319,11 @@ class RobustnessConfig(EvaluationBudget):
         [36, 72]
     """
 
+    RENAMED: ClassVar[dict[str, str]] = {
+        **EvaluationBudget.RENAMED,
+        "eps_linf": "linf_radii",
+        "eps_l2": "l2_radii",
+    }  # fmt: skip  (the 0.1 keywords, in the same pixel units)
     eval_batch_size: int = arg(128, "evaluation batch size")
     pgd_restarts: int = arg(2, "random restarts of each PGD attack")
     linf_radii: list[float] = arg([1 / 255, 2 / 255], LINF_RADII_HELP, per_255=True)

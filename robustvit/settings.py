@@ -28,6 +28,7 @@ import enum
 import importlib
 import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 from typing import Any, TypeVar
@@ -313,6 +314,7 @@ def resolve_config(config_class: type[ConfigT], config: ConfigT | None, override
     """
     if config is not None and not isinstance(config, config_class):
         raise TypeError(f"config must be a {config_class.__name__}, got {type(config).__name__}")
+    overrides = _renamed(config_class, overrides)
     names = [field.name for field in dataclasses.fields(config_class) if field.init]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
@@ -322,6 +324,25 @@ def resolve_config(config_class: type[ConfigT], config: ConfigT | None, override
     if config is None:
         return config_class(**overrides)
     return dataclasses.replace(config, **overrides) if overrides else config
+
+
+def _renamed(config_class: type, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` with the keywords of the 0.1 API (a config's ``RENAMED``: old name -> field, same meaning and
+    units) under their field names, each with a DeprecationWarning."""
+    renamed = getattr(config_class, "RENAMED", {})
+    overrides = dict(overrides)
+    for old in sorted(overrides.keys() & renamed.keys()):
+        new = renamed[old]
+        if new in overrides:
+            raise TypeError(f"{old} and {new} are the same setting of {config_class.__name__}: pass one (the new name)")
+        warnings.warn(
+            f"the keyword {old}= is now {new}= (a field of {config_class.__name__}, same meaning and units); the old "
+            "name will be removed",
+            DeprecationWarning,
+            stacklevel=4,  # the caller of the library function that resolves its config
+        )
+        overrides[new] = overrides.pop(old)
+    return overrides
 
 
 def _in_255ths(radius: float) -> str:

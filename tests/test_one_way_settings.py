@@ -12,6 +12,7 @@ import typing
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 import robustvit
 from robustvit.certification.config import CertificationConfig
@@ -98,3 +99,34 @@ def test_overrides_build_the_config_through_its_validation(config_class: type, o
         resolve_config(config_class, base, {"no_such_field": 1})
     with pytest.raises(TypeError, match=f"config must be a {config_class.__name__}"):
         resolve_config(config_class, object(), {})
+
+
+@pytest.mark.parametrize(
+    ("config_class", "old", "new", "value"),
+    [
+        (RobustnessConfig, "eps_linf", "linf_radii", [2 / 255]),
+        (RobustnessConfig, "eps_l2", "l2_radii", [72 / 255]),
+        (RobustnessConfig, "batch_size", "eval_batch_size", 8),
+        (RobustnessConfig, "max_images", "max_eval_images", 4),
+        (CertificationConfig, "batch_size", "eval_batch_size", 8),
+        (NoiseSynthesisConfig, "eps", "tolerance", 0.01),
+    ],
+)
+def test_the_keywords_of_the_0_1_api_still_work_with_a_deprecation_warning(config_class, old, new, value) -> None:
+    with pytest.warns(DeprecationWarning, match=rf"the keyword {old}= is now {new}="):
+        built = resolve_config(config_class, None, {old: value})
+    assert built == config_class(**{new: value})
+    with pytest.raises(TypeError, match=f"{old} and {new} are the same setting"):
+        resolve_config(config_class, None, {old: value, new: value})
+
+
+def test_a_0_1_call_of_evaluate_accuracy_gives_the_same_result() -> None:
+    from robustvit.data import TensorImageDataset
+    from robustvit.evaluation import evaluate_accuracy
+
+    images, labels = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1] * 3)
+    data = TensorImageDataset(images, labels, class_names=["a", "b"], name="t", split="test")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    with pytest.warns(DeprecationWarning, match="max_images= is now max_eval_images="):
+        old = evaluate_accuracy(model, data, batch_size=2, max_images=4)
+    assert old == evaluate_accuracy(model, data, eval_batch_size=2, max_eval_images=4)

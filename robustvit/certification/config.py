@@ -4,6 +4,7 @@ split reports (:class:`CertificationConfig`); free of torch so that the command 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from robustvit.constants import DEFAULT_EPS
 from robustvit.settings import arg, check, check_positive, parse_radius
@@ -14,6 +15,9 @@ __all__ = ["CertificationConfig", "EvaluationBudget"]
 @dataclass
 class EvaluationBudget:
     """What every evaluation of a split shares: the attack's steps, how many images, in which batches."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"batch_size": "eval_batch_size", "max_images": "max_eval_images"}
+    """Keywords of the 0.1 API, still accepted with a DeprecationWarning (``robustvit.settings.resolve_config``)."""
 
     pgd_steps: int = arg(50, "steps of each PGD attack")
     max_eval_images: int | None = arg(
