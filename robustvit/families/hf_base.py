@@ -29,7 +29,7 @@ from robustvit.families.base import (
 )
 from robustvit.lipschitz.engine import BOUND_RULES, BoundFn, mark_lipschitz_neutral
 
-__all__ = ["POOLINGS", "HFFamily", "linear_pair", "num_prefix_tokens", "record_hidden_states"]
+__all__ = ["POOLINGS", "HFFamily", "HFVisionTowerFamily", "linear_pair", "num_prefix_tokens", "record_hidden_states"]
 
 POOLINGS = ("token", "token_and_patch_mean", "patch_mean", "mean")
 """What a transformers classifier reads of the last hidden state: token 0 (ViT); token 0 concatenated with the mean
@@ -236,3 +236,55 @@ class HFFamily(Family):
         if model_class not in self.normalization:
             raise UnsupportedModuleError(f"unsupported transformers class {spec['class']!r} for family {self.name}")
         return model_class(model_class.config_class.from_dict(spec["config"]))
+
+
+class HFVisionTowerFamily(HFFamily):
+    """A classifier around a CLIP-layout vision tower (CLIP, SigLIP): ``model.vision_model`` holds the embeddings
+    and an encoder of pre-norm layers ``layer_norm1``, ``self_attn.{q,k,v,out}_proj``, ``layer_norm2`` and
+    ``mlp.activation_fn``, without dropout on the residual branches; the vision fields are ``config.vision_config``.
+
+    Subclasses say what differs: the prefix tokens, the norms the logits go through, and ``unread``.
+    """
+
+    def _vision_config(self, model: nn.Module):
+        return model.config.vision_config
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        return model.vision_model.embeddings
+
+    def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return model.vision_model.encoder, "layers"
+
+    def _capturing_model(self, model: nn.Module) -> nn.Module:
+        return model.vision_model
+
+    def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return self.embeddings(model), "patch_embedding"
+
+    def _position_embedding(self, model: nn.Module) -> nn.Parameter:
+        return self.embeddings(model).position_embedding.weight
+
+    def _patch_embeddings_module(self, model: nn.Module) -> nn.Module:
+        embeddings = type(self.embeddings(model)).__name__
+        raise NotImplementedError(
+            f"{type(model).__name__}'s embeddings have no module whose output is the (B, N, D) patch tokens (its "
+            f"convolution's output is flattened inside {embeddings}.forward): token noise is not available for this "
+            "family"
+        )
+
+    def _block_parts(self, layer: nn.Module, num_heads: int) -> BlockParts:
+        return BlockParts(
+            norm1=layer.layer_norm1,
+            q=linear_pair(layer.self_attn.q_proj),
+            k=linear_pair(layer.self_attn.k_proj),
+            v=linear_pair(layer.self_attn.v_proj),
+            out=layer.self_attn.out_proj,
+            num_heads=num_heads,
+            ls1=None,
+            drop1=nn.Identity(),  # the layers have no dropout on the residual branches
+            norm2=layer.layer_norm2,
+            mlp=layer.mlp,
+            mlp_activation="activation_fn",
+            ls2=None,
+            drop2=nn.Identity(),
+        )
