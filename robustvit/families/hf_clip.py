@@ -16,7 +16,7 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.clip import modeling_clip as clip
 
 from robustvit.families.base import REFUSAL_HINTS, one, register_family, register_tiny_model
-from robustvit.families.hf_base import HFVisionTowerFamily
+from robustvit.families.hf_base import TINY_ENCODER, HFVisionTowerFamily, fc_mlp_bound
 from robustvit.lipschitz.engine import QUICK_GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
 
 __all__ = ["HFCLIP", "clip_classifier"]
@@ -81,9 +81,7 @@ def _embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return bound_of("patch_embedding", module.patch_embedding)  # then flatten + transpose: a permutation
 
 
-@register_bound(clip.CLIPMLP)
-def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
-    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
+register_bound(clip.CLIPMLP)(fc_mlp_bound)
 
 
 @register_bound(QuickGELUActivation)
@@ -97,11 +95,8 @@ def _quick_gelu(module: nn.Module, bound_of: BoundFn) -> Tensor:
 def _tiny(image_size: int, num_classes: int, channels: int) -> nn.Module:
     vision = CLIPVisionConfig(
         image_size=image_size,
-        patch_size=8,
-        hidden_size=48,
+        **TINY_ENCODER,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=3,
         num_channels=channels,
     )
     return clip.CLIPForImageClassification(CLIPConfig(vision_config=vision.to_dict(), num_labels=num_classes))

@@ -17,7 +17,7 @@ from transformers.models.siglip import modeling_siglip as siglip
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families.base import one, register_family, register_tiny_model
-from robustvit.families.hf_base import HFVisionTowerFamily
+from robustvit.families.hf_base import TINY_ENCODER, HFVisionTowerFamily, fc_mlp_bound
 from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
 
 __all__ = ["HFSiglip"]
@@ -53,9 +53,7 @@ def _embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return bound_of("patch_embedding", module.patch_embedding)  # then flatten + transpose: a permutation
 
 
-@register_bound(siglip.SiglipMLP)
-def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
-    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
+register_bound(siglip.SiglipMLP)(fc_mlp_bound)
 
 
 @register_bound(GELUTanh)
@@ -71,11 +69,8 @@ def _gelu_tanh(module: GELUTanh, bound_of: BoundFn) -> Tensor:
 def _tiny(image_size: int, num_classes: int, channels: int) -> nn.Module:
     vision = SiglipVisionConfig(
         image_size=image_size,
-        patch_size=8,
-        hidden_size=48,
+        **TINY_ENCODER,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=3,
         num_channels=channels,
         vision_use_head=False,  # the classifier never reads it (see HFSiglip.unread)
     )
