@@ -3,6 +3,7 @@ that records how to rebuild it and saves the image processor of the converted mo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub.dataclasses import strict
@@ -83,8 +84,15 @@ model types one way to explain themselves: ``auto_map`` plus code in the folder,
 REMOTE_CODE_AUTO_MAP = {"AutoConfig": f"{REMOTE_CODE_FILE.removesuffix('.py')}.RobustViTConfigLoader"}
 
 
+# A dataclass of its own field only: a PreTrainedConfig base would carry PreTrainedConfig's fields over the family
+# config's (dataclasses merge the bases' fields in reverse MRO order). repr and eq stay PreTrainedConfig's.
+@dataclass(repr=False, eq=False, kw_only=True)
 class _ConvertedConfig:
-    """What the configs of converted models add to their family's config (listed first in their bases)."""
+    """What the configs of converted models add to their family's config (listed first in their bases): the
+    ``robustvit`` record (the family, source architecture and :class:`~robustvit.ConvertConfig`), the loader and
+    the image processor they save."""
+
+    robustvit: dict | None = None
 
     def save_pretrained(self, save_directory, *args, **kwargs) -> None:
         super().save_pretrained(save_directory, *args, **kwargs)
@@ -112,7 +120,6 @@ class RobustViTConfig(_ConvertedConfig, ViTConfig):
     """
 
     model_type = "robustvit_vit"
-    robustvit: dict | None = None
 
 
 @strict
@@ -121,7 +128,6 @@ class RobustDeiTConfig(_ConvertedConfig, DeiTConfig):
     see :class:`RobustViTConfig`."""
 
     model_type = "robustvit_deit"
-    robustvit: dict | None = None
 
 
 @strict
@@ -129,7 +135,6 @@ class RobustViTMSNConfig(_ConvertedConfig, ViTMSNConfig):
     """``ViTMSNConfig`` of a converted ``ViTMSNForImageClassification`` (``model_type="robustvit_vit_msn"``)."""
 
     model_type = "robustvit_vit_msn"
-    robustvit: dict | None = None
 
 
 @strict
@@ -137,7 +142,6 @@ class RobustDinov2Config(_ConvertedConfig, Dinov2Config):
     """``Dinov2Config`` of a converted ``Dinov2ForImageClassification`` (``model_type="robustvit_dinov2"``)."""
 
     model_type = "robustvit_dinov2"
-    robustvit: dict | None = None
 
 
 @strict
@@ -146,7 +150,6 @@ class RobustDinov2WithRegistersConfig(_ConvertedConfig, Dinov2WithRegistersConfi
     (``model_type="robustvit_dinov2_with_registers"``)."""
 
     model_type = "robustvit_dinov2_with_registers"
-    robustvit: dict | None = None
 
 
 @strict
@@ -154,7 +157,6 @@ class RobustBeitConfig(_ConvertedConfig, BeitConfig):
     """``BeitConfig`` of a converted ``BeitForImageClassification`` (``model_type="robustvit_beit"``)."""
 
     model_type = "robustvit_beit"
-    robustvit: dict | None = None
 
 
 @strict
@@ -162,7 +164,6 @@ class RobustCLIPConfig(_ConvertedConfig, CLIPConfig):
     """``CLIPConfig`` of a converted ``CLIPForImageClassification`` (``model_type="robustvit_clip"``)."""
 
     model_type = "robustvit_clip"
-    robustvit: dict | None = None
 
 
 @strict
@@ -170,7 +171,6 @@ class RobustSiglipConfig(_ConvertedConfig, SiglipConfig):
     """``SiglipConfig`` of a converted ``SiglipForImageClassification`` (``model_type="robustvit_siglip"``)."""
 
     model_type = "robustvit_siglip"
-    robustvit: dict | None = None
 
 
 @strict
@@ -179,7 +179,6 @@ class RobustTimmWrapperConfig(_ConvertedConfig, TimmWrapperConfig):
     (``model_type="robustvit_timm_wrapper"``)."""
 
     model_type = "robustvit_timm_wrapper"
-    robustvit: dict | None = None
 
 
 CONVERTED_CONFIGS = {

@@ -20,6 +20,7 @@ from robustvit.families.base import (
     BlockParts,
     Family,
     InputSpec,
+    TinyModelBuilder,
     ViTParts,
     blocks_bound,
     linear_bias,
@@ -29,11 +30,41 @@ from robustvit.families.base import (
 )
 from robustvit.lipschitz.engine import BOUND_RULES, BoundFn, mark_lipschitz_neutral
 
-__all__ = ["POOLINGS", "HFFamily", "linear_pair", "num_prefix_tokens", "record_hidden_states"]
+__all__ = [
+    "POOLINGS",
+    "TINY_ENCODER",
+    "HFFamily",
+    "HFVisionTowerFamily",
+    "fc_mlp_bound",
+    "linear_pair",
+    "num_prefix_tokens",
+    "record_hidden_states",
+    "tiny_classifier",
+]
 
 POOLINGS = ("token", "token_and_patch_mean", "patch_mean", "mean")
 """What a transformers classifier reads of the last hidden state: token 0 (ViT); token 0 concatenated with the mean
 of the patch tokens (DINOv2); the mean of the patch tokens (CLIP, BEiT); the mean of all tokens (SigLIP)."""
+
+
+TINY_ENCODER = {"patch_size": 8, "hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 3}
+"""The encoder size of the transformers tiny models: two layers of width 48 with three heads, on 8-pixel patches."""
+
+
+def tiny_classifier(config_class: type, model_class: type, **config) -> TinyModelBuilder:
+    """A tiny model's builder: ``model_class`` of a ``config_class`` of :data:`TINY_ENCODER`'s size, with ``config``."""
+
+    def build(image_size: int, num_classes: int, channels: int) -> nn.Module:
+        return model_class(
+            config_class(image_size=image_size, num_labels=num_classes, num_channels=channels, **TINY_ENCODER, **config)
+        )
+
+    return build
+
+
+def fc_mlp_bound(module: nn.Module, bound_of: BoundFn) -> Tensor:
+    """The bound rule of transformers' two-layer MLPs, ``fc2(activation_fn(fc1(x)))`` (ViT's, CLIP's, BEiT's...)."""
+    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
 
 
 def linear_pair(linear: nn.Linear) -> tuple[Tensor, Tensor | None]:
@@ -64,7 +95,9 @@ class HFFamily(Family):
 
     Subclasses set ``normalization`` (classifier class -> the mean and std of the source's image processor),
     ``layer_types``, ``pooling`` (one of :data:`POOLINGS`; a family whose pooling depends on the config overrides
-    :meth:`pooling_of`), and implement the ``_`` accessors.
+    :meth:`pooling_of`), and implement the abstract ``_`` accessors. The others default to the layout of
+    transformers' ViT and the models built on it (DeiT, ViTMSN, BEiT, DINOv2): ``model.base_model`` holds
+    ``embeddings`` (with ``patch_embeddings.projection`` and ``position_embeddings``) and the ``layers``.
     """
 
     library = "transformers"
@@ -81,33 +114,33 @@ class HFFamily(Family):
         """The config with the vision encoder's fields (``image_size``, ``hidden_act``...)."""
         return model.config
 
-    @abstractmethod
     def embeddings(self, model: nn.Module) -> nn.Module:
         """The embeddings module (patch projection, prefix tokens, position embedding)."""
+        return model.base_model.embeddings
 
-    @abstractmethod
     def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
         """``(owner, attribute)`` of the ``nn.ModuleList`` of encoder layers."""
+        return model.base_model, "layers"
 
-    @abstractmethod
     def _capturing_model(self, model: nn.Module) -> nn.Module:
         """The ``PreTrainedModel`` whose forward records ``hidden_states`` from the layers."""
+        return model.base_model
 
     @abstractmethod
     def _block_parts(self, layer: nn.Module, num_heads: int) -> BlockParts:
         """One encoder layer's parts."""
 
-    @abstractmethod
     def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
         """``(owner, attribute)`` of the patch-embedding convolution."""
+        return self.embeddings(model).patch_embeddings, "projection"
 
     @abstractmethod
     def _prefix_tokens(self, model: nn.Module) -> list[nn.Parameter]:
         """Class / register tokens, in token order."""
 
-    @abstractmethod
     def _position_embedding(self, model: nn.Module) -> nn.Parameter | None:
         """The absolute position embedding (added to the tokens), if the model has one."""
+        return self.embeddings(model).position_embeddings
 
     def _norm_owners(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         """``{"pre_norm" | "final_norm" | "head_norm": (owner, attribute)}`` of the norms before the layers, on the
@@ -236,3 +269,55 @@ class HFFamily(Family):
         if model_class not in self.normalization:
             raise UnsupportedModuleError(f"unsupported transformers class {spec['class']!r} for family {self.name}")
         return model_class(model_class.config_class.from_dict(spec["config"]))
+
+
+class HFVisionTowerFamily(HFFamily):
+    """A classifier around a CLIP-layout vision tower (CLIP, SigLIP): ``model.vision_model`` holds the embeddings
+    and an encoder of pre-norm layers ``layer_norm1``, ``self_attn.{q,k,v,out}_proj``, ``layer_norm2`` and
+    ``mlp.activation_fn``, without dropout on the residual branches; the vision fields are ``config.vision_config``.
+
+    Subclasses say what differs: the prefix tokens, the norms the logits go through, and ``unread``.
+    """
+
+    def _vision_config(self, model: nn.Module):
+        return model.config.vision_config
+
+    def embeddings(self, model: nn.Module) -> nn.Module:
+        return model.vision_model.embeddings
+
+    def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return model.vision_model.encoder, "layers"
+
+    def _capturing_model(self, model: nn.Module) -> nn.Module:
+        return model.vision_model
+
+    def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
+        return self.embeddings(model), "patch_embedding"
+
+    def _position_embedding(self, model: nn.Module) -> nn.Parameter:
+        return self.embeddings(model).position_embedding.weight
+
+    def _patch_embeddings_module(self, model: nn.Module) -> nn.Module:
+        embeddings = type(self.embeddings(model)).__name__
+        raise NotImplementedError(
+            f"{type(model).__name__}'s embeddings have no module whose output is the (B, N, D) patch tokens (its "
+            f"convolution's output is flattened inside {embeddings}.forward): token noise is not available for this "
+            "family"
+        )
+
+    def _block_parts(self, layer: nn.Module, num_heads: int) -> BlockParts:
+        return BlockParts(
+            norm1=layer.layer_norm1,
+            q=linear_pair(layer.self_attn.q_proj),
+            k=linear_pair(layer.self_attn.k_proj),
+            v=linear_pair(layer.self_attn.v_proj),
+            out=layer.self_attn.out_proj,
+            num_heads=num_heads,
+            ls1=None,
+            drop1=nn.Identity(),  # the layers have no dropout on the residual branches
+            norm2=layer.layer_norm2,
+            mlp=layer.mlp,
+            mlp_activation="activation_fn",
+            ls2=None,
+            drop2=nn.Identity(),
+        )

@@ -17,7 +17,7 @@ from transformers.models.beit import modeling_beit as beit
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families.base import BlockParts, one, register_family, register_tiny_model
-from robustvit.families.hf_base import HFFamily, linear_pair
+from robustvit.families.hf_base import HFFamily, fc_mlp_bound, linear_pair, tiny_classifier
 from robustvit.lipschitz.engine import BoundFn, record_methods, register_bound
 
 __all__ = ["HFBeit"]
@@ -47,23 +47,8 @@ class HFBeit(HFFamily):
         # Read off the modules, as the pooler's forward decides (use_mean_pooling built them).
         return "patch_mean" if self._pooler(model).layernorm is not None else "token"
 
-    def embeddings(self, model: nn.Module) -> nn.Module:
-        return model.beit.embeddings
-
-    def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
-        return model.beit, "layers"
-
-    def _capturing_model(self, model: nn.Module) -> nn.Module:
-        return model.beit
-
-    def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
-        return self.embeddings(model).patch_embeddings, "projection"
-
     def _prefix_tokens(self, model: nn.Module) -> list[nn.Parameter]:
         return [self.embeddings(model).cls_token]
-
-    def _position_embedding(self, model: nn.Module) -> nn.Parameter | None:
-        return self.embeddings(model).position_embeddings  # None unless use_absolute_position_embeddings
 
     def _norm_owners(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         # Mean pooling (use_mean_pooling): beit.layernorm is an Identity and the pooler normalizes the pooled features.
@@ -132,9 +117,7 @@ def _patch_embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return bound_of("projection", module.projection)  # then flatten + transpose: a permutation
 
 
-@register_bound(beit.BeitMLP)
-def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
-    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
+register_bound(beit.BeitMLP)(fc_mlp_bound)
 
 
 @register_bound(beit.BeitDropPath)
@@ -145,29 +128,16 @@ def _drop_path(module: nn.Module, bound_of: BoundFn) -> Tensor:
 # ------------------------------------------------------------------------------------------------- tiny models
 
 
-def _tiny(**extra):
-    def build(image_size: int, num_classes: int, channels: int) -> nn.Module:
-        config = BeitConfig(
-            image_size=image_size,
-            patch_size=8,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            intermediate_size=96,
-            num_labels=num_classes,
-            num_channels=channels,
-            layer_scale_init_value=0.5,
-            drop_path_rate=0.0,  # BEiT's default 0.1 makes train-mode passes random (tests compare two of them)
-            **extra,
-        )
-        return beit.BeitForImageClassification(config)
-
-    return build
-
-
 register_tiny_model(
     "hf_beit",
     HFBeit.name,
-    _tiny(use_relative_position_bias=True),
+    tiny_classifier(
+        BeitConfig,
+        beit.BeitForImageClassification,
+        intermediate_size=96,
+        layer_scale_init_value=0.5,
+        drop_path_rate=0.0,  # BEiT's default 0.1 makes train-mode passes random (tests compare two of them)
+        use_relative_position_bias=True,
+    ),
     "transformers BEiT: relative position bias, LayerScale lambda_1/lambda_2, mean pooling with its LayerNorm",
 )

@@ -15,67 +15,26 @@ from transformers.activations import QuickGELUActivation
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.models.clip import modeling_clip as clip
 
-from robustvit.families.base import REFUSAL_HINTS, BlockParts, one, register_family, register_tiny_model
-from robustvit.families.hf_base import HFFamily, linear_pair
+from robustvit.families.base import REFUSAL_HINTS, one, register_family, register_tiny_model
+from robustvit.families.hf_base import TINY_ENCODER, HFVisionTowerFamily, fc_mlp_bound
 from robustvit.lipschitz.engine import QUICK_GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
 
 __all__ = ["HFCLIP", "clip_classifier"]
 
 
 @register_family
-class HFCLIP(HFFamily):
+class HFCLIP(HFVisionTowerFamily):
     name = "transformers-clip"
     normalization = {clip.CLIPForImageClassification: (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)}  # CLIPImageProcessor's
     layer_types = (clip.CLIPEncoderLayer,)
     pooling = "patch_mean"
     unread = ("vision_model.post_layernorm",)
 
-    def _vision_config(self, model: nn.Module):
-        return model.config.vision_config
-
-    def embeddings(self, model: nn.Module) -> nn.Module:
-        return model.vision_model.embeddings
-
-    def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
-        return model.vision_model.encoder, "layers"
-
-    def _capturing_model(self, model: nn.Module) -> nn.Module:
-        return model.vision_model
-
-    def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
-        return self.embeddings(model), "patch_embedding"
-
     def _prefix_tokens(self, model: nn.Module) -> list[nn.Parameter]:
         return [self.embeddings(model).class_embedding]
 
-    def _position_embedding(self, model: nn.Module) -> nn.Parameter:
-        return self.embeddings(model).position_embedding.weight
-
     def _norm_owners(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         return {"pre_norm": (model.vision_model, "pre_layrnorm")}
-
-    def _patch_embeddings_module(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError(
-            "CLIP's embeddings have no module whose output is the (B, N, D) patch tokens (its convolution's output "
-            "is flattened inside CLIPVisionEmbeddings.forward): token noise is not available for this family"
-        )
-
-    def _block_parts(self, layer: nn.Module, num_heads: int) -> BlockParts:
-        return BlockParts(
-            norm1=layer.layer_norm1,
-            q=linear_pair(layer.self_attn.q_proj),
-            k=linear_pair(layer.self_attn.k_proj),
-            v=linear_pair(layer.self_attn.v_proj),
-            out=layer.self_attn.out_proj,
-            num_heads=num_heads,
-            ls1=None,
-            drop1=nn.Identity(),  # CLIP's layers have no dropout on the residual branches
-            norm2=layer.layer_norm2,
-            mlp=layer.mlp,
-            mlp_activation="activation_fn",
-            ls2=None,
-            drop2=nn.Identity(),
-        )
 
 
 def clip_classifier(vision_model: clip.CLIPVisionModel, num_labels: int) -> clip.CLIPForImageClassification:
@@ -122,9 +81,7 @@ def _embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return bound_of("patch_embedding", module.patch_embedding)  # then flatten + transpose: a permutation
 
 
-@register_bound(clip.CLIPMLP)
-def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
-    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
+register_bound(clip.CLIPMLP)(fc_mlp_bound)
 
 
 @register_bound(QuickGELUActivation)
@@ -138,11 +95,8 @@ def _quick_gelu(module: nn.Module, bound_of: BoundFn) -> Tensor:
 def _tiny(image_size: int, num_classes: int, channels: int) -> nn.Module:
     vision = CLIPVisionConfig(
         image_size=image_size,
-        patch_size=8,
-        hidden_size=48,
+        **TINY_ENCODER,
         intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=3,
         num_channels=channels,
     )
     return clip.CLIPForImageClassification(CLIPConfig(vision_config=vision.to_dict(), num_labels=num_classes))

@@ -8,8 +8,6 @@ the product of its two branches has no global bound.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from torch import Tensor, nn
 from transformers import Dinov2Config, Dinov2WithRegistersConfig
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -17,7 +15,7 @@ from transformers.models.dinov2 import modeling_dinov2 as dinov2
 from transformers.models.dinov2_with_registers import modeling_dinov2_with_registers as registers
 
 from robustvit.families.base import BlockParts, one, register_family, register_tiny_model
-from robustvit.families.hf_base import HFFamily, linear_pair
+from robustvit.families.hf_base import HFFamily, fc_mlp_bound, linear_pair, tiny_classifier
 from robustvit.lipschitz.engine import BoundFn, record_methods, register_bound
 
 _CLASSIFIERS = (dinov2.Dinov2ForImageClassification, registers.Dinov2WithRegistersForImageClassification)
@@ -34,24 +32,15 @@ class HFDinov2(HFFamily):
     def _backbone(self, model: nn.Module) -> nn.Module:
         return model.base_model  # dinov2 or dinov2_with_registers
 
-    def embeddings(self, model: nn.Module) -> nn.Module:
-        return self._backbone(model).embeddings
-
     def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
         return self._backbone(model).encoder, "layer"
 
     def _capturing_model(self, model: nn.Module) -> nn.Module:
         return self._backbone(model).encoder
 
-    def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
-        return self.embeddings(model).patch_embeddings, "projection"
-
     def _prefix_tokens(self, model: nn.Module) -> list[nn.Parameter]:
         embeddings = self.embeddings(model)
         return [t for t in (embeddings.cls_token, getattr(embeddings, "register_tokens", None)) if t is not None]
-
-    def _position_embedding(self, model: nn.Module) -> nn.Parameter:
-        return self.embeddings(model).position_embeddings
 
     def _norm_owners(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         return {"final_norm": (self._backbone(model), "layernorm")}
@@ -105,9 +94,7 @@ def _patch_embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return bound_of("projection", module.projection)  # then flatten + transpose: a permutation
 
 
-@register_bound(dinov2.Dinov2MLP, registers.Dinov2WithRegistersMLP)
-def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
-    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
+register_bound(dinov2.Dinov2MLP, registers.Dinov2WithRegistersMLP)(fc_mlp_bound)
 
 
 @register_bound(dinov2.Dinov2DropPath, registers.Dinov2WithRegistersDropPath)
@@ -118,34 +105,22 @@ def _drop_path(module: nn.Module, bound_of: BoundFn) -> Tensor:
 # ------------------------------------------------------------------------------------------------- tiny models
 
 
-def _tiny(config_class: type, model_class: type, **extra) -> Callable[[int, int, int], nn.Module]:
-    def build(image_size: int, num_classes: int, channels: int) -> nn.Module:
-        config = config_class(
-            image_size=image_size,
-            patch_size=8,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            mlp_ratio=2,
-            layerscale_value=0.5,
-            num_labels=num_classes,
-            num_channels=channels,
-            **extra,
-        )
-        return model_class(config)
-
-    return build
-
+_TINY_DINOV2 = {"mlp_ratio": 2, "layerscale_value": 0.5}
 
 register_tiny_model(
     "hf_dinov2",
     HFDinov2.name,
-    _tiny(Dinov2Config, dinov2.Dinov2ForImageClassification, use_mask_token=False),
+    tiny_classifier(Dinov2Config, dinov2.Dinov2ForImageClassification, **_TINY_DINOV2, use_mask_token=False),
     "transformers DINOv2: LayerScale, class token + mean of patches head",
 )
 register_tiny_model(
     "hf_dinov2_reg",
     HFDinov2.name,
-    _tiny(Dinov2WithRegistersConfig, registers.Dinov2WithRegistersForImageClassification, num_register_tokens=2),
+    tiny_classifier(
+        Dinov2WithRegistersConfig,
+        registers.Dinov2WithRegistersForImageClassification,
+        **_TINY_DINOV2,
+        num_register_tokens=2,
+    ),
     "transformers DINOv2 with 2 register tokens",
 )

@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 from transformers import DeiTConfig, ViTConfig, ViTMSNConfig
@@ -46,7 +44,7 @@ from transformers.models.vit_msn.modeling_vit_msn import (
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families.base import BlockParts, one, register_family, register_tiny_model
-from robustvit.families.hf_base import HFFamily, linear_pair
+from robustvit.families.hf_base import HFFamily, fc_mlp_bound, linear_pair, tiny_classifier
 from robustvit.lipschitz.engine import GELU_LIPSCHITZ, BoundFn, record_methods, register_bound
 
 # The processors' defaults (ViTImageProcessor, also ViTMSN's: "standard" 0.5; DeiTImageProcessor: ImageNet's).
@@ -65,24 +63,9 @@ class HFViT(HFFamily):
     layer_types = _LAYER_TYPES
     pooling = "token"  # the classifiers read token 0 (DeiT's: the class token)
 
-    def embeddings(self, model: nn.Module) -> nn.Module:
-        return model.base_model.embeddings  # vit (ViT, ViTMSN) or deit
-
-    def _layer_list(self, model: nn.Module) -> tuple[nn.Module, str]:
-        return model.base_model, "layers"
-
-    def _capturing_model(self, model: nn.Module) -> nn.Module:
-        return model.base_model
-
-    def _projection_owner(self, model: nn.Module) -> tuple[nn.Module, str]:
-        return self.embeddings(model).patch_embeddings, "projection"
-
     def _prefix_tokens(self, model: nn.Module) -> list[nn.Parameter]:
-        embeddings = self.embeddings(model)
+        embeddings = self.embeddings(model)  # vit (ViT, ViTMSN) or deit
         return [t for t in (embeddings.cls_token, getattr(embeddings, "distillation_token", None)) if t is not None]
-
-    def _position_embedding(self, model: nn.Module) -> nn.Parameter:
-        return self.embeddings(model).position_embeddings
 
     def _norm_owners(self, model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
         return {"final_norm": (model.base_model, "layernorm")}
@@ -130,9 +113,7 @@ def _patch_embeddings(module: nn.Module, bound_of: BoundFn) -> Tensor:
     return bound_of("projection", module.projection)  # then flatten + transpose: a permutation
 
 
-@register_bound(ViTMLP, DeiTMLP, ViTMSNMLP)
-def _mlp(module: nn.Module, bound_of: BoundFn) -> Tensor:
-    return bound_of("fc1", module.fc1) * bound_of("activation_fn", module.activation_fn) * bound_of("fc2", module.fc2)
+register_bound(ViTMLP, DeiTMLP, ViTMSNMLP)(fc_mlp_bound)
 
 
 @register_bound(GELUActivation)
@@ -145,23 +126,10 @@ def _gelu(module: GELUActivation, bound_of: BoundFn) -> Tensor:
 # ------------------------------------------------------------------------------------------------- tiny models
 
 
-def _tiny(config_class: type, model_class: type) -> Callable[[int, int, int], nn.Module]:
-    def build(image_size: int, num_classes: int, channels: int) -> nn.Module:
-        config = config_class(
-            image_size=image_size,
-            patch_size=8,
-            hidden_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            intermediate_size=96,
-            num_labels=num_classes,
-            num_channels=channels,
-        )
-        return model_class(config)
-
-    return build
-
-
-register_tiny_model("hf_vit", HFViT.name, _tiny(ViTConfig, ViTForImageClassification), "transformers ViT")
-register_tiny_model("hf_deit", HFViT.name, _tiny(DeiTConfig, DeiTForImageClassification), "transformers DeiT")
-register_tiny_model("hf_vit_msn", HFViT.name, _tiny(ViTMSNConfig, ViTMSNForImageClassification), "transformers ViTMSN")
+for _name, _config_class, _model_class, _description in (
+    ("hf_vit", ViTConfig, ViTForImageClassification, "transformers ViT"),
+    ("hf_deit", DeiTConfig, DeiTForImageClassification, "transformers DeiT"),
+    ("hf_vit_msn", ViTMSNConfig, ViTMSNForImageClassification, "transformers ViTMSN"),
+):
+    _builder = tiny_classifier(_config_class, _model_class, intermediate_size=96)
+    register_tiny_model(_name, HFViT.name, _builder, _description)

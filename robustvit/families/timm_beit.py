@@ -15,30 +15,17 @@ from torch import Tensor, nn
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import timm_common
-from robustvit.families.base import (
-    Family,
-    InputSpec,
-    ViTParts,
-    blocks_bound,
-    linear_bias,
-    linear_weight,
-    one,
-    register_family,
-    register_tiny_model,
-)
+from robustvit.families.base import ViTParts, blocks_bound, one, register_family, register_tiny_model
 from robustvit.lipschitz.engine import BoundFn, register_bound
 
 
 @register_family
-class TimmBeit(Family):
+class TimmBeit(timm_common.TimmFamily):
     name = "timm-beit"
-    library = "timm"
+    source_classes = {"Beit": Beit}
 
     def matches(self, model: nn.Module) -> bool:
         return type(model) is Beit
-
-    def input_spec(self, model: nn.Module) -> InputSpec:
-        return timm_common.input_spec(model)
 
     @staticmethod
     def _check(model: Beit, *, source: bool) -> None:
@@ -81,20 +68,7 @@ class TimmBeit(Family):
     def install(self, model: nn.Module, blocks: list[nn.Module], modules: dict[str, nn.Module]) -> None:
         model.blocks = nn.ModuleList(blocks)
         model.rel_pos_bias = None  # the shared relative position bias only fed the attention
-        targets = {
-            "patch_conv": (model.patch_embed, "proj"),
-            "patch_norm": (model.patch_embed, "norm"),
-            "final_norm": (model, "norm"),
-            "head_norm": (model, "fc_norm"),
-        }
-        for key, module in modules.items():
-            setattr(*targets[key], module)
-
-    def patch_embedding(self, model: nn.Module) -> nn.Module:
-        return model.patch_embed
-
-    def patch_projection(self, model: nn.Module) -> nn.Conv2d:
-        return model.patch_embed.proj
+        self._install_modules(model, modules)
 
     def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         self._check(model, source=False)
@@ -109,24 +83,9 @@ class TimmBeit(Family):
             bound = bound / math.sqrt(timm_common.num_patches(model.patch_embed))
         return bound
 
-    def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [] if isinstance(model.head, nn.Identity) else [("head", model.head)]
-
-    def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        return linear_weight(model.head), linear_bias(model.head)
-
-    def source_spec(self, model: nn.Module) -> dict:
-        self._check(model, source=True)
+    def _architecture_kwargs(self, model: nn.Module) -> dict:
         block = model.blocks[0]
-        kwargs = {
-            "img_size": list(model.patch_embed.img_size),
-            "patch_size": list(model.patch_embed.patch_size),
-            "in_chans": model.patch_embed.proj.in_channels,
-            "num_classes": model.num_classes,
-            "global_pool": model.global_pool,
-            "embed_dim": model.embed_dim,
-            "depth": len(model.blocks),
-            "num_heads": block.attn.num_heads,
+        return {
             "qkv_bias": block.attn.q_bias is not None,
             "mlp_ratio": timm_common.hidden_ratio(timm_common.mlp_hidden(block.mlp), model.embed_dim),
             "swiglu_mlp": type(block.mlp) is not timm.layers.Mlp,
@@ -138,16 +97,6 @@ class TimmBeit(Family):
             "use_shared_rel_pos_bias": model.rel_pos_bias is not None,
             "use_fc_norm": not isinstance(model.fc_norm, nn.Identity),
         }
-        architecture = (model.pretrained_cfg or {}).get("architecture")
-        return {"library": "timm", "class": "Beit", "architecture": architecture, "kwargs": kwargs}
-
-    def build(self, spec: dict) -> nn.Module:
-        kwargs = dict(
-            spec["kwargs"], img_size=tuple(spec["kwargs"]["img_size"]), patch_size=tuple(spec["kwargs"]["patch_size"])
-        )
-        if spec.get("architecture"):
-            return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
-        return Beit(**kwargs)
 
 
 def _model_bound(model: nn.Module, bound_of: BoundFn) -> Tensor:

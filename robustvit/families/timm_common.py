@@ -1,4 +1,6 @@
-"""What the timm family adapters share: reading timm's attention, MLP and pooling modules into the converter's parts.
+"""What the timm family adapters share: reading timm's attention, MLP and pooling modules into the converter's parts,
+and :class:`TimmFamily`, the base of the adapters of timm's ViT classes (where they keep their patch embedding,
+norms and head; how their source is described and built back).
 
 Structure only: each function names the weights of one timm building block, or refuses a form the converter does not
 model with :class:`~robustvit.errors.UnsupportedModuleError`.
@@ -6,6 +8,9 @@ model with :class:`~robustvit.errors.UnsupportedModuleError`.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
+import timm
 from timm.layers import AttentionPoolLatent, GluMlp, Mlp, PatchEmbed, RmsNorm, RmsNormFp32, SwiGLU
 from torch import Tensor, nn
 
@@ -14,12 +19,16 @@ from robustvit.families.base import (
     RMS_NORM_TYPES,
     AttentionPoolParts,
     BlockParts,
+    Family,
     GatedMlpParts,
     InputSpec,
+    linear_bias,
+    linear_weight,
     per_channel,
 )
 
 __all__ = [
+    "TimmFamily",
     "attention_pool_parts",
     "attention_projections",
     "gamma_block_parts",
@@ -183,3 +192,81 @@ def mlp_hidden(mlp: nn.Module) -> int:
     if type(mlp) is SwiGLU:
         return mlp.fc1_x.out_features
     return mlp.fc1.out_features // (2 if type(mlp) is GluMlp else 1)
+
+
+class TimmFamily(Family):
+    """An adapter of a timm ViT class: ``patch_embed`` (a ``PatchEmbed``), the norms ``norm_pre``, ``norm`` and
+    ``fc_norm``, an optional ``attn_pool`` and a linear ``head``, built from constructor arguments.
+
+    Subclasses implement ``matches``, ``parts``, ``install`` (with :meth:`_install_modules`), ``features_bound``
+    and ``_check``; they list their classes in ``source_classes`` and the arguments beyond the shared ones in
+    :meth:`_architecture_kwargs`.
+    """
+
+    library = "timm"
+    source_classes: dict[str, type[nn.Module]] = {}
+    """The classes :meth:`build` constructs, by name (``source_spec``'s ``"class"``)."""
+
+    @staticmethod
+    @abstractmethod
+    def _check(model: nn.Module, *, source: bool) -> None:
+        """Refuse configurations whose forward the converter or the bound rule does not model."""
+
+    @abstractmethod
+    def _architecture_kwargs(self, model: nn.Module) -> dict:
+        """The constructor arguments that shape the state dict, beyond those every timm ViT class takes."""
+
+    def input_spec(self, model: nn.Module) -> InputSpec:
+        return input_spec(model)
+
+    @staticmethod
+    def _install_modules(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+        """Put the converted modules (not the blocks) where timm's ViT classes keep them."""
+        targets = {
+            "patch_conv": (model.patch_embed, "proj"),
+            "patch_norm": (model.patch_embed, "norm"),
+            "pre_norm": (model, "norm_pre"),
+            "final_norm": (model, "norm"),
+            "head_norm": (model, "fc_norm"),
+            "attention_pool": (model, "attn_pool"),
+        }
+        for key, module in modules.items():
+            setattr(*targets[key], module)
+
+    def patch_embedding(self, model: nn.Module) -> nn.Module:
+        return model.patch_embed
+
+    def patch_projection(self, model: nn.Module) -> nn.Conv2d:
+        return model.patch_embed.proj
+
+    def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [] if isinstance(model.head, nn.Identity) else [("head", model.head)]
+
+    def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
+        return linear_weight(model.head), linear_bias(model.head)
+
+    def source_spec(self, model: nn.Module) -> dict:
+        self._check(model, source=True)
+        kwargs = {
+            "img_size": list(model.patch_embed.img_size),
+            "patch_size": list(model.patch_embed.patch_size),
+            "in_chans": model.patch_embed.proj.in_channels,
+            "num_classes": model.num_classes,
+            "global_pool": model.global_pool,
+            "embed_dim": model.embed_dim,
+            "depth": len(model.blocks),
+            "num_heads": model.blocks[0].attn.num_heads,
+            **self._architecture_kwargs(model),
+        }
+        architecture = (model.pretrained_cfg or {}).get("architecture")
+        return {"library": "timm", "class": type(model).__name__, "architecture": architecture, "kwargs": kwargs}
+
+    def _build_kwargs(self, kwargs: dict) -> dict:
+        """The constructor arguments of saved ``source_spec`` kwargs (JSON lists back to tuples)."""
+        return dict(kwargs, img_size=tuple(kwargs["img_size"]), patch_size=tuple(kwargs["patch_size"]))
+
+    def build(self, spec: dict) -> nn.Module:
+        kwargs = self._build_kwargs(spec["kwargs"])
+        if spec.get("architecture"):
+            return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
+        return self.source_classes[spec["class"]](**kwargs)

@@ -17,31 +17,18 @@ from torch import Tensor, nn
 
 from robustvit.errors import UnsupportedModuleError
 from robustvit.families import timm_common
-from robustvit.families.base import (
-    Family,
-    InputSpec,
-    ViTParts,
-    blocks_bound,
-    linear_bias,
-    linear_weight,
-    one,
-    register_family,
-    register_tiny_model,
-)
+from robustvit.families.base import ViTParts, blocks_bound, one, register_family, register_tiny_model
 from robustvit.layers import MeanPoolLatent
 from robustvit.lipschitz.engine import BoundFn, register_bound
 
 
 @register_family
-class TimmEva(Family):
+class TimmEva(timm_common.TimmFamily):
     name = "timm-eva"
-    library = "timm"
+    source_classes = {"Eva": Eva}
 
     def matches(self, model: nn.Module) -> bool:
         return type(model) is Eva
-
-    def input_spec(self, model: nn.Module) -> InputSpec:
-        return timm_common.input_spec(model)
 
     @staticmethod
     def _tokens(model: Eva) -> int:
@@ -100,22 +87,7 @@ class TimmEva(Family):
         model.blocks = nn.ModuleList(blocks)
         model.rope = None  # the rotary embedding only fed the attention
         model.patch_drop = None  # drops tokens in training, which the shift grid cannot take; identity at inference
-        targets = {
-            "patch_conv": (model.patch_embed, "proj"),
-            "patch_norm": (model.patch_embed, "norm"),
-            "pre_norm": (model, "norm_pre"),
-            "final_norm": (model, "norm"),
-            "head_norm": (model, "fc_norm"),
-            "attention_pool": (model, "attn_pool"),
-        }
-        for key, module in modules.items():
-            setattr(*targets[key], module)
-
-    def patch_embedding(self, model: nn.Module) -> nn.Module:
-        return model.patch_embed
-
-    def patch_projection(self, model: nn.Module) -> nn.Conv2d:
-        return model.patch_embed.proj
+        self._install_modules(model, modules)
 
     def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         self._check(model, source=False)
@@ -133,27 +105,12 @@ class TimmEva(Family):
             bound = bound / math.sqrt(timm_common.num_patches(model.patch_embed))
         return bound
 
-    def heads(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
-        return [] if isinstance(model.head, nn.Identity) else [("head", model.head)]
-
-    def head_weight(self, model: nn.Module) -> tuple[Tensor, Tensor]:
-        return linear_weight(model.head), linear_bias(model.head)
-
-    def source_spec(self, model: nn.Module) -> dict:
+    def _architecture_kwargs(self, model: nn.Module) -> dict:
         """The arguments that shape the converted model's state dict; the attention's own options (rotary
         embedding, qk-norm, fused qkv) leave with it, so the rebuilt source may differ there."""
-        self._check(model, source=True)
         block, dim = model.blocks[0], model.embed_dim
         mlp = block.mlp
         kwargs = {
-            "img_size": list(model.patch_embed.img_size),
-            "patch_size": list(model.patch_embed.patch_size),
-            "in_chans": model.patch_embed.proj.in_channels,
-            "num_classes": model.num_classes,
-            "global_pool": model.global_pool,
-            "embed_dim": dim,
-            "depth": len(model.blocks),
-            "num_heads": block.attn.num_heads,
             "mlp_ratio": timm_common.hidden_ratio(timm_common.mlp_hidden(mlp), dim),
             "swiglu_mlp": type(mlp) is not Mlp,
             "scale_mlp": not isinstance(mlp.norm, nn.Identity),
@@ -174,18 +131,13 @@ class TimmEva(Family):
             kwargs["norm_layer"] = "rmsnorm"
         if model.attn_pool is not None:
             kwargs["attn_pool_mlp_ratio"] = timm_common.hidden_ratio(model.attn_pool.mlp.fc1.out_features, dim)
-        architecture = (model.pretrained_cfg or {}).get("architecture")
-        return {"library": "timm", "class": "Eva", "architecture": architecture, "kwargs": kwargs}
+        return kwargs
 
-    def build(self, spec: dict) -> nn.Module:
-        kwargs = dict(
-            spec["kwargs"], img_size=tuple(spec["kwargs"]["img_size"]), patch_size=tuple(spec["kwargs"]["patch_size"])
-        )
+    def _build_kwargs(self, kwargs: dict) -> dict:
+        kwargs = super()._build_kwargs(kwargs)
         if "norm_layer" in kwargs:
             kwargs["norm_layer"] = get_norm_layer(kwargs["norm_layer"])
-        if spec.get("architecture"):
-            return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
-        return Eva(**kwargs)
+        return kwargs
 
 
 def _model_bound(model: nn.Module, bound_of: BoundFn) -> Tensor:

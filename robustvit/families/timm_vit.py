@@ -17,8 +17,6 @@ from robustvit.errors import UnsupportedModuleError
 from robustvit.families import timm_common
 from robustvit.families.base import (
     BlockParts,
-    Family,
-    InputSpec,
     ViTParts,
     blocks_bound,
     linear_bias,
@@ -36,15 +34,12 @@ def _layer_scale(module: nn.Module) -> Tensor | None:
 
 
 @register_family
-class TimmViT(Family):
+class TimmViT(timm_common.TimmFamily):
     name = "timm-vit"
-    library = "timm"
+    source_classes = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
 
     def matches(self, model: nn.Module) -> bool:
         return type(model) in (VisionTransformer, VisionTransformerDistilled)
-
-    def input_spec(self, model: nn.Module) -> InputSpec:
-        return timm_common.input_spec(model)
 
     @staticmethod
     def _check(model: VisionTransformer, *, source: bool) -> None:
@@ -156,22 +151,7 @@ class TimmViT(Family):
         # Patch dropout drops tokens in training, which the shift grid and L2 attention's token count cannot take;
         # at inference it is the identity anyway.
         model.patch_drop = nn.Identity()
-        targets = {
-            "patch_conv": (model.patch_embed, "proj"),
-            "patch_norm": (model.patch_embed, "norm"),
-            "pre_norm": (model, "norm_pre"),
-            "final_norm": (model, "norm"),
-            "head_norm": (model, "fc_norm"),
-            "attention_pool": (model, "attn_pool"),
-        }
-        for key, module in modules.items():
-            setattr(*targets[key], module)
-
-    def patch_embedding(self, model: nn.Module) -> nn.Module:
-        return model.patch_embed
-
-    def patch_projection(self, model: nn.Module) -> nn.Conv2d:
-        return model.patch_embed.proj
+        self._install_modules(model, modules)
 
     def features_bound(self, model: nn.Module, bound_of: BoundFn) -> Tensor:
         self._check(model, source=False)
@@ -198,18 +178,9 @@ class TimmViT(Family):
             return weight, (linear_bias(model.head) + linear_bias(model.head_dist)) / 2
         return linear_weight(model.head), linear_bias(model.head)
 
-    def source_spec(self, model: nn.Module) -> dict:
-        self._check(model, source=True)
+    def _architecture_kwargs(self, model: nn.Module) -> dict:
         block = model.blocks[0]
-        kwargs = {
-            "img_size": list(model.patch_embed.img_size),
-            "patch_size": list(model.patch_embed.patch_size),
-            "in_chans": model.patch_embed.proj.in_channels,
-            "num_classes": model.num_classes,
-            "global_pool": model.global_pool,
-            "embed_dim": model.embed_dim,
-            "depth": len(model.blocks),
-            "num_heads": block.attn.num_heads,
+        return {
             "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
             "qkv_bias": block.attn.qkv.bias is not None,
             "class_token": model.cls_token is not None,
@@ -220,17 +191,6 @@ class TimmViT(Family):
             # Any value creates LayerScale modules; their values are replaced by the saved weights.
             "init_values": 1.0 if isinstance(block.ls1, LayerScale) else None,
         }
-        architecture = (model.pretrained_cfg or {}).get("architecture")
-        return {"library": "timm", "class": type(model).__name__, "architecture": architecture, "kwargs": kwargs}
-
-    def build(self, spec: dict) -> nn.Module:
-        kwargs = dict(
-            spec["kwargs"], img_size=tuple(spec["kwargs"]["img_size"]), patch_size=tuple(spec["kwargs"]["patch_size"])
-        )
-        if spec.get("architecture"):
-            return timm.create_model(spec["architecture"], pretrained=False, **kwargs)
-        classes = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
-        return classes[spec["class"]](**kwargs)
 
 
 @register_bound(PatchEmbed)
