@@ -266,4 +266,4 @@ def test_certify_split_certifies_a_dataset_object_and_leaves_a_training_model_as
     with pytest.raises(ValueError, match="split='train' goes with a dataset name"):
         certify_split(model, data, output_dir=tmp_path / "again", split="train")
     with pytest.raises(TypeError, match="unknown setting"):
-        certify_split(model, data, output_dir=tmp_path / "again", max_images=8)
+        certify_split(model, data, output_dir=tmp_path / "again", pgd_step=8)  # a typo of pgd_steps

@@ -314,8 +314,10 @@ def test_synthesis_rejects_bad_input() -> None:
         synthesize_noise(_confident_model(), DataLoader(TensorDataset(torch.zeros(0, 3, SIZE, SIZE))), progress=False)
     with pytest.raises(ValueError, match="tolerance"):
         synthesize_noise(_confident_model(), _loader(), tolerance=0.0)
-    with pytest.raises(TypeError, match="unknown setting.*'eps'.*its fields: .*tolerance"):
-        synthesize_noise(_confident_model(), _loader(), eps=0.03)
+    with pytest.raises(TypeError, match="unknown setting.*'epsilon'.*its fields: .*tolerance"):
+        synthesize_noise(_confident_model(), _loader(), epsilon=0.03)
+    with pytest.warns(DeprecationWarning, match="eps= is now tolerance="), pytest.raises(ValueError, match="tolerance"):
+        synthesize_noise(_confident_model(), _loader(), eps=0.0)  # the 0.1 keyword, checked as the tolerance
     with pytest.raises(ValueError, match="images"):
         synthesize_noise(_confident_model(), [[torch.zeros(3)]], progress=False)
     with pytest.raises(UnsupportedModuleError):
