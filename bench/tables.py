@@ -86,6 +86,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer_mlp": _transfer("transfer_mlp"),  # bench/bench_transfer.py --set mlp
     "transfer_curve": _transfer("transfer_curve"),  # bench/bench_transfer.py --set curve
     "transfer_low_data": _transfer("transfer_low_data"),  # bench/bench_transfer.py --set low_data
+    "transfer_other_data": _transfer("transfer_other_data"),  # bench/bench_transfer.py --set other_data
     "nullspace": _nullspace_headline,  # recipes/finetune_nullspace.py -> finetune_nullspace.json
     "nullspace_noise": lambda: noise_summary(_load("finetune_nullspace")),
     "coverage": lambda: coverage_table(_load("coverage")["rows"]),  # bench/coverage_table.py
