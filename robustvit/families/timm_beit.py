@@ -24,9 +24,6 @@ class TimmBeit(timm_common.TimmFamily):
     name = "timm-beit"
     source_classes = {"Beit": Beit}
 
-    def matches(self, model: nn.Module) -> bool:
-        return type(model) is Beit
-
     @staticmethod
     def _check(model: Beit, *, source: bool) -> None:
         """Refuse configurations whose forward the converter or the bound rule does not model."""

@@ -205,7 +205,11 @@ class TimmFamily(Family):
 
     library = "timm"
     source_classes: dict[str, type[nn.Module]] = {}
-    """The classes :meth:`build` constructs, by name (``source_spec``'s ``"class"``)."""
+    """The classes :meth:`build` constructs, by name (``source_spec``'s ``"class"``); the family's models are
+    exactly these classes (:meth:`matches`)."""
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model) in self.source_classes.values()
 
     @staticmethod
     @abstractmethod

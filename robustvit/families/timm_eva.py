@@ -27,9 +27,6 @@ class TimmEva(timm_common.TimmFamily):
     name = "timm-eva"
     source_classes = {"Eva": Eva}
 
-    def matches(self, model: nn.Module) -> bool:
-        return type(model) is Eva
-
     @staticmethod
     def _tokens(model: Eva) -> int:
         return model.num_prefix_tokens + timm_common.num_patches(model.patch_embed)

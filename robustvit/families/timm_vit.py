@@ -38,9 +38,6 @@ class TimmViT(timm_common.TimmFamily):
     name = "timm-vit"
     source_classes = {"VisionTransformer": VisionTransformer, "VisionTransformerDistilled": VisionTransformerDistilled}
 
-    def matches(self, model: nn.Module) -> bool:
-        return type(model) in (VisionTransformer, VisionTransformerDistilled)
-
     @staticmethod
     def _check(model: VisionTransformer, *, source: bool) -> None:
         """Refuse configurations whose forward the converter or the bound rule does not model."""
