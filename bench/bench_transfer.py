@@ -37,6 +37,11 @@ with the seed), against random init on the same images, at 9, 27 and 81 epochs o
 (``RunConfig.image_transform="rot90"``: images the target never sees) and trains on upright ones, at 3 and 9 epochs
 (``transfer_other_data.json``). ``--budget_epochs 1 2`` replaces any set's budgets (a quick check).
 
+A lead that lasts: ``--set curve_radius`` runs both starts at 3, 9 and 27 epochs with the training radius ramping to
+108/255 (``--eps_end 3``) instead of the default 72/255 (``transfer_curve_radius.json``, drawn beside the curve);
+``--set long_ablation`` what else was tried at 27 epochs, a tightening residual budget and distillation
+(``transfer_long_ablation.json``).
+
 A new row is one entry of ``ROWS`` (and of a set in ``ROW_SETS``), e.g.
 ``"converted, CPL MLP": Row("pretrained", {"mlp": "cpl"})``.
 """
@@ -127,6 +132,13 @@ ROWS: dict[str, Row] = {
     # A family that is new: EVA-02 (rotary embeddings, SwiGLU), pretrained and converted, against random init.
     "EVA-02-style, converted pretrained": Row("pretrained", model=EVA02),
     "EVA-02-style, random init": Row("random", model=EVA02),
+    # Long budgets: the training radius ramps to 3x 36/255 (the largest radius the certificate reports), not 2x.
+    "converted pretrained, training radius to 108/255": Row("pretrained", train={"eps_end": 3.0}),
+    "random init, training radius to 108/255": Row("random", train={"eps_end": 3.0}),
+    # What else was tried against the converted model's fading lead at 27 epochs (the curve's 27-epoch rows are the
+    # reference): a residual budget that tightens from 12 to 6 during training, distillation from the source.
+    "converted pretrained, residual budget tightening to 6": Row("pretrained", train={"residual_budget_end": 6.0}),
+    "converted pretrained, distilled from the source": Row("pretrained", train={"distill": 1.0}),
 }
 
 
@@ -152,6 +164,8 @@ ROW_SETS: dict[str, RowSet] = {
     "low_data": RowSet(list(ROWS)[11:13], "bench/results/transfer_low_data.json", epochs=(9, 27, 81)),
     "other_data": RowSet([list(ROWS)[13], _RANDOM], "bench/results/transfer_other_data.json", epochs=(3, 9)),
     "eva02": RowSet(list(ROWS)[14:16], "bench/results/transfer_eva02.json"),
+    "curve_radius": RowSet(list(ROWS)[16:18], "bench/results/transfer_curve_radius.json", epochs=(3, 9, 27)),
+    "long_ablation": RowSet(list(ROWS)[18:20], "bench/results/transfer_long_ablation.json", epochs=(27,)),
 }
 
 

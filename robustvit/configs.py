@@ -198,11 +198,17 @@ class LipschitzTrainingConfig(TrainingConfig):
     eps_end: float = arg(2.0, "training radius after the ramp, times --eps")
     distill: float = arg(0.0, "weight of the distillation from the source model")
     max_grad_norm: float = arg(1.0, "clip the margin phase's gradient norm to this (0: no clipping)")
+    residual_budget_end: float | None = arg(
+        None, "after every step, hold the residual stack's bound under a budget that tightens linearly over the "
+        "radius ramp, from --residual_budget (or the converted model's own) to this ('none': no budget in training)",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("eps", "eps_start", "eps_end", "distill", "max_grad_norm"):
             check(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        end = self.residual_budget_end
+        check(end is None or end > 1, f"--residual_budget_end must be above 1 or 'none', got {end}")
 
 
 @dataclass

@@ -23,6 +23,7 @@ import robustvit
 from robustvit.certification.certificate import Certificate, sha256_file
 from robustvit.constants import DEFAULT_EPS
 from robustvit.data import load_image_dataset, stack_examples
+from robustvit.layers import residual_stack_bound
 from robustvit.losses import LOSSES, EpsSchedule
 from robustvit.registry import Registry
 from robustvit.training import load_model as build_model
@@ -174,6 +175,30 @@ def test_a_runs_source_folder_is_the_source_of_the_next_run(recipe, tmp_path: Pa
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
+def test_residual_budget_end_tightens_the_stack_after_every_step(recipe, tmp_path: Path, monkeypatch) -> None:
+    # --residual_budget_end: after each optimizer step the residual stack is projected under a budget that falls
+    # linearly from --residual_budget to the end value over the radius ramp (the first half), then stays.
+    budgets: list[float] = []
+    stacks: list[float] = []
+    fit = lipschitz_training.fit_residual_budget
+
+    def recording_fit(model, budget):
+        fit(model, budget)
+        budgets.append(budget)
+        stacks.append(residual_stack_bound(model))
+
+    monkeypatch.setattr(lipschitz_training, "fit_residual_budget", recording_fit)
+    argv = [*TINY, "--epochs", "2", "--residual_budget", "6", "--residual_budget_end", "1.5"]
+    metrics = _run(recipe, [*argv, "--output_dir", str(tmp_path)])
+    assert len(budgets) == 2 * BATCHES  # one projection per step
+    assert budgets == sorted(budgets, reverse=True) and budgets[0] < 6 and budgets[-1] == pytest.approx(1.5)
+    assert all(stack <= budget for stack, budget in zip(stacks, budgets, strict=True))
+    # The certified model is the projected one: its bound is the engine's, recomputed from the saved weights.
+    model = robustvit.from_pretrained(tmp_path / "model")
+    assert residual_stack_bound(model) <= 1.5
+    assert robustvit.lipschitz_bound(model) == pytest.approx(metrics["lipschitz"], rel=1e-6)
+
+
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_weights(recipe, uninterrupted, tmp_path: Path, monkeypatch) -> None:
     metrics, out = uninterrupted
@@ -319,6 +344,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(recipe, tmp_path: Path) ->
         ["--singular_value_power", "1.5"],
         ["--residual_budget", "0.5"],
         ["--residual_budget", "0"],
+        ["--residual_budget_end", "1"],
         ["--checkpointing_steps", "0"],
         ["--resume", "--overwrite_output_dir"],
         ["--gradient_accumulation_steps", "2", "--max_train_batches", "3"],

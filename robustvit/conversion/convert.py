@@ -46,6 +46,7 @@ from robustvit.layers import (
     LipResidual,
     NormalizedConv2d,
     PrefixPool,
+    fit_residual_budget,
 )
 from robustvit.lipschitz.rescale import is_spectrally_rescaled, spectral_rescale
 
@@ -216,23 +217,6 @@ def _reshape_spectra(model: nn.Module, power: float) -> None:
         weight.copy_(reshaped.reshape(weight.shape).to(weight.dtype))
 
 
-@torch.no_grad()
-def _fit_residual_budget(model: nn.Module, budget: float) -> None:
-    """Shrink every residual weight by one common factor ``c`` so that ``prod_r (1 + c * t_r) <= budget``, where
-    ``t_r = max|alpha_r| * bound(branch_r)`` (each residual's bound is ``1 + t_r``)."""
-    residuals = [m for m in model.modules() if isinstance(m, LipResidual)]
-    terms = torch.stack([r.lipschitz_bound().detach() - 1 for r in residuals]) if residuals else torch.zeros(0)
-    if float((1 + terms).prod()) <= budget:
-        return
-    target = budget * (1 - 1e-5)  # room for the float32 rounding of the scaled alphas
-    low, high = 0.0, 1.0
-    for _ in range(60):  # bisection on a product that grows with c
-        mid = (low + high) / 2
-        low, high = (mid, high) if float((1 + mid * terms).prod()) <= target else (low, mid)
-    for residual in residuals:
-        residual.alpha.mul_(low)
-
-
 def convert(
     model: nn.Module,
     config: ConvertConfig | None = None,
@@ -324,7 +308,7 @@ def convert(
     if config.singular_value_power != 1.0:
         _reshape_spectra(model, config.singular_value_power)
     if config.residual_budget is not None:
-        _fit_residual_budget(model, config.residual_budget)
+        fit_residual_budget(model, config.residual_budget)
 
     if config.mixer == "shift" and not parts.pool_reads_prefix:
         # The shift never mixes prefix tokens into patches, and the head reads pooled patches: the class,

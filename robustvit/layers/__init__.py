@@ -9,7 +9,7 @@ from robustvit.layers.mean_pool_latent import MeanPoolLatent
 from robustvit.layers.minmax import MinMax
 from robustvit.layers.normalized_conv import NormalizedConv2d
 from robustvit.layers.prefix_pool import PrefixPool
-from robustvit.layers.residual import LipResidual
+from robustvit.layers.residual import LipResidual, fit_residual_budget, residual_stack_bound
 from robustvit.layers.rms_scale import RmsScale
 from robustvit.layers.sll import SLL
 from robustvit.layers.token_shift import TokenShift
@@ -48,4 +48,6 @@ __all__ = [
     "SLL",
     "TokenShift",
     "UngatedMlp",
+    "fit_residual_budget",
+    "residual_stack_bound",
 ]

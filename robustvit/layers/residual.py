@@ -1,4 +1,5 @@
-"""Weighted residual connection (LipsFormer): ``x + alpha * fn(x)`` with a learnable per-channel ``alpha``."""
+"""Weighted residual connection (LipsFormer): ``x + alpha * fn(x)`` with a learnable per-channel ``alpha``, and the
+budget that caps a stack of them (:func:`fit_residual_budget`)."""
 
 from __future__ import annotations
 
@@ -37,3 +38,39 @@ class LipResidual(nn.Module):
         if bound_of is None:  # called directly: let the engine walk the branch
             return bound_tensor(self)
         return 1 + self.alpha.abs().max().to(torch.float64) * bound_of("fn", self.fn)
+
+
+def residual_stack_bound(model: nn.Module) -> float:
+    """The product of the bounds of ``model``'s :class:`LipResidual` blocks (1 without any)."""
+    bound = 1.0
+    for residual in _residuals(model):
+        bound *= float(residual.lipschitz_bound().detach())
+    return bound
+
+
+@torch.no_grad()
+def fit_residual_budget(model: nn.Module, budget: float) -> None:
+    """Shrink every residual weight by one common factor ``c`` so that ``prod_r (1 + c * t_r) <= budget``, where
+    ``t_r = max|alpha_r| * bound(branch_r)`` (each residual's bound is ``1 + t_r``); a stack within it is left as is.
+
+    Example:
+        >>> stack = nn.Sequential(*(LipResidual(nn.Identity(), dim=4, alpha_init=1.0) for _ in range(3)))
+        >>> fit_residual_budget(stack, 4.0)  # from 2 ** 3 = 8
+        >>> round(residual_stack_bound(stack), 3)
+        4.0
+    """
+    residuals = _residuals(model)
+    terms = torch.stack([r.lipschitz_bound().detach() - 1 for r in residuals]) if residuals else torch.zeros(0)
+    if float((1 + terms).prod()) <= budget:
+        return
+    target = budget * (1 - 1e-5)  # room for the float32 rounding of the scaled alphas
+    low, high = 0.0, 1.0
+    for _ in range(60):  # bisection on a product that grows with c
+        mid = (low + high) / 2
+        low, high = (mid, high) if float((1 + mid * terms).prod()) <= target else (low, mid)
+    for residual in residuals:
+        residual.alpha.mul_(low)
+
+
+def _residuals(model: nn.Module) -> list[LipResidual]:
+    return [m for m in model.modules() if isinstance(m, LipResidual)]

@@ -40,6 +40,7 @@ from robustvit.certify_split import CERTIFICATE_NAME, METRICS_NAME, certify_spli
 from robustvit.configs import CertificationConfig, ConvertConfig, LipschitzTrainingConfig, RunConfig
 from robustvit.constants import CURVE_NAME
 from robustvit.data import ImageDataset, stack_examples
+from robustvit.layers import fit_residual_budget, residual_stack_bound
 from robustvit.losses import LOSSES, EpsSchedule, distillation_loss, head_margins
 from robustvit.training import (
     CHECKPOINTS_DIR,
@@ -269,12 +270,20 @@ def train_margin(
     schedule = cosine_schedule(
         optimizer, accelerator, epochs=training.epochs, batches_per_epoch=data.batches_per_epoch, warmup_epochs=1
     )
+    progress = {"batch": 0}
+    if training.residual_budget_end is not None:
+        # A budget on the product of the residual blocks' bounds, tightening with the radius ramp: the converted
+        # model's bound otherwise keeps growing through its residual weights (bench/bench_transfer.py --set curve).
+        start_budget = configs.convert.residual_budget or residual_stack_bound(model)
+        budget = EpsSchedule(start_budget, start=1.0, end=training.residual_budget_end / start_budget)
+        optimizer.register_step_post_hook(
+            lambda *_: fit_residual_budget(model, budget(progress["batch"] / total_batches))
+        )
     model, optimizer, schedule, loader = accelerator.prepare(model, optimizer, schedule, data.train_loader)
     if teacher is not None:
         teacher = teacher.to(accelerator.device)
     unwrapped = accelerator.unwrap_model(model)
     trainer = Trainer(accelerator, model, loader, optimizer, schedule, data.batches_per_epoch, data.order)
-    progress = {"batch": 0}
 
     def margin_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         eps = eps_schedule(progress["batch"] / total_batches)
