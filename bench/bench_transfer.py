@@ -40,7 +40,8 @@ with the seed), against random init on the same images, at 9, 27 and 81 epochs o
 A lead that lasts: ``--set curve_radius`` runs both starts at 3, 9 and 27 epochs with the training radius ramping to
 108/255 (``--eps_end 3``) instead of the default 72/255 (``transfer_curve_radius.json``, drawn beside the curve);
 ``--set long_ablation`` what else was tried at 27 epochs, a tightening residual budget and distillation
-(``transfer_long_ablation.json``).
+(``transfer_long_ablation.json``); ``--set low_data_distill`` the low-data row distilled from the source
+(``transfer_low_data_distill.json``).
 
 A new row is one entry of ``ROWS`` (and of a set in ``ROW_SETS``), e.g.
 ``"converted, CPL MLP": Row("pretrained", {"mlp": "cpl"})``.
@@ -139,6 +140,10 @@ ROWS: dict[str, Row] = {
     # reference): a residual budget that tightens from 12 to 6 during training, distillation from the source.
     "converted pretrained, residual budget tightening to 6": Row("pretrained", train={"residual_budget_end": 6.0}),
     "converted pretrained, distilled from the source": Row("pretrained", train={"distill": 1.0}),
+    # Low data, distilled from the source (which saw every image): what the source knows, on the 10 % only.
+    "converted pretrained, 10 % of the images, distilled": Row(
+        "pretrained", run={"max_train_images": LOW_DATA_IMAGES}, train={"distill": 1.0}
+    ),
 }
 
 
@@ -166,6 +171,7 @@ ROW_SETS: dict[str, RowSet] = {
     "eva02": RowSet(list(ROWS)[14:16], "bench/results/transfer_eva02.json"),
     "curve_radius": RowSet(list(ROWS)[16:18], "bench/results/transfer_curve_radius.json", epochs=(3, 9, 27)),
     "long_ablation": RowSet(list(ROWS)[18:20], "bench/results/transfer_long_ablation.json", epochs=(27,)),
+    "low_data_distill": RowSet(list(ROWS)[20:21], "bench/results/transfer_low_data_distill.json", epochs=(9, 27, 81)),
 }
 
 
