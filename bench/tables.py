@@ -53,8 +53,17 @@ def _load(name: str) -> dict:
     return json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def _transfer(name: str) -> Callable[[], str]:
-    return lambda: transfer_table(_load(name)["summaries"])
+def _merged(*names: str) -> dict:
+    """The reports of one benchmark's sets as one (their summaries in order); they must share their seeds."""
+    reports = [_load(name) for name in names]
+    seeds = {tuple(report["seeds"]) for report in reports}
+    if len(seeds) != 1:
+        raise ValueError(f"{', '.join(names)} ran different seeds: {sorted(seeds)}")
+    return {"seeds": reports[0]["seeds"], "summaries": [s for report in reports for s in report["summaries"]]}
+
+
+def _transfer(*names: str) -> Callable[[], str]:
+    return lambda: transfer_table(_merged(*names)["summaries"])
 
 
 def _transfer_summary() -> str:
@@ -62,6 +71,29 @@ def _transfer_summary() -> str:
     main, eva = _load("transfer"), _load("transfer_eva02")
     full = max(summary["epochs"] for summary in main["summaries"])
     return transfer_table([s for report in (main, eva) for s in report["summaries"] if s["epochs"] == full])
+
+
+def _curve_summary() -> str:
+    """The README's table beside the curve (--set curve, --set curve_radius): per start, certified accuracy at 72/255
+    after each budget, and at 108/255 after the longest."""
+    summaries = _merged("transfer_curve", "transfer_curve_radius")["summaries"]
+    epochs = sorted({s["epochs"] for s in summaries})
+    cells = {(s["row"], s["epochs"]): s["certified"] for s in summaries}
+    pct = lambda c: f"{100 * c['mean']:.1f} ± {100 * c['std']:.1f}"  # noqa: E731
+    lines = [
+        "| start | " + " | ".join(f"72/255, {e} ep." for e in epochs) + f" | 108/255, {epochs[-1]} ep. |",
+        "|---|" + "---|" * (len(epochs) + 1),
+    ]
+    for row in dict.fromkeys(s["row"] for s in summaries):
+        values = [pct(cells[row, e]["72/255"]) for e in epochs] + [pct(cells[row, epochs[-1]]["108/255"])]
+        lines.append(f"| {row} | " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
+def _long_ablation() -> str:
+    """What was tried against the fading lead, at 27 epochs: the curves' rows (both radii) and --set long_ablation."""
+    report = _merged("transfer_curve", "transfer_curve_radius", "transfer_long_ablation")
+    return transfer_table([summary for summary in report["summaries"] if summary["epochs"] == 27])
 
 
 def _nullspace_headline() -> str:
@@ -84,8 +116,10 @@ TABLES: dict[str, Callable[[], str]] = {
     "transfer_eva02": _transfer("transfer_eva02"),  # bench/bench_transfer.py --set eva02
     "transfer_ablation": _transfer("transfer_ablation"),  # bench/bench_transfer.py --set ablation
     "transfer_mlp": _transfer("transfer_mlp"),  # bench/bench_transfer.py --set mlp
-    "transfer_curve": _transfer("transfer_curve"),  # bench/bench_transfer.py --set curve
-    "transfer_low_data": _transfer("transfer_low_data"),  # bench/bench_transfer.py --set low_data
+    "transfer_curve_summary": _curve_summary,  # the README's, beside the picture
+    "transfer_curve": _transfer("transfer_curve", "transfer_curve_radius"),  # --set curve and --set curve_radius
+    "transfer_long_ablation": _long_ablation,  # --set long_ablation beside the curves' 27-epoch rows
+    "transfer_low_data": _transfer("transfer_low_data", "transfer_low_data_distill"),  # --set low_data(_distill)
     "transfer_other_data": _transfer("transfer_other_data"),  # bench/bench_transfer.py --set other_data
     "nullspace": _nullspace_headline,  # recipes/finetune_nullspace.py -> finetune_nullspace.json
     "nullspace_noise": lambda: noise_summary(_load("finetune_nullspace")),
@@ -95,37 +129,41 @@ TABLES: dict[str, Callable[[], str]] = {
 }
 
 
-def curve_plot(report: dict, path: str | Path, *, radius: str = "72/255") -> Path:
-    """Certified accuracy at ``radius`` against Lipschitz epochs, one line per row of a bench_transfer report
-    (mean ± standard deviation over its seeds), saved as a PNG (matplotlib's Agg canvas: no display needed)."""
+def curve_plot(report: dict, path: str | Path, *, radii: tuple[str, ...] = ("72/255", "108/255")) -> Path:
+    """Certified accuracy against Lipschitz epochs, one panel per radius and one line per row of a bench_transfer
+    report (mean ± standard deviation over its seeds), saved as a PNG (matplotlib's Agg canvas: no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(5.0, 3.4), dpi=120)
+    figure = Figure(figsize=(4.5 * len(radii), 3.6), dpi=120)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for row in dict.fromkeys(summary["row"] for summary in report["summaries"]):
-        points = sorted((s["epochs"], s["certified"][radius]) for s in report["summaries"] if s["row"] == row)
-        epochs = [epoch for epoch, _ in points]
-        means, stds = [100 * c["mean"] for _, c in points], [100 * c["std"] for _, c in points]
-        axes.errorbar(epochs, means, yerr=stds, marker="o", capsize=3, label=row)
-    axes.set_xscale("log", base=3)
-    axes.set_xticks(sorted({s["epochs"] for s in report["summaries"]}), labels=None)
-    axes.get_xaxis().set_major_formatter("{x:.0f}")
-    axes.set_xlabel("Lipschitz-training epochs")
-    axes.set_ylabel(f"certified accuracy at {radius} (%)")
-    axes.set_title(f"digits, {len(report['seeds'])} seeds (mean ± std)", fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    budgets = sorted({s["epochs"] for s in report["summaries"]})
+    for index, radius in enumerate(radii):
+        axes = figure.add_subplot(1, len(radii), index + 1)
+        for row in dict.fromkeys(summary["row"] for summary in report["summaries"]):
+            points = sorted((s["epochs"], s["certified"][radius]) for s in report["summaries"] if s["row"] == row)
+            epochs = [epoch for epoch, _ in points]
+            means, stds = [100 * c["mean"] for _, c in points], [100 * c["std"] for _, c in points]
+            axes.errorbar(epochs, means, yerr=stds, marker="o", capsize=3, label=row)
+        axes.set_xscale("log", base=3)
+        axes.set_xticks(budgets, labels=None)
+        axes.get_xaxis().set_major_formatter("{x:.0f}")
+        axes.set_xlabel("Lipschitz-training epochs")
+        axes.set_ylabel(f"certified accuracy at {radius} (%)")
+        axes.grid(alpha=0.3)
+        if index == 0:
+            axes.legend(fontsize=7)
+    figure.suptitle(f"digits, {len(report['seeds'])} seeds (mean ± std)", fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
     return Path(path)
 
 
-PLOTS: dict[str, tuple[str, Path]] = {
-    "transfer_curve": ("transfer_curve", ROOT / "docs" / "transfer_curve.png"),  # bench_transfer.py --set curve
+PLOTS: dict[str, tuple[tuple[str, ...], Path]] = {
+    # bench_transfer.py --set curve and --set curve_radius
+    "transfer_curve": (("transfer_curve", "transfer_curve_radius"), ROOT / "docs" / "transfer_curve.png"),
 }
-"""Picture name -> (the bench/results JSON it is drawn from, where it is saved)."""
+"""Picture name -> (the bench/results JSONs it is drawn from, where it is saved)."""
 
 
 def documents() -> list[Path]:
@@ -156,7 +194,7 @@ def main() -> None:
                 print(f"rewrote {path.relative_to(ROOT)}")
         for name in PLOTS.keys() & set(names):
             results, picture = PLOTS[name]
-            print(f"drew {curve_plot(_load(results), picture).relative_to(ROOT)}")
+            print(f"drew {curve_plot(_merged(*results), picture).relative_to(ROOT)}")
         return
     for name in names:
         print(f"<!-- table: {name} -->\n{TABLES[name]()}\n<!-- /table -->\n")

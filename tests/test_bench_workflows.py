@@ -128,3 +128,20 @@ def test_a_row_of_another_architecture_is_the_recipe_on_its_folder(bench: Module
     assert header.endswith("| clean: source → converted |")
     cost = f"{100 * result['source_clean']:.1f} ± 0.0 → {100 * result['converted_clean']:.1f} ± 0.0"
     assert line.endswith(f"| {cost} |")
+
+
+def test_every_row_of_every_set_is_the_recipe_with_its_flags(bench: ModuleType) -> None:
+    # A row's overrides are recipe flags: the long-budget rows are the recipe with --eps_end 3 (both starts),
+    # --residual_budget_end 6 and --distill 1; the low-data distilled row adds --max_train_images 144.
+    recipe = _load(ROOT / "recipes" / "train_lipschitz.py")
+    base = recipe.parse_args([])
+    assert all(name in bench.ROWS for row_set in bench.ROW_SETS.values() for name in row_set.rows)
+    flags = {
+        "converted pretrained, training radius to 108/255": ["--eps_end", "3"],
+        "random init, training radius to 108/255": ["--eps_end", "3", "--pretrain_epochs", "0"],
+        "converted pretrained, residual budget tightening to 6": ["--residual_budget_end", "6"],
+        "converted pretrained, 10 % of the images, distilled": ["--distill", "1", "--max_train_images", "144"],
+    }
+    for name, argv in flags.items():
+        configs = bench.row_configs(base, name, seed=2, epochs=27, output_dir="out")
+        assert configs == recipe.parse_args([*argv, "--seed", "2", "--epochs", "27", "--output_dir", "out"]), name

@@ -58,16 +58,18 @@ def test_table_matches_json(path: str, name: str, body: str) -> None:
 
 
 def test_the_curve_plot_draws_one_line_per_row_from_a_report(tmp_path: Path) -> None:
-    # A bench_transfer report's shape (two rows at three budgets); the picture is a PNG that matplotlib reads back.
+    # A bench_transfer report's shape (two rows at three budgets); the picture is a PNG that matplotlib reads back,
+    # a panel per radius.
     from matplotlib.image import imread
 
     def summary(row: str, epochs: int, mean: float) -> dict:
-        return {"row": row, "epochs": epochs, "certified": {"72/255": {"mean": mean, "std": 0.02}}}
+        cell = {"mean": mean, "std": 0.02}
+        return {"row": row, "epochs": epochs, "certified": {"72/255": cell, "108/255": cell}}
 
     report = {
         "seeds": [0, 1, 2],
         "summaries": [summary(row, e, m * e / 27) for row, m in (("a", 0.8), ("b", 0.7)) for e in (3, 9, 27)],
     }
     path = tables.curve_plot(report, tmp_path / "curve.png")
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(path).shape[:2] == (408, 600)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and imread(path).shape[:2] == (432, 1080)  # two panels
     assert set(tables.PLOTS) == {"transfer_curve"}

@@ -272,8 +272,9 @@ def train_margin(
     )
     progress = {"batch": 0}
     if training.residual_budget_end is not None:
-        # A budget on the product of the residual blocks' bounds, tightening with the radius ramp: the converted
-        # model's bound otherwise keeps growing through its residual weights (bench/bench_transfer.py --set curve).
+        # A budget on the product of the residual blocks' bounds, tightening with the radius ramp (EpsSchedule's
+        # linear ramp, of the budget): against the converted model's growing bound; on digits it costs certified
+        # accuracy at every radius (bench/bench_transfer.py --set long_ablation).
         start_budget = configs.convert.residual_budget or residual_stack_bound(model)
         budget = EpsSchedule(start_budget, start=1.0, end=training.residual_budget_end / start_budget)
         optimizer.register_step_post_hook(
