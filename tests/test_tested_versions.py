@@ -34,7 +34,7 @@ def _lowest(requirement: Requirement) -> str:
     return lower[0]
 
 
-def tested_versions_table() -> str:
+def expected_versions_table() -> str:
     locked = _locked()
     rows = ["| package | lowest tested | newest tested |", "|---|---|---|"]
     rows += [f"| {r.name} | {_lowest(r)} | {locked[_name(r.name)]} |" for r in _declared()]
@@ -50,7 +50,7 @@ def test_every_direct_dependency_has_a_tested_lower_bound_and_a_locked_newest_re
 
 
 def test_the_readme_table_is_the_declared_and_locked_versions():
-    assert tested_versions_table() in (ROOT / "README.md").read_text(), (
+    assert expected_versions_table() in (ROOT / "README.md").read_text(), (
         "README.md's tested-versions table differs from pyproject.toml / .ci/requirements-tested.txt; it should read:\n"
-        + tested_versions_table()
+        + expected_versions_table()
     )
