@@ -199,8 +199,9 @@ class LipschitzTrainingConfig(TrainingConfig):
     distill: float = arg(0.0, "weight of the distillation from the source model")
     max_grad_norm: float = arg(1.0, "clip the margin phase's gradient norm to this (0: no clipping)")
     residual_budget_end: float | None = arg(
-        None, "after every step, hold the residual stack's bound under a budget that tightens linearly over the "
-        "radius ramp, from --residual_budget (or the converted model's own) to this ('none': no budget in training)",
+        None, "after every optimizer step, hold the product of the residual blocks' bounds under a budget that falls "
+        "linearly over the radius ramp (the first half of training), from --residual_budget (with --residual_budget "
+        "none: the converted model's own product) to this, then stays ('none': no budget in training)",
     )  # fmt: skip
 
     def __post_init__(self) -> None:

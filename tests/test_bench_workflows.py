@@ -140,6 +140,7 @@ def test_every_row_of_every_set_is_the_recipe_with_its_flags(bench: ModuleType) 
         "converted pretrained, training radius to 108/255": ["--eps_end", "3"],
         "random init, training radius to 108/255": ["--eps_end", "3", "--pretrain_epochs", "0"],
         "converted pretrained, residual budget tightening to 6": ["--residual_budget_end", "6"],
+        "converted pretrained, distilled from the source": ["--distill", "1"],
         "converted pretrained, 10 % of the images, distilled": ["--distill", "1", "--max_train_images", "144"],
     }
     for name, argv in flags.items():

@@ -197,6 +197,9 @@ def test_residual_budget_end_tightens_the_stack_after_every_step(recipe, tmp_pat
     model = robustvit.from_pretrained(tmp_path / "model")
     assert residual_stack_bound(model) <= 1.5
     assert robustvit.lipschitz_bound(model) == pytest.approx(metrics["lipschitz"], rel=1e-6)
+    # A budget that would not tighten is refused, naming the one it starts from.
+    with pytest.raises(ValueError, match="must be below the budget it tightens from, 6"):
+        _run(recipe, [*argv[:-1], "6", "--output_dir", str(tmp_path / "loose")])
 
 
 @pytest.mark.slow

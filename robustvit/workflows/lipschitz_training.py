@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -271,15 +272,7 @@ def train_margin(
         optimizer, accelerator, epochs=training.epochs, batches_per_epoch=data.batches_per_epoch, warmup_epochs=1
     )
     progress = {"batch": 0}
-    if training.residual_budget_end is not None:
-        # A budget on the product of the residual blocks' bounds, tightening with the radius ramp (EpsSchedule's
-        # linear ramp, of the budget): against the converted model's growing bound; on digits it costs certified
-        # accuracy at every radius (bench/bench_transfer.py --set long_ablation).
-        start_budget = configs.convert.residual_budget or residual_stack_bound(model)
-        budget = EpsSchedule(start_budget, start=1.0, end=training.residual_budget_end / start_budget)
-        optimizer.register_step_post_hook(
-            lambda *_: fit_residual_budget(model, budget(progress["batch"] / total_batches))
-        )
+    budget = _residual_budget(configs, model, ramp=eps_schedule.ramp)
     model, optimizer, schedule, loader = accelerator.prepare(model, optimizer, schedule, data.train_loader)
     if teacher is not None:
         teacher = teacher.to(accelerator.device)
@@ -295,12 +288,19 @@ def train_margin(
             loss = loss + training.distill * distillation_loss(logits, teacher(images))
         return loss
 
-    def run_epoch(epoch: int, **resume_kwargs: Any) -> dict[str, Any]:
+    def run_epoch(epoch: int, *, on_step: Callable[[int, torch.Tensor], None], **resume_kwargs: Any) -> dict[str, Any]:
         done = resume_kwargs.get("skip_steps", 0) * accelerator.gradient_accumulation_steps
         progress["batch"] = epoch * data.batches_per_epoch + done
+
+        def after_step(steps: int, totals: torch.Tensor) -> None:
+            if budget is not None:  # before a checkpoint is saved: it holds the projected weights
+                fit_residual_budget(unwrapped, budget(progress["batch"] / total_batches))
+            on_step(steps, totals)
+
         stats = trainer.epoch(
-            margin_loss, f"epoch {epoch}", max_grad_norm=training.max_grad_norm or None, **resume_kwargs
-        )
+            margin_loss, f"epoch {epoch}", max_grad_norm=training.max_grad_norm or None, on_step=after_step,
+            **resume_kwargs,
+        )  # fmt: skip
         stats["lipschitz"] = robustvit.lipschitz_bound(unwrapped)
         logger.info(
             f"epoch {epoch}: loss {stats['loss']:.4f}, Lipschitz bound {stats['lipschitz']:.3f} "
@@ -311,6 +311,21 @@ def train_margin(
 
     state = train_epochs(accelerator, run.output_dir, run_epoch, epochs=training.epochs, run=run, name="train")
     return unwrapped, state["history"]
+
+
+def _residual_budget(configs: Configs, model: torch.nn.Module, *, ramp: float) -> EpsSchedule | None:
+    """``--residual_budget_end``'s budget on the product of the residual blocks' bounds, as a function of training
+    progress: from ``--residual_budget`` (``none``: the converted model's own product) down to the end value over the
+    first ``ramp`` of training, the radius ramp's (EpsSchedule's linear ramp, of the budget). Measured against the
+    converted model's growing bound: on digits it costs certified accuracy at every radius
+    (bench/bench_transfer.py --set long_ablation)."""
+    end = configs.training.residual_budget_end
+    if end is None:
+        return None
+    start = configs.convert.residual_budget or residual_stack_bound(model)
+    if end >= start:
+        raise ValueError(f"--residual_budget_end {end} must be below the budget it tightens from, {start:.4g}")
+    return EpsSchedule(start, start=1.0, end=end / start, ramp=ramp)
 
 
 def certify_and_save(
