@@ -42,10 +42,7 @@ class LipResidual(nn.Module):
 
 def residual_stack_bound(model: nn.Module) -> float:
     """The product of the bounds of ``model``'s :class:`LipResidual` blocks (1 without any)."""
-    bound = 1.0
-    for residual in _residuals(model):
-        bound *= float(residual.lipschitz_bound().detach())
-    return bound
+    return float(_residual_bounds(_residuals(model)).prod())
 
 
 @torch.no_grad()
@@ -60,7 +57,7 @@ def fit_residual_budget(model: nn.Module, budget: float) -> None:
         4.0
     """
     residuals = _residuals(model)
-    terms = torch.stack([r.lipschitz_bound().detach() - 1 for r in residuals]) if residuals else torch.zeros(0)
+    terms = _residual_bounds(residuals) - 1
     if float((1 + terms).prod()) <= budget:
         return
     target = budget * (1 - 1e-5)  # room for the float32 rounding of the scaled alphas
@@ -74,3 +71,10 @@ def fit_residual_budget(model: nn.Module, budget: float) -> None:
 
 def _residuals(model: nn.Module) -> list[LipResidual]:
     return [m for m in model.modules() if isinstance(m, LipResidual)]
+
+
+def _residual_bounds(residuals: list[LipResidual]) -> Tensor:
+    """Each residual block's bound, as one float64 tensor (empty without any)."""
+    if not residuals:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.stack([residual.lipschitz_bound().detach() for residual in residuals])
